@@ -1,0 +1,47 @@
+/// The command line: the only place that reads argv and the environment.
+module Moe.Cli
+
+open System
+open Argu
+open Moe
+
+type InfoArgs =
+    | Device of string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Device _ -> "auto|cpu|cuda (default auto)."
+
+[<RequireSubcommand>]
+type Command =
+    | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Info _ -> "print the libtorch runtime, threads and the device that --device resolves to."
+
+let private deviceOf (text: string option) =
+    match Native.parseDevice (defaultArg text "auto") with
+    | Ok choice -> Native.resolveDevice choice
+    | Error msg -> invalidArg "--device" msg
+
+let private info (args: ParseResults<InfoArgs>) =
+    Native.initialise ()
+    printfn "%s" (Native.describeRuntime ())
+    printfn "device: %O" (deviceOf (args.TryGetResult InfoArgs.Device))
+    0
+
+[<EntryPoint>]
+let main argv =
+    let parser = ArgumentParser.Create<Command>(programName = "moe")
+    try
+        let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
+        match results.GetSubCommand() with
+        | Info a -> info a
+    with
+    | :? ArguParseException as e ->
+        eprintfn "%s" e.Message
+        if e.ErrorCode = ErrorCode.HelpText then 0 else 2
+    | :? ArgumentException as e ->
+        eprintfn "error: %s" e.Message
+        2

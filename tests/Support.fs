@@ -1,0 +1,50 @@
+/// Tolerances, generators and helpers shared by the test lists.
+module Moe.Tests.Support
+
+open System
+open System.IO
+open Expecto
+open FsCheck
+open FsCheck.FSharp
+
+/// Named tolerances for float comparisons.
+module Tol =
+    /// float32 round-off on sums of a few hundred terms.
+    let f32 = 1e-5
+    /// float32 after a softmax or a matmul chain.
+    let f32Loose = 1e-4
+    /// central finite differences in float64 with step 1e-6.
+    let finiteDiff = 1e-5
+
+/// FsCheck settings: few, small cases so the whole suite stays fast; replay seed printed on failure.
+let propConfig = { FsCheckConfig.defaultConfig with maxTest = 40 }
+
+/// A property over generated values that uses `gen`, not filters.
+let propertyWith (name: string) (gen: Gen<'a>) (body: 'a -> unit) : Test =
+    testPropertyWithConfig propConfig name (Prop.forAll (Arb.fromGen gen) body)
+
+/// The repository's ../shared/data folder, if this checkout has one beside it.
+let sharedData : string option =
+    let rec up (dir: DirectoryInfo) =
+        if isNull dir then None
+        else
+            let candidate = Path.Combine(dir.FullName, "..", "shared", "data")
+            if Directory.Exists candidate && File.Exists(Path.Combine(dir.FullName, "Directory.Packages.props")) then
+                Some(Path.GetFullPath candidate)
+            else up dir.Parent
+    up (DirectoryInfo AppContext.BaseDirectory)
+
+/// The repository root (where Directory.Packages.props is).
+let repoRoot : string =
+    let rec up (dir: DirectoryInfo) =
+        if isNull dir then failwith "expected to run inside the repository (no Directory.Packages.props above the test binary)"
+        elif File.Exists(Path.Combine(dir.FullName, "Directory.Packages.props")) then dir.FullName
+        else up dir.Parent
+    up (DirectoryInfo AppContext.BaseDirectory)
+
+/// A test that needs ../shared/data: skipped, with the reason, where it is absent.
+let testWithShared (name: string) (body: string -> unit) : Test =
+    testCase name (fun () ->
+        match sharedData with
+        | Some dir -> body dir
+        | None -> skiptest "needs ../shared/data beside the repository (real sample data); absent in this clone")
