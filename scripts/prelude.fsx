@@ -46,3 +46,5 @@ Prelude.loadNatives ()
 
 #load "../src/Native.fs"
 #load "../src/Tensors.fs"
+#load "../src/Config.fs"
+#load "../src/Routing.fs"
