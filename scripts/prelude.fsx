@@ -48,3 +48,4 @@ Prelude.loadNatives ()
 #load "../src/Tensors.fs"
 #load "../src/Config.fs"
 #load "../src/Routing.fs"
+#load "../src/Layers.fs"

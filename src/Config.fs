@@ -7,9 +7,9 @@ module Moe.Config
 /// How router logits are computed from a hidden state h [D].
 type Scorer =
     /// logits = h W_r (Switch, GShard, Mixtral).
-    | Linear
+    | LinearRouter
     /// logits_e = (h W_q) . m_e / sqrt(d_r): scaled dot product with learned expert embeddings m_e [d_r].
-    | Attention of routerDim: int
+    | AttentionRouter of routerDim: int
 
 /// The map from logits to a distribution over experts.
 type Normaliser =
@@ -76,7 +76,7 @@ module RouterConfig =
     let defaults =
         { Experts = 8
           K = 2
-          Scorer = Linear
+          Scorer = LinearRouter
           Normaliser = Softmax
           Selection = TokenChoiceTopK(NormaliseThenTopK, true)
           Capacity = Dropless
@@ -104,7 +104,7 @@ module RouterConfig =
           if cfg.MinCapacity < 0 then sprintf "MinCapacity must be >= 0, got %d" cfg.MinCapacity
           if cfg.Jitter < 0.0 || cfg.Jitter >= 1.0 then sprintf "Jitter must be in [0, 1), got %g" cfg.Jitter
           match cfg.Scorer with
-          | Attention d when d < 1 -> sprintf "Attention router dimension must be >= 1, got %d" d
+          | AttentionRouter d when d < 1 -> sprintf "Attention router dimension must be >= 1, got %d" d
           | _ -> ()
           match cfg.BiasUpdateRate with
           | Some u when not (u >= 0.0) -> sprintf "BiasUpdateRate must be >= 0, got %g" u
