@@ -1,0 +1,693 @@
+/// Benchmark harness for the sparse MoE layer (issue 5): forward+backward time of the shipped layer against
+/// its floor (the FLOP-matched dense FFN), the per-expert mask loop most code uses, and the dense all-experts
+/// layer; the machine's float32 matmul ceiling; extra peak memory per variant; analytic FLOPs per token.
+///
+/// The per-expert mask loop (`naiveDispatch`) lives here ONLY as a reference for benchmarks and tests: it is
+/// the style of the best-known model libraries (a boolean mask over all tokens per expert, index_select, the
+/// expert FFN, index_add), kept so the shipped layer can be checked against it and timed beside it. Models
+/// use `Layers.MoeLayer`.
+///
+/// Axes: T tokens, D model width, H expert hidden width, E experts, K picks per token.
+module Moe.Bench
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Runtime.InteropServices
+open System.Text
+open System.Text.Json
+open TorchSharp
+open Moe.Tensors
+open Moe.Config
+open Moe.Routing
+open Moe.Layers
+
+// ---------------------------------------------------------------- variants and analytic FLOPs
+
+/// The four layers the benchmark compares.
+type Variant =
+    /// `Layers.MoeLayer` as shipped.
+    | Moe
+    /// A dense FFN with hidden size K * H: the same active matmul work with no dispatch. The floor.
+    | DenseFlopMatched
+    /// The per-expert mask loop (`naiveDispatch`): the common style, kept as a reference.
+    | NaiveLoop
+    /// Every token through every expert, mixed by the router's softmax over all E.
+    | AllExperts
+
+module Variant =
+    /// The name used in the JSON output and on the command line.
+    let name (v: Variant) : string =
+        match v with
+        | Moe -> "moe"
+        | DenseFlopMatched -> "dense_flop_matched"
+        | NaiveLoop -> "naive_loop"
+        | AllExperts -> "all_experts"
+
+    /// Every variant, the floor first.
+    let all : Variant list = [ DenseFlopMatched; Moe; NaiveLoop; AllExperts ]
+
+    /// Parses a name printed by `name`.
+    let parse (text: string) : Result<Variant, string> =
+        match all |> List.tryFind (fun v -> name v = text) with
+        | Some v -> Ok v
+        | None -> Error(sprintf "expected a variant in %s, got '%s'" (all |> List.map name |> String.concat "|") text)
+
+/// One benchmark configuration: a token batch through one layer.
+type LayerShape =
+    { Tokens: int
+      ModelDim: int
+      ExpertHidden: int
+      Experts: int
+      /// Picks per token.
+      K: int
+      Activation: Activation }
+
+/// Analytic FLOPs per token, counting matrix multiplications only (2 FLOPs, a multiply and an add, per
+/// weight per token). Activations, softmax, top-k, gathers and scatters are not counted: they are the
+/// overhead being measured, not useful work.
+module Flops =
+    /// Weight matrices per expert FFN: W1 and W2; SwiGLU adds the value projection W3 (Shazeer 2020).
+    let projections (act: Activation) : int =
+        match act with
+        | SwiGLU -> 3
+        | ReLU | GELU -> 2
+
+    /// Forward FLOPs per token of one FFN of hidden size `hidden`: 2 * projections * D * hidden.
+    let ffnForward (act: Activation) (modelDim: int) (hidden: int) : float =
+        2.0 * float (projections act) * float modelDim * float hidden
+
+    /// Forward FLOPs per token of the linear router x W_r, W_r [D; E].
+    let routerForward (modelDim: int) (experts: int) : float = 2.0 * float modelDim * float experts
+
+    /// Forward FLOPs per token of a variant's definition. MoE and the naive loop: K experts plus the
+    /// router; the dense FLOP-matched FFN: one FFN of hidden K * H (the same expert work, no router);
+    /// all-experts: all E experts plus the router.
+    let forwardPerToken (shape: LayerShape) (variant: Variant) : float =
+        let expert = ffnForward shape.Activation shape.ModelDim shape.ExpertHidden
+        let router = routerForward shape.ModelDim shape.Experts
+        match variant with
+        | Moe | NaiveLoop -> float shape.K * expert + router
+        | DenseFlopMatched -> ffnForward shape.Activation shape.ModelDim (shape.K * shape.ExpertHidden)
+        | AllExperts -> float shape.Experts * expert + router
+
+    /// Forward+backward FLOPs per token: 3 x forward. The backward of Y = X W costs two matmuls of the
+    /// forward's size (dX = dY W^T and dW = X^T dY), so a training step does 6 FLOPs per active weight per
+    /// token (Kaplan et al. 2020, sec. 2.1, C = 6 N).
+    let trainPerToken (shape: LayerShape) (variant: Variant) : float = 3.0 * forwardPerToken shape variant
+
+// ---------------------------------------------------------------- timing
+
+/// A monotonic clock in milliseconds: `stopwatchClock ()` in real runs, a fake in tests.
+type Clock = unit -> float
+
+/// A clock reading a fresh `Stopwatch`.
+let stopwatchClock () : Clock =
+    let sw = Stopwatch.StartNew()
+    fun () -> sw.Elapsed.TotalMilliseconds
+
+/// The median; for an even count, the mean of the two middle values.
+let median (xs: float[]) : float =
+    if xs.Length = 0 then invalidArg "xs" "expected at least one sample, got none"
+    let s = Array.sort xs
+    let n = s.Length
+    if n % 2 = 1 then s[n / 2] else (s[n / 2 - 1] + s[n / 2]) / 2.0
+
+/// Times `actions` interleaved, so that machine noise (other processes, frequency changes) hits every action
+/// alike and their ratios hold on a busy machine. Each action first runs `warmup` times untimed (in turn),
+/// then `reps` rounds follow in which every action runs once; round r starts at action r mod n, so that no
+/// action always follows the same one (allocator and cache state left by a neighbour). Returns the
+/// milliseconds of each action in each round: result[action][round].
+let interleaved (clock: Clock) (warmup: int) (reps: int) (actions: (unit -> unit)[]) : float[][] =
+    if warmup < 0 then invalidArg "warmup" (sprintf "expected warmup >= 0, got %d" warmup)
+    if reps < 1 then invalidArg "reps" (sprintf "expected reps >= 1, got %d" reps)
+    let n = actions.Length
+    for _ in 1..warmup do
+        for a in actions do a ()
+    let samples = Array.init n (fun _ -> Array.zeroCreate reps)
+    for r in 0 .. reps - 1 do
+        for j in 0 .. n - 1 do
+            let i = (r + j) % n
+            let start = clock ()
+            actions[i] ()
+            samples[i][r] <- clock () - start
+    samples
+
+// ---------------------------------------------------------------- memory
+
+module private Libc =
+    /// glibc: returns free heap pages to the kernel. Without it, memory freed by an earlier variant is
+    /// reused without raising the resident set, and a later variant's peak would read too low.
+    [<DllImport("libc", EntryPoint = "malloc_trim")>]
+    extern int mallocTrim(unativeint pad)
+
+let private bytesPerMib = 1048576.0
+
+/// A `/proc/self/status` field in kB ("VmHWM:   123456 kB"), or None.
+let private procStatusKb (field: string) : int64 option =
+    File.ReadAllLines "/proc/self/status"
+    |> Array.tryFind (fun l -> l.StartsWith(field + ":"))
+    |> Option.map (fun l -> l.Substring(field.Length + 1).Trim().Split(' ')[0] |> int64)
+
+/// True where the kernel lets a process reset its resident high-water mark (Linux, /proc/self/clear_refs).
+let canMeasurePeakRss () : bool =
+    OperatingSystem.IsLinux() && File.Exists "/proc/self/clear_refs" && File.Exists "/proc/self/status"
+
+/// Extra peak resident memory, in MiB, of one call of `action` on the CPU: free heap pages go back to the
+/// kernel (glibc malloc_trim), the kernel's high-water mark is reset to the current resident set (writing
+/// "5" to /proc/self/clear_refs), then the result is VmHWM after the call minus VmRSS before it. Tensors
+/// that live across the call (inputs, weights) are not counted; gradients allocated by a backward are.
+/// None where the kernel does not offer this (not Linux); CUDA memory is not host memory and TorchSharp
+/// 0.107 exposes no CUDA allocator statistics, so callers pass only CPU work here.
+let peakExtraMb (action: unit -> unit) : float option =
+    if not (canMeasurePeakRss ()) then None
+    else
+        try Libc.mallocTrim 0un |> ignore with :? EntryPointNotFoundException | :? DllNotFoundException -> ()
+        File.WriteAllText("/proc/self/clear_refs", "5")
+        match procStatusKb "VmRSS" with
+        | None -> None
+        | Some before ->
+            action ()
+            procStatusKb "VmHWM" |> Option.map (fun peak -> float (max 0L (peak - before)) * 1024.0 / bytesPerMib)
+
+// ---------------------------------------------------------------- matmul ceiling
+
+/// Square sizes whose float32 matmul throughput is taken as the machine's ceiling: large enough that BLAS
+/// runs at its best, small enough to time in a second on two cores.
+let ceilingSizes : int list = [ 1024; 2048 ]
+
+/// Waits for queued GPU work so a clock reading covers it; nothing to wait for on the CPU.
+let synchronize (device: torch.Device) : unit =
+    if device.``type`` = DeviceType.CUDA then torch.cuda.synchronize ()
+
+/// The measured float32 matmul ceiling in GFLOP/s: for each square size n, the median over `reps` timed
+/// products of 2 n^3 FLOPs (after one untimed product); the best size wins.
+let matmulGflops (device: torch.Device) (sizes: int list) (reps: int) : float =
+    if List.isEmpty sizes then invalidArg "sizes" "expected at least one matmul size, got none"
+    if reps < 1 then invalidArg "reps" (sprintf "expected reps >= 1, got %d" reps)
+    let clock = stopwatchClock ()
+    sizes
+    |> List.map (fun n ->
+        use _ = torch.NewDisposeScope()
+        let a = torch.randn ([| int64 n; int64 n |], device = device) // [n; n]
+        let b = torch.randn ([| int64 n; int64 n |], device = device) // [n; n]
+        let product () =
+            use _ = torch.NewDisposeScope()
+            a.matmul b |> ignore
+            synchronize device
+        let ms = (interleaved clock 1 reps [| product |])[0] |> median
+        2.0 * float n ** 3.0 / (ms / 1000.0) / 1e9)
+    |> List.max
+
+// ---------------------------------------------------------------- reference layers (benchmarks and tests only)
+
+/// One expert FFN's weights in the x W layout: y = act(x W1) W2, or (silu(x W1) * x W3) W2 for SwiGLU.
+type ExpertWeights =
+    { /// [D; H]
+      W1: Tensor
+      /// [H; D]
+      W2: Tensor
+      /// [D; H], SwiGLU only.
+      W3: Tensor option }
+
+/// One expert FFN on the rows of x: [N; D] -> [N; D]. The same function as `Layers.DenseFfn`.
+let expertForward (act: Activation) (w: ExpertWeights) (x: Tensor) : Tensor =
+    let h = activate act (x.matmul w.W1) // [N; H]
+    let h = match w.W3 with Some w3 -> h * x.matmul w3 | None -> h // [N; H]
+    h.matmul w.W2 // [N; D]
+
+/// REFERENCE ONLY. The per-expert mask loop of the best-known model libraries (e.g. the Mixtral sparse
+/// block): for each expert, a boolean mask over every (token, slot), the token indices it selects,
+/// index_select of those rows, the expert FFN, a multiply by the routing weight and index_add into the
+/// output. Every expert scans all T * K slots, and each expert's small matmuls run one after another.
+/// Slots with Kept = false are skipped. routing [T; K], x [T; D] -> [T; D].
+let naiveDispatch (act: Activation) (experts: ExpertWeights[]) (routing: Routing) (x: Tensor) : Tensor =
+    expectFloat "x" "[T; D]" 2 x
+    use scope = torch.NewDisposeScope()
+    let out = torch.zeros_like x // [T; D]
+    for e in 0 .. experts.Length - 1 do
+        let mask = routing.Experts.eq(torch.tensor (int64 e, device = x.device)).logical_and routing.Kept // [T; K] bool
+        let hits = mask.nonzero () // [N; 2]: token, slot
+        if hits.shape[0] > 0L then
+            let tokens = hits.select (1L, 0L) // [N]
+            let slots = hits.select (1L, 1L) // [N]
+            let rows = x.index_select (0L, tokens) // [N; D]
+            let weight = routing.Weights.index([| tokens; slots |]).to_type x.dtype // [N]
+            let y = expertForward act experts[e] rows * weight.unsqueeze 1L // [N; D]
+            out.index_add_ (0L, tokens, y, 1.0) |> ignore
+    out.MoveToOuterDisposeScope()
+
+/// The dense all-experts mixture y = sum_e p_e(x) FFN_e(x), with p the router's normaliser over all E (soft
+/// mixing, no top-k), computed as two wide matmuls over the experts laid side by side: h = act(x W1cat),
+/// each expert's block of h scaled by its weight, then h W2cat. Weighting the hidden block before W2 equals
+/// weighting the expert's output, since W2 is linear.
+/// w1cat [D; E*H], w2cat [E*H; D], w3cat [D; E*H] (SwiGLU), probs [T; E], x [T; D] -> [T; D].
+let allExpertsForward (act: Activation) (w1cat: Tensor) (w2cat: Tensor) (w3cat: Tensor option) (probs: Tensor) (x: Tensor) : Tensor =
+    expectFloat "x" "[T; D]" 2 x
+    expectFloat "probs" "[T; E]" 2 probs
+    use scope = torch.NewDisposeScope()
+    let t, e = x.shape[0], probs.shape[1]
+    let h = activate act (x.matmul w1cat) // [T; E*H]
+    let h = match w3cat with Some w3 -> h * x.matmul w3 | None -> h // [T; E*H]
+    let mixed = (h.view (t, e, -1L) * probs.to_type(x.dtype).unsqueeze 2L).view (t, -1L) // [T; E*H]
+    mixed.matmul(w2cat).MoveToOuterDisposeScope()
+
+/// Leaf copies of one expert's weights (detached, requiring grad), so a reference layer has its own
+/// parameters as a module-per-expert library would.
+let private leafCopy (t: Tensor) : Tensor = t.detach().clone().requires_grad_ true
+
+/// Per-expert leaf copies of stacked expert weights. w1 [E; D; H], w2 [E; H; D], w3 [E; D; H] (SwiGLU).
+let splitExperts (w1: Tensor) (w2: Tensor) (w3: Tensor option) : ExpertWeights[] =
+    expectFloat "w1" "[E; D; H]" 3 w1
+    expectFloat "w2" "[E; H; D]" 3 w2
+    Array.init (int w1.shape[0]) (fun e ->
+        { W1 = leafCopy w1[int64 e]
+          W2 = leafCopy w2[int64 e]
+          W3 = w3 |> Option.map (fun w -> leafCopy w[int64 e]) })
+
+/// The experts laid side by side as leaf tensors for `allExpertsForward`:
+/// w1 [E; D; H] -> [D; E*H], w2 [E; H; D] -> [E*H; D], w3 like w1.
+let concatExperts (w1: Tensor) (w2: Tensor) (w3: Tensor option) : Tensor * Tensor * Tensor option =
+    expectFloat "w1" "[E; D; H]" 3 w1
+    expectFloat "w2" "[E; H; D]" 3 w2
+    let side (w: Tensor) = leafCopy (w.detach().permute(1L, 0L, 2L).reshape (w.shape[1], -1L)) // [D; E*H]
+    side w1, leafCopy (w2.detach().reshape (-1L, w2.shape[2])), w3 |> Option.map side
+
+// ---------------------------------------------------------------- layers under benchmark
+
+/// A layer under benchmark: its forward [T; D] -> [T; D] and its trainable leaves, whose gradients are
+/// reset between steps.
+type BenchLayer =
+    { Variant: Variant
+      /// Picks per token the layer was built for (E for all-experts).
+      K: int
+      Forward: Func<Tensor, Tensor>
+      Parameters: Tensor list }
+
+/// Drops the gradients of x and of a layer's parameters, returning their memory.
+let clearGradients (layer: BenchLayer) (x: Tensor) : unit =
+    for p in x :: layer.Parameters do
+        p.grad <- null
+
+/// One training-like step of `layer`: forward on x [T; D], backward of upstream gradient `gradOut` [T; D],
+/// then the gradients of x and of every parameter are dropped (PyTorch's zero_grad(set_to_none=True)), so
+/// each step allocates its gradients as a training step does and layers timed side by side do not hold
+/// theirs between steps. Waits for the GPU before returning.
+let step (layer: BenchLayer) (x: Tensor) (gradOut: Tensor) () : unit =
+    do
+        use _ = torch.NewDisposeScope()
+        let y = layer.Forward.Invoke x // [T; D]
+        y.backward ([| gradOut |])
+    clearGradients layer x
+    synchronize x.device
+
+/// The dense FFN with hidden K * H: `Layers.DenseFfn`, the layer a dense model would use.
+let denseFlopMatched (shape: LayerShape) (device: torch.Device) : BenchLayer =
+    let ffn = new DenseFfn("dense", shape.ModelDim, shape.K * shape.ExpertHidden, shape.Activation)
+    ffn.``to`` device |> ignore
+    { Variant = DenseFlopMatched
+      K = shape.K
+      Forward = Func<Tensor, Tensor>(fun x -> (ffn.forward x).Output)
+      Parameters = ffn.parameters () |> Seq.map (fun p -> p :> Tensor) |> List.ofSeq }
+
+/// Router logits x W_r, the way a linear router computes them. routerWeight [E; D] (Linear layout).
+let routerLogits (routerWeight: Tensor) (x: Tensor) : Tensor = torch.nn.functional.linear (x, routerWeight) // [T; E]
+
+/// Router and expert weights in the layouts the references use.
+type MoeWeights =
+    { /// [E; D], the Linear layout: logits = x Router^T.
+      Router: Tensor
+      /// [E; D; H]
+      W1: Tensor
+      /// [E; H; D]
+      W2: Tensor
+      /// [E; D; H], SwiGLU only.
+      W3: Tensor option }
+
+/// A sparse MoE implementation under benchmark: the layer, its weights in the references' layouts (so the
+/// references copy exactly what it computes with), and its gradients after a backward in the same layouts.
+type Candidate =
+    { Layer: BenchLayer
+      Weights: Func<MoeWeights>
+      Gradients: Func<MoeWeights> }
+
+/// The naive reference as a layer, with its own leaf copies of a candidate's weights: the same router
+/// (logits from the router weight, routed by `Routing.route`), then `naiveDispatch` over per-expert copies.
+type NaiveReference =
+    { Layer: BenchLayer
+      Router: Tensor
+      Experts: ExpertWeights[] }
+
+/// Builds the naive reference over copies of `weights`.
+let naiveReference (cfg: MoeConfig) (weights: MoeWeights) : NaiveReference =
+    let router = leafCopy weights.Router
+    let experts = splitExperts weights.W1 weights.W2 weights.W3
+    { Layer =
+        { Variant = NaiveLoop
+          K = RouterConfig.picksPerToken cfg.Router
+          Forward = Func<Tensor, Tensor>(fun x ->
+              use scope = torch.NewDisposeScope()
+              let routing = routerLogits router x |> routeLogits cfg.Router
+              (naiveDispatch cfg.Activation experts routing x).MoveToOuterDisposeScope())
+          Parameters = router :: [ for w in experts do yield w.W1; yield w.W2; yield! Option.toList w.W3 ] }
+      Router = router
+      Experts = experts }
+
+/// The naive reference's gradients stacked into the candidate layouts; an expert no token reached has
+/// no gradient, which reads as zeros.
+let naiveGradients (reference: NaiveReference) : MoeWeights =
+    let gradOrZeros (w: Tensor) = match w.grad with null -> torch.zeros_like w | g -> g
+    let stack (pick: ExpertWeights -> Tensor) = torch.stack (reference.Experts |> Array.map (pick >> gradOrZeros), 0L)
+    { Router = gradOrZeros reference.Router
+      W1 = stack (fun w -> w.W1)
+      W2 = stack (fun w -> w.W2)
+      W3 = if reference.Experts.Length > 0 && reference.Experts[0].W3.IsSome then Some(stack (fun w -> w.W3.Value)) else None }
+
+/// The dense all-experts layer over copies of the same router and expert weights: the router config's
+/// normaliser over all E (soft mixing), every token through every expert (`allExpertsForward`).
+let allExpertsLayer (cfg: MoeConfig) (weights: MoeWeights) : BenchLayer =
+    let router = leafCopy weights.Router
+    let w1cat, w2cat, w3cat = concatExperts weights.W1 weights.W2 weights.W3
+    let forward (x: Tensor) =
+        use scope = torch.NewDisposeScope()
+        let probs = routerLogits router x |> normalise cfg.Router.Normaliser // [T; E]
+        (allExpertsForward cfg.Activation w1cat w2cat w3cat probs x).MoveToOuterDisposeScope()
+    { Variant = AllExperts
+      K = cfg.Router.Experts
+      Forward = Func<Tensor, Tensor> forward
+      Parameters = [ yield router; yield w1cat; yield w2cat; yield! Option.toList w3cat ] }
+
+// ---------------------------------------------------------------- agreement
+
+/// Largest |a - b| relative to the largest |b|: how far a result is from the reference at the reference's
+/// scale. Both tensors must have the same shape; a zero reference compares absolutely.
+let relativeError (a: Tensor) (reference: Tensor) : float =
+    if a.shape <> reference.shape then
+        invalidArg "a" (sprintf "expected the shape of the reference %s, got %s" (describe reference) (describe a))
+    use _ = torch.NewDisposeScope()
+    let a64 = a.detach().cpu().to_type torch.ScalarType.Float64
+    let r64 = reference.detach().cpu().to_type torch.ScalarType.Float64
+    let diff = scalar ((a64 - r64).abs().max ())
+    let scale = scalar (r64.abs().max ())
+    if scale > 0.0 then diff / scale else diff
+
+/// float32 results of the same sums taken in another order (sorted dispatch versus index_add, one wide
+/// matmul versus many small ones) differ by a few ulps times the square root of the terms summed; at the
+/// benchmark's widest sums (8192 tokens into a router gradient) that stays under 1e-5 of the largest
+/// magnitude, and a wrong token, weight or expert shows as an error of order 1.
+let agreementTolerance = 1e-4
+
+/// Relative errors (see `relativeError`) of a candidate against the naive reference on one input.
+type Agreement =
+    { Output: float
+      GradInput: float
+      GradRouter: float
+      GradW1: float
+      GradW2: float
+      /// SwiGLU only.
+      GradW3: float option }
+
+    /// The largest of the errors.
+    member a.Worst = List.max ([ a.Output; a.GradInput; a.GradRouter; a.GradW1; a.GradW2 ] @ Option.toList a.GradW3)
+
+/// Runs the candidate and the naive reference forward and backward on the same x [T; D] and upstream
+/// gradient [T; D], and compares outputs and gradients (of x, the router and every expert weight).
+/// The reference must hold copies of the candidate's weights (`naiveReference cfg (candidate.Weights.Invoke())`).
+let agreement (candidate: Candidate) (reference: NaiveReference) (x: Tensor) (gradOut: Tensor) : Agreement =
+    use _ = torch.NewDisposeScope()
+    let run (layer: BenchLayer) =
+        clearGradients layer x
+        let y = layer.Forward.Invoke x // [T; D]
+        y.backward ([| gradOut |])
+        y.detach (), x.grad.detach().clone ()
+    let yCandidate, gxCandidate = run candidate.Layer
+    let g = candidate.Gradients.Invoke()
+    let yReference, gxReference = run reference.Layer
+    let r = naiveGradients reference
+    let result =
+        { Output = relativeError yCandidate yReference
+          GradInput = relativeError gxCandidate gxReference
+          GradRouter = relativeError g.Router r.Router
+          GradW1 = relativeError g.W1 r.W1
+          GradW2 = relativeError g.W2 r.W2
+          GradW3 =
+            match g.W3, r.W3 with
+            | Some a, Some b -> Some(relativeError a b)
+            | None, None -> None
+            | _ -> invalidOp "the candidate and the reference disagree on whether the experts have a W3 (SwiGLU)" }
+    clearGradients candidate.Layer x
+    clearGradients reference.Layer x
+    result
+
+// ---------------------------------------------------------------- the benchmark
+
+/// Benchmark settings. `defaults` is the issue's grid; `quick` a subset that runs in under two minutes on
+/// two cores.
+type BenchConfig =
+    { /// T values.
+      Tokens: int[]
+      /// E values.
+      Experts: int[]
+      /// K values; a K above an E is skipped for that E (and said so).
+      Ks: int[]
+      ModelDim: int
+      ExpertHidden: int
+      Activation: Activation
+      /// Untimed rounds before the timed ones (the memory measurement already ran each layer once).
+      Warmup: int
+      /// Timed rounds; the median is reported.
+      Reps: int
+      /// Variants to time; the dense FLOP-matched FFN is always timed (it is what ratios divide by).
+      Variants: Variant[]
+      Seed: int
+      /// Timed products per size for the matmul ceiling.
+      CeilingReps: int }
+
+module BenchConfig =
+    /// Fewest timed rounds whose median the issue accepts.
+    let minReps = 7
+
+    /// d = 512, expert hidden 1024, T in {2048, 8192}, E in {8, 32, 64}, K in {1, 2}, every variant.
+    let defaults =
+        { Tokens = [| 2048; 8192 |]
+          Experts = [| 8; 32; 64 |]
+          Ks = [| 1; 2 |]
+          ModelDim = 512
+          ExpertHidden = 1024
+          Activation = MoeConfig.defaults.Activation
+          Warmup = 1
+          Reps = minReps
+          Variants = Array.ofList Variant.all
+          Seed = 0
+          CeilingReps = minReps }
+
+    /// T = 2048, E in {8, 64}, K in {1, 2}: the small-batch end of the grid, including the
+    /// 32-tokens-per-expert case (E = 64, K = 1).
+    let quick = { defaults with Tokens = [| 2048 |]; Experts = [| 8; 64 |] }
+
+    /// Every problem with the settings, empty when they are usable.
+    let validate (cfg: BenchConfig) : string list =
+        let positive what (xs: int[]) =
+            [ if xs.Length = 0 then sprintf "%s: expected at least one value, got none" what
+              for v in xs do
+                  if v < 1 then sprintf "%s: expected values >= 1, got %d" what v ]
+        [ yield! positive "Tokens" cfg.Tokens
+          yield! positive "Experts" cfg.Experts
+          yield! positive "Ks" cfg.Ks
+          if cfg.ModelDim < 1 then sprintf "ModelDim must be >= 1, got %d" cfg.ModelDim
+          if cfg.ExpertHidden < 1 then sprintf "ExpertHidden must be >= 1, got %d" cfg.ExpertHidden
+          if cfg.Warmup < 0 then sprintf "Warmup must be >= 0, got %d" cfg.Warmup
+          if cfg.Reps < 1 then sprintf "Reps must be >= 1, got %d" cfg.Reps
+          if cfg.CeilingReps < 1 then sprintf "CeilingReps must be >= 1, got %d" cfg.CeilingReps
+          if cfg.Ks.Length > 0 && cfg.Experts.Length > 0 && cfg.Ks |> Array.forall (fun k -> cfg.Experts |> Array.forall (fun e -> k > e)) then
+              sprintf "every K (%A) exceeds every E (%A): nothing to run" cfg.Ks cfg.Experts ]
+
+    /// The MoE config of one grid point: the default token-choice top-k router, dropless.
+    let moeConfig (cfg: BenchConfig) (experts: int) (k: int) : MoeConfig =
+        { MoeConfig.defaults with
+            ModelDim = cfg.ModelDim
+            ExpertHidden = cfg.ExpertHidden
+            Activation = cfg.Activation
+            Router = { RouterConfig.defaults with Experts = experts; K = k; Capacity = Dropless } }
+
+/// The machine the numbers come from.
+type Machine =
+    { /// Measured float32 matmul ceiling (`matmulGflops`).
+      MatmulGflops: float
+      /// libtorch intra-op threads.
+      Threads: int }
+
+/// One variant at one grid point.
+type BenchRow =
+    { Shape: LayerShape
+      Variant: Variant
+      /// Median forward+backward milliseconds over the timed rounds.
+      MedianMs: float
+      /// MedianMs over the FLOP-matched dense FFN's MedianMs at the same T and K, from the same rounds.
+      RatioToDense: float
+      TokensPerS: float
+      /// `Flops.trainPerToken` * T / time: the variant's own model FLOPs per second (all E experts for
+      /// all-experts), excluding dispatch work.
+      UsefulGflops: float
+      /// Extra peak memory of one step (`peakExtraMb`); None on CUDA or where it cannot be measured.
+      PeakMb: float option
+      /// Every timed round, milliseconds.
+      SamplesMs: float[] }
+
+/// A whole benchmark run.
+type BenchReport =
+    { Machine: Machine
+      Rows: BenchRow list
+      /// The candidate-versus-reference check of each (T, E, K), run before timing it.
+      Agreements: ((int * int * int) * Agreement) list }
+
+/// Runs one (T, E) group: every K's dense floor, candidate and naive reference, plus the all-experts layer
+/// (which does not depend on K: timed once and reported on every K's row), all interleaved in one set of
+/// rounds. Checks each candidate against the naive reference first and raises if they disagree.
+let private runGroup (cfg: BenchConfig) (device: torch.Device) (candidateFor: MoeConfig -> Candidate) (progress: string -> unit) (t: int) (e: int) =
+    use _ = torch.NewDisposeScope()
+    Native.seedAll cfg.Seed
+    let ks = cfg.Ks |> Array.filter (fun k -> k <= e) |> Array.distinct
+    for k in cfg.Ks |> Array.filter (fun k -> k > e) |> Array.distinct do
+        progress (sprintf "T=%d E=%d: skipping K=%d (more picks than experts)" t e k)
+    let wants v = v = DenseFlopMatched || Array.contains v cfg.Variants
+    let x = torch.randn([| int64 t; int64 cfg.ModelDim |], device = device).requires_grad_ true // [T; D]
+    let gradOut = torch.randn ([| int64 t; int64 cfg.ModelDim |], device = device) // [T; D]
+    let shapeOf k = { Tokens = t; ModelDim = cfg.ModelDim; ExpertHidden = cfg.ExpertHidden; Experts = e; K = k; Activation = cfg.Activation }
+    let perK =
+        [ for k in ks do
+            let moeCfg = BenchConfig.moeConfig cfg e k
+            let candidate = candidateFor moeCfg
+            let reference = naiveReference moeCfg (candidate.Weights.Invoke())
+            let a = agreement candidate reference x gradOut
+            progress (sprintf "T=%d E=%d K=%d: candidate vs naive reference, largest relative error %.2g (output %.2g)" t e k a.Worst a.Output)
+            if not (a.Worst <= agreementTolerance) then
+                invalidOp (sprintf "the MoE layer disagrees with the naive reference at T=%d E=%d K=%d (tolerance %g): %A" t e k agreementTolerance a)
+            let layers =
+                [ denseFlopMatched (shapeOf k) device
+                  if wants Moe then candidate.Layer
+                  if wants NaiveLoop then reference.Layer ]
+            k, candidate, layers, a ]
+    let allExperts =
+        match perK with
+        | (_, candidate, _, _) :: _ when wants AllExperts ->
+            Some(allExpertsLayer (BenchConfig.moeConfig cfg e (Array.head ks)) (candidate.Weights.Invoke()))
+        | _ -> None
+    let layers = [ for (k, _, ls, _) in perK do for l in ls -> k, l ] @ (allExperts |> Option.map (fun l -> 0, l) |> Option.toList)
+    let measurePeak = device.``type`` = DeviceType.CPU
+    let peaks =
+        layers
+        |> List.map (fun (k, l) ->
+            progress (sprintf "T=%d E=%d K=%s: %s, first step (memory)" t e (if k = 0 then "any" else string k) (Variant.name l.Variant))
+            if measurePeak then peakExtraMb (step l x gradOut) else step l x gradOut (); None)
+    progress (sprintf "T=%d E=%d: %d warm-up and %d timed rounds over %d layers" t e cfg.Warmup cfg.Reps layers.Length)
+    let samples = interleaved (stopwatchClock ()) cfg.Warmup cfg.Reps [| for (_, l) in layers -> step l x gradOut |]
+    let timed = List.zip3 layers peaks (List.ofArray samples)
+    let rows =
+        [ for k in ks do
+            let mine = timed |> List.filter (fun ((k', _), _, _) -> k' = k || k' = 0)
+            let denseMs = mine |> List.pick (fun ((_, l), _, s) -> if l.Variant = DenseFlopMatched then Some(median s) else None)
+            for (_, l), peak, s in mine do
+                let shape = shapeOf k
+                let ms = median s
+                { Shape = shape
+                  Variant = l.Variant
+                  MedianMs = ms
+                  RatioToDense = ms / denseMs
+                  TokensPerS = float t / (ms / 1000.0)
+                  UsefulGflops = Flops.trainPerToken shape l.Variant * float t / (ms / 1000.0) / 1e9
+                  PeakMb = peak
+                  SamplesMs = s } ]
+    let agreements = [ for (k, _, _, a) in perK -> (t, e, k), a ]
+    rows, agreements
+
+/// Runs the benchmark grid on `device` with `candidateFor` building the MoE layer under test for each grid
+/// point; `progress` receives one line per phase. Measures the matmul ceiling first.
+let runWith (cfg: BenchConfig) (device: torch.Device) (candidateFor: MoeConfig -> Candidate) (progress: string -> unit) : BenchReport =
+    let cfg = orFail "benchmark config" (BenchConfig.validate cfg) cfg
+    progress "measuring the float32 matmul ceiling"
+    let machine = { MatmulGflops = matmulGflops device ceilingSizes cfg.CeilingReps; Threads = torch.get_num_threads () }
+    progress (sprintf "matmul ceiling %.1f GFLOP/s on %d threads" machine.MatmulGflops machine.Threads)
+    let groups = [ for t in cfg.Tokens do for e in cfg.Experts -> runGroup cfg device candidateFor progress t e ]
+    { Machine = machine
+      Rows = groups |> List.collect fst
+      Agreements = groups |> List.collect snd }
+
+// ---------------------------------------------------------------- output
+
+/// Decimal places kept in the JSON per field: sub-percent precision, no false digits.
+let private round (places: int) (v: float) = Math.Round(v, places)
+
+/// The report as JSON: {"machine": {"matmul_gflops", "threads"}, "results": [{"T", "E", "k", "d",
+/// "expert_hidden", "variant", "median_ms", "ratio_to_dense", "tokens_per_s", "useful_gflops", "peak_mb"}]},
+/// peak_mb null where it was not measured.
+let toJson (report: BenchReport) : string =
+    use stream = new MemoryStream()
+    do
+        use w = new Utf8JsonWriter(stream, JsonWriterOptions(Indented = true))
+        w.WriteStartObject()
+        w.WriteStartObject "machine"
+        w.WriteNumber("matmul_gflops", round 2 report.Machine.MatmulGflops)
+        w.WriteNumber("threads", report.Machine.Threads)
+        w.WriteEndObject()
+        w.WriteStartArray "results"
+        for r in report.Rows do
+            w.WriteStartObject()
+            w.WriteNumber("T", r.Shape.Tokens)
+            w.WriteNumber("E", r.Shape.Experts)
+            w.WriteNumber("k", r.Shape.K)
+            w.WriteNumber("d", r.Shape.ModelDim)
+            w.WriteNumber("expert_hidden", r.Shape.ExpertHidden)
+            w.WriteString("variant", Variant.name r.Variant)
+            w.WriteNumber("median_ms", round 3 r.MedianMs)
+            w.WriteNumber("ratio_to_dense", round 4 r.RatioToDense)
+            w.WriteNumber("tokens_per_s", round 1 r.TokensPerS)
+            w.WriteNumber("useful_gflops", round 3 r.UsefulGflops)
+            match r.PeakMb with
+            | Some mb -> w.WriteNumber("peak_mb", round 1 mb)
+            | None -> w.WriteNull "peak_mb"
+            w.WriteEndObject()
+        w.WriteEndArray()
+        w.WriteEndObject()
+    Encoding.UTF8.GetString(stream.ToArray())
+
+/// Column headers and cells of the report's table, one row per result.
+let private tableCells (report: BenchReport) : string[] * string[] list =
+    let header = [| "T"; "E"; "k"; "variant"; "median ms"; "x dense"; "tokens/s"; "useful GFLOP/s"; "% ceiling"; "peak MB" |]
+    let rows =
+        [ for r in report.Rows ->
+            [| string r.Shape.Tokens
+               string r.Shape.Experts
+               string r.Shape.K
+               Variant.name r.Variant
+               sprintf "%.1f" r.MedianMs
+               sprintf "%.2f" r.RatioToDense
+               sprintf "%.0f" r.TokensPerS
+               sprintf "%.1f" r.UsefulGflops
+               sprintf "%.0f%%" (100.0 * r.UsefulGflops / report.Machine.MatmulGflops)
+               (match r.PeakMb with Some mb -> sprintf "%.0f" mb | None -> "n/a") |] ]
+    header, rows
+
+/// One line on the machine and the grid constants above the table.
+let private caption (report: BenchReport) : string =
+    let dims =
+        match report.Rows with
+        | r :: _ -> sprintf "d = %d, expert hidden = %d, %A; " r.Shape.ModelDim r.Shape.ExpertHidden r.Shape.Activation
+        | [] -> ""
+    sprintf "%sforward+backward; matmul ceiling %.1f GFLOP/s (float32), %d threads; all_experts does not depend on k (timed once per T, E)"
+        dims report.Machine.MatmulGflops report.Machine.Threads
+
+/// The report as an aligned plain-text table.
+let toTable (report: BenchReport) : string =
+    let header, rows = tableCells report
+    let widths = header |> Array.mapi (fun i h -> rows |> List.fold (fun m r -> max m (String.length r[i])) h.Length)
+    let line (cells: string[]) =
+        cells |> Array.mapi (fun i c -> if i = 3 then c.PadRight widths[i] else c.PadLeft widths[i]) |> String.concat "  "
+    String.concat "\n" [ caption report; line header; yield! rows |> List.map line ] + "\n"
+
+/// The report as a Markdown table.
+let toMarkdown (report: BenchReport) : string =
+    let header, rows = tableCells report
+    let line (cells: string[]) = "| " + String.concat " | " cells + " |"
+    let align = header |> Array.mapi (fun i _ -> if i = 3 then ":--" else "--:")
+    String.concat "\n" [ caption report; ""; line header; line align; yield! rows |> List.map line ] + "\n"
