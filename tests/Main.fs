@@ -8,6 +8,7 @@ let all =
     testList "Moe" [
         FoundationTests.tests
         FoundationTests.consistency
+        RoutingTests.tests
     ]
 
 [<EntryPoint>]
