@@ -49,3 +49,4 @@ Prelude.loadNatives ()
 #load "../src/Config.fs"
 #load "../src/Routing.fs"
 #load "../src/Layers.fs"
+#load "../src/Metrics.fs"
