@@ -50,3 +50,4 @@ Prelude.loadNatives ()
 #load "../src/Routing.fs"
 #load "../src/Layers.fs"
 #load "../src/Metrics.fs"
+#load "../src/HumanEval.fs"
