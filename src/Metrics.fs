@@ -986,7 +986,7 @@ module Consistency =
           /// Count contradiction probability (SummaC `use_con`, default true).
           UseContradiction: bool
           /// Splits a text into its sentences (SummaC's "sentence" granularity uses NLTK's Punkt).
-          SplitSentences: string -> string[] }
+          SplitSentences: Func<string, string[]> }
 
     /// Splits after '.', '!' or '?' (and any closing quotes or brackets) followed by white space. A simple rule,
     /// not Punkt: abbreviations such as "Mr. Smith" split; supply a better splitter through the config.
@@ -994,7 +994,7 @@ module Consistency =
         Regex.Split(text.Trim(), @"(?<=[.!?][""'’”)\]]*)\s+") |> Array.filter (fun s -> s.Trim().Length > 0)
 
     /// Entailment minus contradiction, the SummaC-ZS defaults.
-    let defaults = { UseEntailment = true; UseContradiction = true; SplitSentences = splitSentences }
+    let defaults = { UseEntailment = true; UseContradiction = true; SplitSentences = Func<string, string[]> splitSentences }
 
     /// Every problem with a config, all at once.
     let validate (cfg: SummaCConfig) : string list =
@@ -1021,8 +1021,8 @@ module Consistency =
         match validate cfg with
         | [] -> ()
         | problems -> invalidArg "cfg" (String.concat "; " problems)
-        let premises = cfg.SplitSentences document
-        let hypotheses = cfg.SplitSentences summary
+        let premises = cfg.SplitSentences.Invoke document
+        let hypotheses = cfg.SplitSentences.Invoke summary
         if premises.Length = 0 || hypotheses.Length = 0 then 0.0
         else
             let pairs = [| for pr in premises do for h in hypotheses -> { Premise = pr; Hypothesis = h } |]
@@ -1144,8 +1144,10 @@ let scoreCorpus (opts: ScoreOptions) (predictions: string[]) (references: string
 
 /// The report as the JSON object `moe score --json` prints and runs store in test_scores.json:
 /// {"n", "rouge1"/"rouge2"/"rougeL"/"rougeLsum": {"precision", "recall", "f1"}, "bleu"} and, with documents,
-/// "compression", "extractiveness" and "novel_ngrams": {"1" .. "4"}. ROUGE are fractions in [0, 1] (corpus
-/// means), BLEU is corpus BLEU in [0, 100].
+/// "compression", "extractiveness" and "novel_ngrams": {"1" .. "4"}. ROUGE are fractions in [0, 1]: the exact
+/// mean of the per-example scores (rouge-score's `BootstrapAggregator` reports the median of resampled means
+/// as "mid", which differs from this mean by resampling noise; the report keeps it as `Mid`). BLEU is corpus
+/// BLEU in [0, 100].
 let toJson (report: ScoreReport) : string =
     use stream = new MemoryStream()
     let w = new Utf8JsonWriter(stream, JsonWriterOptions(Indented = false))
