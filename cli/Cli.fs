@@ -15,10 +15,14 @@ type InfoArgs =
 [<RequireSubcommand>]
 type Command =
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
+    | [<CliPrefix(CliPrefix.None)>] Score of ParseResults<ScoreCommand.ScoreArgs>
+    | [<CliPrefix(CliPrefix.None)>] Human_Eval of ParseResults<HumanEvalCommand.HumanEvalArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
             | Info _ -> "print the libtorch runtime, threads and the device that --device resolves to."
+            | Score _ -> "ROUGE, BLEU and document statistics of predictions against references."
+            | Human_Eval _ -> "draw human rating sheets from system outputs, or summarize filled sheets."
 
 let private deviceOf (text: string option) =
     match Native.parseDevice (defaultArg text "auto") with
@@ -38,6 +42,8 @@ let main argv =
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
         match results.GetSubCommand() with
         | Info a -> info a
+        | Score a -> ScoreCommand.run a
+        | Human_Eval a -> HumanEvalCommand.run a
     with
     | :? ArguParseException as e ->
         eprintfn "%s" e.Message

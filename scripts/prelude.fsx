@@ -49,4 +49,6 @@ Prelude.loadNatives ()
 #load "../src/Config.fs"
 #load "../src/Routing.fs"
 #load "../src/Layers.fs"
+#load "../src/Metrics.fs"
+#load "../src/HumanEval.fs"
 #load "../src/Bench.fs"

@@ -310,12 +310,13 @@ let denseFlopMatched (shape: LayerShape) (device: torch.Device) : BenchLayer =
       Forward = Func<Tensor, Tensor>(fun x -> (ffn.forward x).Output)
       Parameters = ffn.parameters () |> Seq.map (fun p -> p :> Tensor) |> List.ofSeq }
 
-/// Router logits x W_r, the way a linear router computes them. routerWeight [E; D] (Linear layout).
-let routerLogits (routerWeight: Tensor) (x: Tensor) : Tensor = torch.nn.functional.linear (x, routerWeight) // [T; E]
+/// Router logits x W_r, computed as the shipped linear router does (one mm, so the top-k picks match bit for
+/// bit). routerWeight [D; E], x [T; D] -> [T; E].
+let routerLogits (routerWeight: Tensor) (x: Tensor) : Tensor = x.mm routerWeight
 
 /// Router and expert weights in the layouts the references use.
 type MoeWeights =
-    { /// [E; D], the Linear layout: logits = x Router^T.
+    { /// W_r [D; E]: logits = x W_r.
       Router: Tensor
       /// [E; D; H]
       W1: Tensor

@@ -70,9 +70,9 @@ type RouterInputs =
       NoiseStd: Tensor option
       /// Token ids, hash routing only. // [T] int64
       TokenIds: Tensor option
-      /// Selection bias (DeepSeek-V3), token-choice routers only. // [E] floating point
+      /// Selection bias (DeepSeek-V3), token-choice routers only; see `updateBias`. // [E] floating point
       Bias: Tensor option
-      /// Token id -> expert, BalancedHash only. // [V] int64
+      /// Token id -> expert, BalancedHash only; keep it on the ids' device (it is moved there otherwise). // [V] int64
       HashTable: Tensor option
       Training: bool
       Generator: torch.Generator option }
@@ -543,8 +543,9 @@ let routeLogits (cfg: RouterConfig) (logits: Tensor) : Routing = route cfg (Rout
 
 // ---------------------------------------------------------------- balancing losses (unweighted)
 
-/// Squared coefficient of variation var(x) / (mean(x)^2 + eps), population variance (Shazeer et al. 2017,
-/// CV in eq. 7 and 10; eps from their reference code). x [E] -> scalar.
+/// Squared coefficient of variation var(x) / (mean(x)^2 + eps), population variance (Shazeer et al. 2017:
+/// the CV^2 of the importance loss, eq. 7, and of the load loss, appendix A; eps from their reference code).
+/// x [E] -> scalar.
 let cvSquared (x: Tensor) : Tensor =
     expectFloat "x" "[E]" 1 x
     use scope = torch.NewDisposeScope()
@@ -579,7 +580,7 @@ let importanceLoss (r: Routing) : Tensor =
         let importance = importance.index_add (0L, r.Experts.flatten (), r.Gates.flatten (), 1.0) // [E]
         (cvSquared importance).MoveToOuterDisposeScope()
 
-/// Load loss (Shazeer et al. 2017, eq. 8-10, unweighted): CV(Load)^2 with Load_e = sum over tokens of the
+/// Load loss (Shazeer et al. 2017, appendix A, eq. 8-10, unweighted): CV(Load)^2 with Load_e = sum over tokens of the
 /// smooth estimate P(x, e) (eq. 9, `loadProbability`) that e stays in the noisy top-k; differentiable.
 /// Zero for routers without noise (only NoisyTopK has it).
 let loadLoss (r: Routing) : Tensor =

@@ -9,6 +9,7 @@ let all =
         FoundationTests.tests
         FoundationTests.consistency
         RoutingTests.tests
+        MetricsTests.tests
     ]
 
 [<EntryPoint>]
