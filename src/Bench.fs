@@ -461,6 +461,8 @@ type BenchConfig =
       /// Variants to time; the dense FLOP-matched FFN is always timed (it is what ratios divide by).
       Variants: Variant[]
       Seed: int
+      /// Square matmul sizes for the ceiling (`matmulGflops`).
+      CeilingSizes: int[]
       /// Timed products per size for the matmul ceiling.
       CeilingReps: int }
 
@@ -480,6 +482,7 @@ module BenchConfig =
           Reps = minReps
           Variants = Array.ofList Variant.all
           Seed = 0
+          CeilingSizes = Array.ofList ceilingSizes
           CeilingReps = minReps }
 
     /// T = 2048, E in {8, 64}, K in {1, 2}: the small-batch end of the grid, including the
@@ -499,6 +502,7 @@ module BenchConfig =
           if cfg.ExpertHidden < 1 then sprintf "ExpertHidden must be >= 1, got %d" cfg.ExpertHidden
           if cfg.Warmup < 0 then sprintf "Warmup must be >= 0, got %d" cfg.Warmup
           if cfg.Reps < 1 then sprintf "Reps must be >= 1, got %d" cfg.Reps
+          yield! positive "CeilingSizes" cfg.CeilingSizes
           if cfg.CeilingReps < 1 then sprintf "CeilingReps must be >= 1, got %d" cfg.CeilingReps
           if cfg.Ks.Length > 0 && cfg.Experts.Length > 0 && cfg.Ks |> Array.forall (fun k -> cfg.Experts |> Array.forall (fun e -> k > e)) then
               sprintf "every K (%A) exceeds every E (%A): nothing to run" cfg.Ks cfg.Experts ]
@@ -607,7 +611,7 @@ let private runGroup (cfg: BenchConfig) (device: torch.Device) (candidateFor: Mo
 let runWith (cfg: BenchConfig) (device: torch.Device) (candidateFor: MoeConfig -> Candidate) (progress: string -> unit) : BenchReport =
     let cfg = orFail "benchmark config" (BenchConfig.validate cfg) cfg
     progress "measuring the float32 matmul ceiling"
-    let machine = { MatmulGflops = matmulGflops device ceilingSizes cfg.CeilingReps; Threads = torch.get_num_threads () }
+    let machine = { MatmulGflops = matmulGflops device (List.ofArray cfg.CeilingSizes) cfg.CeilingReps; Threads = torch.get_num_threads () }
     progress (sprintf "matmul ceiling %.1f GFLOP/s on %d threads" machine.MatmulGflops machine.Threads)
     let groups = [ for t in cfg.Tokens do for e in cfg.Experts -> runGroup cfg device candidateFor progress t e ]
     { Machine = machine
