@@ -8,6 +8,7 @@ let all =
     testList "Moe" [
         FoundationTests.tests
         RoutingTests.tests
+        LayersTests.tests
     ]
 
 [<EntryPoint>]
