@@ -618,6 +618,33 @@ let runWith (cfg: BenchConfig) (device: torch.Device) (candidateFor: MoeConfig -
       Rows = groups |> List.collect fst
       Agreements = groups |> List.collect snd }
 
+/// The shipped layer (`Layers.MoeLayer`) as a benchmark candidate, built on `device`. Needs a linear router
+/// and no shared experts, so that the references can copy every weight it computes with.
+let shippedCandidate (device: torch.Device) (cfg: MoeConfig) : Candidate =
+    if cfg.Router.Scorer <> LinearRouter then invalidArg "cfg" (sprintf "expected a LinearRouter for the benchmark, got %A" cfg.Router.Scorer)
+    if cfg.SharedExperts <> 0 then invalidArg "cfg" (sprintf "expected SharedExperts = 0 for the benchmark, got %d" cfg.SharedExperts)
+    let layer = new MoeLayer("moe", cfg)
+    layer.``to`` device |> ignore
+    let weights () =
+        { Router = layer.Router.Weight
+          W1 = layer.Experts.W1
+          W2 = layer.Experts.W2
+          W3 = Option.ofObj layer.Experts.W3 }
+    let gradOf (w: Tensor) = match w.grad with null -> torch.zeros_like w | g -> g
+    { Layer =
+        { Variant = Moe
+          K = RouterConfig.picksPerToken cfg.Router
+          Forward = Func<Tensor, Tensor>(fun x -> (layer.forward x).Output)
+          Parameters = layer.parameters () |> Seq.map (fun p -> p :> Tensor) |> List.ofSeq }
+      Weights = Func<MoeWeights> weights
+      Gradients = Func<MoeWeights>(fun () ->
+          let w = weights ()
+          { Router = gradOf w.Router; W1 = gradOf w.W1; W2 = gradOf w.W2; W3 = w.W3 |> Option.map gradOf }) }
+
+/// Runs the benchmark grid on `device` for the shipped `Layers.MoeLayer` (see `runWith`).
+let run (cfg: BenchConfig) (device: torch.Device) (progress: string -> unit) : BenchReport =
+    runWith cfg device (shippedCandidate device) progress
+
 // ---------------------------------------------------------------- output
 
 /// Decimal places kept in the JSON per field: sub-percent precision, no false digits.
@@ -696,3 +723,14 @@ let toMarkdown (report: BenchReport) : string =
     let line (cells: string[]) = "| " + String.concat " | " cells + " |"
     let align = header |> Array.mapi (fun i _ -> if i = 3 then ":--" else "--:")
     String.concat "\n" [ caption report; ""; line header; line align; yield! rows |> List.map line ] + "\n"
+
+// ---------------------------------------------------------------- C# facade
+
+/// C# entry points: `MoeBenchmark.Run(BenchConfig.defaults, torch.CPU, Console.Error.WriteLine)`.
+type MoeBenchmark =
+    /// Runs the grid for the shipped layer; `progress` receives one line per phase.
+    static member Run(cfg: BenchConfig, device: torch.Device, progress: Action<string>) : BenchReport =
+        run cfg device progress.Invoke
+    static member ToJson(report: BenchReport) : string = toJson report
+    static member ToTable(report: BenchReport) : string = toTable report
+    static member ToMarkdown(report: BenchReport) : string = toMarkdown report

@@ -212,6 +212,29 @@ let tests =
         ]
 
         testList "agreement" [
+            // Small versions of every benchmark shape pattern (E in {1, 4, 8} x K in {1, 2}, T a few per expert
+            // to many per expert), plus SwiGLU and ReLU experts.
+            let patterns =
+                [ for e in [ 1; 4; 8 ] do
+                    for k in [ 1; 2 ] do
+                        if k <= e then
+                            for t in [ 3; 64 ] do
+                                yield e, k, t, GELU
+                  yield 8, 2, 32, SwiGLU
+                  yield 4, 1, 32, ReLU ]
+            for e, k, t, act in patterns ->
+                testCase (sprintf "the shipped layer equals the naive reference: E=%d K=%d T=%d %A" e k t act) <| fun () ->
+                    use _ = torch.NewDisposeScope()
+                    Native.seedAll (e * 100 + k * 10 + t)
+                    let cfg = moeConfig e k 16 24 act (TokenChoiceTopK(NormaliseThenTopK, true))
+                    let candidate = shippedCandidate torch.CPU cfg
+                    let reference = naiveReference cfg (candidate.Weights.Invoke())
+                    let x = torch.randn([| int64 t; 16L |]).requires_grad_ true
+                    let gradOut = torch.randn ([| int64 t; 16L |])
+                    let a = agreement candidate reference x gradOut
+                    Expect.isLessThanOrEqual a.Worst agreementTolerance (sprintf "outputs and gradients agree: %A" a)
+                    Expect.equal a.GradW3.IsSome (act = SwiGLU) "W3 compared for SwiGLU only"
+
             testCase "a candidate that computes the wrong thing aborts the run, naming the grid point" <| fun () ->
                 use _ = torch.NewDisposeScope()
                 let broken (cfg: MoeConfig) =
@@ -222,6 +245,13 @@ let tests =
                 let e = Expect.throwsC (fun () -> runWith tinyGrid torch.CPU broken ignore |> ignore) id
                 Expect.stringContains e.Message "disagrees with the naive reference" "says what failed"
                 Expect.stringContains e.Message "T=24 E=1 K=1" "names the grid point"
+
+            testCase "the shipped layer is a candidate only with a linear router and no shared experts" <| fun () ->
+                let cfg = moeConfig 4 1 8 8 GELU (TokenChoiceTopK(NormaliseThenTopK, true))
+                Expect.throwsT<ArgumentException> (fun () -> shippedCandidate torch.CPU { cfg with SharedExperts = 1 } |> ignore) "shared experts"
+                Expect.throwsT<ArgumentException>
+                    (fun () -> shippedCandidate torch.CPU { cfg with Router = { cfg.Router with Scorer = AttentionRouter 4 } } |> ignore)
+                    "attention router"
         ]
 
         testList "output" [
@@ -254,11 +284,7 @@ let tests =
             testCase "a tiny grid runs end to end: every K, every variant, dense ratio 1, E = 1 skips K = 2" <| fun () ->
                 use _ = torch.NewDisposeScope()
                 let lines = Collections.Generic.List<string>()
-                let candidate (cfg: MoeConfig) =
-                    let w = randomWeights 2 cfg.Router.Experts cfg.ModelDim cfg.ExpertHidden false
-                    let f32 (t: torch.Tensor) = t.to_type torch.ScalarType.Float32
-                    naiveCandidate cfg { Router = f32 w.Router; W1 = f32 w.W1; W2 = f32 w.W2; W3 = None } false
-                let report = runWith tinyGrid torch.CPU candidate lines.Add
+                let report = run tinyGrid torch.CPU lines.Add
                 Expect.equal report.Rows.Length (4 + 2 * 4) "E = 1: K = 1 only; E = 4: K = 1 and 2; four variants each"
                 Expect.exists lines (fun l -> l.Contains "skipping K=2") "the skipped K is said, not silent"
                 for r in report.Rows do
