@@ -5,6 +5,7 @@ module Moe.BenchCommand
 open System
 open System.IO
 open Argu
+open TorchSharp
 open Moe
 
 type MoeLayerArgs =
@@ -19,13 +20,16 @@ type MoeLayerArgs =
     | Expert_Hidden of h: int
     | Variants of names: string list
     | Seed of seed: int
+    | All_Experts_Reps of count: int
+    | Threads of count: int
+    | Allocator of name: string
     | Device of device: string
     | Json_Out of path: string
     | Markdown_Out of path: string
     interface IArgParserTemplate with
         member a.Usage =
             match a with
-            | Quick -> "a subset of the grid (T = 2048, E in {8, 64}, k in {1, 2}): under two minutes on two cores."
+            | Quick -> "a subset of the grid (T = 2048, E in {8, 64}, k in {1, 2}, no all-experts): under two minutes on two idle cores."
             | Json -> "print the JSON report on stdout (the table goes to stderr)."
             | Reps _ -> sprintf "timed interleaved rounds; the median is reported (default %d, at least %d advised)." Bench.BenchConfig.minReps Bench.BenchConfig.minReps
             | Warmup _ -> "untimed rounds before the timed ones (default 1)."
@@ -36,6 +40,9 @@ type MoeLayerArgs =
             | Expert_Hidden _ -> "expert hidden width (default 1024)."
             | Variants _ -> "variants to time: moe naive_loop all_experts (dense_flop_matched is always timed)."
             | Seed _ -> "seed for inputs and weights (default 0)."
+            | All_Experts_Reps _ -> "timed rounds of the all-experts layer, E/k times the others' work (default 3)."
+            | Threads _ -> "libtorch intra-op threads (default: libtorch's choice, one per core)."
+            | Allocator _ -> "system|retain (default system): retain keeps freed CPU memory in the heap (glibc mallopt), so large buffers are not page-faulted in every step."
             | Device _ -> "auto|cpu|cuda (default auto); peak memory is measured on the CPU only."
             | Json_Out _ -> "also write the JSON report to this file."
             | Markdown_Out _ -> "also write the table as Markdown to this file."
@@ -67,7 +74,15 @@ let private configOf (args: ParseResults<MoeLayerArgs>) : Bench.BenchConfig =
         Warmup = args.GetResult(Warmup, start.Warmup)
         Reps = args.GetResult(Reps, start.Reps)
         Variants = variants
-        Seed = args.GetResult(Seed, start.Seed) }
+        Seed = args.GetResult(Seed, start.Seed)
+        AllExpertsReps = args.GetResult(All_Experts_Reps, start.AllExpertsReps)
+        Allocator =
+            match args.TryGetResult Allocator with
+            | None -> start.Allocator
+            | Some name ->
+                match Bench.CpuAllocator.parse name with
+                | Ok a -> a
+                | Error msg -> invalidArg "--allocator" msg }
 
 let private moeLayer (args: ParseResults<MoeLayerArgs>) : int =
     Native.initialise ()
@@ -76,6 +91,10 @@ let private moeLayer (args: ParseResults<MoeLayerArgs>) : int =
         | Ok choice -> Native.resolveDevice choice
         | Error msg -> invalidArg "--device" msg
     let cfg = configOf args
+    match args.TryGetResult Threads with
+    | Some n when n < 1 -> invalidArg "--threads" (sprintf "expected --threads >= 1, got %d" n)
+    | Some n -> torch.set_num_threads n
+    | None -> ()
     let json = args.Contains Json
     let report = Bench.run cfg device (fun line -> eprintfn "%s" line)
     let table = Bench.toTable report

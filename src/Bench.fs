@@ -113,25 +113,39 @@ let median (xs: float[]) : float =
     let n = s.Length
     if n % 2 = 1 then s[n / 2] else (s[n / 2 - 1] + s[n / 2]) / 2.0
 
+/// How often one action runs in `interleavedPlan`: untimed warm-up calls, then timed rounds.
+type RunPlan = { Warmup: int; Reps: int }
+
 /// Times `actions` interleaved, so that machine noise (other processes, frequency changes) hits every action
-/// alike and their ratios hold on a busy machine. Each action first runs `warmup` times untimed (in turn),
-/// then `reps` rounds follow in which every action runs once; round r starts at action r mod n, so that no
-/// action always follows the same one (allocator and cache state left by a neighbour). Returns the
-/// milliseconds of each action in each round: result[action][round].
-let interleaved (clock: Clock) (warmup: int) (reps: int) (actions: (unit -> unit)[]) : float[][] =
-    if warmup < 0 then invalidArg "warmup" (sprintf "expected warmup >= 0, got %d" warmup)
-    if reps < 1 then invalidArg "reps" (sprintf "expected reps >= 1, got %d" reps)
+/// alike and their ratios hold on a busy machine. Warm-up first: in round w every action with more than w
+/// warm-up calls runs once, untimed. Then timed round r runs, once each, the actions planned for more than r
+/// rounds, starting at action r mod n so that no action always follows the same one (allocator and cache
+/// state left by a neighbour); an action planned for fewer rounds (an expensive one) drops out after its
+/// last. Returns the milliseconds of each action in each of its rounds: result[action][round].
+let interleavedPlan (clock: Clock) (plans: RunPlan[]) (actions: (unit -> unit)[]) : float[][] =
+    if plans.Length <> actions.Length then
+        invalidArg "plans" (sprintf "expected one plan per action (%d), got %d" actions.Length plans.Length)
+    for p in plans do
+        if p.Warmup < 0 then invalidArg "plans" (sprintf "expected warm-up counts >= 0, got %d" p.Warmup)
+        if p.Reps < 1 then invalidArg "plans" (sprintf "expected rounds >= 1, got %d" p.Reps)
     let n = actions.Length
-    for _ in 1..warmup do
-        for a in actions do a ()
-    let samples = Array.init n (fun _ -> Array.zeroCreate reps)
-    for r in 0 .. reps - 1 do
+    let most f = if n = 0 then 0 else plans |> Array.map f |> Array.max
+    for w in 0 .. most (fun p -> p.Warmup) - 1 do
+        for i in 0 .. n - 1 do
+            if plans[i].Warmup > w then actions[i] ()
+    let samples = plans |> Array.map (fun p -> Array.zeroCreate p.Reps)
+    for r in 0 .. most (fun p -> p.Reps) - 1 do
         for j in 0 .. n - 1 do
             let i = (r + j) % n
-            let start = clock ()
-            actions[i] ()
-            samples[i][r] <- clock () - start
+            if plans[i].Reps > r then
+                let start = clock ()
+                actions[i] ()
+                samples[i][r] <- clock () - start
     samples
+
+/// `interleavedPlan` with the same warm-up and round counts for every action.
+let interleaved (clock: Clock) (warmup: int) (reps: int) (actions: (unit -> unit)[]) : float[][] =
+    interleavedPlan clock (Array.create actions.Length { Warmup = warmup; Reps = reps }) actions
 
 // ---------------------------------------------------------------- memory
 
@@ -140,6 +154,14 @@ module private Libc =
     /// reused without raising the resident set, and a later variant's peak would read too low.
     [<DllImport("libc", EntryPoint = "malloc_trim")>]
     extern int mallocTrim(unativeint pad)
+
+    /// glibc: sets one allocator parameter; returns 1 on success.
+    [<DllImport("libc", EntryPoint = "mallopt")>]
+    extern int mallopt(int param, int value)
+
+    /// mallopt parameter numbers from glibc's malloc.h.
+    let M_TRIM_THRESHOLD = -1
+    let M_MMAP_MAX = -4
 
 let private bytesPerMib = 1048576.0
 
@@ -170,6 +192,51 @@ let peakExtraMb (action: unit -> unit) : float option =
             action ()
             procStatusKb "VmHWM" |> Option.map (fun peak -> float (max 0L (peak - before)) * 1024.0 / bytesPerMib)
 
+/// How libtorch's CPU tensors get their memory (glibc malloc underneath).
+type CpuAllocator =
+    /// glibc's defaults: a block above the mmap threshold (at most 32 MiB) is mapped fresh and unmapped when
+    /// freed, so every step of a large layer page-faults its big buffers (activations, a stacked weight
+    /// gradient) in again, and the kernel zeroes each page first.
+    | SystemAllocator
+    /// No mmap and no trimming (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = max): freed blocks stay in the
+    /// heap and the next step reuses them without page faults, as PyTorch's CUDA caching allocator does. The
+    /// resident set stays at its peak. Process-wide and for the rest of the process.
+    | RetainFreedMemory
+
+module CpuAllocator =
+    let name (a: CpuAllocator) : string =
+        match a with
+        | SystemAllocator -> "system"
+        | RetainFreedMemory -> "retain"
+
+    let parse (text: string) : Result<CpuAllocator, string> =
+        match text with
+        | "system" -> Ok SystemAllocator
+        | "retain" -> Ok RetainFreedMemory
+        | other -> Error(sprintf "expected allocator system|retain, got '%s'" other)
+
+/// Applies an allocator setting to this process (glibc on Linux); SystemAllocator changes nothing.
+/// Raises where RetainFreedMemory cannot be applied (not glibc), rather than silently measuring without it.
+let useCpuAllocator (allocator: CpuAllocator) : unit =
+    match allocator with
+    | SystemAllocator -> ()
+    | RetainFreedMemory ->
+        let ok =
+            try Libc.mallopt (Libc.M_MMAP_MAX, 0) = 1 && Libc.mallopt (Libc.M_TRIM_THRESHOLD, Int32.MaxValue) = 1
+            with :? EntryPointNotFoundException | :? DllNotFoundException -> false
+        if not ok then invalidOp "the retain allocator needs glibc's mallopt (Linux with glibc); use the system allocator here"
+
+/// A `/proc/meminfo` field in kB, or None (not Linux).
+let private memInfoKb (field: string) : int64 option =
+    if not (File.Exists "/proc/meminfo") then None
+    else
+        File.ReadAllLines "/proc/meminfo"
+        |> Array.tryFind (fun l -> l.StartsWith(field + ":"))
+        |> Option.map (fun l -> l.Substring(field.Length + 1).Trim().Split(' ')[0] |> int64)
+
+/// Memory the kernel could give this process now without swapping, in MiB; None where unknown.
+let availableMb () : float option = memInfoKb "MemAvailable" |> Option.map (fun kb -> float kb / 1024.0)
+
 // ---------------------------------------------------------------- matmul ceiling
 
 /// Square sizes whose float32 matmul throughput is taken as the machine's ceiling: large enough that BLAS
@@ -180,8 +247,9 @@ let ceilingSizes : int list = [ 1024; 2048 ]
 let synchronize (device: torch.Device) : unit =
     if device.``type`` = DeviceType.CUDA then torch.cuda.synchronize ()
 
-/// The measured float32 matmul ceiling in GFLOP/s: for each square size n, the median over `reps` timed
-/// products of 2 n^3 FLOPs (after one untimed product); the best size wins.
+/// The measured float32 matmul ceiling in GFLOP/s: for each square size n, the fastest of `reps` timed
+/// products of 2 n^3 FLOPs (after one untimed product); the best size wins. The fastest, not the median: a
+/// ceiling is what the machine can do, and on a shared machine slower runs measure the neighbours.
 let matmulGflops (device: torch.Device) (sizes: int list) (reps: int) : float =
     if List.isEmpty sizes then invalidArg "sizes" "expected at least one matmul size, got none"
     if reps < 1 then invalidArg "reps" (sprintf "expected reps >= 1, got %d" reps)
@@ -195,7 +263,7 @@ let matmulGflops (device: torch.Device) (sizes: int list) (reps: int) : float =
             use _ = torch.NewDisposeScope()
             a.matmul b |> ignore
             synchronize device
-        let ms = (interleaved clock 1 reps [| product |])[0] |> median
+        let ms = (interleaved clock 1 reps [| product |])[0] |> Array.min
         2.0 * float n ** 3.0 / (ms / 1000.0) / 1e9)
     |> List.max
 
@@ -458,6 +526,12 @@ type BenchConfig =
       Warmup: int
       /// Timed rounds; the median is reported.
       Reps: int
+      /// Timed rounds of the all-experts layer, which does E / K times the others' work: its time is a few
+      /// large matmuls whose spread is small, and running it for every round would dominate the grid's time.
+      /// It skips the warm-up (its memory step warms it).
+      AllExpertsReps: int
+      /// Applied to the whole process when the run starts (`useCpuAllocator`).
+      Allocator: CpuAllocator
       /// Variants to time; the dense FLOP-matched FFN is always timed (it is what ratios divide by).
       Variants: Variant[]
       Seed: int
@@ -480,14 +554,20 @@ module BenchConfig =
           Activation = MoeConfig.defaults.Activation
           Warmup = 1
           Reps = minReps
+          AllExpertsReps = 3
+          Allocator = SystemAllocator
           Variants = Array.ofList Variant.all
           Seed = 0
           CeilingSizes = Array.ofList ceilingSizes
           CeilingReps = minReps }
 
     /// T = 2048, E in {8, 64}, K in {1, 2}: the small-batch end of the grid, including the
-    /// 32-tokens-per-expert case (E = 64, K = 1).
-    let quick = { defaults with Tokens = [| 2048 |]; Experts = [| 8; 64 |] }
+    /// 32-tokens-per-expert case (E = 64, K = 1); without the all-experts layer (E / K times the work).
+    let quick =
+        { defaults with
+            Tokens = [| 2048 |]
+            Experts = [| 8; 64 |]
+            Variants = [| DenseFlopMatched; Moe; NaiveLoop |] }
 
     /// Every problem with the settings, empty when they are usable.
     let validate (cfg: BenchConfig) : string list =
@@ -502,6 +582,7 @@ module BenchConfig =
           if cfg.ExpertHidden < 1 then sprintf "ExpertHidden must be >= 1, got %d" cfg.ExpertHidden
           if cfg.Warmup < 0 then sprintf "Warmup must be >= 0, got %d" cfg.Warmup
           if cfg.Reps < 1 then sprintf "Reps must be >= 1, got %d" cfg.Reps
+          if cfg.AllExpertsReps < 1 then sprintf "AllExpertsReps must be >= 1, got %d" cfg.AllExpertsReps
           yield! positive "CeilingSizes" cfg.CeilingSizes
           if cfg.CeilingReps < 1 then sprintf "CeilingReps must be >= 1, got %d" cfg.CeilingReps
           if cfg.Ks.Length > 0 && cfg.Experts.Length > 0 && cfg.Ks |> Array.forall (fun k -> cfg.Experts |> Array.forall (fun e -> k > e)) then
@@ -520,7 +601,8 @@ type Machine =
     { /// Measured float32 matmul ceiling (`matmulGflops`).
       MatmulGflops: float
       /// libtorch intra-op threads.
-      Threads: int }
+      Threads: int
+      Allocator: CpuAllocator }
 
 /// One variant at one grid point.
 type BenchRow =
@@ -544,7 +626,25 @@ type BenchReport =
     { Machine: Machine
       Rows: BenchRow list
       /// The candidate-versus-reference check of each (T, E, K), run before timing it.
-      Agreements: ((int * int * int) * Agreement) list }
+      Agreements: ((int * int * int) * Agreement) list
+      /// What the rows do not show: layers skipped and why.
+      Notes: string list }
+
+/// Copies of the all-experts layer's hidden activations [T; E*H] one step holds at its peak: the
+/// pre-activation, the activation and the weighted hidden kept for backward, and gradients of two of them
+/// while backward runs (measured: 5.3 at T = 2048, E = 64, rounded up).
+let allExpertsActivationCopies = 6.0
+
+/// Share of the machine's available memory one benchmarked layer may take: the machine is shared, and the
+/// others' work should keep running.
+let memoryShare = 0.5
+
+/// Estimated extra peak memory, MiB, of one all-experts step: its activations (`allExpertsActivationCopies`)
+/// and its weight gradients.
+let allExpertsPeakMb (shape: LayerShape) : float =
+    let floats = float shape.Tokens * float shape.Experts * float shape.ExpertHidden
+    let weights = float (Flops.projections shape.Activation) * float shape.Experts * float shape.ModelDim * float shape.ExpertHidden
+    (allExpertsActivationCopies * floats + weights) * 4.0 / bytesPerMib
 
 /// Runs one (T, E) group: every K's dense floor, candidate and naive reference, plus the all-experts layer
 /// (which does not depend on K: timed once and reported on every K's row), all interleaved in one set of
@@ -573,11 +673,17 @@ let private runGroup (cfg: BenchConfig) (device: torch.Device) (candidateFor: Mo
                   if wants Moe then candidate.Layer
                   if wants NaiveLoop then reference.Layer ]
             k, candidate, layers, a ]
-    let allExperts =
+    let allExperts, notes =
         match perK with
         | (_, candidate, _, _) :: _ when wants AllExperts ->
-            Some(allExpertsLayer (BenchConfig.moeConfig cfg e (Array.head ks)) (candidate.Weights.Invoke()))
-        | _ -> None
+            let need = allExpertsPeakMb (shapeOf (Array.head ks))
+            match availableMb () with
+            | Some free when device.``type`` = DeviceType.CPU && need > memoryShare * free ->
+                let note = sprintf "all_experts skipped at T=%d E=%d: it needs about %.0f MB, more than %.0f%% of the %.0f MB available" t e need (100.0 * memoryShare) free
+                progress note
+                None, [ note ]
+            | _ -> Some(allExpertsLayer (BenchConfig.moeConfig cfg e (Array.head ks)) (candidate.Weights.Invoke())), []
+        | _ -> None, []
     let layers = [ for (k, _, ls, _) in perK do for l in ls -> k, l ] @ (allExperts |> Option.map (fun l -> 0, l) |> Option.toList)
     let measurePeak = device.``type`` = DeviceType.CPU
     let peaks =
@@ -586,7 +692,10 @@ let private runGroup (cfg: BenchConfig) (device: torch.Device) (candidateFor: Mo
             progress (sprintf "T=%d E=%d K=%s: %s, first step (memory)" t e (if k = 0 then "any" else string k) (Variant.name l.Variant))
             if measurePeak then peakExtraMb (step l x gradOut) else step l x gradOut (); None)
     progress (sprintf "T=%d E=%d: %d warm-up and %d timed rounds over %d layers" t e cfg.Warmup cfg.Reps layers.Length)
-    let samples = interleaved (stopwatchClock ()) cfg.Warmup cfg.Reps [| for (_, l) in layers -> step l x gradOut |]
+    let plans =
+        [| for (_, l) in layers ->
+            if l.Variant = AllExperts then { Warmup = 0; Reps = cfg.AllExpertsReps } else { Warmup = cfg.Warmup; Reps = cfg.Reps } |]
+    let samples = interleavedPlan (stopwatchClock ()) plans [| for (_, l) in layers -> step l x gradOut |]
     let timed = List.zip3 layers peaks (List.ofArray samples)
     let rows =
         [ for k in ks do
@@ -604,19 +713,24 @@ let private runGroup (cfg: BenchConfig) (device: torch.Device) (candidateFor: Mo
                   PeakMb = peak
                   SamplesMs = s } ]
     let agreements = [ for (k, _, _, a) in perK -> (t, e, k), a ]
-    rows, agreements
+    rows, agreements, notes
 
 /// Runs the benchmark grid on `device` with `candidateFor` building the MoE layer under test for each grid
 /// point; `progress` receives one line per phase. Measures the matmul ceiling first.
 let runWith (cfg: BenchConfig) (device: torch.Device) (candidateFor: MoeConfig -> Candidate) (progress: string -> unit) : BenchReport =
     let cfg = orFail "benchmark config" (BenchConfig.validate cfg) cfg
+    useCpuAllocator cfg.Allocator
     progress "measuring the float32 matmul ceiling"
-    let machine = { MatmulGflops = matmulGflops device (List.ofArray cfg.CeilingSizes) cfg.CeilingReps; Threads = torch.get_num_threads () }
+    let machine =
+        { MatmulGflops = matmulGflops device (List.ofArray cfg.CeilingSizes) cfg.CeilingReps
+          Threads = torch.get_num_threads ()
+          Allocator = cfg.Allocator }
     progress (sprintf "matmul ceiling %.1f GFLOP/s on %d threads" machine.MatmulGflops machine.Threads)
     let groups = [ for t in cfg.Tokens do for e in cfg.Experts -> runGroup cfg device candidateFor progress t e ]
     { Machine = machine
-      Rows = groups |> List.collect fst
-      Agreements = groups |> List.collect snd }
+      Rows = groups |> List.collect (fun (rows, _, _) -> rows)
+      Agreements = groups |> List.collect (fun (_, a, _) -> a)
+      Notes = groups |> List.collect (fun (_, _, n) -> n) }
 
 /// The shipped layer (`Layers.MoeLayer`) as a benchmark candidate, built on `device`. Needs a linear router
 /// and no shared experts, so that the references can copy every weight it computes with.
@@ -706,8 +820,9 @@ let private caption (report: BenchReport) : string =
         match report.Rows with
         | r :: _ -> sprintf "d = %d, expert hidden = %d, %A; " r.Shape.ModelDim r.Shape.ExpertHidden r.Shape.Activation
         | [] -> ""
-    sprintf "%sforward+backward; matmul ceiling %.1f GFLOP/s (float32), %d threads; all_experts does not depend on k (timed once per T, E)"
-        dims report.Machine.MatmulGflops report.Machine.Threads
+    let notes = report.Notes |> List.map (fun n -> "; " + n) |> String.concat ""
+    sprintf "%sforward+backward; matmul ceiling %.1f GFLOP/s (float32), %d threads, %s allocator; all_experts does not depend on k (timed once per T, E)%s"
+        dims report.Machine.MatmulGflops report.Machine.Threads (CpuAllocator.name report.Machine.Allocator) notes
 
 /// The report as an aligned plain-text table.
 let toTable (report: BenchReport) : string =

@@ -80,9 +80,10 @@ let private sampleReport () : BenchReport =
     let row v ms peak =
         { Shape = shape; Variant = v; MedianMs = ms; RatioToDense = ms / 100.0; TokensPerS = 2048.0 / (ms / 1000.0)
           UsefulGflops = Flops.trainPerToken shape v * 2048.0 / (ms / 1000.0) / 1e9; PeakMb = peak; SamplesMs = [| ms |] }
-    { Machine = { MatmulGflops = 123.456; Threads = 2 }
+    { Machine = { MatmulGflops = 123.456; Threads = 2; Allocator = SystemAllocator }
       Rows = [ row DenseFlopMatched 100.0 (Some 10.0); row Moe 110.0 (Some 20.0); row NaiveLoop 150.0 (Some 30.0); row AllExperts 400.0 None ]
-      Agreements = [] }
+      Agreements = []
+      Notes = [ "all_experts skipped at T=8192 E=64: a note" ] }
 
 /// The issue's JSON fields, in order.
 let private resultFields =
@@ -146,6 +147,19 @@ let tests =
                 for i in 0..2 do
                     Expect.equal samples[i] [| for r in 0..4 -> float ((i + 1) * 10 + r) |] (sprintf "action %d's samples, warm-up excluded" i)
                     Expect.equal (median samples[i]) (float ((i + 1) * 10 + 2)) "median of the rounds"
+
+            testCase "an action planned for fewer rounds drops out after its last; no warm-up where planned none" <| fun () ->
+                let mutable now = 0.0
+                let calls = Collections.Generic.List<int>()
+                let action i () =
+                    calls.Add i
+                    now <- now + float (i + 1)
+                let plans = [| { Warmup = 1; Reps = 4 }; { Warmup = 0; Reps = 2 } |]
+                let samples = interleavedPlan (fun () -> now) plans [| action 0; action 1 |]
+                Expect.equal (List.ofSeq calls) [ 0; 0; 1; 1; 0; 0; 0 ] "warm-up of 0 only; 1 runs in rounds 0 and 1 only"
+                Expect.equal samples[0] [| 1.0; 1.0; 1.0; 1.0 |] "four rounds"
+                Expect.equal samples[1] [| 2.0; 2.0 |] "two rounds"
+                Expect.throwsT<ArgumentException> (fun () -> interleavedPlan (fun () -> 0.0) [| plans[0] |] [| ignore; ignore |] |> ignore) "one plan per action"
 
             testCase "bad repetition counts are errors" <| fun () ->
                 Expect.throwsT<ArgumentException> (fun () -> interleaved (fun () -> 0.0) 0 0 [| ignore |] |> ignore) "reps 0"
@@ -280,6 +294,8 @@ let tests =
                 Expect.stringContains table "123.5 GFLOP/s" "ceiling in the caption"
                 Expect.stringContains md "| T | E | k |" "markdown header"
                 Expect.stringContains table "n/a" "unmeasured memory"
+                Expect.stringContains md "skipped at T=8192 E=64" "notes in the caption"
+                Expect.stringContains table "system allocator" "allocator in the caption"
 
             testCase "a tiny grid runs end to end: every K, every variant, dense ratio 1, E = 1 skips K = 2" <| fun () ->
                 use _ = torch.NewDisposeScope()
@@ -300,5 +316,10 @@ let tests =
                 Expect.equal problems.Length 3 (sprintf "three problems, got %A" problems)
                 Expect.isEmpty (BenchConfig.validate BenchConfig.defaults) "defaults are valid"
                 Expect.isEmpty (BenchConfig.validate BenchConfig.quick) "quick is valid"
+
+            testCase "all-experts memory estimate at the largest grid point" <| fun () ->
+                let s = { Tokens = 8192; ModelDim = 512; ExpertHidden = 1024; Experts = 64; K = 2; Activation = GELU }
+                // 6 copies of [8192; 64 * 1024] float32 = 12 GiB, plus W1 and W2 gradients (256 MiB).
+                Expect.floatClose Accuracy.high (allExpertsPeakMb s) (6.0 * 2048.0 + 256.0) "MiB"
         ]
     ]
