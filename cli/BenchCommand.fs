@@ -11,6 +11,7 @@ open Moe
 type MoeLayerArgs =
     | Quick
     | Json
+    | Profile
     | Reps of count: int
     | Warmup of count: int
     | Tokens of t: int list
@@ -31,6 +32,7 @@ type MoeLayerArgs =
             match a with
             | Quick -> "a subset of the grid (T = 2048, E in {8, 64}, k in {1, 2}, no all-experts): under two minutes on two idle cores."
             | Json -> "print the JSON report on stdout (the table goes to stderr)."
+            | Profile -> "instead of the benchmark, time the MoE layer's phases (router, sort, gather, experts, combine) at every grid point."
             | Reps _ -> sprintf "timed interleaved rounds; the median is reported (default %d, at least %d advised)." Bench.BenchConfig.minReps Bench.BenchConfig.minReps
             | Warmup _ -> "untimed rounds before the timed ones (default 1)."
             | Tokens _ -> "token counts T (default 2048 8192)."
@@ -95,6 +97,11 @@ let private moeLayer (args: ParseResults<MoeLayerArgs>) : int =
     | Some n when n < 1 -> invalidArg "--threads" (sprintf "expected --threads >= 1, got %d" n)
     | Some n -> torch.set_num_threads n
     | None -> ()
+    if args.Contains Profile then
+        printfn "forward+backward medians over %d interleaved rounds; %d threads, %s allocator" cfg.Reps (torch.get_num_threads ()) (Bench.CpuAllocator.name cfg.Allocator)
+        Bench.profileGrid cfg device (fun p -> printf "%s" (Bench.profileTable p))
+        0
+    else
     let json = args.Contains Json
     let report = Bench.run cfg device (fun line -> eprintfn "%s" line)
     let table = Bench.toTable report

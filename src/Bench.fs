@@ -732,13 +732,17 @@ let runWith (cfg: BenchConfig) (device: torch.Device) (candidateFor: MoeConfig -
       Agreements = groups |> List.collect (fun (_, a, _) -> a)
       Notes = groups |> List.collect (fun (_, _, n) -> n) }
 
-/// The shipped layer (`Layers.MoeLayer`) as a benchmark candidate, built on `device`. Needs a linear router
-/// and no shared experts, so that the references can copy every weight it computes with.
-let shippedCandidate (device: torch.Device) (cfg: MoeConfig) : Candidate =
+/// The shipped layer (`Layers.MoeLayer`) on `device`, checked to be benchmarkable: a linear router and no
+/// shared experts, so that the references can copy every weight it computes with.
+let shippedLayer (device: torch.Device) (cfg: MoeConfig) : MoeLayer =
     if cfg.Router.Scorer <> LinearRouter then invalidArg "cfg" (sprintf "expected a LinearRouter for the benchmark, got %A" cfg.Router.Scorer)
     if cfg.SharedExperts <> 0 then invalidArg "cfg" (sprintf "expected SharedExperts = 0 for the benchmark, got %d" cfg.SharedExperts)
     let layer = new MoeLayer("moe", cfg)
     layer.``to`` device |> ignore
+    layer
+
+/// A built MoE layer as a benchmark candidate.
+let candidateOf (layer: MoeLayer) : Candidate =
     let weights () =
         { Router = layer.Router.Weight
           W1 = layer.Experts.W1
@@ -747,7 +751,7 @@ let shippedCandidate (device: torch.Device) (cfg: MoeConfig) : Candidate =
     let gradOf (w: Tensor) = match w.grad with null -> torch.zeros_like w | g -> g
     { Layer =
         { Variant = Moe
-          K = RouterConfig.picksPerToken cfg.Router
+          K = RouterConfig.picksPerToken layer.Config.Router
           Forward = Func<Tensor, Tensor>(fun x -> (layer.forward x).Output)
           Parameters = layer.parameters () |> Seq.map (fun p -> p :> Tensor) |> List.ofSeq }
       Weights = Func<MoeWeights> weights
@@ -755,9 +759,118 @@ let shippedCandidate (device: torch.Device) (cfg: MoeConfig) : Candidate =
           let w = weights ()
           { Router = gradOf w.Router; W1 = gradOf w.W1; W2 = gradOf w.W2; W3 = w.W3 |> Option.map gradOf }) }
 
+/// The shipped layer as a benchmark candidate (see `shippedLayer`).
+let shippedCandidate (device: torch.Device) (cfg: MoeConfig) : Candidate = candidateOf (shippedLayer device cfg)
+
 /// Runs the benchmark grid on `device` for the shipped `Layers.MoeLayer` (see `runWith`).
 let run (cfg: BenchConfig) (device: torch.Device) (progress: string -> unit) : BenchReport =
     runWith cfg device (shippedCandidate device) progress
+
+// ---------------------------------------------------------------- where the MoE layer's time goes
+
+/// One phase of the MoE layer's step, timed alone (forward and, where it has one, backward).
+type PhaseTime =
+    { Phase: string
+      MedianMs: float
+      /// MedianMs over the whole layer's step in the same rounds.
+      ShareOfLayer: float }
+
+/// Per-phase profile of one grid point.
+type LayerProfile =
+    { Shape: LayerShape
+      Phases: PhaseTime list }
+
+/// Times the shipped layer's step phase by phase, each phase alone on inputs the layer itself produced,
+/// interleaved with the whole layer and the dense floor: router (logits, top-k, statistics, balancing
+/// losses; forward+backward), sort (grouping slots by expert, counts to the host), gather (index_select of
+/// the token rows; fwd+bwd), experts (`ExpertFfn.forward` on the grouped rows, stacked weights as shipped;
+/// fwd+bwd), experts with per-expert weights (the same matmuls on separate leaf tensors: what the stacked
+/// layout costs), combine (weights times outputs, index_add; fwd+bwd). The phases mirror
+/// `Layers.combineExperts` step by step; their sum next to the whole step shows what is left between them.
+let profileLayer (cfg: BenchConfig) (device: torch.Device) (shape: LayerShape) : LayerProfile =
+    use _ = torch.NewDisposeScope()
+    Native.seedAll cfg.Seed
+    let t, d, e, k = int64 shape.Tokens, int64 shape.ModelDim, int64 shape.Experts, int64 shape.K
+    let moeCfg = BenchConfig.moeConfig { cfg with ModelDim = shape.ModelDim; ExpertHidden = shape.ExpertHidden; Activation = shape.Activation } shape.Experts shape.K
+    let layer = shippedLayer device moeCfg
+    let candidate = candidateOf layer
+    let dense = denseFlopMatched shape device
+    let x = torch.randn([| t; d |], device = device).requires_grad_ true // [T; D]
+    let gradOut = torch.randn ([| t; d |], device = device) // [T; D]
+    let routing = layer.Router.Route(x.detach (), None)
+    let sortSlots () =
+        let key = routing.Experts.reshape(-1L).masked_fill (routing.Kept.reshape(-1L).logical_not (), e.ToScalar()) // [T*K]
+        let struct (_, order) = key.sort (0L, false, true) // [T*K]
+        let counts = toInt64s (torch.bincount (key, minlength = e + 1L)) // [E + 1]
+        let perExpert = counts[0 .. int e - 1]
+        let slot = order.narrow (0L, 0L, Array.sum perExpert) // [N]
+        slot, slot.div (k.ToScalar(), rounding_mode = torch.RoundingMode.floor), perExpert
+    let slot, token, counts = sortSlots ()
+    let n = slot.shape[0]
+    let rows = x.detach().index_select(0L, token).requires_grad_ true // [N; D]
+    let gradRows = torch.randn_like rows // [N; D]
+    let outputs = torch.randn([| n; d |], device = device).requires_grad_ true // [N; D]
+    let weights = routing.Weights.detach().clone().requires_grad_ true // [T; K]
+    let gradWeights = torch.randn_like routing.Weights // [T; K]
+    let separate = splitExperts layer.Experts.W1 layer.Experts.W2 (Option.ofObj layer.Experts.W3)
+    let clear (ts: Tensor seq) = for p in ts do p.grad <- null
+    let phase (body: unit -> unit) () =
+        do
+            use _ = torch.NewDisposeScope()
+            body ()
+        synchronize device
+    let phases =
+        [ "whole layer", step candidate.Layer x gradOut
+          "dense floor", step dense x gradOut
+          "router", phase (fun () ->
+              let r = layer.Router.Route(x, None)
+              let aux = auxLosses r
+              ((r.Weights * gradWeights).sum () + aux.SwitchAux + aux.ZLoss + aux.Importance + aux.Load).backward ()
+              clear [ x; layer.Router.Weight ])
+          "sort", phase (fun () -> sortSlots () |> ignore)
+          "gather", phase (fun () ->
+              x.index_select(0L, token).backward ([| gradRows |])
+              clear [ x ])
+          "experts (stacked, as shipped)", phase (fun () ->
+              layer.Experts.forward(rows, counts).backward ([| gradRows |])
+              clear (Seq.append [ rows ] (layer.Experts.parameters () |> Seq.map (fun p -> p :> Tensor))))
+          "experts (per-expert weights)", phase (fun () ->
+              let chunks = rows.split (counts, 0L)
+              let ys = [| for i in 0 .. int e - 1 do if counts[i] > 0L then expertForward shape.Activation separate[i] chunks[i] |]
+              torch.cat(ys, 0L).backward ([| gradRows |])
+              clear [ yield rows; for w in separate do yield w.W1; yield w.W2; yield! Option.toList w.W3 ])
+          "combine", phase (fun () ->
+              let w = weights.reshape(-1L).index_select(0L, slot).unsqueeze 1L // [N; 1]
+              torch.zeros_like(x).index_add(0L, token, outputs * w, 1.0).backward ([| gradOut |])
+              clear [ outputs; weights ]) ]
+    for _, a in phases do a ()
+    let samples = interleaved (stopwatchClock ()) cfg.Warmup cfg.Reps [| for _, a in phases -> a |]
+    let whole = median samples[0]
+    { Shape = shape
+      Phases = [ for (name, _), s in List.zip phases (List.ofArray samples) -> { Phase = name; MedianMs = median s; ShareOfLayer = median s / whole } ] }
+
+/// `profileLayer` at every (T, E, K) of the grid with K <= E, after applying the config's allocator;
+/// `report` receives each profile as it is measured.
+let profileGrid (cfg: BenchConfig) (device: torch.Device) (report: LayerProfile -> unit) : unit =
+    let cfg = orFail "benchmark config" (BenchConfig.validate cfg) cfg
+    useCpuAllocator cfg.Allocator
+    for t in cfg.Tokens do
+        for e in cfg.Experts do
+            for k in cfg.Ks do
+                if k <= e then
+                    let shape = { Tokens = t; ModelDim = cfg.ModelDim; ExpertHidden = cfg.ExpertHidden; Experts = e; K = k; Activation = cfg.Activation }
+                    report (profileLayer cfg device shape)
+
+/// The profile as a table; "sum of shipped phases" adds router, sort, gather, experts (stacked) and combine.
+let profileTable (p: LayerProfile) : string =
+    let shipped = [ "router"; "sort"; "gather"; "experts (stacked, as shipped)"; "combine" ]
+    let sum = p.Phases |> List.filter (fun x -> List.contains x.Phase shipped) |> List.sumBy (fun x -> x.MedianMs)
+    let whole = (p.Phases |> List.find (fun x -> x.Phase = "whole layer")).MedianMs
+    let line (name: string) (ms: float) = sprintf "  %-32s %9.1f ms  %5.0f%%" name ms (100.0 * ms / whole)
+    String.concat "\n"
+        [ sprintf "T=%d E=%d k=%d (d = %d, expert hidden = %d)" p.Shape.Tokens p.Shape.Experts p.Shape.K p.Shape.ModelDim p.Shape.ExpertHidden
+          yield! p.Phases |> List.map (fun x -> line x.Phase x.MedianMs)
+          line "sum of shipped phases" sum ] + "\n"
 
 // ---------------------------------------------------------------- output
 

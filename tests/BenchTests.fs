@@ -310,6 +310,18 @@ let tests =
                 use doc = JsonDocument.Parse(toJson report)
                 Expect.equal (doc.RootElement.GetProperty("results").GetArrayLength()) report.Rows.Length "JSON rows"
 
+            testCase "the phase profile times every phase of a small layer" <| fun () ->
+                use _ = torch.NewDisposeScope()
+                let shape = { Tokens = 24; ModelDim = 8; ExpertHidden = 16; Experts = 4; K = 2; Activation = GELU }
+                let p = profileLayer tinyGrid torch.CPU shape
+                Expect.equal [ for x in p.Phases -> x.Phase ]
+                    [ "whole layer"; "dense floor"; "router"; "sort"; "gather"; "experts (stacked, as shipped)"; "experts (per-expert weights)"; "combine" ]
+                    "phases in order"
+                for x in p.Phases do
+                    Expect.isGreaterThan x.MedianMs 0.0 (sprintf "%s timed" x.Phase)
+                Expect.equal p.Phases[0].ShareOfLayer 1.0 "the whole layer is 100%"
+                Expect.stringContains (profileTable p) "sum of shipped phases" "table"
+
             testCase "config validation lists every problem" <| fun () ->
                 let bad = { BenchConfig.defaults with Tokens = [||]; Reps = 0; ModelDim = 0 }
                 let problems = BenchConfig.validate bad
