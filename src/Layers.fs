@@ -137,16 +137,158 @@ type ExpertFfn(name: string, experts: int, modelDim: int, hidden: int, act: Acti
         let y = if outputs.Length = 0 then torch.zeros ([| 0L; d |], dtype = dt, device = xs.device) else torch.cat (outputs, 0L)
         y.MoveToOuterDisposeScope()
 
+// ---------------------------------------------------------------- fused expert matmuls
+
+/// How `combineExpertsWith` runs the experts.
+type DispatchPath =
+    /// Per-expert matmuls through autograd: `ExpertFfn.forward` on the split rows (any device).
+    | Autograd
+    /// Two custom autograd functions around the activation: gather + first projection(s) per expert, and
+    /// second projection per expert + weighted index-add. Outputs and gradients land in preallocated [N; .]
+    /// buffers (no per-expert concatenation or stacking), the backward reuses the forward's sort, and weight
+    /// gradients of parameters are accumulated in place into their .grad (Megatron-LM's gradient
+    /// accumulation fusion), so no [E; D; H] gradient is allocated per step once .grad exists. CPU only:
+    /// its backward runs managed code, which on CUDA would run on the autograd device threads.
+    | Fused
+
+/// A parameter whose gradient the fused backward accumulates in place. A holder, because AutogradContext
+/// data must not be a Tensor.
+type private GradTarget = { Param: Tensor }
+
+/// Helpers of the fused functions. E per-expert row blocks of sizes `counts` are views (split); empty blocks are skipped.
+module private Fused =
+    /// `target[e] = beta * target[e] + a_e^T b_e` or with `transposeA = false`, `a_e b_e`, for every expert.
+    let perExpertMatmul (counts: int64[]) (target: Tensor[]) (a: Tensor[]) (b: Tensor[]) (beta: float32) =
+        for e in 0 .. counts.Length - 1 do
+            if counts[e] > 0L then target[e].addmm_ (a[e], b[e], beta, 1.0f) |> ignore
+
+    /// The fused weight gradient: sum over experts of rows_e^T grad_e into W.grad (accumulating when it exists,
+    /// created otherwise) for a fused parameter, or into a fresh tensor returned to autograd.
+    let weightGrad (counts: int64[]) (target: GradTarget option) (weight: Tensor) (input: Tensor[]) (grad: Tensor[]) : Tensor =
+        let fill (g: Tensor) (beta: float32) =
+            let blocks = g.unbind 0L
+            for e in 0 .. counts.Length - 1 do
+                if counts[e] > 0L then blocks[e].addmm_ (input[e].t (), grad[e], beta, 1.0f) |> ignore
+                elif beta = 0.0f then blocks[e].zero_ () |> ignore
+        let existing = match target with Some t -> t.Param.grad | None -> null
+        match target with
+        | Some t when not (isNull existing) && existing.shape = weight.shape && existing.dtype = weight.dtype ->
+            fill existing 1.0f
+            null
+        | Some t ->
+            let g = torch.empty_like weight
+            fill g 0.0f
+            t.Param.grad <- g
+            null
+        | None ->
+            let g = torch.empty_like weight
+            fill g 0.0f
+            g.MoveToOuterDisposeScope()
+
+    let target (w: Tensor) : GradTarget option =
+        if w.is_leaf && w.requires_grad then Some { Param = w } else None
+
+/// Gather + first projection(s): rows = x[token], h_i = rows_e W_i[e] per expert block, for W1 (and W3).
+/// vars: x [T; D], token [N] int64, counts int64[E], W_1 [E; D; H], (W_3 [E; D; H]) -> h_i [N; H].
+type private ExpertsIn() =
+    inherit torch.autograd.MultiTensorFunction<ExpertsIn>()
+    override _.Name = "MoeExpertsIn"
+
+    override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Collections.Generic.List<Tensor> =
+        let x, token, counts = vars[0] :?> Tensor, vars[1] :?> Tensor, vars[2] :?> int64[]
+        let weights = vars[3..] |> Array.map (fun v -> v :?> Tensor)
+        use scope = torch.NewDisposeScope()
+        let n = token.shape[0]
+        let rows = x.index_select (0L, token) // [N; D]
+        let rowBlocks = rows.split (counts, 0L)
+        let hs =
+            [ for w in weights ->
+                let h = torch.empty ([| n; w.shape[2] |], dtype = x.dtype, device = x.device) // [N; H]
+                Fused.perExpertMatmul counts (h.split (counts, 0L)) rowBlocks (w.unbind 0L) 0.0f
+                h.MoveToOuterDisposeScope() ]
+        ctx.save_for_backward (Collections.Generic.List [ yield rows.MoveToOuterDisposeScope(); yield token; yield! weights ])
+        ctx.save_data ("counts", counts)
+        ctx.save_data ("tokens", x.shape[0])
+        ctx.save_data ("dx", x.requires_grad)
+        ctx.save_data ("targets", weights |> Array.map Fused.target)
+        Collections.Generic.List hs
+
+    override _.backward(ctx: torch.autograd.AutogradContext, grads: Collections.Generic.List<Tensor>) : Collections.Generic.List<Tensor> =
+        let saved = ctx.get_saved_variables ()
+        let counts = ctx.get_data "counts" :?> int64[]
+        let targets = ctx.get_data "targets" :?> GradTarget option[]
+        use scope = torch.NewDisposeScope()
+        let rows, token = saved[0], saved[1] // [N; D], [N]
+        let weights = [| for i in 2 .. saved.Count - 1 -> saved[i] |]
+        let rowBlocks = rows.split (counts, 0L)
+        let gradBlocks = [| for g in grads -> g.split (counts, 0L) |]
+        let dx =
+            if ctx.get_data "dx" :?> bool then
+                let drows = torch.empty_like rows // [N; D]
+                let dBlocks = drows.split (counts, 0L)
+                weights |> Array.iteri (fun i w ->
+                    let wT = w.unbind 0L |> Array.map (fun m -> m.t ())
+                    Fused.perExpertMatmul counts dBlocks gradBlocks[i] wT (if i = 0 then 0.0f else 1.0f))
+                let dx = torch.zeros ([| ctx.get_data "tokens" :?> int64; rows.shape[1] |], dtype = rows.dtype, device = rows.device)
+                dx.index_add_(0L, token, drows, 1.0.ToScalar()).MoveToOuterDisposeScope()
+            else null
+        let wgrads = weights |> Array.mapi (fun i w -> Fused.weightGrad counts targets[i] w rowBlocks gradBlocks[i])
+        Collections.Generic.List [ yield dx; yield null; yield null; yield! wgrads ]
+
+/// Second projection + weighted combine: y = a_e W2[e] per expert block, out = index_add over tokens of w * y.
+/// vars: a [N; H], token [N] int64, counts int64[E], tokens T (int64), w [N], W2 [E; H; D] -> out [T; D].
+type private ExpertsOut() =
+    inherit torch.autograd.MultiTensorFunction<ExpertsOut>()
+    override _.Name = "MoeExpertsOut"
+
+    override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Collections.Generic.List<Tensor> =
+        let a, token, counts, tokens = vars[0] :?> Tensor, vars[1] :?> Tensor, vars[2] :?> int64[], vars[3] :?> int64
+        let w, w2 = vars[4] :?> Tensor, vars[5] :?> Tensor
+        use scope = torch.NewDisposeScope()
+        let y = torch.empty ([| a.shape[0]; w2.shape[2] |], dtype = a.dtype, device = a.device) // [N; D]
+        Fused.perExpertMatmul counts (y.split (counts, 0L)) (a.split (counts, 0L)) (w2.unbind 0L) 0.0f
+        let out = torch.zeros ([| tokens; w2.shape[2] |], dtype = a.dtype, device = a.device) // [T; D]
+        out.index_add_ (0L, token, y * w.unsqueeze 1L, 1.0.ToScalar()) |> ignore
+        ctx.save_for_backward (Collections.Generic.List [ a; token; y.MoveToOuterDisposeScope(); w; w2 ])
+        ctx.save_data ("counts", counts)
+        ctx.save_data ("da", a.requires_grad)
+        ctx.save_data ("dw", w.requires_grad)
+        ctx.save_data ("target", Fused.target w2)
+        Collections.Generic.List [ out.MoveToOuterDisposeScope() ]
+
+    override _.backward(ctx: torch.autograd.AutogradContext, grads: Collections.Generic.List<Tensor>) : Collections.Generic.List<Tensor> =
+        let saved = ctx.get_saved_variables ()
+        let counts = ctx.get_data "counts" :?> int64[]
+        use scope = torch.NewDisposeScope()
+        let a, token, y, w, w2 = saved[0], saved[1], saved[2], saved[3], saved[4]
+        let gy = grads[0].index_select (0L, token) // [N; D], the sort reused: a gather, no re-sort
+        let dw = if ctx.get_data "dw" :?> bool then (gy * y).sum(1L).MoveToOuterDisposeScope() else null // [N]
+        gy.mul_ (w.unsqueeze 1L) |> ignore
+        let gyBlocks = gy.split (counts, 0L)
+        let da =
+            if ctx.get_data "da" :?> bool then
+                let da = torch.empty_like a // [N; H]
+                Fused.perExpertMatmul counts (da.split (counts, 0L)) gyBlocks (w2.unbind 0L |> Array.map (fun m -> m.t ())) 0.0f
+                da.MoveToOuterDisposeScope()
+            else null
+        let dw2 = Fused.weightGrad counts (ctx.get_data "target" :?> GradTarget option) w2 (a.split (counts, 0L)) gyBlocks
+        Collections.Generic.List [ da; null; null; null; dw; dw2 ]
+
 // ---------------------------------------------------------------- dispatch and combine
+
+/// The path `combineExperts` takes: fused on the CPU, autograd elsewhere (see `DispatchPath.Fused`).
+let defaultPath (device: torch.Device) : DispatchPath =
+    if device.``type`` = DeviceType.CPU then Fused else Autograd
 
 /// Sort-and-split dispatch with a weighted combine: the kept (token, slot) assignments are sorted by expert
 /// (stably, so each expert sees its tokens in order), the token rows gathered once, every expert run on its
-/// contiguous chunk (`ExpertFfn.forward`), the outputs scaled by their combine weights and index-added back
-/// to their tokens: y_t = sum over kept slots j of w_tj E_{e_tj}(x_t) (Shazeer et al. 2017 eq. 1).
-/// No per-expert masks over all tokens and no [T; E; C] buffers: memory is O(N D) for N kept assignments.
-/// Gradients reach x, the expert weights and `weights` (hence the router).
+/// contiguous block, the outputs scaled by their combine weights and index-added back to their tokens:
+/// y_t = sum over kept slots j of w_tj E_{e_tj}(x_t) (Shazeer et al. 2017 eq. 1).
+/// No per-expert masks over all tokens and no [T; E; C] buffers: memory is O(N (D + H)) for N kept assignments.
+/// Gradients reach x, the expert weights and `weights` (hence the router). Expert weights are cast to x's
+/// dtype when they differ (float32 master weights for a bfloat16 pass).
 /// expertIndex [T; K] int64, weights [T; K] floating, kept [T; K] bool, x [T; D] -> [T; D] in x's dtype.
-let combineExperts (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) (kept: Tensor) (x: Tensor) : Tensor =
+let combineExpertsWith (path: DispatchPath) (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) (kept: Tensor) (x: Tensor) : Tensor =
     let d = int64 experts.ModelDim
     expect "x" (sprintf "[T; %d] floating point (D = the experts' model width)" d) (fun t -> t.Dimensions = 2L && t.shape[1] = d && isFloating t) x
     let t = x.shape[0]
@@ -159,6 +301,8 @@ let combineExperts (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) 
     let device = experts.W1.device
     for name, tensor in [ "x", x; "expertIndex", expertIndex; "weights", weights; "kept", kept ] do
         expectDevice name device tensor
+    if path = Fused && device.``type`` <> DeviceType.CPU then
+        invalidArg "path" (sprintf "the fused dispatch path runs on the CPU only; x is on %O (use Autograd)" device)
     let numExperts = int64 experts.Experts
     use scope = torch.NewDisposeScope()
     let flat = expertIndex.reshape (-1L) // [T*K]
@@ -170,12 +314,27 @@ let combineExperts (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) 
     let struct (_, order) = key.sort (0L, false, true) // [T*K], slot ids grouped by expert, stable
     let counts = toInt64s (torch.bincount (key, minlength = numExperts + 1L)) // [E + 1], the last counts dropped slots
     let perExpert = counts[0 .. int numExperts - 1]
-    let slot = order.narrow (0L, 0L, Array.sum perExpert) // [N]
+    let n = Array.sum perExpert
+    let slot = order.narrow (0L, 0L, n) // [N]
     let token = slot.div (k.ToScalar(), rounding_mode = torch.RoundingMode.floor) // [N]
-    let rows = x.index_select (0L, token) // [N; D]
-    let outputs = experts.forward (rows, perExpert) // [N; D]
-    let w = weights.reshape(-1L).index_select(0L, slot).to_type(x.dtype).unsqueeze 1L // [N; 1]
-    torch.zeros_like(x).index_add(0L, token, outputs * w, 1.0.ToScalar()).MoveToOuterDisposeScope()
+    let w = weights.reshape(-1L).index_select(0L, slot).to_type x.dtype // [N]
+    let out =
+        if path = Autograd || n = 0L then
+            let outputs = experts.forward (x.index_select (0L, token), perExpert) // [N; D]
+            torch.zeros_like(x).index_add (0L, token, outputs * w.unsqueeze 1L, 1.0.ToScalar())
+        else
+            let cast (p: Tensor) = if p.dtype = x.dtype then p else p.to_type x.dtype
+            let firstProjections = [ yield cast experts.W1; if not (isNull experts.W3) then yield cast experts.W3 ]
+            let hs = torch.autograd.MultiTensorFunction<ExpertsIn>.apply ([| yield box x; yield box token; yield box perExpert; for p in firstProjections -> box p |])
+            let a = activate experts.Activation hs[0] // [N; H]
+            let a = if hs.Count > 1 then a * hs[1] else a // [N; H], SwiGLU
+            let outs = torch.autograd.MultiTensorFunction<ExpertsOut>.apply ([| box a; box token; box perExpert; box t; box w; box (cast experts.W2) |])
+            outs[0]
+    out.MoveToOuterDisposeScope()
+
+/// `combineExpertsWith (defaultPath device)`: fused on the CPU, autograd elsewhere.
+let combineExperts (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) (kept: Tensor) (x: Tensor) : Tensor =
+    combineExpertsWith (defaultPath experts.W1.device) experts expertIndex weights kept x
 
 /// `combineExperts` with a routing record's experts, weights and kept mask. x [T; D] -> [T; D].
 let dispatch (experts: ExpertFfn) (routing: Routing) (x: Tensor) : Tensor =
