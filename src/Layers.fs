@@ -143,36 +143,39 @@ type ExpertFfn(name: string, experts: int, modelDim: int, hidden: int, act: Acti
 type DispatchPath =
     /// Per-expert matmuls through autograd: `ExpertFfn.forward` on the split rows (any device).
     | Autograd
-    /// Two custom autograd functions around the activation: gather + first projection(s) per expert, and
-    /// second projection per expert + weighted index-add. Outputs and gradients land in preallocated [N; .]
-    /// buffers (no per-expert concatenation or stacking), the backward reuses the forward's sort, and weight
-    /// gradients of parameters are accumulated in place into their .grad (Megatron-LM's gradient
-    /// accumulation fusion), so no [E; D; H] gradient is allocated per step once .grad exists. CPU only:
-    /// its backward runs managed code, which on CUDA would run on the autograd device threads.
+    /// Two custom autograd functions around the activation, working one expert block at a time: gather +
+    /// first projection(s), and second projection + weighted index-add into the output. Every temporary is
+    /// one expert's block ([N_e; D] or [N_e; H]), never an [N; .] tensor for all N routed rows, so the
+    /// allocator reuses memory instead of mapping fresh pages each step; no concatenation, no stacking; the
+    /// backward reuses the forward's sort (gathers only); and weight gradients of parameters are accumulated
+    /// in place into their .grad (Megatron-LM's gradient accumulation fusion), so no [E; D; H] gradient is
+    /// allocated once .grad exists. CPU only: its backward runs managed code, which on CUDA would run on the
+    /// autograd device threads.
     | Fused
 
 /// A parameter whose gradient the fused backward accumulates in place. A holder, because AutogradContext
 /// data must not be a Tensor.
 type private GradTarget = { Param: Tensor }
 
-/// Helpers of the fused functions. E per-expert row blocks of sizes `counts` are views (split); empty blocks are skipped.
+/// Helpers of the fused functions. `active` lists the experts with at least one routed row.
 module private Fused =
-    /// `target[e] = beta * target[e] + a_e^T b_e` or with `transposeA = false`, `a_e b_e`, for every expert.
-    let perExpertMatmul (counts: int64[]) (target: Tensor[]) (a: Tensor[]) (b: Tensor[]) (beta: float32) =
-        for e in 0 .. counts.Length - 1 do
-            if counts[e] > 0L then target[e].addmm_ (a[e], b[e], beta, 1.0f) |> ignore
+    let list (xs: Tensor seq) = Collections.Generic.List<Tensor>(xs)
 
-    /// The fused weight gradient: sum over experts of rows_e^T grad_e into W.grad (accumulating when it exists,
-    /// created otherwise) for a fused parameter, or into a fresh tensor returned to autograd.
-    let weightGrad (counts: int64[]) (target: GradTarget option) (weight: Tensor) (input: Tensor[]) (grad: Tensor[]) : Tensor =
+    /// The parameter itself when autograd would accumulate its gradient (a leaf that requires grad).
+    let target (w: Tensor) : GradTarget option =
+        if w.is_leaf && w.requires_grad then Some { Param = w } else None
+
+    /// The stacked weight gradient sum over experts e of input_e^T grad_e [E; D_in; D_out]: accumulated in place
+    /// into a fused parameter's .grad (created when absent; then null is returned to autograd), or returned as
+    /// a fresh tensor. Experts with no rows get zero.
+    let weightGrad (active: int[]) (target: GradTarget option) (weight: Tensor) (input: Tensor[]) (grad: Tensor[]) : Tensor =
         let fill (g: Tensor) (beta: float32) =
             let blocks = g.unbind 0L
-            for e in 0 .. counts.Length - 1 do
-                if counts[e] > 0L then blocks[e].addmm_ (input[e].t (), grad[e], beta, 1.0f) |> ignore
-                elif beta = 0.0f then blocks[e].zero_ () |> ignore
+            if beta = 0.0f && active.Length < blocks.Length then g.zero_ () |> ignore
+            active |> Array.iteri (fun i e -> blocks[e].addmm_ (input[i].t (), grad[i], beta, 1.0f) |> ignore)
         let existing = match target with Some t -> t.Param.grad | None -> null
         match target with
-        | Some t when not (isNull existing) && existing.shape = weight.shape && existing.dtype = weight.dtype ->
+        | Some _ when not (isNull existing) && existing.shape = weight.shape && existing.dtype = weight.dtype ->
             fill existing 1.0f
             null
         | Some t ->
@@ -185,11 +188,9 @@ module private Fused =
             fill g 0.0f
             g.MoveToOuterDisposeScope()
 
-    let target (w: Tensor) : GradTarget option =
-        if w.is_leaf && w.requires_grad then Some { Param = w } else None
-
-/// Gather + first projection(s): rows = x[token], h_i = rows_e W_i[e] per expert block, for W1 (and W3).
-/// vars: x [T; D], token [N] int64, counts int64[E], W_1 [E; D; H], (W_3 [E; D; H]) -> h_i [N; H].
+/// Gather + first projection(s), per expert block: h_e = x[token_e] W1[e] (and g_e = x[token_e] W3[e]).
+/// vars: x [T; D], token [N] int64 (grouped by expert), counts int64[E], W1 [E; D; H], (W3 [E; D; H])
+/// -> h_e [N_e; H] for every active expert, then (SwiGLU) g_e.
 type private ExpertsIn() =
     inherit torch.autograd.MultiTensorFunction<ExpertsIn>()
     override _.Name = "MoeExpertsIn"
@@ -197,82 +198,98 @@ type private ExpertsIn() =
     override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Collections.Generic.List<Tensor> =
         let x, token, counts = vars[0] :?> Tensor, vars[1] :?> Tensor, vars[2] :?> int64[]
         let weights = vars[3..] |> Array.map (fun v -> v :?> Tensor)
+        let active = [| for e in 0 .. counts.Length - 1 do if counts[e] > 0L then e |]
         use scope = torch.NewDisposeScope()
-        let n = token.shape[0]
-        let rows = x.index_select (0L, token) // [N; D]
-        let rowBlocks = rows.split (counts, 0L)
-        let hs =
-            [ for w in weights ->
-                let h = torch.empty ([| n; w.shape[2] |], dtype = x.dtype, device = x.device) // [N; H]
-                Fused.perExpertMatmul counts (h.split (counts, 0L)) rowBlocks (w.unbind 0L) 0.0f
-                h.MoveToOuterDisposeScope() ]
-        ctx.save_for_backward (Collections.Generic.List [ yield rows.MoveToOuterDisposeScope(); yield token; yield! weights ])
+        let tokens = token.split (counts, 0L)
+        let rows = [| for e in active -> x.index_select(0L, tokens[e]).MoveToOuterDisposeScope() |] // [N_e; D] each
+        let outputs = [| for w in weights do
+                           let blocks = w.unbind 0L
+                           for i in 0 .. active.Length - 1 -> rows[i].mm(blocks[active[i]]).MoveToOuterDisposeScope() |] // [N_e; H] each
+        ctx.save_for_backward (Fused.list [ yield token; yield! weights; yield! rows ])
         ctx.save_data ("counts", counts)
-        ctx.save_data ("tokens", x.shape[0])
+        ctx.save_data ("shape", x.shape)
         ctx.save_data ("dx", x.requires_grad)
         ctx.save_data ("targets", weights |> Array.map Fused.target)
-        Collections.Generic.List hs
+        Fused.list outputs
 
     override _.backward(ctx: torch.autograd.AutogradContext, grads: Collections.Generic.List<Tensor>) : Collections.Generic.List<Tensor> =
         let saved = ctx.get_saved_variables ()
         let counts = ctx.get_data "counts" :?> int64[]
         let targets = ctx.get_data "targets" :?> GradTarget option[]
+        let active = [| for e in 0 .. counts.Length - 1 do if counts[e] > 0L then e |]
+        let m = active.Length
         use scope = torch.NewDisposeScope()
-        let rows, token = saved[0], saved[1] // [N; D], [N]
-        let weights = [| for i in 2 .. saved.Count - 1 -> saved[i] |]
-        let rowBlocks = rows.split (counts, 0L)
-        let gradBlocks = [| for g in grads -> g.split (counts, 0L) |]
+        let token = saved[0]
+        let weights = [| for i in 1 .. targets.Length -> saved[i] |]
+        let rows = [| for i in 0 .. m - 1 -> saved[1 + targets.Length + i] |]
+        let gradsOf i = [| for j in 0 .. m - 1 -> grads[i * m + j] |] // dL/dh_e (i = 0) or dL/dg_e (i = 1)
         let dx =
             if ctx.get_data "dx" :?> bool then
-                let drows = torch.empty_like rows // [N; D]
-                let dBlocks = drows.split (counts, 0L)
-                weights |> Array.iteri (fun i w ->
-                    let wT = w.unbind 0L |> Array.map (fun m -> m.t ())
-                    Fused.perExpertMatmul counts dBlocks gradBlocks[i] wT (if i = 0 then 0.0f else 1.0f))
-                let dx = torch.zeros ([| ctx.get_data "tokens" :?> int64; rows.shape[1] |], dtype = rows.dtype, device = rows.device)
-                dx.index_add_(0L, token, drows, 1.0.ToScalar()).MoveToOuterDisposeScope()
+                let tokens = token.split (counts, 0L)
+                let dx = torch.zeros (ctx.get_data "shape" :?> int64[], dtype = rows[0].dtype, device = rows[0].device) // [T; D]
+                let blocks = weights |> Array.map (fun w -> w.unbind 0L)
+                for j in 0 .. m - 1 do
+                    let e = active[j]
+                    let dRows = grads[j].mm ((blocks[0]).[e].t ()) // [N_e; D]
+                    for i in 1 .. weights.Length - 1 do
+                        dRows.addmm_ (grads[i * m + j], (blocks[i]).[e].t (), 1.0f, 1.0f) |> ignore
+                    dx.index_add_ (0L, tokens[e], dRows, 1.0.ToScalar()) |> ignore
+                dx.MoveToOuterDisposeScope()
             else null
-        let wgrads = weights |> Array.mapi (fun i w -> Fused.weightGrad counts targets[i] w rowBlocks gradBlocks[i])
-        Collections.Generic.List [ yield dx; yield null; yield null; yield! wgrads ]
+        let wgrads = weights |> Array.mapi (fun i w -> Fused.weightGrad active targets[i] w rows (gradsOf i))
+        Fused.list [ yield dx; yield null; yield null; yield! wgrads ]
 
-/// Second projection + weighted combine: y = a_e W2[e] per expert block, out = index_add over tokens of w * y.
-/// vars: a [N; H], token [N] int64, counts int64[E], tokens T (int64), w [N], W2 [E; H; D] -> out [T; D].
+/// Second projection + weighted combine, per expert block: out[token_e] += w_e * (a_e W2[e]).
+/// vars: token [N] int64, counts int64[E], shape [T; D], w [N], W2 [E; H; D], a_e [N_e; H] for every active
+/// expert -> out [T; D].
 type private ExpertsOut() =
     inherit torch.autograd.MultiTensorFunction<ExpertsOut>()
     override _.Name = "MoeExpertsOut"
 
     override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Collections.Generic.List<Tensor> =
-        let a, token, counts, tokens = vars[0] :?> Tensor, vars[1] :?> Tensor, vars[2] :?> int64[], vars[3] :?> int64
-        let w, w2 = vars[4] :?> Tensor, vars[5] :?> Tensor
+        let token, counts, shape = vars[0] :?> Tensor, vars[1] :?> int64[], vars[2] :?> int64[]
+        let w, w2 = vars[3] :?> Tensor, vars[4] :?> Tensor
+        let a = vars[5..] |> Array.map (fun v -> v :?> Tensor)
+        let active = [| for e in 0 .. counts.Length - 1 do if counts[e] > 0L then e |]
         use scope = torch.NewDisposeScope()
-        let y = torch.empty ([| a.shape[0]; w2.shape[2] |], dtype = a.dtype, device = a.device) // [N; D]
-        Fused.perExpertMatmul counts (y.split (counts, 0L)) (a.split (counts, 0L)) (w2.unbind 0L) 0.0f
-        let out = torch.zeros ([| tokens; w2.shape[2] |], dtype = a.dtype, device = a.device) // [T; D]
-        out.index_add_ (0L, token, y * w.unsqueeze 1L, 1.0.ToScalar()) |> ignore
-        ctx.save_for_backward (Collections.Generic.List [ a; token; y.MoveToOuterDisposeScope(); w; w2 ])
+        let tokens, ws, blocks = token.split (counts, 0L), w.split (counts, 0L), w2.unbind 0L
+        let out = torch.zeros (shape, dtype = a[0].dtype, device = a[0].device) // [T; D]
+        active |> Array.iteri (fun i e ->
+            let y = a[i].mm blocks[e] // [N_e; D]
+            y.mul_ (ws[e].unsqueeze 1L) |> ignore
+            out.index_add_ (0L, tokens[e], y, 1.0.ToScalar()) |> ignore)
+        ctx.save_for_backward (Fused.list [ yield token; yield w; yield w2; yield! a ])
         ctx.save_data ("counts", counts)
-        ctx.save_data ("da", a.requires_grad)
+        ctx.save_data ("da", a |> Array.exists (fun t -> t.requires_grad))
         ctx.save_data ("dw", w.requires_grad)
         ctx.save_data ("target", Fused.target w2)
-        Collections.Generic.List [ out.MoveToOuterDisposeScope() ]
+        Fused.list [ out.MoveToOuterDisposeScope() ]
 
     override _.backward(ctx: torch.autograd.AutogradContext, grads: Collections.Generic.List<Tensor>) : Collections.Generic.List<Tensor> =
         let saved = ctx.get_saved_variables ()
         let counts = ctx.get_data "counts" :?> int64[]
+        let active = [| for e in 0 .. counts.Length - 1 do if counts[e] > 0L then e |]
         use scope = torch.NewDisposeScope()
-        let a, token, y, w, w2 = saved[0], saved[1], saved[2], saved[3], saved[4]
-        let gy = grads[0].index_select (0L, token) // [N; D], the sort reused: a gather, no re-sort
-        let dw = if ctx.get_data "dw" :?> bool then (gy * y).sum(1L).MoveToOuterDisposeScope() else null // [N]
-        gy.mul_ (w.unsqueeze 1L) |> ignore
-        let gyBlocks = gy.split (counts, 0L)
-        let da =
-            if ctx.get_data "da" :?> bool then
-                let da = torch.empty_like a // [N; H]
-                Fused.perExpertMatmul counts (da.split (counts, 0L)) gyBlocks (w2.unbind 0L |> Array.map (fun m -> m.t ())) 0.0f
-                da.MoveToOuterDisposeScope()
-            else null
-        let dw2 = Fused.weightGrad counts (ctx.get_data "target" :?> GradTarget option) w2 (a.split (counts, 0L)) gyBlocks
-        Collections.Generic.List [ da; null; null; null; dw; dw2 ]
+        let token, w, w2 = saved[0], saved[1], saved[2]
+        let a = [| for i in 3 .. saved.Count - 1 -> saved[i] |]
+        let tokens, ws, blocks = token.split (counts, 0L), w.split (counts, 0L), w2.unbind 0L
+        let needDw = ctx.get_data "dw" :?> bool
+        let dwBlocks = ResizeArray<Tensor>()
+        let gy =
+            active |> Array.mapi (fun i e ->
+                let gy = grads[0].index_select (0L, tokens[e]) // [N_e; D], the forward's sort reused: a gather
+                let da = gy.mm (blocks[e].t ()) // [N_e; H], before the combine weight
+                // dL/dw_n = gy_n . (a_n W2) = (gy_n W2^T) . a_n: no need to keep the expert outputs
+                if needDw then dwBlocks.Add((da * a[i]).sum (1L))
+                let scale = ws[e].unsqueeze 1L // [N_e; 1]
+                da.mul_ scale |> ignore
+                gy.mul_ scale |> ignore
+                da.MoveToOuterDisposeScope() |> ignore
+                struct (gy, da))
+        let dw = if needDw then torch.cat(dwBlocks.ToArray(), 0L).MoveToOuterDisposeScope() else null // [N]
+        let dw2 = Fused.weightGrad active (ctx.get_data "target" :?> GradTarget option) w2 a (gy |> Array.map (fun struct (g, _) -> g))
+        let da = if ctx.get_data "da" :?> bool then gy |> Array.map (fun struct (_, d) -> d) else Array.create a.Length null
+        Fused.list [ yield null; yield null; yield null; yield dw; yield dw2; yield! da ]
 
 // ---------------------------------------------------------------- dispatch and combine
 
@@ -326,9 +343,12 @@ let combineExpertsWith (path: DispatchPath) (experts: ExpertFfn) (expertIndex: T
             let cast (p: Tensor) = if p.dtype = x.dtype then p else p.to_type x.dtype
             let firstProjections = [ yield cast experts.W1; if not (isNull experts.W3) then yield cast experts.W3 ]
             let hs = torch.autograd.MultiTensorFunction<ExpertsIn>.apply ([| yield box x; yield box token; yield box perExpert; for p in firstProjections -> box p |])
-            let a = activate experts.Activation hs[0] // [N; H]
-            let a = if hs.Count > 1 then a * hs[1] else a // [N; H], SwiGLU
-            let outs = torch.autograd.MultiTensorFunction<ExpertsOut>.apply ([| box a; box token; box perExpert; box t; box w; box (cast experts.W2) |])
+            let active = hs.Count / firstProjections.Length
+            let a = // [N_e; H] per active expert, through autograd (fused activation kernels)
+                [| for i in 0 .. active - 1 ->
+                     let h = activate experts.Activation hs[i]
+                     if firstProjections.Length > 1 then h * hs[active + i] else h |]
+            let outs = torch.autograd.MultiTensorFunction<ExpertsOut>.apply ([| yield box token; yield box perExpert; yield box x.shape; yield box w; yield box (cast experts.W2); for t in a -> box t |])
             outs[0]
     out.MoveToOuterDisposeScope()
 
