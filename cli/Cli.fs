@@ -15,10 +15,12 @@ type InfoArgs =
 [<RequireSubcommand>]
 type Command =
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
+    | [<CliPrefix(CliPrefix.None)>] Report of ParseResults<ReportCommand.ReportArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
             | Info _ -> "print the libtorch runtime, threads and the device that --device resolves to."
+            | Report _ -> "write one HTML page comparing run folders: configs, metrics, charts, samples."
 
 let private deviceOf (text: string option) =
     match Native.parseDevice (defaultArg text "auto") with
@@ -38,6 +40,7 @@ let main argv =
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
         match results.GetSubCommand() with
         | Info a -> info a
+        | Report a -> ReportCommand.run a
     with
     | :? ArguParseException as e ->
         eprintfn "%s" e.Message
