@@ -5,7 +5,7 @@ open Argu
 open Moe
 
 type ReportArgs =
-    | [<MainCommand; ExactlyOnce; Last>] Runs of run_dir: string list
+    | [<MainCommand; ExactlyOnce>] Runs of run_dir: string list
     | Out of file: string
     | Samples of count: int
     interface IArgParserTemplate with

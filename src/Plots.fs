@@ -15,11 +15,12 @@ open Moe.RunLog
 
 /// Chart sizes in CSS pixels: wide enough for a step axis, short enough to scroll through a report.
 module Size =
-    let width = 900
-    let height = 420
+    let width = 660
+    let height = 400
     /// Heatmap rows: pixels per expert or label, so that 64 experts still fit on a screen.
     let pixelsPerRow = 22
-    let minHeatmapHeight = 300
+    /// Small heatmaps are as tall as the other charts so that a heatmap and its line plot align.
+    let minHeatmapHeight = height
 
 let private expertName (e: int) = sprintf "expert %d" e
 
@@ -39,6 +40,9 @@ let private records (what: string) (layer: string) (rs: RoutingRecord[]) =
 /// Plotly.NET's own default template serialises in about a second per chart (hundreds of nested
 /// dynamic objects), which would make a 20-chart report take tens of seconds; this one takes
 /// milliseconds.
+/// Plotly's default qualitative colours.
+let palette = [| "#636efa"; "#EF553B"; "#00cc96"; "#ab63fa"; "#FFA15A"; "#19d3f3"; "#FF6692"; "#B6E880"; "#FF97FF"; "#FECB52" |]
+
 let template : Template =
     let axis = LinearAxis.init(GridColor = Color.fromString "white", ZeroLineColor = Color.fromString "white", AutoMargin = StyleParam.TickAutoMargin.All)
     Layout.init(
@@ -46,13 +50,21 @@ let template : Template =
         PaperBGColor = Color.fromString "white",
         Font = Font.init(Color = Color.fromString "#2a3f5f"),
         HoverMode = StyleParam.HoverMode.Closest,
-        Colorway = Color.fromColors [ for c in [ "#636efa"; "#EF553B"; "#00cc96"; "#ab63fa"; "#FFA15A"; "#19d3f3"; "#FF6692"; "#B6E880"; "#FF97FF"; "#FECB52" ] -> Color.fromString c ])
+        Colorway = Color.fromColors [ for c in palette -> Color.fromString c ])
     |> Layout.setLinearAxis(StyleParam.SubPlotId.XAxis 1, axis)
     |> Layout.setLinearAxis(StyleParam.SubPlotId.YAxis 1, axis)
     |> fun layout -> Template.init(layout)
 
 /// Heatmap colours: perceptually uniform, readable in greyscale.
 let heatmapColors = StyleParam.Colorscale.Viridis
+
+/// Colour of the i-th run, the same in every chart of a report (the template's colorway).
+let runColor (i: int) : Color = Color.fromString palette.[i % palette.Length]
+
+/// Heatmaps of shares start their colour scale at 0, so a balanced layer looks flat rather than
+/// showing noise around 1/E at full contrast.
+let private fromZero (chart: GenericChart) =
+    chart |> GenericChart.mapTrace (Trace2DStyle.Heatmap(ZMin = 0.0))
 
 let private styled (title: string) (xTitle: string) (yTitle: string) (chart: GenericChart) =
     chart
@@ -72,6 +84,7 @@ let expertUsageHeatmap (layer: string) (routing: RoutingRecord[]) : GenericChart
     let experts = balances.[0].Shares.Length
     let z = Array.init experts (fun e -> balances |> Array.map (fun b -> b.Shares.[e]))   // [E; S]
     Chart.Heatmap(z, X = (own |> Array.map (fun r -> r.Step)), Y = Array.init experts expertName, ColorBar = ColorBar.init(Title = Title.init "share"), ColorScale = heatmapColors)
+    |> fromZero
     |> styled (sprintf "Expert usage over time, %s" (plotText layer)) "step" "expert"
     |> Chart.withSize(Size.width, max Size.minHeatmapHeight (experts * Size.pixelsPerRow + 160))
 
@@ -109,16 +122,16 @@ let droppedFraction (routing: RoutingRecord[]) : GenericChart =
 // ---------------------------------------------------------------------------------------------
 // Across models
 
-/// Box plots of the final share of tokens per expert, per layer (x) and model (one trace per run,
+/// Box plots (in each run's colour) of the final share of tokens per expert, per layer (x) and model (one trace per run,
 /// named with its mean load CV); a flat router gives a box squeezed around 1/E.
 let routerDistribution (runs: (string * RoutingRecord[])[]) : GenericChart =
-    [ for name, routing in runs do
+    [ for i, (name, routing) in Array.indexed runs do
         let final = finalBalance collapsedShareOfUniform routing
         if final.Length > 0 then
             let xs = [| for b in final do for _ in b.Shares -> plotText b.Layer |]
             let ys = [| for b in final do yield! b.Shares |]
             let meanCv = final |> Array.averageBy (fun b -> b.LoadCv)
-            yield Chart.BoxPlot(X = xs, Y = ys, Name = sprintf "%s (load CV %.3f)" (plotText name) meanCv, BoxPoints = StyleParam.BoxPoints.All) ]
+            yield Chart.BoxPlot(X = xs, Y = ys, Name = sprintf "%s (load CV %.3f)" (plotText name) meanCv, BoxPoints = StyleParam.BoxPoints.All, MarkerColor = runColor i) ]
     |> Chart.combine
     |> Chart.withLayout(Layout.init(BoxMode = StyleParam.BoxMode.Group))
     |> styled "Router distribution at the last step" "layer" "share of tokens per expert"
@@ -126,11 +139,11 @@ let routerDistribution (runs: (string * RoutingRecord[])[]) : GenericChart =
 /// Load CV at the last step per layer (x), one bar trace per model; the bar text counts collapsed
 /// experts (share under `collapseBelow` of uniform).
 let loadBalance (collapseBelow: float) (runs: (string * RoutingRecord[])[]) : GenericChart =
-    [ for name, routing in runs do
+    [ for i, (name, routing) in Array.indexed runs do
         let final = finalBalance collapseBelow routing
         if final.Length > 0 then
             yield Chart.Column(final |> Array.map (fun b -> b.LoadCv), Keys = (final |> Array.map (fun b -> plotText b.Layer)), Name = plotText name,
-                               MultiText = (final |> Array.map (fun b -> sprintf "%d collapsed" b.CollapsedExperts.Length))) ]
+                               MultiText = (final |> Array.map (fun b -> sprintf "%d collapsed" b.CollapsedExperts.Length)), MarkerColor = runColor i) ]
     |> Chart.combine
     |> Chart.withLayout(Layout.init(BarMode = StyleParam.BarMode.Group))
     |> styled (sprintf "Load CV at the last step (collapsed: share < %g of uniform)" collapseBelow) "layer" "coefficient of variation"
@@ -143,6 +156,7 @@ let labelUsageHeatmap (usage: LabelUsage) : GenericChart =
             let total = Array.sum row
             if total = 0.0 then Array.zeroCreate row.Length else row |> Array.map (fun c -> c / total))   // [L; E]
     Chart.Heatmap(z, X = Array.init usage.Experts expertName, Y = (usage.Labels |> Array.map plotText), ColorBar = ColorBar.init(Title = Title.init "share"), ColorScale = heatmapColors)
+    |> fromZero
     |> styled (sprintf "Expert usage by label, %s" (plotText usage.Layer)) "expert" "label"
     |> Chart.withSize(Size.width, max Size.minHeatmapHeight (usage.Labels.Length * Size.pixelsPerRow + 160))
 
@@ -150,16 +164,16 @@ let labelUsageHeatmap (usage: LabelUsage) : GenericChart =
 // Losses and scores
 
 /// Train task loss (the total loss where a line has no task_loss) and validation loss over steps,
-/// two lines per run (validation dashed with markers).
+/// two lines per run in the run's colour (validation dashed with markers).
 let lossCurves (runs: (string * MetricsRecord[])[]) : GenericChart =
-    [ for name, metrics in runs do
+    [ for i, (name, metrics) in Array.indexed runs do
         let train = metrics |> Array.filter (fun m -> m.Split = "train") |> Array.sortBy (fun m -> m.Step)
         let valid = metrics |> Array.filter (fun m -> m.Split = "valid") |> Array.sortBy (fun m -> m.Step)
         if train.Length > 0 then
             let label = if train |> Array.forall (fun m -> m.TaskLoss.IsSome) then "train task loss" else "train loss"
-            yield Chart.Line(train |> Array.map (fun m -> m.Step), train |> Array.map (fun m -> defaultArg m.TaskLoss m.Loss), Name = sprintf "%s %s" (plotText name) label)
+            yield Chart.Line(train |> Array.map (fun m -> m.Step), train |> Array.map (fun m -> defaultArg m.TaskLoss m.Loss), Name = sprintf "%s %s" (plotText name) label, LineColor = runColor i)
         if valid.Length > 0 then
-            yield Chart.Line(valid |> Array.map (fun m -> m.Step), valid |> Array.map (fun m -> defaultArg m.TaskLoss m.Loss), Name = sprintf "%s valid loss" (plotText name), ShowMarkers = true)
+            yield Chart.Line(valid |> Array.map (fun m -> m.Step), valid |> Array.map (fun m -> defaultArg m.TaskLoss m.Loss), Name = sprintf "%s valid loss" (plotText name), ShowMarkers = true, LineColor = runColor i, MarkerColor = runColor i)
                   |> Chart.withLineStyle(Dash = StyleParam.DrawingStyle.Dash) ]
     |> Chart.combine
     |> styled "Loss" "step" "loss (nats per token)"

@@ -7,6 +7,7 @@ module Moe.Report
 open System
 open System.IO
 open System.Text
+open Plotly.NET
 open Moe.RunLog
 
 /// What the page shows.
@@ -82,7 +83,8 @@ let private configSection (runs: Run[]) (sb: StringBuilder) =
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
-/// Systems to compare, labelled: each run's `model` by the run's name; another system (a baseline
+/// Systems to compare, models first (in run order, so colours match the other charts), labelled:
+/// each run's `model` by the run's name; another system (a baseline
 /// such as lead1) by its own name when every run that scored it agrees on its scores (it is shown
 /// once), else as "run / system".
 let comparedSystems (runs: Run[]) : (string * SystemScores)[] =
@@ -94,9 +96,10 @@ let comparedSystems (runs: Run[]) : (string * SystemScores)[] =
     let shown = Collections.Generic.HashSet<string>()
     [| for run, s in scored do
         if s.System = "model" then yield run, s
-        elif agreed s.System then
-            if shown.Add s.System then yield s.System, s
-        else yield sprintf "%s / %s" run s.System, s |]
+       for run, s in scored do
+        if s.System <> "model" then
+            if not (agreed s.System) then yield sprintf "%s / %s" run s.System, s
+            elif shown.Add s.System then yield s.System, s |]
 
 /// Number format of the metrics table: ROUGE as F1 × 100 and other scores as written, 2 decimals
 /// (the precision papers report).
@@ -154,31 +157,38 @@ let private balanceSection (options: ReportOptions) (runs: Run[]) (sb: StringBui
 // ---------------------------------------------------------------------------------------------
 // Charts
 
-/// The charts of the page, in order, each with a section heading: cross-run comparisons first,
-/// then each run's expert usage.
-let charts (options: ReportOptions) (runs: Run[]) : (string * Plotly.NET.GenericChart)[] =
+/// A titled group of charts on the page.
+type ChartSection = { Heading: string; Charts: GenericChart[] }
+
+/// The charts of the page in sections: a comparison across runs first, then each run's own
+/// (expert usage per layer, auxiliary losses, router entropy, dropped fraction, usage by label),
+/// titled with the run's name.
+let charts (options: ReportOptions) (runs: Run[]) : ChartSection[] =
+    let titled (title: string) (chart: GenericChart) = chart |> Chart.withTitle (Plots.plotText title)
     let systems = comparedSystems runs
-    let withMetrics = runs |> Array.filter (fun r -> r.Metrics.Length > 0)
-    let withRouting = runs |> Array.filter (fun r -> r.Routing.Length > 0)
-    [| if systems.Length > 0 then yield "Test scores", Plots.metricsComparison systems
-       if withMetrics.Length > 0 then
-           yield "Loss", Plots.lossCurves (withMetrics |> Array.map (fun r -> r.Name, r.Metrics))
-           for r in withMetrics do
-               if r.Metrics |> Array.exists (fun m -> not m.Aux.IsEmpty) then
-                   yield sprintf "Auxiliary losses: %s" r.Name, Plots.auxLossCurves r.Name r.Metrics
-       if withRouting.Length > 0 then
-           let routing = withRouting |> Array.map (fun r -> r.Name, r.Routing)
-           yield "Router distribution", Plots.routerDistribution routing
-           yield "Load balance", Plots.loadBalance options.CollapseBelow routing
-       for r in withRouting do
-           yield sprintf "Router entropy: %s" r.Name, Plots.routerEntropy r.Routing
-           yield sprintf "Dropped fraction: %s" r.Name, Plots.droppedFraction r.Routing
-           for layer in layersOf r.Routing do
-               yield sprintf "Expert usage: %s, %s" r.Name layer, Plots.expertUsageHeatmap layer r.Routing
-               yield sprintf "Expert shares: %s, %s" r.Name layer, Plots.expertUsageLines layer r.Routing
-       for r in runs do
+    let comparison =
+        [| if systems.Length > 0 then yield Plots.metricsComparison systems
+           let withMetrics = runs |> Array.filter (fun r -> r.Metrics.Length > 0)
+           if withMetrics.Length > 0 then yield Plots.lossCurves (withMetrics |> Array.map (fun r -> r.Name, r.Metrics))
+           if runs |> Array.exists (fun r -> r.Routing.Length > 0) then
+               let routing = runs |> Array.map (fun r -> r.Name, r.Routing)
+               yield Plots.routerDistribution routing
+               yield Plots.loadBalance options.CollapseBelow routing |]
+    // Heatmap and lines of a layer come first, in pairs, so that they sit side by side.
+    let perRun (r: Run) =
+        [| for layer in layersOf r.Routing do
+               yield Plots.expertUsageHeatmap layer r.Routing |> titled (sprintf "%s: expert usage over time, %s" r.Name layer)
+               yield Plots.expertUsageLines layer r.Routing |> titled (sprintf "%s: share of tokens per expert, %s" r.Name layer)
+           if r.Metrics |> Array.exists (fun m -> not m.Aux.IsEmpty) then
+               yield Plots.auxLossCurves r.Name r.Metrics |> titled (sprintf "%s: auxiliary losses (unweighted)" r.Name)
+           if r.Routing.Length > 0 then
+               yield Plots.routerEntropy r.Routing |> titled (sprintf "%s: router entropy (nats)" r.Name)
+               yield Plots.droppedFraction r.Routing |> titled (sprintf "%s: dropped token assignments" r.Name)
            for usage in r.ByLabel |> Option.defaultValue [||] do
-               yield sprintf "Expert usage by label: %s, %s" r.Name usage.Layer, Plots.labelUsageHeatmap usage |]
+               yield Plots.labelUsageHeatmap usage |> titled (sprintf "%s: expert usage by label, %s" r.Name usage.Layer) |]
+    [| yield { Heading = "Comparison"; Charts = comparison }
+       for r in runs -> { Heading = sprintf "Run %s" r.Name; Charts = perRun r } |]
+    |> Array.filter (fun section -> section.Charts.Length > 0)
 
 // ---------------------------------------------------------------------------------------------
 // Samples
@@ -222,7 +232,7 @@ let private samplesSection (options: ReportOptions) (runs: Run[]) (sb: StringBui
 // Page
 
 let private style = """
-body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 4px; margin-top: 1.6em; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
@@ -233,7 +243,8 @@ td.path { font-family: monospace; }
 span.ci { color: #666; font-size: 0.85em; }
 .scroll { overflow-x: auto; }
 .note { color: #666; }
-.chart { margin: 8px 0 24px 0; }
+.charts { display: flex; flex-wrap: wrap; gap: 8px 16px; }
+.chart { margin: 4px 0 16px 0; }
 .sample { border-left: 3px solid #8fa8d8; padding-left: 12px; margin: 12px 0; }
 .sample p.doc { color: #444; }
 """
@@ -256,10 +267,15 @@ let render (options: ReportOptions) (runs: Run[]) : string =
     metricsSection runs sb
     sb.Append("<h2 id=\"charts\">Charts</h2>\n") |> ignore
     balanceSection options runs sb
-    let all = charts options runs
-    if all.Length = 0 then sb.Append("<p class=\"note\">No run has metrics, routing or test scores to plot.</p>\n") |> ignore
-    all |> Array.iteri (fun i (heading, chart) ->
-        sb.Append("<h3>").Append(esc heading).Append("</h3>\n").Append(Plots.chartDiv (sprintf "chart-%d" i) chart) |> ignore)
+    let sections = charts options runs
+    if sections.Length = 0 then sb.Append("<p class=\"note\">No run has metrics, routing or test scores to plot.</p>\n") |> ignore
+    let mutable next = 0
+    for section in sections do
+        sb.Append("<h3>").Append(esc section.Heading).Append("</h3>\n<div class=\"charts\">\n") |> ignore
+        for chart in section.Charts do
+            sb.Append(Plots.chartDiv (sprintf "chart-%d" next) chart) |> ignore
+            next <- next + 1
+        sb.Append("</div>\n") |> ignore
     samplesSection options runs sb
     sb.Append("</body></html>\n").ToString()
 

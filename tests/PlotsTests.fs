@@ -350,7 +350,7 @@ let chartTests =
         testCase "metrics comparison: grouped bars, ROUGE x100, error bars from intervals" <| fun () ->
           withRuns <| fun runs ->
             let systems = Report.comparedSystems (List.toArray runs)
-            Expect.equal (systems |> Array.map fst) [| "moe-switch"; "lead1"; "moe-topk" |] "baseline shown once"
+            Expect.equal (systems |> Array.map fst) [| "moe-switch"; "moe-topk"; "lead1" |] "models first, baseline shown once"
             let t = traces (Plots.metricsComparison systems)
             Expect.equal (t |> List.map (fun x -> str x "type")) [ "bar"; "bar"; "bar" ] "bars"
             Expect.equal [ for x in t.[0].GetProperty("x").EnumerateArray() -> x.GetString() ] [ "ROUGE-1 F1"; "ROUGE-2 F1"; "ROUGE-L F1"; "BLEU" ] "categories"
@@ -361,7 +361,7 @@ let chartTests =
             Expect.floatClose Accuracy.high (floats (err.GetProperty "array")).[0] (100.0 * (ci.High - model.Rouge.["rouge1"].F1)) "upper arm"
             Expect.floatClose Accuracy.high (floats (err.GetProperty "arrayminus")).[0] (100.0 * (model.Rouge.["rouge1"].F1 - ci.Low)) "lower arm"
             let mutable noError = Unchecked.defaultof<JsonElement>
-            Expect.isFalse (t.[2].TryGetProperty("error_y", &noError)) "no intervals, no error bars"
+            Expect.isFalse (t.[1].TryGetProperty("error_y", &noError)) "no intervals, no error bars"
 
         testCase "names from the data cannot become markup" <| fun () ->
             let hostile = "</script><script>alert(1)</script><b>x</b>"
@@ -402,7 +402,7 @@ let reportTests =
                 Expect.isTrue (page.Contains "<td>26.50 <span class=\"ci\">[25.50, 27.70]</span></td>") "ROUGE-1 F1 and interval of the switch run (x100)"
                 Expect.equal (Regex.Matches(page, "<div class=\"sample\">").Count) Report.defaults.Samples "samples"
                 Expect.isTrue (page.Contains "<th>moe-topk</th><td>Top-k model summary 0: council discusses stadium.</td>") "each model's prediction"
-                Expect.equal (Regex.Matches(page, "<div class=\"chart\" id=\"chart-").Count) (Report.charts Report.defaults runs).Length "every chart placed"
+                Expect.equal (Regex.Matches(page, "<div class=\"chart\" id=\"chart-").Count) (Report.charts Report.defaults runs |> Array.sumBy (fun s -> s.Charts.Length)) "every chart placed"
             finally Directory.Delete(root, true)
 
         testCase "every text from the runs is escaped" <| fun () ->
@@ -497,7 +497,7 @@ let browserTests =
                 try
                     let runs = twoRuns root
                     let page = Report.write Report.defaults (Path.Combine(root, "report.html")) runs
-                    let expected = Report.charts Report.defaults (runs |> List.map load |> List.toArray) |> Array.length
+                    let expected = Report.charts Report.defaults (runs |> List.map load |> List.toArray) |> Array.sumBy (fun s -> s.Charts.Length)
                     let dom = runChromium exe [ "--dump-dom"; Uri(page).AbsoluteUri ]
                     let starts = Regex.Matches(dom, "<div class=\"chart[^\"]*\" id=\"chart-(\\d+)\"") |> Seq.toList
                     Expect.equal starts.Length expected "every chart div is in the DOM"
