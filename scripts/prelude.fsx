@@ -6,6 +6,7 @@
 // libLibTorchSharp first makes every later lookup by name resolve to these.
 #r "nuget: TorchSharp, 0.107.0"
 #r "nuget: libtorch-cpu-linux-x64, 2.10.0"
+#r "nuget: Plotly.NET, 6.0.0"
 #load "../build/GlibcxxPatch.fs"
 
 module Prelude =
@@ -49,3 +50,6 @@ Prelude.loadNatives ()
 #load "../src/Config.fs"
 #load "../src/Routing.fs"
 #load "../src/Layers.fs"
+#load "../src/RunLog.fs"
+#load "../src/Plots.fs"
+#load "../src/Report.fs"

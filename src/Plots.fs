@@ -63,8 +63,10 @@ let runColor (i: int) : Color = Color.fromString palette.[i % palette.Length]
 
 /// Heatmaps of shares start their colour scale at 0, so a balanced layer looks flat rather than
 /// showing noise around 1/E at full contrast.
-let private fromZero (chart: GenericChart) =
-    chart |> GenericChart.mapTrace (Trace2DStyle.Heatmap(ZMin = 0.0))
+/// (plotly.js only leaves its automatic range when both ends are given).
+let private fromZero (z: float[][]) (chart: GenericChart) =
+    let top = z |> Array.collect id |> Array.filter Double.IsFinite |> fun xs -> if xs.Length = 0 then 0.0 else Array.max xs
+    chart |> GenericChart.mapTrace (Trace2DStyle.Heatmap(ZMin = 0.0, ZMax = (if top > 0.0 then top else 1.0)))
 
 let private styled (title: string) (xTitle: string) (yTitle: string) (chart: GenericChart) =
     chart
@@ -84,7 +86,7 @@ let expertUsageHeatmap (layer: string) (routing: RoutingRecord[]) : GenericChart
     let experts = balances.[0].Shares.Length
     let z = Array.init experts (fun e -> balances |> Array.map (fun b -> b.Shares.[e]))   // [E; S]
     Chart.Heatmap(z, X = (own |> Array.map (fun r -> r.Step)), Y = Array.init experts expertName, ColorBar = ColorBar.init(Title = Title.init "share"), ColorScale = heatmapColors)
-    |> fromZero
+    |> fromZero z
     |> styled (sprintf "Expert usage over time, %s" (plotText layer)) "step" "expert"
     |> Chart.withSize(Size.width, max Size.minHeatmapHeight (experts * Size.pixelsPerRow + 160))
 
@@ -102,6 +104,7 @@ let expertUsageLines (layer: string) (routing: RoutingRecord[]) : GenericChart =
         |> Chart.withLineStyle(Dash = StyleParam.DrawingStyle.Dash, Color = Color.fromString "gray")
     Chart.combine (lines @ [ uniform ])
     |> styled (sprintf "Share of tokens per expert, %s" (plotText layer)) "step" "share of tokens"
+    |> Chart.withYAxis(LinearAxis.init(Title = Title.init "share of tokens", RangeMode = StyleParam.RangeMode.ToZero))
 
 /// Mean router entropy (nats) over steps, one line per layer.
 let routerEntropy (routing: RoutingRecord[]) : GenericChart =
@@ -156,7 +159,7 @@ let labelUsageHeatmap (usage: LabelUsage) : GenericChart =
             let total = Array.sum row
             if total = 0.0 then Array.zeroCreate row.Length else row |> Array.map (fun c -> c / total))   // [L; E]
     Chart.Heatmap(z, X = Array.init usage.Experts expertName, Y = (usage.Labels |> Array.map plotText), ColorBar = ColorBar.init(Title = Title.init "share"), ColorScale = heatmapColors)
-    |> fromZero
+    |> fromZero z
     |> styled (sprintf "Expert usage by label, %s" (plotText usage.Layer)) "expert" "label"
     |> Chart.withSize(Size.width, max Size.minHeatmapHeight (usage.Labels.Length * Size.pixelsPerRow + 160))
 
