@@ -21,6 +21,8 @@ module Size =
     let pixelsPerRow = 22
     /// Small heatmaps are as tall as the other charts so that a heatmap and its line plot align.
     let minHeatmapHeight = height
+    /// Room for a heatmap's title and axis titles around its rows.
+    let heatmapMargins = 160
 
 let private expertName (e: int) = sprintf "expert %d" e
 
@@ -68,6 +70,11 @@ let private fromZero (z: float[][]) (chart: GenericChart) =
     let top = z |> Array.collect id |> Array.filter Double.IsFinite |> fun xs -> if xs.Length = 0 then 0.0 else Array.max xs
     chart |> GenericChart.mapTrace (Trace2DStyle.Heatmap(ZMin = 0.0, ZMax = (if top > 0.0 then top else 1.0)))
 
+/// Traces overlaid in one chart; none is an error naming what was missing.
+let private combine (what: string) (traces: GenericChart list) : GenericChart =
+    if traces.IsEmpty then invalidArg what (sprintf "expected at least one %s to plot, got none" what)
+    Chart.combine traces
+
 let private styled (title: string) (xTitle: string) (yTitle: string) (chart: GenericChart) =
     chart
     |> Chart.withTemplate template
@@ -88,7 +95,7 @@ let expertUsageHeatmap (layer: string) (routing: RoutingRecord[]) : GenericChart
     Chart.Heatmap(z, X = (own |> Array.map (fun r -> r.Step)), Y = Array.init experts expertName, ColorBar = ColorBar.init(Title = Title.init "share"), ColorScale = heatmapColors)
     |> fromZero z
     |> styled (sprintf "Expert usage over time, %s" (plotText layer)) "step" "expert"
-    |> Chart.withSize(Size.width, max Size.minHeatmapHeight (experts * Size.pixelsPerRow + 160))
+    |> Chart.withSize(Size.width, max Size.minHeatmapHeight (experts * Size.pixelsPerRow + Size.heatmapMargins))
 
 /// One line per expert of one layer's share of tokens over steps, with the uniform share 1/E dashed.
 let expertUsageLines (layer: string) (routing: RoutingRecord[]) : GenericChart =
@@ -111,7 +118,7 @@ let routerEntropy (routing: RoutingRecord[]) : GenericChart =
     [ for layer in layersOf routing ->
         let own = records "routing" layer routing
         Chart.Line(own |> Array.map (fun r -> r.Step), own |> Array.map (fun r -> r.RouterEntropy), Name = plotText layer) ]
-    |> Chart.combine
+    |> combine "routing record"
     |> styled "Router entropy" "step" "entropy (nats)"
 
 /// Fraction of token assignments dropped by expert capacity over steps, one line per layer.
@@ -119,7 +126,7 @@ let droppedFraction (routing: RoutingRecord[]) : GenericChart =
     [ for layer in layersOf routing ->
         let own = records "routing" layer routing
         Chart.Line(own |> Array.map (fun r -> r.Step), own |> Array.map (fun r -> r.DroppedFraction), Name = plotText layer) ]
-    |> Chart.combine
+    |> combine "routing record"
     |> styled "Dropped token assignments" "step" "dropped fraction"
 
 // ---------------------------------------------------------------------------------------------
@@ -135,7 +142,7 @@ let routerDistribution (runs: (string * RoutingRecord[])[]) : GenericChart =
             let ys = [| for b in final do yield! b.Shares |]
             let meanCv = final |> Array.averageBy (fun b -> b.LoadCv)
             yield Chart.BoxPlot(X = xs, Y = ys, Name = sprintf "%s (load CV %.3f)" (plotText name) meanCv, BoxPoints = StyleParam.BoxPoints.All, MarkerColor = runColor i) ]
-    |> Chart.combine
+    |> combine "run with routing records"
     |> Chart.withLayout(Layout.init(BoxMode = StyleParam.BoxMode.Group))
     |> styled "Router distribution at the last step" "layer" "share of tokens per expert"
 
@@ -147,7 +154,7 @@ let loadBalance (collapseBelow: float) (runs: (string * RoutingRecord[])[]) : Ge
         if final.Length > 0 then
             yield Chart.Column(final |> Array.map (fun b -> b.LoadCv), Keys = (final |> Array.map (fun b -> plotText b.Layer)), Name = plotText name,
                                MultiText = (final |> Array.map (fun b -> sprintf "%d collapsed" b.CollapsedExperts.Length)), MarkerColor = runColor i) ]
-    |> Chart.combine
+    |> combine "run with routing records"
     |> Chart.withLayout(Layout.init(BarMode = StyleParam.BarMode.Group))
     |> styled (sprintf "Load CV at the last step (collapsed: share < %g of uniform)" collapseBelow) "layer" "coefficient of variation"
 
@@ -161,7 +168,7 @@ let labelUsageHeatmap (usage: LabelUsage) : GenericChart =
     Chart.Heatmap(z, X = Array.init usage.Experts expertName, Y = (usage.Labels |> Array.map plotText), ColorBar = ColorBar.init(Title = Title.init "share"), ColorScale = heatmapColors)
     |> fromZero z
     |> styled (sprintf "Expert usage by label, %s" (plotText usage.Layer)) "expert" "label"
-    |> Chart.withSize(Size.width, max Size.minHeatmapHeight (usage.Labels.Length * Size.pixelsPerRow + 160))
+    |> Chart.withSize(Size.width, max Size.minHeatmapHeight (usage.Labels.Length * Size.pixelsPerRow + Size.heatmapMargins))
 
 // ---------------------------------------------------------------------------------------------
 // Losses and scores
@@ -170,25 +177,25 @@ let labelUsageHeatmap (usage: LabelUsage) : GenericChart =
 /// two lines per run in the run's colour (validation dashed with markers).
 let lossCurves (runs: (string * MetricsRecord[])[]) : GenericChart =
     [ for i, (name, metrics) in Array.indexed runs do
-        let train = metrics |> Array.filter (fun m -> m.Split = "train") |> Array.sortBy (fun m -> m.Step)
-        let valid = metrics |> Array.filter (fun m -> m.Split = "valid") |> Array.sortBy (fun m -> m.Step)
+        let train = metrics |> Array.filter (fun m -> m.Split = Splits.train) |> Array.sortBy (fun m -> m.Step)
+        let valid = metrics |> Array.filter (fun m -> m.Split = Splits.valid) |> Array.sortBy (fun m -> m.Step)
         if train.Length > 0 then
             let label = if train |> Array.forall (fun m -> m.TaskLoss.IsSome) then "train task loss" else "train loss"
             yield Chart.Line(train |> Array.map (fun m -> m.Step), train |> Array.map (fun m -> defaultArg m.TaskLoss m.Loss), Name = sprintf "%s %s" (plotText name) label, LineColor = runColor i)
         if valid.Length > 0 then
             yield Chart.Line(valid |> Array.map (fun m -> m.Step), valid |> Array.map (fun m -> defaultArg m.TaskLoss m.Loss), Name = sprintf "%s valid loss" (plotText name), ShowMarkers = true, LineColor = runColor i, MarkerColor = runColor i)
                   |> Chart.withLineStyle(Dash = StyleParam.DrawingStyle.Dash) ]
-    |> Chart.combine
+    |> combine "run with train or valid metrics"
     |> styled "Loss" "step" "loss (nats per token)"
 
 /// Each unweighted auxiliary loss of one run's training lines over steps, one line per loss name.
 let auxLossCurves (runName: string) (metrics: MetricsRecord[]) : GenericChart =
-    let train = metrics |> Array.filter (fun m -> m.Split = "train") |> Array.sortBy (fun m -> m.Step)
+    let train = metrics |> Array.filter (fun m -> m.Split = Splits.train) |> Array.sortBy (fun m -> m.Step)
     let names = train |> Array.collect (fun m -> m.Aux |> Map.keys |> Seq.toArray) |> Array.distinct
     [ for aux in names ->
         let points = train |> Array.choose (fun m -> m.Aux.TryFind aux |> Option.map (fun v -> m.Step, v))
         Chart.Line(points |> Array.map fst, points |> Array.map snd, Name = plotText aux) ]
-    |> Chart.combine
+    |> combine "auxiliary loss on a train line"
     |> styled (sprintf "Auxiliary losses (unweighted), %s" (plotText runName)) "step" "loss"
 
 /// The scores a metrics comparison shows, in order: (label, score key, scale to the axis).
@@ -220,7 +227,7 @@ let metricsComparison (systems: (string * SystemScores)[]) : GenericChart =
                 let minus = shown |> Array.map (fun (_, v, ci) -> match ci with Some (low, _) -> v - low | None -> 0.0)
                 yield bars |> Chart.withYErrorStyle(Array = plus, Arrayminus = minus, Symmetric = false)
             else yield bars ]
-    |> Chart.combine
+    |> combine "system with ROUGE or BLEU scores"
     |> Chart.withLayout(Layout.init(BarMode = StyleParam.BarMode.Group))
     |> styled "Test scores (95% bootstrap intervals where computed)" "metric" "ROUGE F1 × 100, BLEU"
 
@@ -275,3 +282,21 @@ let save (path: string) (title: string) (charts: GenericChart seq) : unit =
     let full = Path.GetFullPath path
     Directory.CreateDirectory(Path.GetDirectoryName full) |> ignore
     File.WriteAllText(full, html title charts, UTF8Encoding(false))
+
+/// C#-friendly entry points to the charts (runs given as `Run` records).
+type MoeCharts =
+    static member ExpertUsageHeatmap(layer: string, routing: RoutingRecord seq) : GenericChart = expertUsageHeatmap layer (Seq.toArray routing)
+    static member ExpertUsageLines(layer: string, routing: RoutingRecord seq) : GenericChart = expertUsageLines layer (Seq.toArray routing)
+    static member RouterEntropy(routing: RoutingRecord seq) : GenericChart = routerEntropy (Seq.toArray routing)
+    static member DroppedFraction(routing: RoutingRecord seq) : GenericChart = droppedFraction (Seq.toArray routing)
+    static member RouterDistribution(runs: Run seq) : GenericChart = runs |> Seq.map (fun r -> r.Name, r.Routing) |> Seq.toArray |> routerDistribution
+    static member LoadBalance(runs: Run seq, collapseBelow: float) : GenericChart = runs |> Seq.map (fun r -> r.Name, r.Routing) |> Seq.toArray |> loadBalance collapseBelow
+    static member LabelUsageHeatmap(usage: LabelUsage) : GenericChart = labelUsageHeatmap usage
+    static member LossCurves(runs: Run seq) : GenericChart = runs |> Seq.map (fun r -> r.Name, r.Metrics) |> Seq.toArray |> lossCurves
+    static member AuxLossCurves(run: Run) : GenericChart = auxLossCurves run.Name run.Metrics
+    static member MetricsComparison(runs: Run seq) : GenericChart =
+        runs |> Seq.collect (fun r -> r.Scores |> Option.defaultValue [||] |> Array.map (fun s -> sprintf "%s / %s" r.Name s.System, s)) |> Seq.toArray |> metricsComparison
+    /// A complete page of charts with plotly.js embedded.
+    static member Html(title: string, charts: GenericChart seq) : string = html title charts
+    /// Writes `Html(title, charts)` to `path`.
+    static member Save(path: string, title: string, charts: GenericChart seq) : unit = save path title charts

@@ -167,8 +167,9 @@ let charts (options: ReportOptions) (runs: Run[]) : ChartSection[] =
     let titled (title: string) (chart: GenericChart) = chart |> Chart.withTitle (Plots.plotText title)
     let systems = comparedSystems runs
     let comparison =
-        [| if systems.Length > 0 then yield Plots.metricsComparison systems
-           let withMetrics = runs |> Array.filter (fun r -> r.Metrics.Length > 0)
+        [| let plotted (s: SystemScores) = Plots.comparedMetrics |> Array.exists (fun (_, key, _) -> (Plots.metricValue s key).IsSome)
+           if systems |> Array.exists (snd >> plotted) then yield Plots.metricsComparison systems
+           let withMetrics = runs |> Array.filter (fun r -> r.Metrics |> Array.exists (fun m -> m.Split = Splits.train || m.Split = Splits.valid))
            if withMetrics.Length > 0 then yield Plots.lossCurves (withMetrics |> Array.map (fun r -> r.Name, r.Metrics))
            if runs |> Array.exists (fun r -> r.Routing.Length > 0) then
                let routing = runs |> Array.map (fun r -> r.Name, r.Routing)
@@ -179,7 +180,7 @@ let charts (options: ReportOptions) (runs: Run[]) : ChartSection[] =
         [| for layer in layersOf r.Routing do
                yield Plots.expertUsageHeatmap layer r.Routing |> titled (sprintf "%s: expert usage over time, %s" r.Name layer)
                yield Plots.expertUsageLines layer r.Routing |> titled (sprintf "%s: share of tokens per expert, %s" r.Name layer)
-           if r.Metrics |> Array.exists (fun m -> not m.Aux.IsEmpty) then
+           if r.Metrics |> Array.exists (fun m -> m.Split = Splits.train && not m.Aux.IsEmpty) then
                yield Plots.auxLossCurves r.Name r.Metrics |> titled (sprintf "%s: auxiliary losses (unweighted)" r.Name)
            if r.Routing.Length > 0 then
                yield Plots.routerEntropy r.Routing |> titled (sprintf "%s: router entropy (nats)" r.Name)

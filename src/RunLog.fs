@@ -33,6 +33,11 @@ module FileNames =
     let references = "references.txt"
     let documents = "documents.txt"
 
+/// The `split` values of metrics.jsonl.
+module Splits =
+    let train = "train"
+    let valid = "valid"
+
 /// One line of metrics.jsonl: a training (`split` = "train") or validation ("valid") log entry.
 type MetricsRecord =
     { Step: int

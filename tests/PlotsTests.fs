@@ -422,6 +422,25 @@ let reportTests =
                 Expect.isTrue (page.Contains "<li><b>&lt;em&gt;bold-run&amp;co</b>") "run name escaped"
             finally Directory.Delete(root, true)
 
+        testCase "runs with only some files still make a page; empty charts are refused by name" <| fun () ->
+            let root = tempDir "report"
+            try
+                let dir = Path.Combine(root, "metrics-only")
+                Directory.CreateDirectory dir |> ignore
+                writeFile dir "metrics.jsonl" "{\"step\": 1, \"split\": \"train\", \"loss\": 3.0}\n{\"step\": 2, \"split\": \"train\", \"loss\": 2.5}\n" |> ignore
+                let alone = Report.render Report.defaults [| load dir |]
+                for note in [ "No run has a config.json."; "No run has a test_scores.json."; "No run has predictions.txt and references.txt." ] do
+                    Expect.isTrue (alone.Contains note) note
+                let sections = Report.charts Report.defaults [| load dir |]
+                Expect.equal (sections |> Array.map (fun s -> s.Heading, s.Charts.Length)) [| "Comparison", 1 |] "only the loss curve"
+                let full = writeRun root "full" 0.5 true "1" (sprintf "p%d")
+                let page = Report.render Report.defaults [| load dir; load full |]
+                Expect.isTrue (page.Contains "<td class=\"absent\">absent</td>") "config fields absent from the metrics-only run"
+                let noRouge = { System = "model"; N = None; Rouge = Map.empty; Scalars = Map.ofList [ "compression", 0.1 ]; Intervals = Map.empty }
+                let e = Expect.throwsC (fun () -> Plots.metricsComparison [| "x", noRouge |] |> ignore) id
+                Expect.stringContains e.Message "expected at least one system with ROUGE or BLEU scores to plot" "names what is missing"
+            finally Directory.Delete(root, true)
+
         testCase "same folder name twice gets distinct columns; options are validated" <| fun () ->
             let root = tempDir "report"
             try
