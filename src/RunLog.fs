@@ -281,7 +281,9 @@ let readRouting (path: string) : RoutingRecord[] =
         if not (dropped >= 0.0 && dropped <= 1.0) then fail w (sprintf "expected \"dropped_fraction\" in [0, 1], got %g" dropped)
         let entropy = asFloat w "\"router_entropy\"" (field w "the line" o "router_entropy")
         if not (entropy >= 0.0) then fail w (sprintf "expected \"router_entropy\" >= 0, got %g" entropy)
-        { Step = asInt w "\"step\"" (field w "the line" o "step")
+        let step = asInt w "\"step\"" (field w "the line" o "step")
+        if step < 0 then fail w (sprintf "expected \"step\" >= 0, got %d" step)
+        { Step = step
           Layer = layer
           TokensPerExpert = shares
           DroppedFraction = dropped
