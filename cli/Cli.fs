@@ -15,10 +15,12 @@ type InfoArgs =
 [<RequireSubcommand>]
 type Command =
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
+    | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataCommand.DataArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
             | Info _ -> "print the libtorch runtime, threads and the device that --device resolves to."
+            | Data _ -> "inspect datasets: counts, lengths and problems."
 
 let private deviceOf (text: string option) =
     match Native.parseDevice (defaultArg text "auto") with
@@ -38,6 +40,7 @@ let main argv =
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
         match results.GetSubCommand() with
         | Info a -> info a
+        | Data a -> DataCommand.run a
     with
     | :? ArguParseException as e ->
         eprintfn "%s" e.Message
