@@ -324,7 +324,7 @@ module TokenCache =
 
 /// How many examples `cfg` truncates.
 type TruncationStats =
-    { Examples: int
+    { Total: int
       SourcesTruncated: int
       TargetsTruncated: int }
 
@@ -336,7 +336,7 @@ let truncation (cfg: BatchConfig) (source: ITokenSource) : TruncationStats =
     for i in 0 .. source.Count - 1 do
         if source.SourceLength i > cfg.MaxSourceTokens then s <- s + 1
         if source.TargetLength i > cfg.MaxTargetTokens - 1 then t <- t + 1
-    { Examples = source.Count; SourcesTruncated = s; TargetsTruncated = t }
+    { Total = source.Count; SourcesTruncated = s; TargetsTruncated = t }
 
 let private permutation (rng: Random) (n: int) =
     let a = Array.init n id
@@ -377,7 +377,7 @@ let plan (cfg: BatchConfig) (source: ITokenSource) (epoch: int) : int[][] =
 
 /// The batch of examples `indices`: documents truncated to `MaxSourceTokens`, summaries to
 /// `MaxTargetTokens - 1`; DecoderInput = bos + summary, Target = summary + eos, both padded with pad.
-let load (cfg: BatchConfig) (source: ITokenSource) (indices: int[]) : Batch =
+let collate (cfg: BatchConfig) (source: ITokenSource) (indices: int[]) : Batch =
     check cfg
     if isNull indices || indices.Length = 0 then invalidArg "indices" "expected at least one example index"
     let sp = source.Specials
@@ -422,12 +422,12 @@ let load (cfg: BatchConfig) (source: ITokenSource) (indices: int[]) : Batch =
 /// The batches of one epoch, each built (and its tokens read) only when enumerated.
 let epoch (cfg: BatchConfig) (source: ITokenSource) (epochIndex: int) : seq<Batch> =
     let batches = plan cfg source epochIndex
-    seq { for indices in batches -> load cfg source indices }
+    seq { for indices in batches -> collate cfg source indices }
 
 /// Batches of consecutive examples in source order (no sorting, no shuffling): for evaluation and
 /// generation, where output order should follow the input.
 let sequential (cfg: BatchConfig) (source: ITokenSource) : seq<Batch> =
-    seq { for indices in Array.init source.Count id |> Array.chunkBySize cfg.BatchSize -> load cfg source indices }
+    seq { for indices in Array.init source.Count id |> Array.chunkBySize cfg.BatchSize -> collate cfg source indices }
 
 /// The fraction of source positions in `batches` that are padding.
 let paddingFraction (source: ITokenSource) (cfg: BatchConfig) (batches: int[][]) : float =
