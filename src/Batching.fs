@@ -5,12 +5,10 @@
 module Moe.Batching
 
 open System
-open System.Collections.Generic
 open System.IO
 open System.Runtime.InteropServices
 open System.Text
 open TorchSharp
-open Moe.Tensors
 open Moe.Tokenizers
 open Moe.Data
 

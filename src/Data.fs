@@ -188,7 +188,7 @@ module DataConfig =
 // ---------------------------------------------------------------- text
 
 /// Strict UTF-8 reading and the text clean-ups every loader applies.
-module Text =
+module TextTools =
     let private bom = [| 0xEFuy; 0xBBuy; 0xBFuy |]
 
     /// Decodes `bytes` as strict UTF-8, or fails naming the file, line and byte column of the first bad byte.
@@ -405,7 +405,7 @@ let private fromJsonObject (file: string) (line: int64) (cols: Columns) (el: Jso
 let private readJsonLines (path: string) (cols: Columns) (notes: Notes) : seq<Raw> =
     seq {
         let mutable warnedId = false
-        for lineNo, line in Text.readLines path do
+        for lineNo, line in TextTools.readLines path do
             if not (String.IsNullOrWhiteSpace line) then
                 let raw =
                     try
@@ -423,7 +423,7 @@ let private readJsonLines (path: string) (cols: Columns) (notes: Notes) : seq<Ra
 
 let private readSamsum (path: string) (cols: Columns) (notes: Notes) : seq<Raw> =
     seq {
-        Text.checkUtf8 path
+        TextTools.checkUtf8 path
         use doc =
             try JsonDocument.Parse(File.ReadAllBytes path)
             with :? JsonException as e ->
@@ -531,7 +531,7 @@ let XsumSummaryDirName = "bbc-summary-data"
 
 /// Reads the ids of one split from the XSum split file.
 let readXsumSplit (path: string) (split: string) : string[] =
-    Text.checkUtf8 path
+    TextTools.checkUtf8 path
     use doc =
         try JsonDocument.Parse(File.ReadAllBytes path)
         with :? JsonException as e -> fail path None (sprintf "malformed JSON (%s)" (e.Message.Split('.')[0]))
@@ -550,7 +550,7 @@ let readXsumSplit (path: string) (split: string) : string[] =
 let private readXsumFile (path: string) : Raw =
     let sections = Dictionary<string, ResizeArray<string>>()
     let mutable current : ResizeArray<string> = null
-    for lineNo, line in Text.readLines path do
+    for lineNo, line in TextTools.readLines path do
         let t = line.Trim()
         if t.Length > 8 && t.StartsWith "[SN]" && t.EndsWith "[SN]" then
             let name = t.Substring(4, t.Length - 8)
@@ -643,9 +643,9 @@ let private readAligned (path: string) (cfg: DataConfig) (notes: Notes) : seq<Ra
         for f in [ Some docs; Some refs; ids ] |> List.choose id do
             if not (File.Exists f) then fail f None "file not found"
         if ids.IsNone then notes.Add(sprintf "no ids file beside %s; ids are line numbers" docs) |> ignore
-        use d = (Text.readLines docs).GetEnumerator()
-        use r = (Text.readLines refs).GetEnumerator()
-        use i = (match ids with Some f -> Text.readLines f | None -> Seq.empty).GetEnumerator()
+        use d = (TextTools.readLines docs).GetEnumerator()
+        use r = (TextTools.readLines refs).GetEnumerator()
+        use i = (match ids with Some f -> TextTools.readLines f | None -> Seq.empty).GetEnumerator()
         let mutable go = true
         while go do
             let hasD, hasR = d.MoveNext(), r.MoveNext()
@@ -748,18 +748,18 @@ type ExampleReader(cfg: DataConfig, path: string) =
 
     let clean (c: Counts) (seen: HashSet<string>) (r: Raw) : Example option =
         c.Read <- c.Read + 1
-        let prep (s: string) = if isNull s then "" else (Text.normaliseNewlines s).Trim()
+        let prep (s: string) = if isNull s then "" else (TextTools.normaliseNewlines s).Trim()
         let mutable doc = prep r.Document
         let mutable sum = prep r.Summary
         if doc.Contains '\uFFFD' || sum.Contains '\uFFFD' then c.Replacement <- c.Replacement + 1
         if cfg.RepairMojibake then
-            let d, dc = Text.repairMojibake doc
-            let s, sc = Text.repairMojibake sum
+            let d, dc = TextTools.repairMojibake doc
+            let s, sc = TextTools.repairMojibake sum
             if dc || sc then c.Mojibake <- c.Mojibake + 1
             doc <- d
             sum <- s
         if cfg.StripSentenceTags then
-            match Text.stripSentenceTags sum with
+            match TextTools.stripSentenceTags sum with
             | Some s ->
                 sum <- s
                 c.Tags <- c.Tags + 1
@@ -783,7 +783,7 @@ type ExampleReader(cfg: DataConfig, path: string) =
                 None
         else
             if doc.Length > cfg.MaxDocumentChars then
-                doc <- Text.truncate cfg.MaxDocumentChars doc
+                doc <- TextTools.truncate cfg.MaxDocumentChars doc
                 c.Truncated <- c.Truncated + 1
             let id = r.Id.Trim()
             if not (seen.Add id) then
@@ -850,6 +850,31 @@ let load (cfg: DataConfig) (path: string) : Dataset =
     let examples = r.Examples |> Seq.toArray
     { Examples = examples; Report = r.Report }
 
+/// Documents and summaries, in order: the texts a tokenizer vocabulary is trimmed on.
+let texts (examples: seq<Example>) : seq<string> =
+    examples |> Seq.collect (fun e -> [ e.Document; e.Summary ])
+
+/// Writes examples as JSON Lines (`id`, `document`, `summary`, and `label` when present), the layout
+/// `JsonLines` reads back; atomically (a temporary file, then a rename).
+let writeJsonLines (path: string) (examples: seq<Example>) : unit =
+    let tmp = path + ".tmp"
+    do
+        use stream = File.Create tmp
+        let newline = [| 10uy |]
+        for e in examples do
+            do
+                use w = new Utf8JsonWriter(stream, JsonWriterOptions(Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping))
+                w.WriteStartObject()
+                w.WriteString("id", e.Id)
+                w.WriteString("document", e.Document)
+                w.WriteString("summary", e.Summary)
+                match e.Label with
+                | Some l -> w.WriteString("label", l)
+                | None -> ()
+                w.WriteEndObject()
+            stream.Write(newline, 0, 1)
+    File.Move(tmp, path, true)
+
 // ---------------------------------------------------------------- inspection
 
 /// Nearest-rank percentiles of a length distribution.
@@ -896,7 +921,7 @@ let private tally (examples: seq<Example>) : Tally =
     let mutable inDoc = 0
     let mutable longer = 0
     for e in examples do
-        let d, s = Text.words e.Document, Text.words e.Summary
+        let d, s = TextTools.words e.Document, TextTools.words e.Summary
         docW.Add d
         sumW.Add s
         if e.Document.Contains e.Summary then inDoc <- inDoc + 1

@@ -381,6 +381,13 @@ let private badInputTests =
                   "Split must be train|validation|test, got \"dev2\"" ] "all three"
             Expect.isEmpty (DataConfig.validate DataConfig.defaults) "defaults are valid"
 
+        testCase "text that was already lossy (U+FFFD) is counted" <| fun () ->
+            withTemp (fun dir ->
+                let p = write dir "d.jsonl" "{\"id\":\"1\",\"document\":\"caf\uFFFD au lait\",\"summary\":\"s\"}\n"
+                let d = Data.load cfg p
+                Expect.equal d.Report.ReplacementCharacters 1 "counted"
+                Expect.isTrue (d.Report.Notes |> List.exists (fun n -> n.Contains "U+FFFD")) "noted")
+
         testCase "duplicate ids are counted and noted" <| fun () ->
             withTemp (fun dir ->
                 let p = write dir "d.jsonl" "{\"id\":\"1\",\"document\":\"d\",\"summary\":\"s\"}\n{\"id\":\"1\",\"document\":\"e\",\"summary\":\"t\"}\n"
@@ -394,7 +401,7 @@ let private textTests =
     testList "text" [
         testCase "readLines: the shared README's newline rules, CRLF and BOM" <| fun () ->
             withTemp (fun dir ->
-                let lines (text: byte[]) = Text.readLines (writeBytes dir "x.txt" text) |> Seq.map snd |> List.ofSeq
+                let lines (text: byte[]) = TextTools.readLines (writeBytes dir "x.txt" text) |> Seq.map snd |> List.ofSeq
                 Expect.equal (lines "a\nb"B) [ "a"; "b" ] "last line without newline kept"
                 Expect.equal (lines "a\nb\n"B) [ "a"; "b" ] "final newline ends, not starts, a line"
                 Expect.equal (lines "a\n\n"B) [ "a"; "" ] "an empty last line is a line"
@@ -405,10 +412,10 @@ let private textTests =
                 Expect.equal (lines (Encoding.UTF8.GetBytes(big + "\nz"))) [ big; "z" ] "a line longer than the read buffer")
 
         testCase "mojibake repair undoes UTF-8 read as Windows-1252, and leaves real text alone" <| fun () ->
-            Expect.equal (Text.repairMojibake "cost Â£5") ("cost £5", true) "pound"
-            Expect.equal (Text.repairMojibake "it wasnâ€™t") ("it wasn’t", true) "curly apostrophe via cp1252"
-            Expect.equal (Text.repairMojibake "ðŸ˜ˆ") ("😈", true) "4-byte emoji"
-            Expect.equal (Text.repairMojibake "São Paulo, café, Motörhead") ("São Paulo, café, Motörhead", false) "real accents"
+            Expect.equal (TextTools.repairMojibake "cost Â£5") ("cost £5", true) "pound"
+            Expect.equal (TextTools.repairMojibake "it wasnâ€™t") ("it wasn’t", true) "curly apostrophe via cp1252"
+            Expect.equal (TextTools.repairMojibake "ðŸ˜ˆ") ("😈", true) "4-byte emoji"
+            Expect.equal (TextTools.repairMojibake "São Paulo, café, Motörhead") ("São Paulo, café, Motörhead", false) "real accents"
 
         testCase "percentiles are nearest-rank" <| fun () ->
             let p = percentiles [| 1 .. 100 |]
@@ -549,10 +556,10 @@ let private corpusTests =
             (Gen.zip (Gen.choose (0, 100000)) (Gen.choose (0, 1000000))) <| fun (seed, index) ->
             let e = Corpus.example { defaults with Seed = seed } index
             let n = (sentences e.Document).Length
-            let w = Text.words e.Document
+            let w = TextTools.words e.Document
             if n < 5 || n > 15 then failwithf "%d sentences in %s" n e.Id
             if w < 100 || w > 250 then failwithf "%d words in %s" w e.Id
-            let sw = Text.words e.Summary
+            let sw = TextTools.words e.Summary
             if sw < 10 || sw > 20 then failwithf "%d summary words in %s" sw e.Id
             for number in Regex.Matches(e.Summary, @"\d+") do
                 if not (Regex.IsMatch(e.Document, @"\b" + number.Value + @"\b")) then failwithf "%s: %s not in the document" e.Id number.Value
@@ -655,12 +662,13 @@ let private batchTests =
             Expect.equal ids (corpus.Force() |> Array.map (fun e -> e.Id)) "in order"
 
         testCase "batches do not leak tensors" <| fun () ->
+            // Counted in a dispose scope of this thread: the global count moves with tests running beside it.
             let src = memory.Force()
-            let before = Tensors.liveTensors ()
+            use scope = torch.NewDisposeScope()
             for b in Batching.epoch bcfg src 0 |> Seq.truncate 5 do
                 use _ = b
-                ()
-            Expect.equal (Tensors.liveTensors ()) before "every batch disposed"
+                Expect.equal scope.DisposablesCount 5 "a batch owns five tensors"
+            Expect.equal scope.DisposablesCount 0 "disposing a batch frees all of them"
 
         testCase "validation lists every problem" <| fun () ->
             let problems = BatchConfig.validate { bcfg with BatchSize = 0; MaxTargetTokens = 1; MaxBatchTokens = Some 10 }
@@ -697,6 +705,20 @@ let private batchTests =
                     Expect.equal (Tensors.toInt64s a.Source) (Tensors.toInt64s b.Source) "source"
                     Expect.equal (Tensors.toInt64s a.Target) (Tensors.toInt64s b.Target) "target"
                     Expect.equal a.Ids b.Ids "ids")
+
+        testCase "a generated corpus written as JSON Lines streams from the loader into a token cache" <| fun () ->
+            withTemp (fun dir ->
+                let enc = cl100k.Force()
+                let examples = Corpus.generate 9 2000
+                let jsonl = Path.Combine(dir, "synthetic.jsonl")
+                Data.writeJsonLines jsonl examples
+                let reader = Data.read cfg jsonl
+                let info = TokenCache.build enc jsonl reader.Examples (Path.Combine(dir, "synthetic.tokens"))
+                Expect.equal info.Count 2000 "every example"
+                Expect.equal reader.Report.Kept 2000 "the loader's report is complete after streaming"
+                Expect.equal (Data.load cfg jsonl).Examples examples "JSON Lines round trip, labels included"
+                use cache = TokenCache.openRead info.Path
+                Expect.equal (cache.ReadBase 1999) (enc.Encode examples[1999].Document, enc.Encode examples[1999].Summary) "last example")
 
         testCase "token cache: unfinished or foreign files are refused; openOrBuild rebuilds on a new key" <| fun () ->
             withTemp (fun dir ->
