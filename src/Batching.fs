@@ -154,6 +154,8 @@ type TokenCache private (path: string, info: CacheInfo, baseSize: int, offsets: 
     static let magic = Encoding.ASCII.GetBytes "MOETOKC1"
     static let version = 1
     static let headerBytes = 32
+    // Examples encoded together by `Build`: enough to keep every core busy, few enough to stay small.
+    static let encodeChunk = 512
 
     /// Opens a cache written by `build`; fails clearly on anything else or on an unfinished file.
     static member Open(path: string) : TokenCache =
@@ -192,7 +194,7 @@ type TokenCache private (path: string, info: CacheInfo, baseSize: int, offsets: 
               SourceTokens = srcLen |> Array.sumBy int64; TargetTokens = tgtLen |> Array.sumBy int64 }
         new TokenCache(path, info, baseSize, offsets, srcLen, tgtLen, ids, labels, counts)
 
-    /// Tokenizes `examples` with `encoder` (streaming: one example in memory at a time) and writes the
+    /// Tokenizes `examples` with `encoder` (streaming: one chunk of examples in memory at a time) and writes the
     /// cache atomically: to `path.tmp`, renamed to `path` once complete.
     static member Build(encoder: IBaseEncoder, key: string, examples: seq<Example>, path: string) : CacheInfo =
         let tmp = path + ".tmp"
@@ -216,16 +218,17 @@ type TokenCache private (path: string, info: CacheInfo, baseSize: int, offsets: 
                 for t in tokens do
                     counts[t] <- counts[t] + 1L
                 w.Write(MemoryMarshal.AsBytes(ReadOnlySpan<int>(tokens)))
-            for e in examples do
-                let doc = encoder.Encode e.Document
-                let sum = encoder.Encode e.Summary
-                offsets.Add stream.Position
-                write doc
-                write sum
-                srcLen.Add doc.Length
-                tgtLen.Add sum.Length
-                ids.Add e.Id
-                labels.Add e.Label
+            // Chunks are encoded on all cores and written in order; one chunk is in memory at a time.
+            for chunk in Seq.chunkBySize encodeChunk examples do
+                let encoded = chunk |> Array.Parallel.map (fun e -> encoder.Encode e.Document, encoder.Encode e.Summary)
+                for e, (doc, sum) in Array.zip chunk encoded do
+                    offsets.Add stream.Position
+                    write doc
+                    write sum
+                    srcLen.Add doc.Length
+                    tgtLen.Add sum.Length
+                    ids.Add e.Id
+                    labels.Add e.Label
             let indexAt = stream.Position
             w.Write key
             w.Write encoder.Fingerprint

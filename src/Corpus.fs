@@ -404,7 +404,7 @@ let private topics : Topic[] =
                 Number = [| "Organisers expect {n} thousand visitors over the two days."
                             "Around {n} thousand people are expected to attend." |]
                 Range = (3, 90)
-                Summary = "{who} top the bill at a {where} festival expecting {n} thousand visitors." } |]
+                Summary = "{who} will top the bill at a {where} festival expecting {n} thousand visitors." } |]
          Place =
            [| "The event took place at a theatre in {where}."
               "The venue in {where} was packed for the occasion."

@@ -383,7 +383,7 @@ let private jsonString (file: string) (line: int64) (el: JsonElement) (name: str
     | JsonValueKind.Number -> el.GetRawText()
     | other -> fail file (Some line) (sprintf "expected \"%s\" to be a string, got a JSON %O" name other)
 
-/// Reads an object's fields; `what` says "line" or "item" for messages.
+/// Reads the configured fields of one JSON object found at `line` (a line, or an item number for arrays).
 let private fromJsonObject (file: string) (line: int64) (cols: Columns) (el: JsonElement) : Raw =
     if el.ValueKind <> JsonValueKind.Object then
         fail file (Some line) (sprintf "expected a JSON object, got a JSON %O" el.ValueKind)
@@ -416,7 +416,8 @@ let private readJsonLines (path: string) (cols: Columns) (notes: Notes) : seq<Ra
                             notes.Add(sprintf "no \"%s\" field in %s line %d; ids are line numbers where it is missing" cols.Id path lineNo) |> ignore
                         fromJsonObject path lineNo cols doc.RootElement
                     with :? JsonException as e ->
-                        fail path (Some lineNo) (sprintf "malformed JSON line (%s)" (e.Message.Split('.')[0]))
+                        let at = if e.BytePositionInLine.HasValue then sprintf " at byte %d" (e.BytePositionInLine.Value + 1L) else ""
+                        fail path (Some lineNo) (sprintf "malformed JSON line%s (%s)" at (e.Message.Split('.')[0]))
                 yield raw
             else notes.Add(sprintf "blank lines in %s are ignored (first at line %d)" path lineNo) |> ignore
     }
