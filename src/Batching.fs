@@ -207,7 +207,7 @@ type TokenCache private (path: string, info: CacheInfo, baseSize: int, offsets: 
         let ids = ResizeArray<string>()
         let labels = ResizeArray<string option>()
         do
-            use stream = new FileStream(tmp, FileMode.Create, FileAccess.ReadWrite, FileShare.None, 1 <<< 16)
+            use stream = new FileStream(tmp, FileMode.Create, FileAccess.ReadWrite, FileShare.None)
             use w = new BinaryWriter(stream, Encoding.UTF8)
             w.Write magic
             w.Write version
@@ -349,8 +349,10 @@ let private permutation (rng: Random) (n: int) =
 /// `MaxBatchTokens` padded source tokens; batch order is shuffled. Deterministic in (Seed, epoch).
 let plan (cfg: BatchConfig) (source: ITokenSource) (epoch: int) : int[][] =
     check cfg
-    // System.Random with a seed is a fixed algorithm across .NET versions; the epoch picks a new stream.
-    let rng = Random(cfg.Seed * 7919 + epoch)
+    // System.Random with a seed is a fixed algorithm across .NET versions; each epoch gets its own seed,
+    // spaced by a prime so (seed, epoch) pairs do not collide for runs under that many epochs.
+    let epochStride = 7919
+    let rng = Random(cfg.Seed * epochStride + epoch)
     let n = source.Count
     let order = if cfg.Shuffle then permutation rng n else Array.init n id
     let len i = min cfg.MaxSourceTokens (max 1 (source.SourceLength i))

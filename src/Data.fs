@@ -190,6 +190,8 @@ module DataConfig =
 /// Strict UTF-8 reading and the text clean-ups every loader applies.
 module TextTools =
     let private bom = [| 0xEFuy; 0xBBuy; 0xBFuy |]
+    /// Bytes read per system call by `readLines`.
+    let private readBuffer = 1 <<< 16
 
     /// Decodes `bytes` as strict UTF-8, or fails naming the file, line and byte column of the first bad byte.
     let decodeStrict (file: string) (line: int64) (bytes: ReadOnlySpan<byte>) : string =
@@ -218,8 +220,8 @@ module TextTools =
     let readLines (path: string) : seq<int64 * string> =
         seq {
             if not (File.Exists path) then fail path None "file not found"
-            use stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 <<< 16, FileOptions.SequentialScan)
-            let buffer = Array.zeroCreate<byte> (1 <<< 16)
+            use stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, readBuffer, FileOptions.SequentialScan)
+            let buffer = Array.zeroCreate<byte> readBuffer
             let pending = new MemoryStream()
             let mutable lineNo = 0L
             let mutable n = stream.Read(buffer, 0, buffer.Length)
