@@ -11,6 +11,7 @@ let all =
         RoutingTests.tests
         MetricsTests.tests
         LayersTests.tests
+        DataTests.tests
     ]
 
 [<EntryPoint>]
