@@ -49,3 +49,6 @@ Prelude.loadNatives ()
 #load "../src/Config.fs"
 #load "../src/Routing.fs"
 #load "../src/Layers.fs"
+#load "../src/Attention.fs"
+#load "../src/Models.fs"
+#load "../src/Generate.fs"
