@@ -133,6 +133,14 @@ type FeedForward =
       /// Parameters one token uses: all of a dense FFN's; an MoE layer's router, shared experts and k experts.
       ActiveParameters: int64 }
 
+    /// For C#: a sublayer from its module, a forward taking (x [T; D], token ids [T]) or null when it needs
+    /// none, whether padding is dropped before it, and the parameters one token uses.
+    static member Create(m: Module<Tensor, FfnResult>, withTokenIds: Func<Tensor, Tensor, FfnResult>, skipPadding: bool, activeParameters: int64) =
+        { Module = m
+          WithTokenIds = if isNull withTokenIds then None else Some(fun x ids -> withTokenIds.Invoke(x, ids))
+          SkipPadding = skipPadding
+          ActiveParameters = activeParameters }
+
 /// Number of scalars in a module's parameters.
 let parameterCount (m: torch.nn.Module) : int64 =
     m.parameters () |> Seq.sumBy (fun p -> p.NumberOfElements)
