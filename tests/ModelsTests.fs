@@ -404,6 +404,9 @@ let modelTests =
 // ---------------------------------------------------------------- generation
 
 
+/// Untied, so that an untrained model does not just echo its input embedding and outputs vary.
+let generationConfig = { tinyConfig with TiedEmbeddings = false }
+
 /// Sum of log p(tokens, then EOS if finished | src) under teacher forcing.
 let teacherForcedLogProb (model: EncoderDecoder) (src: Tensor) (h: Hypothesis) : float =
     use _ = torch.NewDisposeScope()
@@ -443,7 +446,7 @@ let generateTests =
         testCase "beam size 1 equals greedy, and both scores equal teacher-forced log-probabilities" <| fun () ->
             use _ = torch.NewDisposeScope()
             torch.manual_seed 21L |> ignore
-            use model = new EncoderDecoder(tinyConfig)
+            use model = new EncoderDecoder(generationConfig)
             let src = randIds 3L 20L [| 3L; 5L |]
             for alpha in [ 0.0; 0.6 ] do
                 let cfg = { genConfig with LengthPenalty = alpha; BeamSize = 1 }
@@ -459,7 +462,7 @@ let generateTests =
         testCase "beam search: hypotheses sorted by score, log-probs match teacher forcing, training mode restored" <| fun () ->
             use _ = torch.NewDisposeScope()
             torch.manual_seed 22L |> ignore
-            use model = new EncoderDecoder({ tinyConfig with Dropout = 0.1 })
+            use model = new EncoderDecoder({ generationConfig with Dropout = 0.1 })
             model.train ()
             let src = randIds 3L 20L [| 2L; 5L |]
             let cfg = { genConfig with BeamSize = 3; LengthPenalty = 0.6 }
@@ -475,6 +478,22 @@ let generateTests =
                         h.LogProb (teacherForcedLogProb model (src.narrow(0L, int64 i, 1L)) h) "beam log-prob = teacher forcing (cache reordered right)"
                     let length = h.Tokens.Length + (if h.Finished then 1 else 0)
                     Expect.floatClose Accuracy.high h.Score (h.LogProb / lengthPenalty 0.6 length) "score = log-prob / lp"
+
+        testCase "a padded batch decodes like each source alone" <| fun () ->
+            use _ = torch.NewDisposeScope()
+            torch.manual_seed 24L |> ignore
+            use model = new EncoderDecoder(generationConfig)
+            let short = randIds 3L 20L [| 1L; 3L |]
+            let long = randIds 3L 20L [| 1L; 6L |]
+            let batch = torch.cat([| torch.cat([| short; torch.zeros([| 1L; 3L |], dtype = torch.ScalarType.Int64) |], 1L); long |], 0L)
+            let valid = torch.tensor(Array.init 12 (fun i -> i < 3 || i >= 6)).view(2L, 6L)
+            for k in [ 1; 3 ] do
+                let cfg = { genConfig with BeamSize = k; LengthPenalty = 0.6 }
+                let together = generate cfg model batch valid
+                let alone = [| generate cfg model short null; generate cfg model long null |] |> Array.map Array.head
+                for i in 0 .. 1 do
+                    Expect.sequenceEqual together[i].Tokens alone[i].Tokens (sprintf "beam %d source %d" k i)
+                    Expect.floatClose { absolute = Tol.f32Loose; relative = Tol.f32Loose } together[i].Score alone[i].Score "same score"
 
         testCase "no-repeat n-gram blocks repeats that greedy and beam would make" <| fun () ->
             use _ = torch.NewDisposeScope()
@@ -505,13 +524,13 @@ let generateTests =
         testCase "bad generation settings list every problem" <| fun () ->
             let problems = GenerateConfig.validate tinyConfig { genConfig with MaxLength = 50; BeamSize = 0; EosId = 20; NoRepeatNgram = -1 }
             Expect.equal problems.Length 4 (sprintf "%A" problems)
-            use model = new EncoderDecoder(tinyConfig)
+            use model = new EncoderDecoder(generationConfig)
             use src = randIds 3L 20L [| 1L; 3L |]
             Expect.throwsT<ArgumentException> (fun () -> greedy { genConfig with BeamSize = 0 } model src null |> ignore) "refused"
 
         sequencedCase "generation leaks no tensors" <| fun () ->
             torch.manual_seed 23L |> ignore
-            use model = new EncoderDecoder(tinyConfig)
+            use model = new EncoderDecoder(generationConfig)
             use src = randIds 3L 20L [| 2L; 5L |]
             beamSearch { genConfig with BeamSize = 2 } model src null |> ignore
             let live = liveTensors ()
