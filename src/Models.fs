@@ -180,14 +180,29 @@ module FeedForward =
         result.Moe |> Option.iter moveReportOut
         { result with Output = result.Output.MoveToOuterDisposeScope() }
 
+    /// An MoE sublayer (`Layers.MoeLayer`) that drops padding before routing and, for hash routers, passes
+    /// the token ids. Active parameters: all but the (E - k) experts a token skips, k = picks per token.
+    let moe (cfg: MoeConfig) : FeedForward =
+        let layer = new MoeLayer("ffn", cfg)
+        let experts = int64 cfg.Router.Experts
+        let picks = int64 (RouterConfig.picksPerToken cfg.Router)
+        let perExpert = parameterCount layer.Experts / experts
+        { Module = layer
+          WithTokenIds =
+            match cfg.Router.Selection with
+            | Hash _ -> Some(fun x ids -> layer.forward(x, ids))
+            | _ -> None
+          SkipPadding = true
+          ActiveParameters = parameterCount layer - (experts - picks) * perExpert }
+
     /// The default factory: a `DenseFfn` for `Dense`, and for `Moe` an MoE layer where
     /// `ModelConfig.isMoeLayer` says so and a dense FFN of the experts' width elsewhere.
     let create (cfg: ModelConfig) (site: FfnSite) : FeedForward =
         match cfg.Ffn with
         | Dense hidden -> dense (new DenseFfn("ffn", cfg.ModelDim, hidden, cfg.Activation))
-        | Moe moe when not (ModelConfig.isMoeLayer cfg site.Layer) ->
-            dense (new DenseFfn("ffn", cfg.ModelDim, moe.ExpertHidden, moe.Activation))
-        | Moe moe -> invalidOp "MoE layers are not in this build yet"
+        | Moe m when not (ModelConfig.isMoeLayer cfg site.Layer) ->
+            dense (new DenseFfn("ffn", cfg.ModelDim, m.ExpertHidden, m.Activation))
+        | Moe m -> moe m
 
 // ---------------------------------------------------------------- caches and outputs
 

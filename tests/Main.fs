@@ -7,6 +7,8 @@ open Expecto.Impl
 let all =
     testList "Moe" [
         FoundationTests.tests
+        RoutingTests.tests
+        LayersTests.tests
         ModelsTests.tests
     ]
 

@@ -236,8 +236,47 @@ let tokenLoss (logits: Tensor) (targets: Tensor) : Tensor =
 
 let genConfig = { GenerateConfig.defaults with MaxLength = 8; BosId = 1; EosId = 2; LengthPenalty = 0.0 }
 
-/// A learning rate at which 30 AdamW steps memorise a 4-example batch.
+/// Top-2 of 4 experts, hidden 24, dropless: routing of a token does not depend on its batch.
+let moeConfig = { MoeConfig.defaults with ModelDim = 16; ExpertHidden = 24; Router = { RouterConfig.defaults with Experts = 4; K = 2 } }
+
+/// A learning rate and step count at which AdamW memorises a 4-example batch well enough to decode it.
 let overfitLearningRate = 1e-2
+let overfitSteps = 40
+
+/// Tiny models of each FFN kind memorise a tiny batch (reversal of 4 sources) and then decode it.
+let overfitTests =
+    testList "overfit" [
+        for name, ffn in [ "dense", Dense 64; "top-2 MoE", Moe { moeConfig with ModelDim = 32 }; "hash MoE", Moe { moeConfig with ModelDim = 32; Router = { moeConfig.Router with Selection = Hash(RandomHash 1) } } ] ->
+          sequencedCase (sprintf "a tiny %s model overfits a tiny batch in %d AdamW steps, then decodes it; no tensors leak per step" name overfitSteps) <| fun () ->
+            torch.manual_seed 13L |> ignore
+            use model = new EncoderDecoder({ tinyConfig with EncoderLayers = 1; DecoderLayers = 1; Ffn = ffn; ModelDim = 32 })
+            use src = randIds 3L 20L [| 4L; 6L |]
+            let bos = torch.full([| 4L; 1L |], (int64 genConfig.BosId).ToScalar(), dtype = torch.ScalarType.Int64)
+            let eos = torch.full([| 4L; 1L |], (int64 genConfig.EosId).ToScalar(), dtype = torch.ScalarType.Int64)
+            use tgt = torch.cat([| bos; src.flip(1L); eos |], 1L)                     // BOS, reversed source, EOS
+            use input = tgt.narrow(1L, 0L, 7L)
+            use target = tgt.narrow(1L, 1L, 7L)
+            use opt = torch.optim.AdamW(model.parameters (), lr = overfitLearningRate)
+            let step () =
+                use _ = torch.NewDisposeScope()
+                opt.zero_grad ()
+                let out = model.Forward(src, input)
+                let loss = tokenLoss out.Logits target + List.fold (fun (acc: Tensor) r -> acc + weightedAux LossWeights.defaults r.Report.Aux) (torch.tensor 0.0f) out.Moe
+                loss.backward ()
+                opt.step () |> ignore
+                scalar loss
+            let first = step ()
+            step () |> ignore                                                      // AdamW's moments exist from here on
+            let live = liveTensors ()
+            let mutable last = first
+            for _ in 3 .. overfitSteps do last <- step ()
+            Expect.isLessThan last (first * 0.1) (sprintf "loss %.3f -> %.3f" first last)
+            Expect.isLessThanOrEqual (liveTensors ()) live "live tensors do not grow"
+            let expected = src.flip(1L) |> toInt64s |> Array.map int |> Array.chunkBySize 6
+            for k in [ 1; 3 ] do
+                let out = generate { genConfig with BeamSize = k } model src null
+                Expect.sequenceEqual (out |> Array.map (fun h -> h.Tokens)) expected (sprintf "beam %d reproduces the reversed sources" k)
+    ]
 
 let modelTests =
     testList "models" [
@@ -355,34 +394,52 @@ let modelTests =
             Expect.sequenceEqual seen[0] [| 3L; 4L; 5L; 6L; 7L; 8L; 9L |] "source ids, pad dropped"
             Expect.sequenceEqual seen[2] [| 1L; 10L; 1L; 11L |] "target ids"
 
-        sequencedCase "a tiny model overfits a tiny batch in 30 AdamW steps, then decodes it; no tensors leak per step" <| fun () ->
-            torch.manual_seed 13L |> ignore
-            use model = new EncoderDecoder({ tinyConfig with EncoderLayers = 1; DecoderLayers = 1; Ffn = Dense 64; ModelDim = 32 })
-            use src = randIds 3L 20L [| 4L; 6L |]
-            let bos = torch.full([| 4L; 1L |], (int64 genConfig.BosId).ToScalar(), dtype = torch.ScalarType.Int64)
-            let eos = torch.full([| 4L; 1L |], (int64 genConfig.EosId).ToScalar(), dtype = torch.ScalarType.Int64)
-            use tgt = torch.cat([| bos; src.flip(1L); eos |], 1L)                     // BOS, reversed source, EOS
-            use input = tgt.narrow(1L, 0L, 7L)
-            use target = tgt.narrow(1L, 1L, 7L)
-            use opt = torch.optim.AdamW(model.parameters (), lr = overfitLearningRate)
-            let step () =
-                use _ = torch.NewDisposeScope()
-                opt.zero_grad ()
-                let loss = tokenLoss (model.Forward(src, input).Logits) target
-                loss.backward ()
-                opt.step () |> ignore
-                scalar loss
-            let first = step ()
-            step () |> ignore                                                      // AdamW's moments exist from here on
-            let live = liveTensors ()
-            let mutable last = first
-            for _ in 3 .. 30 do last <- step ()
-            Expect.isLessThan last (first * 0.1) (sprintf "loss %.3f -> %.3f" first last)
-            Expect.isLessThanOrEqual (liveTensors ()) live "live tensors do not grow"
-            let expected = src.flip(1L) |> toInt64s |> Array.map int |> Array.chunkBySize 6
-            for k in [ 1; 3 ] do
-                let out = generate { genConfig with BeamSize = k } model src null
-                Expect.sequenceEqual (out |> Array.map (fun h -> h.Tokens)) expected (sprintf "beam %d reproduces the reversed sources" k)
+        overfitTests
+
+        testCase "MoE every other layer: reports named enc.1, enc.3, dec.1; active parameters skip E - k experts" <| fun () ->
+            use _ = torch.NewDisposeScope()
+            torch.manual_seed 15L |> ignore
+            let cfg = { tinyConfig with EncoderLayers = 4; DecoderLayers = 2; Ffn = Moe moeConfig; MoeEvery = 2 }
+            use model = new EncoderDecoder(cfg)
+            let out = model.Forward(randIds 3L 20L [| 2L; 5L |], randIds 3L 20L [| 2L; 3L |])
+            Expect.equal (out.Moe |> List.map (fun r -> r.Layer)) [ "enc.1"; "enc.3"; "dec.1" ] "MoE layers in order"
+            for r in out.Moe do
+                Expect.sequenceEqual r.Report.Stats.TokensPerExpert.shape [| 4L |] "[E]"
+                Expect.floatClose Accuracy.medium (scalar (r.Report.Stats.TokensPerExpert.sum ())) 1.0 "fractions sum to 1"
+            let keys = model.named_parameters () |> Seq.map (fun struct (k, _) -> k) |> Set.ofSeq
+            Expect.contains keys "enc.1.ffn.experts.w1" "expert weights registered"
+            Expect.contains keys "enc.0.ffn.w1.weight" "dense layer between MoE layers"
+            let counts = model.ParameterCount()
+            let perExpert = 2L * 16L * 24L                                          // W1 [D; H] and W2 [H; D]
+            Expect.equal (counts.Total - counts.Active) (3L * (4L - 2L) * perExpert) "three MoE layers, two idle experts each"
+
+        testCase "MoE model: the cached decoder gives the full forward's logits (dropless routing is per token)" <| fun () ->
+            use _ = torch.NewDisposeScope()
+            torch.manual_seed 16L |> ignore
+            use model = new EncoderDecoder({ tinyConfig with Ffn = Moe moeConfig })
+            model.eval ()
+            let src = randIds 3L 20L [| 2L; 5L |]
+            let tgt = randIds 3L 20L [| 2L; 4L |]
+            let full = model.Forward(src, tgt).Logits
+            let encoded = model.Encode(src, null)
+            use cache = model.NewCache()
+            let steps = [| for t in 0L .. 3L -> model.Decode(encoded.Memory, null, tgt.narrow(1L, t, 1L), null, cache).Logits |]
+            expectClose Tol.f32Loose (torch.cat(steps, 1L)) full "step-by-step logits"
+
+        testCase "hash-routed model: each layer routes the real tokens' ids, pads skipped" <| fun () ->
+            use _ = torch.NewDisposeScope()
+            let seed = 3
+            let hashed = { moeConfig with Router = { moeConfig.Router with Selection = Hash(RandomHash seed) } }
+            use model = new EncoderDecoder({ tinyConfig with Ffn = Moe hashed })
+            let src = torch.tensor([| 3L; 4L; 5L; 0L; 0L; 6L; 7L; 8L; 9L; 10L |]).view(2L, 5L)
+            let srcValid = src.ne(torch.tensor 0L)
+            let expected =
+                let ids = src.masked_select srcValid
+                let counts = torch.bincount(Routing.randomHash seed 4 ids, minlength = 4L).to_type(torch.ScalarType.Float32)
+                counts / counts.sum ()
+            let out = model.Forward(src, randIds 3L 20L [| 2L; 3L |], srcValid, null)
+            for r in out.Moe |> List.filter (fun r -> r.Layer.StartsWith "enc") do
+                expectClose Tol.f32 r.Report.Stats.TokensPerExpert expected (r.Layer + ": tokens per expert = hash of the real ids")
 
         testCase "decoder-only: causal, and the cached forward equals the full one" <| fun () ->
             use _ = torch.NewDisposeScope()
