@@ -6,6 +6,7 @@ module Moe.Generate
 
 open System
 open System.Collections.Generic
+open System.Runtime.InteropServices
 open TorchSharp
 open Moe.Tensors
 open Moe.Config
@@ -252,6 +253,15 @@ let generate (cfg: GenerateConfig) (model: EncoderDecoder) (src: Tensor) (srcVal
 /// The same entry points as static methods, for C#.
 [<AbstractClass; Sealed>]
 type Generation =
+    /// Decoding settings; omitted arguments take `GenerateConfig.defaults`' values.
+    static member Config(bosId: int, eosId: int,
+                         [<Optional; DefaultParameterValue(64)>] maxLength: int,
+                         [<Optional; DefaultParameterValue(4)>] beamSize: int,
+                         [<Optional; DefaultParameterValue(0.6)>] lengthPenalty: float,
+                         [<Optional; DefaultParameterValue(0)>] noRepeatNgram: int,
+                         [<Optional; DefaultParameterValue(0)>] minLength: int) : GenerateConfig =
+        { MaxLength = maxLength; MinLength = minLength; BeamSize = beamSize; LengthPenalty = lengthPenalty
+          NoRepeatNgram = noRepeatNgram; BosId = bosId; EosId = eosId }
     /// Greedy search; srcValid may be null.
     static member Greedy(model: EncoderDecoder, src: Tensor, srcValid: Tensor, cfg: GenerateConfig) = greedy cfg model src srcValid
     /// Beam search's best hypothesis per source; srcValid may be null.

@@ -4,6 +4,7 @@
 module Moe.Models
 
 open System
+open System.Runtime.InteropServices
 open TorchSharp
 open TorchSharp.Modules
 open type TorchSharp.torch.nn
@@ -383,6 +384,13 @@ let private stackName (stack: Stack) = match stack with Encoder -> "enc" | Decod
 let private site (stack: Stack) (layer: int) : FfnSite =
     { Stack = stack; Layer = layer; Name = sprintf "%s.%d" (stackName stack) layer }
 
+/// The MoE layers among blocks, named by place ("enc.1"): to set hash tables or inspect routers.
+let private moeLayersOf (blocks: ModuleList<Block>) : (string * MoeLayer)[] =
+    [| for i in 0 .. blocks.Count - 1 do
+           match blocks[i].Ffn with
+           | :? MoeLayer as m -> blocks[i].ReportName, m
+           | _ -> () |]
+
 /// Runs blocks in order, collecting MoE reports by block name. x [B; S; D] -> [B; S; D].
 let private runBlocks (blocks: ModuleList<Block>) (x: Tensor) (ids: Tensor) (valid: Tensor) (memory: Tensor) (memoryValid: Tensor)
                       (cache: DecoderCache) : Tensor * LayerReport list =
@@ -445,6 +453,9 @@ type EncoderDecoder(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as
     member _.EncoderNorm = encNorm
     /// LayerNorm before the output projection.
     member _.DecoderNorm = decNorm
+
+    /// The MoE layers by name ("enc.1", "dec.3"), encoder first: to set balanced hash tables, read routers.
+    member _.MoeLayers() : (string * MoeLayer)[] = Array.append (moeLayersOf enc) (moeLayersOf dec)
 
     /// Total and active (per token) parameter counts.
     member this.ParameterCount() : ParameterCount =
@@ -522,6 +533,9 @@ type DecoderOnly(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as th
     member _.Blocks = blocks
     member _.OutputProjection = lmHead
 
+    /// The MoE layers by name ("dec.1").
+    member _.MoeLayers() : (string * MoeLayer)[] = moeLayersOf blocks
+
     member this.ParameterCount() : ParameterCount =
         let total = parameterCount this
         { Total = total; Active = total - inactiveParameters }
@@ -550,3 +564,59 @@ type DecoderOnly(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as th
 
     /// Forward over ids [B; L] with no padding and no cache.
     member this.Forward(ids: Tensor) : ModelOutput = this.Forward(ids, null, Unchecked.defaultof<DecoderCache>)
+
+// ---------------------------------------------------------------- C# facade
+
+/// Model configs and models from C#: optional arguments instead of F# record copies and unions.
+[<AbstractClass; Sealed>]
+type ModelApi =
+    /// A dense model config; omitted arguments take `ModelConfig.defaults`' values. kvHeads 0 means = heads.
+    /// activation: relu | gelu | swiglu; attention: handwritten | library; positional: sinusoidal | learned.
+    static member Config(vocabSize: int,
+                         [<Optional; DefaultParameterValue(64)>] modelDim: int,
+                         [<Optional; DefaultParameterValue(4)>] heads: int,
+                         [<Optional; DefaultParameterValue(0)>] kvHeads: int,
+                         [<Optional; DefaultParameterValue(2)>] encoderLayers: int,
+                         [<Optional; DefaultParameterValue(2)>] decoderLayers: int,
+                         [<Optional; DefaultParameterValue(0.1)>] dropout: float,
+                         [<Optional; DefaultParameterValue(256)>] maxLength: int,
+                         [<Optional; DefaultParameterValue(256)>] ffnHidden: int,
+                         [<Optional; DefaultParameterValue("gelu")>] activation: string,
+                         [<Optional; DefaultParameterValue("handwritten")>] attention: string,
+                         [<Optional; DefaultParameterValue("sinusoidal")>] positional: string,
+                         [<Optional; DefaultParameterValue(true)>] tiedEmbeddings: bool) : ModelConfig =
+        let word (what: string) (s: string) = if isNull s then invalidArg what (sprintf "expected %s, got null" what) else s.Trim().ToLowerInvariant()
+        { ModelConfig.defaults with
+            VocabSize = vocabSize
+            ModelDim = modelDim
+            Heads = heads
+            KvHeads = (if kvHeads = 0 then heads else kvHeads)
+            EncoderLayers = encoderLayers
+            DecoderLayers = decoderLayers
+            Dropout = dropout
+            MaxLength = maxLength
+            Ffn = Dense ffnHidden
+            Activation =
+                (match word "activation" activation with
+                 | "relu" -> ReLU
+                 | "gelu" -> GELU
+                 | "swiglu" -> SwiGLU
+                 | other -> invalidArg "activation" (sprintf "expected activation relu|gelu|swiglu, got '%s'" other))
+            Attention =
+                (match word "attention" attention with
+                 | "handwritten" -> Handwritten
+                 | "library" -> Library
+                 | other -> invalidArg "attention" (sprintf "expected attention handwritten|library, got '%s'" other))
+            Positional =
+                (match word "positional" positional with
+                 | "sinusoidal" -> Sinusoidal
+                 | "learned" -> Learned
+                 | other -> invalidArg "positional" (sprintf "expected positional sinusoidal|learned, got '%s'" other))
+            TiedEmbeddings = tiedEmbeddings }
+
+    /// The same config with MoE layers every `every`-th layer (1 = all); the MoE config's ModelDim is set to the model's.
+    static member WithMoe(cfg: ModelConfig, moe: MoeConfig, [<Optional; DefaultParameterValue(1)>] every: int) : ModelConfig =
+        { cfg with Ffn = Moe { moe with ModelDim = cfg.ModelDim }; MoeEvery = every }
+
+    /// Every problem with a config (empty when usable).
+    static member Validate(cfg: ModelConfig) : string[] = ModelConfig.validate cfg |> Array.ofList

@@ -441,6 +441,19 @@ let modelTests =
             for r in out.Moe |> List.filter (fun r -> r.Layer.StartsWith "enc") do
                 expectClose Tol.f32 r.Report.Stats.TokensPerExpert expected (r.Layer + ": tokens per expert = hash of the real ids")
 
+        testCase "C# facade: ModelApi.Config's defaults are ModelConfig.defaults; WithMoe; MoeLayers by name" <| fun () ->
+            Expect.equal (ModelApi.Config(512)) ModelConfig.defaults "same defaults"
+            let cfg = ModelApi.Config(20, modelDim = 16, kvHeads = 2, encoderLayers = 2, decoderLayers = 2, attention = "Library", positional = "learned")
+            Expect.equal cfg { ModelConfig.defaults with VocabSize = 20; ModelDim = 16; KvHeads = 2; Attention = Library; Positional = Learned } "overrides"
+            Expect.throwsT<ArgumentException> (fun () -> ModelApi.Config(20, attention = "flash") |> ignore) "unknown attention named"
+            let moeCfg = ModelApi.WithMoe(cfg, { moeConfig with ModelDim = 99 }, 2)
+            Expect.isEmpty (ModelApi.Validate moeCfg) "ModelDim synchronised"
+            use model = new EncoderDecoder(moeCfg)
+            Expect.equal (model.MoeLayers() |> Array.map fst) [| "enc.1"; "dec.1" |] "MoE layers by name"
+            use gpt = new DecoderOnly(moeCfg)
+            Expect.equal (gpt.MoeLayers() |> Array.map fst) [| "dec.1" |] "decoder-only MoE layers"
+            Expect.equal (Generation.Config(1, 2)) { GenerateConfig.defaults with BosId = 1; EosId = 2 } "generation defaults"
+
         testCase "decoder-only: causal, and the cached forward equals the full one" <| fun () ->
             use _ = torch.NewDisposeScope()
             torch.manual_seed 14L |> ignore
