@@ -12,6 +12,7 @@ let all =
         MetricsTests.tests
         LayersTests.tests
         DataTests.tests
+        ModelsTests.tests
     ]
 
 [<EntryPoint>]
