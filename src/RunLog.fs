@@ -394,6 +394,50 @@ let readTestScores (path: string) : SystemScores[] =
             | None -> Map.empty
         readSystem w name o intervals)
 
+/// The JSON of test_scores.json for named systems (`model`, `lead1`, ...): each system's
+/// `moe score --json` object, and `<system>_ci` with the bootstrap intervals of each ROUGE variant's
+/// F1 (`{"rouge1": {"low", "mid", "high"}, ...}`) and, where documents were scored, of compression
+/// and extractiveness. Corpus BLEU has no interval (the report's interval is of mean sentence BLEU,
+/// a different number), so none is written for it.
+let testScoresJson (systems: (string * Metrics.ScoreReport)[]) : string =
+    let names = systems |> Array.map fst
+    match names |> Array.tryFind (fun n -> String.IsNullOrEmpty n || n.EndsWith ciSuffix) with
+    | Some bad -> invalidArg "systems" (sprintf "expected system names that are not empty and do not end in %s, got \"%s\"" ciSuffix bad)
+    | None -> ()
+    if (Array.distinct names).Length <> names.Length then
+        invalidArg "systems" (sprintf "expected distinct system names, got [%s]" (String.Join(", ", names)))
+    use stream = new MemoryStream()
+    let w = new Utf8JsonWriter(stream, JsonWriterOptions(Indented = true))
+    let interval (name: string) (e: Metrics.Estimate) =
+        w.WriteStartObject(name)
+        w.WriteNumber("low", e.Low)
+        w.WriteNumber("mid", e.Mid)
+        w.WriteNumber("high", e.High)
+        w.WriteEndObject()
+    w.WriteStartObject()
+    for name, report in systems do
+        w.WritePropertyName(name)
+        w.WriteRawValue(Metrics.toJson report)
+        w.WriteStartObject(name + ciSuffix)
+        interval "rouge1" report.Rouge1.F1
+        interval "rouge2" report.Rouge2.F1
+        interval "rougeL" report.RougeL.F1
+        interval "rougeLsum" report.RougeLsum.F1
+        match report.Document with
+        | Some d ->
+            interval "compression" d.Compression
+            interval "extractiveness" d.Extractiveness
+        | None -> ()
+        w.WriteEndObject()
+    w.WriteEndObject()
+    w.Flush()
+    w.Dispose()
+    Encoding.UTF8.GetString(stream.ToArray())
+
+/// Writes `testScoresJson systems` to `path` (test_scores.json of a run folder).
+let writeTestScores (path: string) (systems: (string * Metrics.ScoreReport)[]) : unit =
+    File.WriteAllText(path, testScoresJson systems, UTF8Encoding(false))
+
 // ---------------------------------------------------------------------------------------------
 // config.json
 
@@ -519,6 +563,9 @@ let finalBalance (collapseBelow: float) (records: RoutingRecord[]) : LayerBalanc
 type RunFolder =
     /// Reads a run folder (see `RunLog.load`).
     static member Load(dir: string) : Run = load dir
+    /// Writes test_scores.json from named score reports (see `RunLog.writeTestScores`).
+    static member WriteTestScores(path: string, systems: Collections.Generic.IDictionary<string, Metrics.ScoreReport>) : unit =
+        writeTestScores path [| for kv in systems -> kv.Key, kv.Value |]
     /// Per-layer balance at the last logged step of routing.jsonl, with the default collapse threshold.
     static member FinalBalance(routingJsonl: string) : LayerBalance[] =
         readRouting routingJsonl |> finalBalance collapsedShareOfUniform

@@ -7,6 +7,12 @@ open Expecto.Impl
 let all =
     testList "Moe" [
         FoundationTests.tests
+        FoundationTests.consistency
+        RoutingTests.tests
+        MetricsTests.tests
+        LayersTests.tests
+        DataTests.tests
+        ModelsTests.tests
         PlotsTests.tests
     ]
 

@@ -149,6 +149,30 @@ let readerTests =
                 Expect.isSome texts.Documents "documents"
             finally Directory.Delete(root, true)
 
+        testCase "test_scores.json written from Metrics score reports reads back with its intervals" <| fun () ->
+            let dir = tempDir "scores"
+            try
+                let refs = [| "the cat sat on the mat"; "a dog barked at night"; "rain fell all day long"; "markets rose on friday" |]
+                let preds = [| "the cat sat"; "a dog barked loudly at night"; "it rained"; "markets rose" |]
+                let docs = [| "the cat sat on the mat all day"; "a dog barked at night and woke us"; "rain fell all day long in the city"; "markets rose on friday after news" |]
+                let opts = { Metrics.defaultOptions with Bootstrap = { Metrics.defaultOptions.Bootstrap with Samples = 50 } }
+                let model = Metrics.scoreCorpus opts preds refs (Some docs)
+                let lead = Metrics.scoreCorpus opts docs refs None
+                let path = Path.Combine(dir, "test_scores.json")
+                writeTestScores path [| "model", model; "lead1", lead |]
+                let read = readTestScores path
+                Expect.equal (read |> Array.map (fun s -> s.System)) [| "model"; "lead1" |] "systems"
+                Expect.floatClose Accuracy.veryHigh read.[0].Rouge.["rouge1"].F1 model.Rouge1.F1.Mean "F1"
+                Expect.floatClose Accuracy.veryHigh read.[0].Scalars.["bleu"] model.Bleu.Score "corpus BLEU"
+                Expect.floatClose Accuracy.veryHigh read.[0].Scalars.["novel_ngrams.2"] (Option.get model.Document).NovelNgrams.[1].Mean "novel bigrams"
+                let ci = Expect.wantSome (read.[0].IntervalOf "rouge2") "rouge2 interval"
+                Expect.floatClose Accuracy.veryHigh ci.Low model.Rouge2.F1.Low "low"
+                Expect.floatClose Accuracy.veryHigh ci.High model.Rouge2.F1.High "high"
+                Expect.isNone (read.[0].IntervalOf "bleu") "no interval for corpus BLEU"
+                Expect.isNone (read.[1].IntervalOf "compression") "lead1 scored without documents"
+                Expect.throwsT<ArgumentException> (fun () -> testScoresJson [| "model_ci", model |] |> ignore) "reserved suffix"
+            finally Directory.Delete(dir, true)
+
         testCase "metrics.jsonl: invalid JSON names the file and line" <| fun () ->
             let dir = tempDir "bad"
             try
