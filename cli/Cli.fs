@@ -17,6 +17,8 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
     | [<CliPrefix(CliPrefix.None)>] Score of ParseResults<ScoreCommand.ScoreArgs>
     | [<CliPrefix(CliPrefix.None)>] Human_Eval of ParseResults<HumanEvalCommand.HumanEvalArgs>
+    | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataCommand.DataArgs>
+    | [<CliPrefix(CliPrefix.None)>] Report of ParseResults<ReportCommand.ReportArgs>
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCommand.BenchArgs>
     interface IArgParserTemplate with
         member a.Usage =
@@ -24,6 +26,8 @@ type Command =
             | Info _ -> "print the libtorch runtime, threads and the device that --device resolves to."
             | Score _ -> "ROUGE, BLEU and document statistics of predictions against references."
             | Human_Eval _ -> "draw human rating sheets from system outputs, or summarize filled sheets."
+            | Data _ -> "inspect datasets: counts, lengths and problems."
+            | Report _ -> "write one HTML page comparing run folders: configs, metrics, charts, samples."
             | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop)."
 
 let private deviceOf (text: string option) =
@@ -46,6 +50,8 @@ let main argv =
         | Info a -> info a
         | Score a -> ScoreCommand.run a
         | Human_Eval a -> HumanEvalCommand.run a
+        | Data a -> DataCommand.run a
+        | Report a -> ReportCommand.run a
         | Bench a -> BenchCommand.run a
     with
     | :? ArguParseException as e ->

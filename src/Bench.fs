@@ -178,7 +178,8 @@ let canMeasurePeakRss () : bool =
 /// Extra peak resident memory, in MiB, of one call of `action` on the CPU: free heap pages go back to the
 /// kernel (glibc malloc_trim), the kernel's high-water mark is reset to the current resident set (writing
 /// "5" to /proc/self/clear_refs), then the result is VmHWM after the call minus VmRSS before it. Tensors
-/// that live across the call (inputs, weights) are not counted; gradients allocated by a backward are.
+/// that live across the call (inputs, weights, existing gradients) are not counted; gradients allocated by a
+/// backward are.
 /// None where the kernel does not offer this (not Linux); CUDA memory is not host memory and TorchSharp
 /// 0.107 exposes no CUDA allocator statistics, so callers pass only CPU work here.
 let peakExtraMb (action: unit -> unit) : float option =
@@ -357,16 +358,30 @@ let clearGradients (layer: BenchLayer) (x: Tensor) : unit =
     for p in x :: layer.Parameters do
         p.grad <- null
 
-/// One training-like step of `layer`: forward on x [T; D], backward of upstream gradient `gradOut` [T; D],
-/// then the gradients of x and of every parameter are dropped (PyTorch's zero_grad(set_to_none=True)), so
-/// each step allocates its gradients as a training step does and layers timed side by side do not hold
-/// theirs between steps. Waits for the GPU before returning.
+/// Gives every parameter a zero gradient where it has none, as after a training loop's first step: the
+/// gradients then live across steps like the weights, and a step's peak memory is what it adds on top.
+let prepareGradients (layer: BenchLayer) : unit =
+    use _ = torch.no_grad ()
+    for p in layer.Parameters do
+        if isNull p.grad then p.grad <- torch.zeros_like p
+
+/// Resets gradients the way a training step does: parameter gradients are zeroed in place (TorchSharp's
+/// `optimizer.zero_grad()` keeps the buffers, so backward accumulates into them), and the input's is
+/// dropped (inside a model it would be a fresh intermediate each step).
+let zeroGradients (layer: BenchLayer) (x: Tensor) : unit =
+    x.grad <- null
+    use _ = torch.no_grad ()
+    for p in layer.Parameters do
+        if not (isNull p.grad) then p.grad.zero_ () |> ignore
+
+/// One training-like step of `layer`: gradients reset as a training loop does (`zeroGradients`), forward on
+/// x [T; D], backward of upstream gradient `gradOut` [T; D]. Waits for the GPU before returning.
 let step (layer: BenchLayer) (x: Tensor) (gradOut: Tensor) () : unit =
+    zeroGradients layer x
     do
         use _ = torch.NewDisposeScope()
         let y = layer.Forward.Invoke x // [T; D]
         y.backward ([| gradOut |])
-    clearGradients layer x
     synchronize x.device
 
 /// The dense FFN with hidden K * H: `Layers.DenseFfn`, the layer a dense model would use.
@@ -448,8 +463,10 @@ let allExpertsLayer (cfg: MoeConfig) (weights: MoeWeights) : BenchLayer =
 
 // ---------------------------------------------------------------- agreement
 
-/// Largest |a - b| relative to the largest |b|: how far a result is from the reference at the reference's
-/// scale. Both tensors must have the same shape; a zero reference compares absolutely.
+/// Largest |a - b| relative to the largest |b| when that is at least 1, absolute below: how far a result is
+/// from the reference at the reference's scale, without dividing round-off by round-off where the reference
+/// is zero up to round-off (the router gradient of a renormalised top-1 router is exactly zero in exact
+/// arithmetic). Both tensors must have the same shape.
 let relativeError (a: Tensor) (reference: Tensor) : float =
     if a.shape <> reference.shape then
         invalidArg "a" (sprintf "expected the shape of the reference %s, got %s" (describe reference) (describe a))
@@ -458,7 +475,7 @@ let relativeError (a: Tensor) (reference: Tensor) : float =
     let r64 = reference.detach().cpu().to_type torch.ScalarType.Float64
     let diff = scalar ((a64 - r64).abs().max ())
     let scale = scalar (r64.abs().max ())
-    if scale > 0.0 then diff / scale else diff
+    diff / max scale 1.0
 
 /// float32 results of the same sums taken in another order (sorted dispatch versus index_add, one wide
 /// matmul versus many small ones) differ by a few ulps times the square root of the terms summed; at the
@@ -616,7 +633,8 @@ type BenchRow =
       /// `Flops.trainPerToken` * T / time: the variant's own model FLOPs per second (all E experts for
       /// all-experts), excluding dispatch work.
       UsefulGflops: float
-      /// Extra peak memory of one step (`peakExtraMb`); None on CUDA or where it cannot be measured.
+      /// Extra peak memory of one step (`peakExtraMb`) on top of the weights and their gradients (which live
+      /// across steps): activations and temporaries. None on CUDA or where it cannot be measured.
       PeakMb: float option
       /// Every timed round, milliseconds.
       SamplesMs: float[] }
@@ -690,12 +708,14 @@ let private runGroup (cfg: BenchConfig) (device: torch.Device) (candidateFor: Mo
         layers
         |> List.map (fun (k, l) ->
             progress (sprintf "T=%d E=%d K=%s: %s, first step (memory)" t e (if k = 0 then "any" else string k) (Variant.name l.Variant))
+            prepareGradients l
             if measurePeak then peakExtraMb (step l x gradOut) else step l x gradOut (); None)
     progress (sprintf "T=%d E=%d: %d warm-up and %d timed rounds over %d layers" t e cfg.Warmup cfg.Reps layers.Length)
     let plans =
         [| for (_, l) in layers ->
             if l.Variant = AllExperts then { Warmup = 0; Reps = cfg.AllExpertsReps } else { Warmup = cfg.Warmup; Reps = cfg.Reps } |]
     let samples = interleavedPlan (stopwatchClock ()) plans [| for (_, l) in layers -> step l x gradOut |]
+    for _, l in layers do clearGradients l x
     let timed = List.zip3 layers peaks (List.ofArray samples)
     let rows =
         [ for k in ks do
@@ -780,13 +800,18 @@ type LayerProfile =
     { Shape: LayerShape
       Phases: PhaseTime list }
 
-/// Times the shipped layer's step phase by phase, each phase alone on inputs the layer itself produced,
-/// interleaved with the whole layer and the dense floor: router (logits, top-k, statistics, balancing
-/// losses; forward+backward), sort (grouping slots by expert, counts to the host), gather (index_select of
-/// the token rows; fwd+bwd), experts (`ExpertFfn.forward` on the grouped rows, stacked weights as shipped;
-/// fwd+bwd), experts with per-expert weights (the same matmuls on separate leaf tensors: what the stacked
-/// layout costs), combine (weights times outputs, index_add; fwd+bwd). The phases mirror
-/// `Layers.combineExperts` step by step; their sum next to the whole step shows what is left between them.
+/// Times the shipped layer's step phase by phase, each phase alone (forward and, where it has one,
+/// backward) on inputs the layer itself produced, interleaved with the whole layer and the dense floor:
+/// - router: logits, top-k, statistics and balancing losses;
+/// - sort: grouping the slots by expert and the counts copied to the host (no gradient);
+/// - dispatch (as shipped): `Layers.combineExperts` on the router's output, i.e. sort, gather, expert FFNs
+///   and weighted combine on the layer's default path;
+/// - dispatch (autograd path): the same through `combineExpertsWith Autograd`, for comparison;
+/// - expert matmuls alone: each expert's FFN on its pre-grouped rows, separate weight tensors, no gather or
+///   scatter: the grouped-GEMM floor that any dispatch pays;
+/// - gather and combine alone: index_select of the token rows, and weights times outputs index-added back.
+/// Gradients are reset as `step` does. Whole layer minus (router + dispatch as shipped) is what is left
+/// between the phases (the layer's own bookkeeping, gradient accumulation into x).
 let profileLayer (cfg: BenchConfig) (device: torch.Device) (shape: LayerShape) : LayerProfile =
     use _ = torch.NewDisposeScope()
     Native.seedAll cfg.Seed
@@ -813,37 +838,47 @@ let profileLayer (cfg: BenchConfig) (device: torch.Device) (shape: LayerShape) :
     let weights = routing.Weights.detach().clone().requires_grad_ true // [T; K]
     let gradWeights = torch.randn_like routing.Weights // [T; K]
     let separate = splitExperts layer.Experts.W1 layer.Experts.W2 (Option.ofObj layer.Experts.W3)
-    let clear (ts: Tensor seq) = for p in ts do p.grad <- null
-    let phase (body: unit -> unit) () =
+    let expertParams = layer.Experts.parameters () |> Seq.map (fun p -> p :> Tensor) |> List.ofSeq
+    let separateParams = [ for w in separate do yield w.W1; yield w.W2; yield! Option.toList w.W3 ]
+    /// Inputs lose their gradient, parameters keep theirs zeroed in place (as `step`).
+    let reset (inputs: Tensor list) (parameters: Tensor list) =
+        for i in inputs do i.grad <- null
+        use _ = torch.no_grad ()
+        for p in parameters do
+            if not (isNull p.grad) then p.grad.zero_ () |> ignore
+    let phase (inputs: Tensor list) (parameters: Tensor list) (body: unit -> unit) () =
+        reset inputs parameters
         do
             use _ = torch.NewDisposeScope()
             body ()
         synchronize device
+    let dispatchWith (path: DispatchPath option) () =
+        let r = weights.reshape (t, k) // [T; K], differentiable
+        let y =
+            match path with
+            | Some p -> combineExpertsWith p layer.Experts routing.Experts r routing.Kept x
+            | None -> combineExperts layer.Experts routing.Experts r routing.Kept x
+        y.backward ([| gradOut |])
     let phases =
         [ "whole layer", step candidate.Layer x gradOut
           "dense floor", step dense x gradOut
-          "router", phase (fun () ->
+          "router", phase [ x ] [ layer.Router.Weight ] (fun () ->
               let r = layer.Router.Route(x, None)
               let aux = auxLosses r
-              ((r.Weights * gradWeights).sum () + aux.SwitchAux + aux.ZLoss + aux.Importance + aux.Load).backward ()
-              clear [ x; layer.Router.Weight ])
-          "sort", phase (fun () -> sortSlots () |> ignore)
-          "gather", phase (fun () ->
-              x.index_select(0L, token).backward ([| gradRows |])
-              clear [ x ])
-          "experts (stacked, as shipped)", phase (fun () ->
-              layer.Experts.forward(rows, counts).backward ([| gradRows |])
-              clear (Seq.append [ rows ] (layer.Experts.parameters () |> Seq.map (fun p -> p :> Tensor))))
-          "experts (per-expert weights)", phase (fun () ->
+              ((r.Weights * gradWeights).sum () + aux.SwitchAux + aux.ZLoss + aux.Importance + aux.Load).backward ())
+          "sort", phase [] [] (fun () -> sortSlots () |> ignore)
+          "dispatch (as shipped)", phase [ x; weights ] expertParams (dispatchWith None)
+          "dispatch (autograd path)", phase [ x; weights ] expertParams (dispatchWith (Some Autograd))
+          "expert matmuls alone", phase [ rows ] separateParams (fun () ->
               let chunks = rows.split (counts, 0L)
               let ys = [| for i in 0 .. int e - 1 do if counts[i] > 0L then expertForward shape.Activation separate[i] chunks[i] |]
-              torch.cat(ys, 0L).backward ([| gradRows |])
-              clear [ yield rows; for w in separate do yield w.W1; yield w.W2; yield! Option.toList w.W3 ])
-          "combine", phase (fun () ->
+              torch.cat(ys, 0L).backward ([| gradRows |]))
+          "gather alone", phase [ x ] [] (fun () -> x.index_select(0L, token).backward ([| gradRows |]))
+          "combine alone", phase [ outputs; weights ] [] (fun () ->
               let w = weights.reshape(-1L).index_select(0L, slot).unsqueeze 1L // [N; 1]
-              torch.zeros_like(x).index_add(0L, token, outputs * w, 1.0).backward ([| gradOut |])
-              clear [ outputs; weights ]) ]
-    for _, a in phases do a ()
+              torch.zeros_like(x).index_add(0L, token, outputs * w, 1.0).backward ([| gradOut |])) ]
+    for l in [ candidate.Layer; dense ] do prepareGradients l
+    for _, a in phases do a () // warm-up, and gradients allocated once as in training
     let samples = interleaved (stopwatchClock ()) cfg.Warmup cfg.Reps [| for _, a in phases -> a |]
     let whole = median samples[0]
     { Shape = shape
@@ -861,16 +896,16 @@ let profileGrid (cfg: BenchConfig) (device: torch.Device) (report: LayerProfile 
                     let shape = { Tokens = t; ModelDim = cfg.ModelDim; ExpertHidden = cfg.ExpertHidden; Experts = e; K = k; Activation = cfg.Activation }
                     report (profileLayer cfg device shape)
 
-/// The profile as a table; "sum of shipped phases" adds router, sort, gather, experts (stacked) and combine.
+/// The profile as a table; "router + dispatch" is what the shipped layer's phases add up to.
 let profileTable (p: LayerProfile) : string =
-    let shipped = [ "router"; "sort"; "gather"; "experts (stacked, as shipped)"; "combine" ]
+    let shipped = [ "router"; "dispatch (as shipped)" ]
     let sum = p.Phases |> List.filter (fun x -> List.contains x.Phase shipped) |> List.sumBy (fun x -> x.MedianMs)
     let whole = (p.Phases |> List.find (fun x -> x.Phase = "whole layer")).MedianMs
     let line (name: string) (ms: float) = sprintf "  %-32s %9.1f ms  %5.0f%%" name ms (100.0 * ms / whole)
     String.concat "\n"
         [ sprintf "T=%d E=%d k=%d (d = %d, expert hidden = %d)" p.Shape.Tokens p.Shape.Experts p.Shape.K p.Shape.ModelDim p.Shape.ExpertHidden
           yield! p.Phases |> List.map (fun x -> line x.Phase x.MedianMs)
-          line "sum of shipped phases" sum ] + "\n"
+          line "router + dispatch" sum ] + "\n"
 
 // ---------------------------------------------------------------- output
 

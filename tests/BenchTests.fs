@@ -315,12 +315,13 @@ let tests =
                 let shape = { Tokens = 24; ModelDim = 8; ExpertHidden = 16; Experts = 4; K = 2; Activation = GELU }
                 let p = profileLayer tinyGrid torch.CPU shape
                 Expect.equal [ for x in p.Phases -> x.Phase ]
-                    [ "whole layer"; "dense floor"; "router"; "sort"; "gather"; "experts (stacked, as shipped)"; "experts (per-expert weights)"; "combine" ]
+                    [ "whole layer"; "dense floor"; "router"; "sort"; "dispatch (as shipped)"; "dispatch (autograd path)"
+                      "expert matmuls alone"; "gather alone"; "combine alone" ]
                     "phases in order"
                 for x in p.Phases do
                     Expect.isGreaterThan x.MedianMs 0.0 (sprintf "%s timed" x.Phase)
                 Expect.equal p.Phases[0].ShareOfLayer 1.0 "the whole layer is 100%"
-                Expect.stringContains (profileTable p) "sum of shipped phases" "table"
+                Expect.stringContains (profileTable p) "router + dispatch" "table"
 
             testCase "config validation lists every problem" <| fun () ->
                 let bad = { BenchConfig.defaults with Tokens = [||]; Reps = 0; ModelDim = 0 }

@@ -11,6 +11,9 @@ let all =
         RoutingTests.tests
         MetricsTests.tests
         LayersTests.tests
+        DataTests.tests
+        ModelsTests.tests
+        PlotsTests.tests
         BenchTests.tests
     ]
 
