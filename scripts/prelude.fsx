@@ -49,3 +49,5 @@ Prelude.loadNatives ()
 #load "../src/Config.fs"
 #load "../src/Routing.fs"
 #load "../src/Layers.fs"
+#load "../src/Json.fs"
+#load "../src/Train.fs"
