@@ -7,6 +7,7 @@ open Expecto.Impl
 let all =
     testList "Moe" [
         FoundationTests.tests
+        FoundationTests.consistency
         TrainTests.tests
     ]
 
