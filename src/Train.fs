@@ -577,6 +577,8 @@ type private Reporter(mode: ProgressMode, out: TextWriter, total: int, firstStep
             if t.TotalHours >= 1.0 then sprintf "%d:%02d:%02d" (int t.TotalHours) t.Minutes t.Seconds
             else sprintf "%d:%02d" t.Minutes t.Seconds
 
+    let sci (x: float) = x.ToString("0.00e+00", Globalization.CultureInfo.InvariantCulture)
+
     let clearBar () =
         if shown > 0 then
             out.Write("\r" + String(' ', shown) + "\r")
@@ -594,8 +596,8 @@ type private Reporter(mode: ProgressMode, out: TextWriter, total: int, firstStep
             redraw.Restart()
             let filled = int (float barWidth * float step / float total)
             let text =
-                sprintf "step %d/%d [%s%s] loss %.4f lr %.2e %.0f tok/s ETA %s"
-                    step total (String('#', filled)) (String('.', barWidth - filled)) loss lr tokensPerSecond (eta step)
+                sprintf "step %d/%d [%s%s] loss %.4f lr %s %.0f tok/s ETA %s"
+                    step total (String('#', filled)) (String('.', barWidth - filled)) loss (sci lr) tokensPerSecond (eta step)
             out.Write("\r" + text.PadRight shown)
             shown <- text.Length
             out.Flush()
@@ -603,8 +605,8 @@ type private Reporter(mode: ProgressMode, out: TextWriter, total: int, firstStep
     /// Called at log steps; prints a plain line when there is no bar.
     member this.Logged(step: int, loss: float, taskLoss: float, lr: float, tokensPerSecond: float) =
         if not bar && not quiet then
-            this.Message(sprintf "step %d/%d  loss %.4f  task %.4f  lr %.2e  %.0f tok/s  ETA %s"
-                             step total loss taskLoss lr tokensPerSecond (eta step))
+            this.Message(sprintf "step %d/%d  loss %.4f  task %.4f  lr %s  %.0f tok/s  ETA %s"
+                             step total loss taskLoss (sci lr) tokensPerSecond (eta step))
 
     member _.Finish() =
         if shown > 0 then

@@ -423,6 +423,23 @@ let tests =
                 let again = resumeWith quiet { cfg with Steps = 200; EvalEvery = 2; Patience = 2; CheckpointEvery = 0 } t.Task dir
                 Expect.equal again.Steps r.Steps "no further steps")
 
+        testCase "progress shows plain lines when redirected and a bar with ETA on a terminal" <| fun () ->
+            withRunDir (fun dir ->
+                let t = toyTask 1 1 epochOrder
+                let c = { cfg with Steps = 6; LogEvery = 3; EvalEvery = 0; CheckpointEvery = 0 }
+                let lines = new StringWriter()
+                runWith { quiet with Progress = Lines; Output = lines } c t.Task dir |> ignore
+                let text = lines.ToString()
+                Expect.stringContains text "step 3/6" "a line at the log step"
+                Expect.stringContains text "ETA" "with an ETA"
+                Expect.isFalse (text.Contains "\r") "no carriage returns in plain lines"
+                let bar = new StringWriter()
+                runWith { quiet with Progress = Bar; Output = bar } c t.Task dir |> ignore
+                Expect.stringContains (bar.ToString()) "\rstep 6/6 [########################]" "the bar redraws in place"
+                let silent = new StringWriter()
+                runWith { quiet with Output = silent } c t.Task dir |> ignore
+                Expect.equal (silent.ToString()) "" "silent is silent")
+
         testCase "live tensors stay flat over steps" <| fun () ->
             withRunDir (fun dir ->
                 let t = toyTask 1 1 epochOrder
