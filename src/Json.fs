@@ -297,3 +297,49 @@ let deserialize<'T> (text: string) : Result<'T, string list> =
     match parse text with
     | Ok node -> ofNode node
     | Error e -> Error [ e ]
+
+/// A value given on a command line as JSON: numbers, true/false, null, arrays, objects and quoted strings
+/// parse as JSON; anything else is taken as a plain string (so `Schedule=Cosine` needs no quotes).
+let private commandLineValue (text: string) : JsonNode =
+    match parse text with
+    | Ok n -> n
+    | Error _ -> JsonValue.Create text
+
+/// Sets `path` (dot-separated object keys, e.g. "train.Steps") in `root` to `value` (see `commandLineValue`),
+/// creating objects on the way; changes `root` in place and returns it (a new object when `root` is null).
+let setPath (root: JsonNode) (path: string) (value: string) : Result<JsonNode, string> =
+    let keys = if String.IsNullOrWhiteSpace path then [||] else path.Split('.')
+    if keys.Length = 0 || keys |> Array.exists String.IsNullOrWhiteSpace then
+        Error(sprintf "expected a path like section.Field, got '%s'" path)
+    else
+        let root = if isNull root then JsonObject() :> JsonNode else root
+        match root with
+        | :? JsonObject as o ->
+            let rec go (o: JsonObject) (i: int) =
+                if i = keys.Length - 1 then
+                    o[keys[i]] <- commandLineValue value
+                    Ok()
+                else
+                    match tryProperty o keys[i] with
+                    | Some(:? JsonObject as child) -> go child (i + 1)
+                    | Some null | None ->
+                        let child = JsonObject()
+                        o[keys[i]] <- child
+                        go child (i + 1)
+                    | Some other ->
+                        Error(sprintf "cannot set %s: %s is %s, not an object" path (String.concat "." keys[.. i]) (kind other))
+            go o 0 |> Result.map (fun () -> root)
+        | other -> Error(sprintf "cannot set %s: the config is %s, not an object" path (kind other))
+
+/// Applies `KEY=VALUE` assignments in order (see `setPath`) to a copy of `root`; reports every malformed one.
+let applyAssignments (root: JsonNode) (assignments: string list) : Result<JsonNode, string list> =
+    let errors = ResizeArray()
+    let mutable node = if isNull root then null else root.DeepClone()
+    for a in assignments do
+        match a.IndexOf '=' with
+        | i when i > 0 ->
+            match setPath node (a.Substring(0, i).Trim()) (a.Substring(i + 1)) with
+            | Ok n -> node <- n
+            | Error e -> errors.Add e
+        | _ -> errors.Add(sprintf "expected KEY=VALUE (e.g. train.Steps=500), got '%s'" a)
+    if errors.Count = 0 then Ok node else Error(List.ofSeq errors)

@@ -225,6 +225,20 @@ let tests =
                     Expect.exists problems (fun p -> p.Contains "Cosine|InverseSqrt|Constant") "lists the cases"
                     Expect.exists problems (fun p -> p.Contains "config.LearningRate: expected a number") "path and expectation"
                 | Ok _ -> failtest "expected errors"
+
+            testCase "command-line assignments set nested fields, typed by the record" <| fun () ->
+                let node = JsonNode.Parse "{\"train\": {\"Steps\": 10}}"
+                match Json.applyAssignments node [ "train.Steps=500"; "train.Schedule=InverseSqrt"; "train.LossWeights.ZLoss=0"; "train.Device=\"Cpu\"" ] with
+                | Ok n ->
+                    match Json.readOver TrainConfig.defaults n["train"] with
+                    | Ok c ->
+                        Expect.equal c { TrainConfig.defaults with Steps = 500; Schedule = InverseSqrt; Device = Native.Cpu
+                                                                   LossWeights = { LossWeights.defaults with ZLoss = 0.0 } } "applied"
+                    | Error e -> failtestf "unexpected %A" e
+                | Error e -> failtestf "unexpected %A" e
+                match Json.applyAssignments node [ "noequals"; "train.Steps.x=1" ] with
+                | Error es -> Expect.equal es.Length 2 (sprintf "both reported: %A" es)
+                | Ok _ -> failtest "expected errors"
         ]
 
         testCase "cross-entropy with label smoothing and padding matches the formula" <| fun () ->
