@@ -49,9 +49,11 @@ type Selection =
 
 /// Per-expert capacity.
 type Capacity =
-    /// No limit: every assignment is kept (MegaBlocks' "dropless").
+    /// No limit: every assignment is kept (MegaBlocks' "dropless"). Expert choice: each expert may take all T tokens.
     | Dropless
-    /// C = ceil(factor * T * K / E), at least `MinCapacity`; assignments past C are dropped (Switch eq. 3).
+    /// Token choice: C = max(MinCapacity, ceil(factor * T * K / E)); assignments past C are dropped
+    /// (Switch eq. 3). Expert choice: C = min(T, max(MinCapacity, ceil(factor * T / E))), the factor being
+    /// the average number of experts per token (Zhou et al. 2022, sec. 3.1).
     | Factor of float
 
 /// Router settings.
@@ -111,6 +113,10 @@ module RouterConfig =
           | _ -> ()
           match cfg.Selection, cfg.Normaliser with
           | ExpertChoice, Sparsemax -> "ExpertChoice uses softmax scores; Sparsemax is not supported with it"
+          | _ -> ()
+          match cfg.Selection, cfg.BiasUpdateRate with
+          | (AllExperts | ExpertChoice | Hash _), Some _ ->
+              sprintf "BiasUpdateRate steers token-choice selection (TokenChoiceTopK, SwitchTop1, NoisyTopK); %A selects nothing it could steer" cfg.Selection
           | _ -> () ]
 
 // ---------------------------------------------------------------- experts and the MoE layer

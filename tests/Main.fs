@@ -8,6 +8,10 @@ let all =
     testList "Moe" [
         FoundationTests.tests
         FoundationTests.consistency
+        RoutingTests.tests
+        MetricsTests.tests
+        LayersTests.tests
+        DataTests.tests
         TrainTests.tests
     ]
 
