@@ -64,3 +64,4 @@ Prelude.loadNatives ()
 #load "../src/HumanEval.fs"
 #load "../src/Json.fs"
 #load "../src/Train.fs"
+#load "../src/Summarizer.fs"
