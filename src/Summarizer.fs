@@ -202,6 +202,22 @@ let private loaderFor (cfg: SummarizerConfig) (path: string) (split: string) : D
     let format = match cfg.Loader.Format with Some f -> f | None -> detectFormat path
     if format = XsumRaw && cfg.Loader.Split.IsNone then { cfg.Loader with Split = Some split } else cfg.Loader
 
+/// The split files of a dataset path. A folder holding files named train*, validation*/valid*/val*/dev* and
+/// test* (e.g. Hugging Face's `train-00000-of-00001.parquet`, or `train.jsonl`) gives those; any other path
+/// (an XSum release folder or split file, one file) is used for all three splits.
+let splitFilesOf (path: string) : SplitFiles =
+    if Directory.Exists path then
+        let files = Directory.GetFiles path |> Array.sort
+        let named (prefixes: string list) =
+            files |> Array.tryFind (fun f ->
+                let n = (Path.GetFileName f).ToLowerInvariant()
+                prefixes |> List.exists (fun p -> n.StartsWith(p + ".") || n.StartsWith(p + "-") || n.StartsWith(p + "_")))
+        match named [ "train" ], named [ "validation"; "valid"; "val"; "dev" ], named [ "test" ] with
+        | Some tr, Some va, Some te -> { Train = tr; Valid = va; Test = te }
+        | _ -> { Train = path; Valid = path; Test = path }
+    elif File.Exists path then { Train = path; Valid = path; Test = path }
+    else invalidArg "path" (sprintf "expected a data file or folder, but %s does not exist" path)
+
 /// Reads the examples of the three splits lazily (files) or generates them (synthetic).
 let private splitReaders (cfg: SummarizerConfig) : (string * (unit -> seq<Example>) * (unit -> string list)) list =
     match cfg.Source with
