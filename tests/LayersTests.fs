@@ -300,7 +300,7 @@ let modules =
         Expect.equal plain.Experts.W1.dtype f64 "fields follow Module.to"
         Expect.equal plain.Router.Weight.dtype f64 "router fields follow Module.to"
 
-      testCase "100 forward/backward steps keep the live tensor count flat" <| fun () ->
+      testSequenced <| testCase "100 forward/backward steps keep the live tensor count flat" (fun () ->
         torch.manual_seed 19L |> ignore
         use layer = new MoeLayer("moe", { configOf 4 2 8 16 SwiGLU with SharedExperts = 1; Router = { RouterConfig.defaults with Experts = 4; K = 2; Capacity = Factor 1.0; BiasUpdateRate = Some 1e-3 } })
         layer.train ()
@@ -315,7 +315,7 @@ let modules =
         let before = Tensors.liveTensors ()
         for i in 1 .. leakSteps do step i
         let after = Tensors.liveTensors ()
-        Expect.isLessThanOrEqual (after - before) 0L (sprintf "live tensors %d -> %d over %d steps" before after leakSteps)
+        Expect.isLessThanOrEqual (after - before) 0L (sprintf "live tensors %d -> %d over %d steps" before after leakSteps))
 
       testCase "loss-free bias moves after training forwards only, toward the under-loaded experts" <| fun () ->
         use _ = torch.NewDisposeScope()
