@@ -92,15 +92,18 @@ module SummarizerConfig =
                 Dropout = 0.1
                 MaxLength = 512
                 Ffn = Dense 256 }
+          // 800 steps at 2e-3 take the top-k model on the synthetic corpus to ROUGE-1 ~0.82 against lead-1's
+          // ~0.15 (runs/topk); at 1e-3 and 400 steps it only reached ~0.20: copying names and numbers from the
+          // document is learned late.
           Train =
             { TrainConfig.defaults with
-                Steps = 400
+                Steps = 800
                 BatchSize = 32
-                LearningRate = 1e-3
-                WarmupSteps = 40
+                LearningRate = 2e-3
+                WarmupSteps = 80
                 LogEvery = 10
-                EvalEvery = 100
-                CheckpointEvery = 100 }
+                EvalEvery = 200
+                CheckpointEvery = 200 }
           Generate = { GenerateConfig.defaults with BeamSize = 1; MaxLength = 40 }
           Stem = true
           BootstrapSamples = 1000 }
