@@ -19,6 +19,8 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Human_Eval of ParseResults<HumanEvalCommand.HumanEvalArgs>
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataCommand.DataArgs>
     | [<CliPrefix(CliPrefix.None)>] Report of ParseResults<ReportCommand.ReportArgs>
+    | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainCommand.TrainArgs>
+    | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<TrainCommand.GenerateArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -27,6 +29,8 @@ type Command =
             | Human_Eval _ -> "draw human rating sheets from system outputs, or summarize filled sheets."
             | Data _ -> "inspect datasets: counts, lengths and problems."
             | Report _ -> "write one HTML page comparing run folders: configs, metrics, charts, samples."
+            | Train _ -> "train a summarizer (dense, top-k or hash MoE) and score it on the test split against lead-1."
+            | Generate _ -> "summarize documents with a trained run's checkpoint."
 
 let private deviceOf (text: string option) =
     match Native.parseDevice (defaultArg text "auto") with
@@ -50,6 +54,8 @@ let main argv =
         | Human_Eval a -> HumanEvalCommand.run a
         | Data a -> DataCommand.run a
         | Report a -> ReportCommand.run a
+        | Train a -> TrainCommand.guard (fun () -> TrainCommand.train a)
+        | Generate a -> TrainCommand.guard (fun () -> TrainCommand.generate a)
     with
     | :? ArguParseException as e ->
         eprintfn "%s" e.Message

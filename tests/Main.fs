@@ -12,6 +12,8 @@ let all =
         MetricsTests.tests
         LayersTests.tests
         DataTests.tests
+        TrainTests.tests
+        SummarizerTests.tests
         ModelsTests.tests
         PlotsTests.tests
     ]
