@@ -51,3 +51,5 @@ Prelude.loadNatives ()
 #load "../src/Layers.fs"
 #load "../src/Metrics.fs"
 #load "../src/HumanEval.fs"
+#load "../src/Json.fs"
+#load "../src/Train.fs"

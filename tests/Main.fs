@@ -10,6 +10,7 @@ let all =
         FoundationTests.consistency
         RoutingTests.tests
         MetricsTests.tests
+        TrainTests.tests
     ]
 
 [<EntryPoint>]
