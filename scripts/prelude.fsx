@@ -53,3 +53,4 @@ Prelude.loadNatives ()
 #load "../src/HumanEval.fs"
 #load "../src/Json.fs"
 #load "../src/Train.fs"
+#load "../src/Sweep.fs"
