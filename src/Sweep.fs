@@ -329,11 +329,12 @@ let private slug (maxChars: int) (text: string) : string =
     let s = if s.Length > maxChars then s.Substring(0, maxChars).TrimEnd('-') else s
     if s = "" then "x" else s
 
-/// A value as a table shows it: strings bare, anything else as one line of JSON.
+/// A value as names and tables show it: strings bare, anything else as canonical JSON (so `0.010` and `1e-2`
+/// both read `0.01`, and a run's name does not depend on how the grid file spells its values).
 let valueLabel (n: JsonNode) : string =
     match n with
     | :? JsonValue as v when v.GetValueKind() = JsonValueKind.String -> v.GetValue<string>()
-    | _ -> oneLine n
+    | _ -> canonical n
 
 /// A grid path or a placeholder-bearing token as written in JSON (`$.grid["train.Steps"]`).
 let private key (parent: string) (k: string) = sprintf "%s[%s]" parent (JsonValue.Create(k).ToJsonString())
@@ -577,17 +578,19 @@ let expand (spec: SweepSpec) : Run list =
           Hash = hash
           RunDir = Path.Combine(spec.RunsDir, name) })
 
-/// Problems of the expanded runs: two runs with the same config, and every problem the schema's check
+/// Problems of the expanded runs: runs with the same config (hence the same name but for labels), and every problem the schema's check
 /// finds in a run's config (a problem shared by several runs is listed once, with the runs it concerns).
 let checkRuns (schema: Schema) (runs: Run list) : string list =
     let describe (r: Run) =
-        sprintf "#%d (%s)" r.Index (r.Overrides |> List.map (fun (p, v) -> sprintf "%s=%s" p (oneLine v)) |> String.concat ", ")
+        sprintf "#%d %s (%s)" r.Index r.Name (r.Overrides |> List.map (fun (p, v) -> sprintf "%s=%s" p (oneLine v)) |> String.concat ", ")
+    // Equal configs are one run under two labels (e.g. two variants that set nothing); equal names follow from them.
     let duplicates =
         runs
-        |> List.groupBy (fun r -> r.Name)
+        |> List.groupBy (fun r -> r.Hash)
         |> List.filter (fun (_, rs) -> rs.Length > 1)
-        |> List.map (fun (name, rs) ->
-            sprintf "duplicate run name %s: runs %s resolve to the same config" name (rs |> List.map describe |> String.concat " and "))
+        |> List.map (fun (hash, rs) ->
+            sprintf "duplicate runs: %s resolve to the same config (hash %s); each run needs a config of its own"
+                (rs |> List.map describe |> String.concat " and ") hash)
     let checks =
         runs
         |> List.collect (fun r -> schema.Check r.Config |> List.distinct |> List.map (fun p -> p, r))

@@ -11,6 +11,7 @@ let all =
         RoutingTests.tests
         MetricsTests.tests
         TrainTests.tests
+        SweepTests.tests
     ]
 
 [<EntryPoint>]
