@@ -17,6 +17,7 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
     | [<CliPrefix(CliPrefix.None)>] Score of ParseResults<ScoreCommand.ScoreArgs>
     | [<CliPrefix(CliPrefix.None)>] Human_Eval of ParseResults<HumanEvalCommand.HumanEvalArgs>
+    | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataCommand.DataArgs>
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.SweepArgs>
     interface IArgParserTemplate with
         member a.Usage =
@@ -24,6 +25,7 @@ type Command =
             | Info _ -> "print the libtorch runtime, threads and the device that --device resolves to."
             | Score _ -> "ROUGE, BLEU and document statistics of predictions against references."
             | Human_Eval _ -> "draw human rating sheets from system outputs, or summarize filled sheets."
+            | Data _ -> "inspect datasets: counts, lengths and problems."
             | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
 
 let private deviceOf (text: string option) =
@@ -46,6 +48,7 @@ let main argv =
         | Info a -> info a
         | Score a -> ScoreCommand.run a
         | Human_Eval a -> HumanEvalCommand.run a
+        | Data a -> DataCommand.run a
         | Sweep a -> SweepCommand.run a
     with
     | :? ArguParseException as e ->

@@ -6,6 +6,10 @@
 // libLibTorchSharp first makes every later lookup by name resolve to these.
 #r "nuget: TorchSharp, 0.107.0"
 #r "nuget: libtorch-cpu-linux-x64, 2.10.0"
+#r "nuget: Microsoft.ML.Tokenizers, 2.0.1"
+#r "nuget: Microsoft.ML.Tokenizers.Data.Cl100kBase, 2.0.1"
+#r "nuget: Parquet.Net, 6.1.0"
+#r "nuget: CsvHelper, 34.0.0"
 #load "../build/GlibcxxPatch.fs"
 
 module Prelude =
@@ -49,6 +53,13 @@ Prelude.loadNatives ()
 #load "../src/Config.fs"
 #load "../src/Routing.fs"
 #load "../src/Layers.fs"
+#load "../src/Attention.fs"
+#load "../src/Models.fs"
+#load "../src/Generate.fs"
+#load "../src/Tokenizers.fs"
+#load "../src/Data.fs"
+#load "../src/Corpus.fs"
+#load "../src/Batching.fs"
 #load "../src/Metrics.fs"
 #load "../src/HumanEval.fs"
 #load "../src/Json.fs"

@@ -10,6 +10,9 @@ let all =
         FoundationTests.consistency
         RoutingTests.tests
         MetricsTests.tests
+        LayersTests.tests
+        DataTests.tests
+        ModelsTests.tests
         TrainTests.tests
         SweepTests.tests
     ]
