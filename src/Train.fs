@@ -17,6 +17,7 @@ open Moe.Tensors
 open Moe.Config
 open Moe.Routing
 open Moe.Layers
+open Moe.Models
 
 // ---------------------------------------------------------------- configuration
 
@@ -159,15 +160,13 @@ type Phase =
     | Training
     | Evaluation
 
-/// One MoE layer's report under its name ("enc.0", "dec.3").
-type LayerReport = { Layer: string; Report: MoeReport }
-
 /// What the task's loss returns for one batch.
 type LossParts =
     { /// Mean task loss over the counted tokens (scalar; carries the graph in training).
       TaskLoss: Tensor
-      /// One report per MoE layer in layer order; empty for a dense model.
-      Moe: LayerReport[]
+      /// One report per MoE layer in layer order, named as the model names them (`Models.LayerReport`,
+      /// e.g. "enc.1"); empty for a dense model.
+      Moe: LayerReport list
       /// Target tokens the task loss averages over: weights validation means and tokens/s.
       Tokens: int64 }
 
@@ -787,7 +786,7 @@ let private runCore (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batc
                                aux (fun a -> a.Load); aux (fun a -> a.ZLoss) |])
             let values = toFloats logged
             tokens <- tokens + parts.Tokens
-            layers <- parts.Moe.Length
+            layers <- List.length parts.Moe
             if values |> Array.exists (fun v -> Single.IsNaN v || Single.IsInfinity v) then bad <- true
             for i in 0 .. 5 do sums[i] <- sums[i] + float values[i]
             if not bad then (total / float cfg.GradAccumulation).backward ()

@@ -12,8 +12,8 @@ let all =
         MetricsTests.tests
         LayersTests.tests
         DataTests.tests
-        ModelsTests.tests
         TrainTests.tests
+        ModelsTests.tests
         SweepTests.tests
     ]
 

@@ -108,7 +108,7 @@ let private toyTask (initSeed: int) (validStep: int) (batches: int -> int -> seq
         let targets = all.narrow(1L, 1L, int64 Toy.seqLen - 1L) // [B; S-1]
         let logits, report = model.forward inputs
         let ce = crossEntropy (if phase = Training then 0.05 else 0.0) Toy.pad logits targets
-        { TaskLoss = ce.Loss; Moe = [| { Layer = "tiny.0"; Report = report } |]; Tokens = ce.Tokens }
+        { TaskLoss = ce.Loss; Moe = [ { Layer = "tiny.0"; Report = report } ]; Tokens = ce.Tokens }
     { Model = model
       Task =
         { Model = model
@@ -265,7 +265,7 @@ let tests =
             use task = torch.tensor(2.0f)
             let aux (v: float32) : AuxLosses = { SwitchAux = torch.tensor(v); Importance = torch.tensor(v); Load = torch.tensor(v); ZLoss = torch.tensor(v) }
             let stats = { TokensPerExpert = torch.ones(2L); DroppedFraction = torch.zeros([||]); RouterEntropy = torch.zeros([||]) }
-            let parts (v: float32) = { TaskLoss = task; Moe = [| for l in [ "a"; "b" ] -> { Layer = l; Report = { Aux = aux v; Stats = stats } } |]; Tokens = 4L }
+            let parts (v: float32) = { TaskLoss = task; Moe = [ for l in [ "a"; "b" ] -> { Layer = l; Report = { Aux = aux v; Stats = stats } } ]; Tokens = 4L }
             let w : LossWeights = { SwitchAux = 0.1; Importance = 0.0; Load = 0.0; ZLoss = 0.01 }
             Expect.floatClose Accuracy.medium (Tensors.scalar (totalLoss w (parts 3.0f))) (2.0 + 2.0 * (0.1 * 3.0 + 0.01 * 3.0)) "task + sum over layers of w * aux"
             Expect.floatClose Accuracy.high (Tensors.scalar (totalLoss LossWeights.none (parts nanf))) 2.0 "all off: NaN aux never enters"
