@@ -28,7 +28,9 @@ type SweepArgs =
 /// The training command's config file, as the sweep checks field paths and values against it.
 /// The `train` section is Train.TrainConfig (as in every run's config.json); sections of the summarizer's
 /// run config are added here as they land.
-let runConfigSchema : Sweep.Schema = Sweep.Schema.ofSection "train" Train.TrainConfig.defaults Train.TrainConfig.validate
+let runConfigSchema : Sweep.Schema =
+    Sweep.Schema.ofSection "train" Train.TrainConfig.defaults Train.TrainConfig.validate
+    |> Sweep.Schema.withSeedField "train.Seed"
 
 /// The combined report page: `moe report` belongs to the plots work, which this build does not have yet.
 let reportNote (plan: Sweep.Plan) : string =
@@ -72,7 +74,7 @@ let run (args: ParseResults<SweepArgs>) : int =
             match args.TryGetResult Emit_Slurm with
             | Some dir ->
                 let launcher = args.TryGetResult Launcher |> Option.defaultWith defaultLauncher
-                let files = Sweep.emitSlurm plan dir (Path.GetDirectoryName(Path.GetFullPath launcher))
+                let files = Sweep.emitSlurm plan dir (Directory.GetCurrentDirectory()) launcher
                 printfn "wrote %d run configs, %s and %s" files.Configs.Length files.RunList files.Script
                 printfn "submit: sbatch %s" files.Script
                 printfn "afterwards: ./moe sweep %s --collect" gridPath

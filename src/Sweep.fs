@@ -2,43 +2,49 @@
 /// another (finished runs skipped, interrupted ones resumed) or emitted as a Slurm job array, then one
 /// results table per sweep read back from the run folders.
 ///
-/// The grid file (JSON; comments and trailing commas allowed):
+/// The grid file (JSON; comments and trailing commas allowed; field paths as for the summarizer's config):
 ///
 ///     {
 ///       "name": "balance",                        // required: letters, digits, '.', '_', '-'
 ///       "description": "hash vs top-k, +/- aux",   // optional: shown in results.md
 ///       "base": "configs/tiny.json",               // optional: a config file (relative to the grid file) ...
-///       "base": { "train": { "Steps": 200 } },     //   ... or the config tree inline; default {}
+///       "base": { "Train": { "Steps": 200 } },     //   ... or the config tree inline; default {}
 ///       "grid": {                                  // optional: field path -> non-empty list of values
-///         "model.Moe.Router.Selection": [ { "Hash": "BalancedHash" }, { "TokenChoiceTopK": { "order": "NormaliseThenTopK", "renormalise": true } } ],
-///         "train.LossWeights.SwitchAux": [ 0.0, 0.01 ]
+///         "Model.Ffn": [ { "Moe": { ... } } ],
+///         "Train.LossWeights.SwitchAux": [ 0.0, 0.01 ]
 ///       },
 ///       "variants": [                              // optional: named bundles of overrides, one axis
-///         { "name": "dense", "set": { "model.Ffn": "Dense" } },
-///         { "name": "moe",   "set": {} }
+///         { "name": "dense", "set": { "Model.Ffn": { "Dense": 256 } } },
+///         { "name": "hash",  "set": { "Model.Ffn": { "Moe": { ... } }, "Train.LossWeights.SwitchAux": 0.0 } }
 ///       ],
 ///       "seeds": [ 0, 1 ],                         // optional: values of seed_field, the innermost axis
-///       "seed_field": "train.Seed",                // optional; default train.Seed
+///       "seed_field": "Train.Seed",                // optional; default: the schema's seed field
 ///       "runs_dir": "runs",                        // optional: run folders are <runs_dir>/<run name>
 ///       "output_dir": "sweep/balance",             // optional: results, configs, logs; default sweep/<name>
-///       "command": [ "{moe}", "train", "--config", "{config}", "--run-dir", "{run_dir}", "{resume}" ],
+///       "command": [ "{moe}", "train", "--config", "{config}", "{resume}" ],   // optional; this is the default
 ///       "slurm": [ "--time=02:00:00", "--gres=gpu:1" ]   // optional: extra #SBATCH options
 ///     }
 ///
 /// Field paths are the keys of the training command's config file joined by dots (the file is what
 /// `Json` writes for F# records: record field names as keys, unions as `"Case"` or `{"Case": fields}`).
 /// A `Schema` (the config file's sections and their F# types, found by reflection) says which paths
-/// exist and what each value must be. A value replaces the node at its path; to change one field of a
-/// record, name that field's path. Runs are the cartesian product variants x grid (in file order, the
-/// first key slowest) x seeds. Each run's name is `<sweep>_<axis labels>_<hash>`, the hash being the first
-/// 8 hex digits of SHA-256 over the resolved config in canonical form (sorted keys, numbers in shortest
-/// round-trip form), so a name changes exactly when the run's config does.
+/// exist and what each value must be; a value replaces the node at its path, so to change one field of a
+/// record, name that field's path. A field may be varied by one axis only. Runs are the cartesian product
+/// variants x grid (in file order, the first key slowest) x seeds. Each run's name is
+/// `<sweep>_<axis labels>_<hash>`, the hash being the first 8 hex digits of SHA-256 over the resolved
+/// config in canonical form (sorted keys, no spaces, numbers in shortest round-trip form), so a name
+/// changes exactly when the run's config does (the run folder fields below left out). Where the schema says the config names its own run folder
+/// (`RunFolder`, e.g. the summarizer's `RunsDir`/`Name`), the sweep then writes runs_dir and the run's
+/// name into those fields (over any value the base had), so the training command writes where the sweep
+/// looks; otherwise the command passes `{run_dir}`.
 ///
 /// Paths in the grid file (runs_dir, output_dir) are relative to the working directory; the base file
 /// is relative to the grid file. Runs are started as child processes with `command` (placeholders:
 /// `{moe}` the launcher, `{config}` the run's config file, `{run_dir}`, `{name}`, and `{resume}`, a whole
-/// token that becomes `--resume` for an interrupted run and nothing otherwise), the same command line a
-/// Slurm task runs, so a sweep behaves alike on a laptop and on a cluster.
+/// item that becomes `--resume` for an interrupted run and nothing otherwise), the same command line a
+/// Slurm task runs, so a sweep behaves alike on a laptop and on a cluster. A run is finished when its
+/// folder holds test_scores.json or the completion marker the sweep writes when the command exits with 0,
+/// and interrupted when it holds checkpoints/last.ckpt.
 module Moe.Sweep
 
 open System
@@ -111,19 +117,51 @@ let private setNode (root: JsonObject) (path: string) (value: JsonNode) : unit =
             o <- child
     o[keys[keys.Length - 1]] <- (if isNull value then null else value.DeepClone())
 
+/// A JSON string node as the parser makes it: `Json.readOver` reads values through their JsonElement, which
+/// a node made by `JsonValue.Create` does not have.
+let private parsedString (s: string) : JsonNode = JsonNode.Parse(JsonSerializer.Serialize s)
+
+/// Removes the node at `path` (keys joined by dots) from `root` if it is there.
+let private removeNode (root: JsonObject) (path: string) : unit =
+    let keys = path.Split '.'
+    let rec go (o: JsonObject) (i: int) =
+        if i = keys.Length - 1 then o.Remove keys[i] |> ignore
+        else
+            match tryProperty o keys[i] with
+            | Some(:? JsonObject as child) -> go child (i + 1)
+            | _ -> ()
+    go root 0
+
 // ---------------------------------------------------------------- schema
 
+/// Where a config names its run folder: `<RunsDir field>/<Name field>`, as the summarizer's config does.
+type RunFolderFields =
+    { /// Field path of the folder that holds run folders (e.g. "RunsDir").
+      RunsDir: string
+      /// Field path of the run's name, its folder under RunsDir (e.g. "Name").
+      Name: string }
+
 /// What a sweep knows about the training command's config file: its top-level sections with the F# type
-/// each is read as (field paths are checked against these by reflection), and a check of a whole resolved
-/// config (read it over the defaults and validate) that returns every problem.
+/// each is read as (field paths are checked against these by reflection), a check of a whole resolved
+/// config (read it over the defaults and validate) that returns every problem, the field `seeds` sets,
+/// and where the config names its run folder.
 type Schema =
     { Sections: (string * Type) list
-      Check: JsonNode -> string list }
+      Check: JsonNode -> string list
+      /// The field path `seeds` sets unless the grid file says `seed_field`; "" when there is none.
+      SeedField: string
+      /// When set, the sweep writes each run's name and the sweep's runs_dir into these fields, so the
+      /// training command writes the folder the sweep looks in; the command then needs no {run_dir}.
+      RunFolder: RunFolderFields option }
 
-    /// A schema from .NET values (for C#): section name -> type, and a whole-config check (null for none).
-    static member Create(sections: IDictionary<string, Type>, check: Func<JsonNode, IEnumerable<string>>) : Schema =
+    /// A schema from .NET values (for C#): section name -> type, a whole-config check (null for none), the seed
+    /// field path ("" or null for none) and the run folder fields (null for none).
+    static member Create(sections: IDictionary<string, Type>, check: Func<JsonNode, IEnumerable<string>>,
+                         seedField: string, runFolder: RunFolderFields option) : Schema =
         { Sections = [ for kv in sections -> kv.Key, kv.Value ]
-          Check = if isNull check then (fun _ -> []) else (fun n -> List.ofSeq (check.Invoke n)) }
+          Check = if isNull check then (fun _ -> []) else (fun n -> List.ofSeq (check.Invoke n))
+          SeedField = (if isNull seedField then "" else seedField)
+          RunFolder = runFolder }
 
 module Schema =
     /// Replaces the `config` that `Json` puts in front of its messages with `prefix`.
@@ -135,6 +173,8 @@ module Schema =
         if not (FSharpType.IsRecord(typeof<'T>, true)) then
             invalidArg "defaults" (sprintf "expected an F# record type for the config file, got %s" typeof<'T>.FullName)
         { Sections = [ for f in FSharpType.GetRecordFields(typeof<'T>, true) -> f.Name, f.PropertyType ]
+          SeedField = ""
+          RunFolder = None
           Check =
             fun node ->
                 match Json.readOver defaults node with
@@ -145,6 +185,8 @@ module Schema =
     /// read over `defaults` (a missing section means the defaults) and validated.
     let ofSection<'T> (name: string) (defaults: 'T) (validate: 'T -> string list) : Schema =
         { Sections = [ name, typeof<'T> ]
+          SeedField = ""
+          RunFolder = None
           Check =
             fun node ->
                 let section =
@@ -160,7 +202,16 @@ module Schema =
     /// Both schemas' sections; both checks.
     let combine (a: Schema) (b: Schema) : Schema =
         { Sections = a.Sections @ b.Sections
-          Check = fun n -> a.Check n @ b.Check n }
+          Check = (fun n -> a.Check n @ b.Check n)
+          SeedField = (if a.SeedField <> "" then a.SeedField else b.SeedField)
+          RunFolder = Option.orElse b.RunFolder a.RunFolder }
+
+    /// The schema with `path` as the field that `seeds` sets by default.
+    let withSeedField (path: string) (schema: Schema) : Schema = { schema with SeedField = path }
+
+    /// The schema with the config naming its run folder `<runsDir>/<name>` (field paths).
+    let withRunFolder (runsDir: string) (name: string) (schema: Schema) : Schema =
+        { schema with RunFolder = Some { RunsDir = runsDir; Name = name } }
 
 let private isOption (t: Type) = t.IsGenericType && t.GetGenericTypeDefinition() = typedefof<option<_>>
 let private isMap (t: Type) = t.IsGenericType && t.GetGenericTypeDefinition() = typedefof<Map<_, _>>
@@ -284,6 +335,8 @@ type SweepSpec =
       OutputDir: string
       /// The command line of one run, with placeholders (see the module doc).
       Command: string list
+      /// Config fields the sweep sets to each run's folder (from the schema).
+      RunFolder: RunFolderFields option
       /// Extra `#SBATCH` options.
       SlurmOptions: string list }
 
@@ -304,10 +357,12 @@ type Run =
 /// A sweep and its runs.
 type Plan = { Spec: SweepSpec; Runs: Run list }
 
-/// The default run command: the training command of issue 3 with the run folder and resume flag.
-let defaultCommand = [ "{moe}"; "train"; "--config"; "{config}"; "--run-dir"; "{run_dir}"; "{resume}" ]
-/// The seed field used by `seeds` unless `seed_field` names another.
-let defaultSeedField = "train.Seed"
+/// The default run command: `moe train --config FILE [--resume]`, with `--run-dir` only when the config
+/// cannot name its run folder itself (a schema without `RunFolder`).
+let defaultCommand (schema: Schema) : string list =
+    match schema.RunFolder with
+    | Some _ -> [ "{moe}"; "train"; "--config"; "{config}"; "{resume}" ]
+    | None -> [ "{moe}"; "train"; "--config"; "{config}"; "--run-dir"; "{run_dir}"; "{resume}" ]
 /// Run folders go here unless `runs_dir` says otherwise.
 let defaultRunsDir = "runs"
 /// Results go under this folder, in `<name>/`, unless `output_dir` says otherwise.
@@ -478,10 +533,13 @@ let parseSpec (schema: Schema) (source: string) (baseDir: string) (root: JsonNod
                 add (sprintf "$.variants: expected a list of {\"name\": ..., \"set\": {...}}, got %s" (describeNode other))
                 []
         // ---- seeds
-        let seedField = stringAt "seed_field" (Some defaultSeedField)
+        let seedField = stringAt "seed_field" (Some schema.SeedField)
         let seedAxis =
             match tryProperty o "seeds" with
             | None | Some null -> []
+            | Some _ when seedField = "" ->
+                add "$.seeds: this config has no default seed field; name it with \"seed_field\" (e.g. \"Train.Seed\")"
+                []
             | Some node -> [ fieldAxis seedField (values "$.seeds" seedField node) ]
         // ---- one axis per field: a later axis would silently undo an earlier one
         let varied =
@@ -491,6 +549,17 @@ let parseSpec (schema: Schema) (source: string) (baseDir: string) (root: JsonNod
                   for ci, c in List.indexed a.Choices do
                       for path, _ in c.Overrides do yield path, key (sprintf "$.variants[%d].set" ci) path ]
         let overlaps (p: string) (q: string) = p = q || p.StartsWith(q + ".") || q.StartsWith(p + ".")
+        match schema.RunFolder with
+        | Some rf ->
+            for field in [ rf.RunsDir; rf.Name ] do
+                match fieldType schema field with
+                | Error e -> invalidArg "schema" (sprintf "the schema's run folder field %s is not in the config: %s" field e)
+                | Ok _ -> ()
+            for path, where in varied do
+                for field in [ rf.RunsDir; rf.Name ] do
+                    if overlaps path field then
+                        add (sprintf "%s: %s is set by the sweep (each run's folder is %s/%s); use runs_dir to move the runs" where path rf.RunsDir rf.Name)
+        | None -> ()
         let reported = HashSet<string * string>()
         for i in 0 .. varied.Length - 1 do
             for j in i + 1 .. varied.Length - 1 do
@@ -517,7 +586,7 @@ let parseSpec (schema: Schema) (source: string) (baseDir: string) (root: JsonNod
             | Some other ->
                 add (sprintf "$.%s: expected a list of strings, got %s" k (describeNode other))
                 Some []
-        let command = stringList "command" |> Option.defaultValue defaultCommand
+        let command = stringList "command" |> Option.defaultValue (defaultCommand schema)
         if command.IsEmpty then add "$.command: empty; expected the run's command line, e.g. [\"{moe}\", \"train\", \"--config\", \"{config}\"]"
         elif not (command |> List.exists (fun t -> t.Contains "{config}")) then
             add "$.command: never passes {config}; the run would not see its config file"
@@ -543,6 +612,7 @@ let parseSpec (schema: Schema) (source: string) (baseDir: string) (root: JsonNod
                  RunsDir = runsDir
                  OutputDir = outputDir
                  Command = command
+                 RunFolder = schema.RunFolder
                  SlurmOptions = slurm }
     | other -> Error [ sprintf "$: expected a grid object {\"name\": ..., \"grid\": {...}}, got %s" (describeNode other) ]
 
@@ -557,6 +627,10 @@ let expand (spec: SweepSpec) : Run list =
         let overrides = picks |> List.collect (fun (_, c) -> c.Overrides)
         let config = spec.Base.DeepClone() :?> JsonObject
         for path, value in overrides do setNode config path value
+        // The run folder fields are the sweep's to set (below); where the base had them, they do not count.
+        match spec.RunFolder with
+        | Some rf -> for field in [ rf.RunsDir; rf.Name ] do removeNode config field
+        | None -> ()
         let hash = configHash config
         let labels =
             picks
@@ -570,6 +644,12 @@ let expand (spec: SweepSpec) : Run list =
             |> String.concat "_"
         let labels = if labels.Length > maxLabelsChars then labels.Substring(0, maxLabelsChars).TrimEnd('-', '_') else labels
         let name = String.concat "_" [ yield spec.Name; if labels <> "" then yield labels; yield hash ]
+        // Set after hashing: the name is made from the hash.
+        match spec.RunFolder with
+        | Some rf ->
+            setNode config rf.RunsDir (parsedString spec.RunsDir)
+            setNode config rf.Name (parsedString name)
+        | None -> ()
         { Index = i
           Name = name
           Varied = picks |> List.map (fun (a, c) -> a.Column, c.Label)
@@ -1082,13 +1162,13 @@ type SlurmFiles =
       RunList: string }
 
 /// Writes into `dir` one config file per run (`configs/<run>.json`), `runs.tsv`, a `logs/` folder and
-/// `<name>.sbatch`: a Slurm job array (`--array=0-(n-1)`) whose task i `cd`s to `root` (or $MOE_ROOT),
-/// skips run i when it is finished, adds `--resume` when it has a checkpoint, runs the sweep's command with
-/// `{moe}` = `$MOE` or `<root>/moe`, and writes the completion marker when the command succeeds.
-/// `./moe sweep GRID --collect` reads the results afterwards.
-let emitSlurm (plan: Plan) (dir: string) (root: string) : SlurmFiles =
+/// `<name>.sbatch`: a Slurm job array (`--array=0-(n-1)`) whose task i `cd`s to `workDir` (or $MOE_ROOT),
+/// the folder relative paths of the sweep mean the same from, skips run i when it is finished, adds
+/// `--resume` when it has a checkpoint, runs the sweep's command with `{moe}` = `$MOE` or `launcher`, and
+/// writes the completion marker when the command succeeds. `./moe sweep GRID --collect` reads the results.
+let emitSlurm (plan: Plan) (dir: string) (workDir: string) (launcher: string) : SlurmFiles =
     let spec = plan.Spec
-    let root = Path.GetFullPath root
+    let root = Path.GetFullPath workDir
     let dir = Path.GetFullPath dir
     let configs = writeConfigs plan (Path.Combine(dir, "configs"))
     let logs = Path.Combine(dir, "logs")
@@ -1106,14 +1186,15 @@ let emitSlurm (plan: Plan) (dir: string) (root: string) : SlurmFiles =
           sprintf "# Slurm job array for sweep %s (%d runs), written by `moe sweep --emit-slurm`." spec.Name n
           sprintf "# Submit: sbatch %s" (bashQuote (Path.Combine(dir, spec.Name + ".sbatch")))
           "# One task by hand: SLURM_ARRAY_TASK_ID=3 bash <this file>. Results afterwards: ./moe sweep GRID.json --collect"
-          "# MOE_ROOT overrides the repository folder (when the tree moved); MOE overrides the launcher."
+          "# MOE_ROOT overrides the working folder and MOE the launcher (when the tree moved)."
           sprintf "#SBATCH --job-name=moe-%s" spec.Name
           sprintf "#SBATCH --array=0-%d" (n - 1)
           sprintf "#SBATCH --output=%s/%%x-%%A_%%a.out" logs
           for o in spec.SlurmOptions do sprintf "#SBATCH %s" o
           "set -euo pipefail"
-          sprintf "root=\"${MOE_ROOT:-%s}\"" (root.Replace("\"", "\\\""))
-          "moe=\"${MOE:-$root/moe}\""
+          // Unquoted ${..:-'word'} in an assignment: no splitting, and the single-quoted default stays literal.
+          sprintf "root=${MOE_ROOT:-%s}" (bashQuote root)
+          sprintf "moe=${MOE:-%s}" (bashQuote (Path.GetFullPath launcher))
           "cd \"$root\""
           array "names" (plan.Runs |> List.map (fun r -> r.Name))
           array "configs" (configs |> List.map (underRoot root))
@@ -1159,4 +1240,4 @@ type SweepRunner =
     static member WriteResults(plan: Plan, rows: ResultRow seq, reportNote: string) : string * string =
         writeResults plan (List.ofSeq rows) reportNote
     /// Writes the Slurm job array and per-run configs into `dir`.
-    static member EmitSlurm(plan: Plan, dir: string, root: string) : SlurmFiles = emitSlurm plan dir root
+    static member EmitSlurm(plan: Plan, dir: string, workDir: string, launcher: string) : SlurmFiles = emitSlurm plan dir workDir launcher

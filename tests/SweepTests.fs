@@ -16,6 +16,23 @@ let schema =
     Schema.combine
         (Schema.ofSection "train" Train.TrainConfig.defaults Train.TrainConfig.validate)
         (Schema.ofSection "moe" Config.MoeConfig.defaults Config.MoeConfig.validate)
+    |> Schema.withSeedField "train.Seed"
+
+/// A job config shaped like the summarizer's: one record that names its own run folder `RunsDir/Name`.
+type JobConfig =
+    { Name: string
+      RunsDir: string
+      Train: Train.TrainConfig
+      Moe: Config.MoeConfig }
+
+module JobConfig =
+    let defaults = { Name = "job"; RunsDir = "runs"; Train = Train.TrainConfig.defaults; Moe = Config.MoeConfig.defaults }
+    let validate (c: JobConfig) = Train.TrainConfig.validate c.Train @ Config.MoeConfig.validate c.Moe
+
+let jobSchema =
+    Schema.ofRecord JobConfig.defaults JobConfig.validate
+    |> Schema.withSeedField "Train.Seed"
+    |> Schema.withRunFolder "RunsDir" "Name"
 
 /// A fresh folder under the system temp folder, removed after `body`.
 let withTemp (body: string -> unit) : unit =
@@ -329,10 +346,11 @@ let tests =
                 let grid =
                     (smallGrid root "").Replace("\"name\": \"small\"", "\"name\": \"small\", \"slurm\": [\"--time=00:10:00\", \"--gres=gpu:1\"]")
                 let plan = loadOk dir grid
-                let files = emitSlurm plan (Path.Combine(root, "slurm")) root
+                let files = emitSlurm plan (Path.Combine(root, "slurm")) root (Path.Combine(root, "moe"))
                 let script = File.ReadAllText files.Script
                 Expect.stringContains script "#SBATCH --array=0-3" "one task per run"
                 Expect.stringContains script "#SBATCH --gres=gpu:1" "user options"
+                Expect.stringContains script (sprintf "moe=${MOE:-'%s'}" (Path.Combine(root, "moe"))) "the launcher unless MOE says otherwise"
                 let rc, out = bash dir [] [ "-n"; files.Script ]
                 Expect.equal rc 0 (sprintf "bash -n: %s" out)
                 let launcher, calls = recorder dir ""
@@ -368,6 +386,36 @@ let tests =
                 let tsv = File.ReadAllLines files.RunList
                 Expect.equal tsv.Length 5 "header and one line per run"
                 Expect.stringStarts tsv[2] ("1\t" + plan.Runs[1].Name + "\t") "run list")
+
+        testCase "a config that names its run folder gets each run's name and runs_dir; the sweep alone sets them" <| fun () ->
+            withTemp (fun dir ->
+                let runs = Path.Combine(dir, "runs")
+                let grid =
+                    sprintf """{ "name": "job", "base": { "Name": "ignored", "Train": { "Steps": 30, "WarmupSteps": 3 } },
+                                 "grid": { "Moe.Router.K": [1, 2] }, "seeds": [5], "runs_dir": "%s" }""" runs
+                let plan =
+                    match load jobSchema (write dir "job.json" grid) with
+                    | Ok p -> p
+                    | Error es -> failtestf "%A" es
+                for r in plan.Runs do
+                    Expect.equal (r.Config |> nodeAt "Name" |> fun n -> n.GetValue<string>()) r.Name "name field"
+                    Expect.equal (r.Config |> nodeAt "RunsDir" |> fun n -> n.GetValue<string>()) runs "runs folder field"
+                    Expect.equal (r.Config |> nodeAt "Train.Seed" |> num) 5.0 "the schema's seed field"
+                    Expect.equal r.RunDir (Path.Combine(runs, r.Name)) "the folder the training command will write"
+                    Expect.isOk (Json.readOver JobConfig.defaults r.Config) "the run's config file reads as the job config"
+                Expect.equal plan.Spec.Command [ "{moe}"; "train"; "--config"; "{config}"; "{resume}" ] "no --run-dir needed"
+                let other = grid.Replace("\"ignored\"", "\"also ignored\"").Replace(runs, Path.Combine(dir, "elsewhere"))
+                match load jobSchema (write dir "job2.json" other) with
+                | Ok p -> Expect.equal (p.Runs |> List.map _.Name) (plan.Runs |> List.map _.Name) "the base's Name and runs_dir do not change run names"
+                | Error es -> failtestf "%A" es
+                let varied = grid.Replace("\"Moe.Router.K\"", "\"Name\": [\"a\", \"b\"], \"Moe.Router.K\"")
+                match load jobSchema (write dir "job3.json" varied) with
+                | Error [ e ] -> Expect.stringStarts e "$.grid[\"Name\"]: Name is set by the sweep" "run folder fields cannot be varied"
+                | other -> failtestf "expected one problem, got %A" other
+                let noSeedField = Schema.ofRecord JobConfig.defaults JobConfig.validate
+                match load noSeedField (write dir "job4.json" grid) with
+                | Error [ e ] -> Expect.stringStarts e "$.seeds: this config has no default seed field" "seeds need a field"
+                | other -> failtestf "expected one problem, got %A" other)
 
         testCase "collect builds results.csv and results.md from run folders, with intervals, load CV and notes" <| fun () ->
             withTemp (fun dir ->
