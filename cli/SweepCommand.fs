@@ -56,9 +56,11 @@ let private writeResults (plan: Sweep.Plan) : unit =
 /// Runs the command; a bad grid prints every problem and returns 2; a failed run returns 1.
 let run (args: ParseResults<SweepArgs>) : int =
     let modes = [ args.Contains Dry_Run; args.Contains Collect; args.Contains Emit_Slurm ] |> List.filter id
-    if modes.Length > 1 then invalidArg "sweep" "choose one of --dry-run, --collect and --emit-slurm"
     let gridPath = args.GetResult Grid
     match Sweep.load runConfigSchema gridPath with
+    | _ when modes.Length > 1 ->
+        eprintfn "error: choose one of --dry-run, --collect and --emit-slurm"
+        2
     | Error problems ->
         eprintfn "error: invalid grid %s (%d problems); nothing was run:" gridPath problems.Length
         for p in problems do eprintfn "  - %s" p

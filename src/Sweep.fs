@@ -155,13 +155,17 @@ type Schema =
       RunFolder: RunFolderFields option }
 
     /// A schema from .NET values (for C#): section name -> type, a whole-config check (null for none), the seed
-    /// field path ("" or null for none) and the run folder fields (null for none).
+    /// field path (null for none) and the run folder's field paths (both null for none).
     static member Create(sections: IDictionary<string, Type>, check: Func<JsonNode, IEnumerable<string>>,
-                         seedField: string, runFolder: RunFolderFields option) : Schema =
+                         seedField: string, runsDirField: string, nameField: string) : Schema =
         { Sections = [ for kv in sections -> kv.Key, kv.Value ]
           Check = if isNull check then (fun _ -> []) else (fun n -> List.ofSeq (check.Invoke n))
           SeedField = (if isNull seedField then "" else seedField)
-          RunFolder = runFolder }
+          RunFolder =
+            match runsDirField, nameField with
+            | null, null -> None
+            | null, _ | _, null -> invalidArg "runsDirField" "expected both run folder fields (RunsDir and Name paths) or neither"
+            | d, n -> Some { RunsDir = d; Name = n } }
 
 module Schema =
     /// Replaces the `config` that `Json` puts in front of its messages with `prefix`.
@@ -1064,8 +1068,8 @@ let formatMarkdown (plan: Plan) (rows: ResultRow list) (reportNote: string) : st
     if spec.Description <> "" then
         line spec.Description
         line ""
-    if spec.Source <> "" then line (sprintf "Grid file: `%s`. " spec.Source)
-    line (sprintf "%d runs: %s. Run folders in `%s`." rows.Length
+    line (sprintf "%s%d runs: %s. Run folders in `%s`."
+              (if spec.Source <> "" then sprintf "Grid file `%s`. " spec.Source else "") rows.Length
               (rows |> List.countBy (fun r -> r.Status) |> List.map (fun (s, n) -> sprintf "%d %s" n (statusText s)) |> String.concat ", ")
               spec.RunsDir)
     line ""
@@ -1185,7 +1189,7 @@ let emitSlurm (plan: Plan) (dir: string) (workDir: string) (launcher: string) : 
         [ "#!/usr/bin/env bash"
           sprintf "# Slurm job array for sweep %s (%d runs), written by `moe sweep --emit-slurm`." spec.Name n
           sprintf "# Submit: sbatch %s" (bashQuote (Path.Combine(dir, spec.Name + ".sbatch")))
-          "# One task by hand: SLURM_ARRAY_TASK_ID=3 bash <this file>. Results afterwards: ./moe sweep GRID.json --collect"
+          "# One task by hand: SLURM_ARRAY_TASK_ID=0 bash <this file>. Results afterwards: ./moe sweep GRID.json --collect"
           "# MOE_ROOT overrides the working folder and MOE the launcher (when the tree moved)."
           sprintf "#SBATCH --job-name=moe-%s" spec.Name
           sprintf "#SBATCH --array=0-%d" (n - 1)
