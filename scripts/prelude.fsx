@@ -64,4 +64,5 @@ Prelude.loadNatives ()
 #load "../src/HumanEval.fs"
 #load "../src/Json.fs"
 #load "../src/Train.fs"
+#load "../src/Summarizer.fs"
 #load "../src/Sweep.fs"

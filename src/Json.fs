@@ -116,7 +116,11 @@ let rec private read (errors: ResizeArray<string>) (path: string) (t: Type) (ove
         over
     let valueOf () : JsonElement option =
         match node with
-        | :? JsonValue as v -> Some(v.GetValue<JsonElement>())
+        | :? JsonValue as v ->
+            // Parsed values hold a JsonElement; values built in code hold a .NET value: reparse those.
+            match v.TryGetValue<JsonElement>() with
+            | true, e -> Some e
+            | _ -> Some((JsonDocument.Parse(v.ToJsonString())).RootElement.Clone())
         | _ -> None
     let number (expected: string) (parse: JsonElement -> obj option) =
         match valueOf () with

@@ -225,7 +225,7 @@ type TrainTask<'batch> =
       ValidBatches: unit -> seq<'batch>
       /// The batch's task loss, MoE reports and token count.
       Loss: Phase -> 'batch -> LossParts
-      /// Named configuration sections written beside "train" in config.json and in every checkpoint
+      /// Named configuration sections written beside "Train" (the TrainConfig) in config.json and in every checkpoint
       /// (e.g. ["model", box modelCfg; "data", box dataCfg]).
       Config: (string * obj) list
       /// Opaque tokenizer mapping saved in checkpoints so they are self-contained ("" when none).
@@ -678,7 +678,7 @@ let private trajectoryDifferences (saved: TrainConfig) (now: TrainConfig) : stri
 
 let private configJson (cfg: TrainConfig) (sections: (string * obj) list) : JsonObject =
     let o = JsonObject()
-    o["train"] <- Json.toNode cfg
+    o["Train"] <- Json.toNode cfg
     for name, value in sections do
         o[name] <- (if isNull value then null else Json.ofTyped (value.GetType()) value)
     o
@@ -810,6 +810,8 @@ let private runCore (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batc
         {| Lr = lr; Skipped = skipped; GradNorm = gradNorm; Tokens = tokens; Layers = layers
            BadLoss = bad; Means = sums |> Array.map (fun s -> s / micro); Routing = routingMeans |}
 
+    // A cancelled run continues when resumed; a completed or early-stopped one is over.
+    if state.Stopped = Some Cancelled then state <- { state with Stopped = None }
     let mutable stop: StopReason option = state.Stopped
     while stop.IsNone && state.Step < cfg.Steps do
         let stepIndex = state.Step

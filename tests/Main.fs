@@ -13,6 +13,7 @@ let all =
         LayersTests.tests
         DataTests.tests
         TrainTests.tests
+        SummarizerTests.tests
         ModelsTests.tests
         SweepTests.tests
     ]

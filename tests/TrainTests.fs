@@ -210,6 +210,7 @@ let tests =
             testCase "a config round-trips through JSON" <| fun () ->
                 let c = { cfg with Schedule = InverseSqrt; Device = Native.Cuda; LossWeights = LossWeights.none }
                 Expect.equal (Json.deserialize<TrainConfig> (Json.serialize c)) (Ok c) "round trip"
+                Expect.equal (Json.ofNode<TrainConfig> (Json.toNode c)) (Ok c) "nodes built in code read back too"
                 let moe = { MoeConfig.defaults with Router = { RouterConfig.defaults with Capacity = Factor 1.25; BiasUpdateRate = Some 0.001; Selection = TokenChoiceTopK(TopKThenNormalise, false) } }
                 Expect.equal (Json.deserialize<MoeConfig> (Json.serialize moe)) (Ok moe) "unions with fields and options"
 
@@ -313,7 +314,7 @@ let tests =
                     Expect.isNotNull n["dropped_fraction"] "dropped_fraction"
                     Expect.isGreaterThan (n["router_entropy"].GetValue<float>()) 0.0 "entropy"
                 let config = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, RunFiles.configName)))
-                let trainSection, toySection = config["train"], config["toy"]
+                let trainSection, toySection = config["Train"], config["toy"]
                 Expect.equal (trainSection["Steps"].GetValue<int>()) 12 "train section"
                 Expect.equal (toySection["Experts"].GetValue<int>()) Toy.experts "task section"
                 let first, last = snd (Array.head (trainLosses dir)), snd (Array.last (trainLosses dir))
@@ -377,6 +378,17 @@ let tests =
                 let pa, pc = parameters a.Model, parameters c.Model
                 let maxDiff = Array.map2 (fun (x: float32) y -> abs (x - y)) pa pc |> Array.max
                 Expect.isLessThan (float maxDiff) resumeTol "final weights agree"))
+
+        testCase "a cancelled run checkpoints, and resuming it continues to the end" <| fun () ->
+            withRunDir (fun dir ->
+                let t = toyTask 1 1 epochOrder
+                use stop = new Threading.CancellationTokenSource()
+                let opts = { quiet with OnStep = (fun r -> if r.Step = 5 then stop.Cancel()); Cancel = stop.Token }
+                let r = runWith opts cfg t.Task dir
+                Expect.equal (r.Stop, r.Steps) (Cancelled, 5) "stopped after step 5"
+                Expect.equal ((Checkpoint.readMeta (Checkpoint.last dir)).State.Step) 5 "checkpoint at the stop"
+                let again = resumeWith quiet cfg t.Task dir
+                Expect.equal (again.Stop, again.Steps) (Completed, 12) "continued to the end")
 
         testCase "resume refuses a config that changes the schedule" <| fun () ->
             withRunDir (fun dir ->
