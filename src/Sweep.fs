@@ -1055,6 +1055,9 @@ let private humanCount (n: int64) : string =
     elif x >= 1e3 then sprintf "%.1fk" (x / 1e3)
     else string n
 
+/// The test metrics results.md shows, in this order, where runs have them (results.csv has every one).
+let markdownMetrics = [ "rouge1"; "rouge2"; "rougeL"; "rougeLsum"; "bleu" ]
+
 let private mdCell (s: string) = s.Replace("|", "\\|").Replace("\n", " ")
 
 /// results.md: the sweep, a status count, one table row per run (metrics as `value [low, high]`), notes,
@@ -1074,7 +1077,8 @@ let formatMarkdown (plan: Plan) (rows: ResultRow list) (reportNote: string) : st
               spec.RunsDir)
     line ""
     let axes = spec.Axes |> List.map (fun a -> a.Column)
-    let metrics = metricNames rows
+    let present = metricNames rows
+    let metrics = markdownMetrics |> List.filter (fun m -> List.contains m present)
     let header =
         [ yield "#"; yield "status"; yield! axes; yield "valid loss (best)"
           yield! metrics
@@ -1114,7 +1118,7 @@ let formatMarkdown (plan: Plan) (rows: ResultRow list) (reportNote: string) : st
     line ""
     line "Columns: validation loss is the last logged (best in brackets when different); test metrics come from"
     line "test_scores.json (ROUGE as F1 fractions, BLEU in [0, 100]) with their confidence intervals where the run"
-    line "stored them; load CV is std/mean of tokens per expert at the last logged step, averaged over MoE layers;"
+    line "stored them (results.csv has every metric of the file, with exact numbers); load CV is std/mean of tokens per expert at the last logged step, averaged over MoE layers;"
     line "dropped is the dropped fraction at that step; tokens/s is the mean over logged training steps."
     line ""
     line reportNote
