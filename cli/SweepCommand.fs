@@ -25,12 +25,8 @@ type SweepArgs =
             | Launcher _ -> "the program that {moe} stands for in the run command (default: this repository's ./moe)."
             | Stop_On_Failure -> "stop at the first run that fails (default: report it and go on)."
 
-/// The training command's config file (`moe train --config`): a SummarizerConfig, read over its defaults and
-/// validated; `seeds` set Train.Seed, and each run's RunsDir/Name are set to the sweep's run folder.
-let runConfigSchema : Sweep.Schema =
-    Sweep.Schema.ofRecord Summarizer.SummarizerConfig.defaults Summarizer.SummarizerConfig.validate
-    |> Sweep.Schema.withSeedField "Train.Seed"
-    |> Sweep.Schema.withRunFolder "RunsDir" "Name"
+/// The training command's config file, as the sweep checks field paths and values against it.
+let runConfigSchema : Sweep.Schema = Sweep.summarizerSchema
 
 /// The combined report page: `moe report` belongs to the plots work, which this build does not have yet.
 let reportNote (plan: Sweep.Plan) : string =

@@ -217,6 +217,13 @@ module Schema =
     let withRunFolder (runsDir: string) (name: string) (schema: Schema) : Schema =
         { schema with RunFolder = Some { RunsDir = runsDir; Name = name } }
 
+/// The summarizer's config file (`moe train --config`): a SummarizerConfig read over its defaults and
+/// validated; `seeds` set Train.Seed, and each run's RunsDir/Name are set to the sweep's run folder.
+let summarizerSchema : Schema =
+    Schema.ofRecord Summarizer.SummarizerConfig.defaults Summarizer.SummarizerConfig.validate
+    |> Schema.withSeedField "Train.Seed"
+    |> Schema.withRunFolder "RunsDir" "Name"
+
 let private isOption (t: Type) = t.IsGenericType && t.GetGenericTypeDefinition() = typedefof<option<_>>
 let private isMap (t: Type) = t.IsGenericType && t.GetGenericTypeDefinition() = typedefof<Map<_, _>>
 let private isRecord (t: Type) = FSharpType.IsRecord(t, true)

@@ -417,6 +417,38 @@ let tests =
                 | Error [ e ] -> Expect.stringStarts e "$.seeds: this config has no default seed field" "seeds need a field"
                 | other -> failtestf "expected one problem, got %A" other)
 
+        testCase "the summarizer's config: its paths, union values and run folder, checked before anything runs" <| fun () ->
+            withTemp (fun dir ->
+                let grid =
+                    """{ "name": "sum", "base": { "Train": { "Steps": 20, "WarmupSteps": 2 } },
+                         "variants": [ { "name": "dense", "set": {} },
+                                       { "name": "hash", "set": { "Model.Ffn": { "Moe": { "ModelDim": 64, "ExpertHidden": 128, "Activation": "GELU",
+                                           "SharedExperts": 0, "Router": { "Experts": 4, "K": 1, "Scorer": "LinearRouter", "Normaliser": "Softmax",
+                                           "Selection": { "Hash": "BalancedHash" }, "Capacity": "Dropless", "MinCapacity": 4, "Jitter": 0.0,
+                                           "BiasUpdateRate": null } } } } } ],
+                         "grid": { "Train.LossWeights.SwitchAux": [ 0.0, 0.01 ] }, "seeds": [ 3 ] }"""
+                match load summarizerSchema (write dir "sum.json" grid) with
+                | Ok plan ->
+                    Expect.equal plan.Runs.Length 4 "2 variants x 2 weights x 1 seed"
+                    for r in plan.Runs do
+                        match Json.readOver Summarizer.SummarizerConfig.defaults r.Config with
+                        | Ok cfg ->
+                            Expect.equal cfg.Name r.Name "the run writes the folder the sweep reads"
+                            Expect.equal (Path.Combine(cfg.RunsDir, cfg.Name)) r.RunDir "run folder"
+                            Expect.equal cfg.Train.Seed 3 "seed"
+                            Expect.isEmpty (Summarizer.SummarizerConfig.validate cfg) "valid"
+                        | Error es -> failtestf "the run's config does not read as a SummarizerConfig: %A" es
+                | Error es -> failtestf "expected a valid grid, got %A" es
+                let bad =
+                    grid.Replace("\"Hash\": \"BalancedHash\"", "\"Hash\": \"Balanced\"")
+                        .Replace("Train.LossWeights.SwitchAux", "Train.LossWeight.SwitchAux")
+                match load summarizerSchema (write dir "bad.json" bad) with
+                | Error es ->
+                    Expect.equal es.Length 2 (String.concat "\n" es)
+                    Expect.stringStarts es[1] "$.variants[1].set[\"Model.Ffn\"].Moe.Router.Selection.Hash: expected one of RandomHash|BalancedHash" "union value"
+                    Expect.stringStarts es[0] "$.grid[\"Train.LossWeight.SwitchAux\"]: Train: unknown field 'LossWeight' in TrainConfig" "path"
+                | Ok _ -> failtest "expected the grid to be rejected")
+
         testCase "collect builds results.csv and results.md from run folders, with intervals, load CV and notes" <| fun () ->
             withTemp (fun dir ->
                 let plan = loadOk dir (smallGrid dir "")
