@@ -10,6 +10,7 @@
 #r "nuget: Microsoft.ML.Tokenizers.Data.Cl100kBase, 2.0.1"
 #r "nuget: Parquet.Net, 6.1.0"
 #r "nuget: CsvHelper, 34.0.0"
+#r "nuget: Plotly.NET, 6.0.0"
 #load "../build/GlibcxxPatch.fs"
 
 module Prelude =
@@ -62,6 +63,9 @@ Prelude.loadNatives ()
 #load "../src/Batching.fs"
 #load "../src/Metrics.fs"
 #load "../src/HumanEval.fs"
+#load "../src/RunLog.fs"
+#load "../src/Plots.fs"
+#load "../src/Report.fs"
 #load "../src/Json.fs"
 #load "../src/Train.fs"
 #load "../src/Summarizer.fs"

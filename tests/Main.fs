@@ -15,6 +15,7 @@ let all =
         TrainTests.tests
         SummarizerTests.tests
         ModelsTests.tests
+        PlotsTests.tests
         SweepTests.tests
     ]
 
