@@ -28,11 +28,6 @@ type SweepArgs =
 /// The training command's config file, as the sweep checks field paths and values against it.
 let runConfigSchema : Sweep.Schema = Sweep.summarizerSchema
 
-/// The combined report page: `moe report` belongs to the plots work, which this build does not have yet.
-let reportNote (plan: Sweep.Plan) : string =
-    let dirs = plan.Runs |> List.map (fun r -> r.RunDir) |> String.concat " "
-    sprintf "Combined report page: not written; this build has no `moe report` yet (the plots work is not merged). When it is: `./moe report %s`." dirs
-
 /// This repository's launcher: `moe` beside Directory.Packages.props above the running program.
 let private defaultLauncher () : string =
     let rec up (dir: DirectoryInfo) =
@@ -44,9 +39,10 @@ let private defaultLauncher () : string =
     up (DirectoryInfo AppContext.BaseDirectory)
 
 let private writeResults (plan: Sweep.Plan) : unit =
+    let note = Sweep.writeReport plan
     let rows = Sweep.collect plan
-    let csv, md = Sweep.writeResults plan rows (reportNote plan)
-    printfn "%s" (Sweep.formatMarkdown plan rows (reportNote plan))
+    let csv, md = Sweep.writeResults plan rows note
+    printfn "%s" (Sweep.formatMarkdown plan rows note)
     printfn "wrote %s and %s" csv md
 
 /// Runs the command; a bad grid prints every problem and returns 2; a failed run returns 1.

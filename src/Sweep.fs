@@ -1140,6 +1140,27 @@ let writeResults (plan: Plan) (rows: ResultRow list) (reportNote: string) : stri
     File.WriteAllText(md, formatMarkdown plan rows reportNote)
     csv, md
 
+/// The combined report page of a sweep: `<output>/report.html`.
+let reportPath (spec: SweepSpec) : string = Path.Combine(spec.OutputDir, "report.html")
+
+/// Writes the combined report page (`Report.write`: configs side by side, metrics with intervals, charts,
+/// samples) of the runs whose folders hold logs or scores, and returns the line results.md shows: where the
+/// page is, or why there is none (no run has files yet, or a run file is malformed: file, line and reason).
+let writeReport (plan: Plan) : string =
+    let hasFiles (dir: string) =
+        [ Train.RunFiles.configName; Train.RunFiles.metricsName; Train.RunFiles.routingName; testScoresName ]
+        |> List.exists (fun f -> File.Exists(Path.Combine(dir, f)))
+    let dirs = plan.Runs |> List.filter (fun r -> hasFiles r.RunDir) |> List.map (fun r -> r.RunDir)
+    if dirs.IsEmpty then "Combined report page: not written; no run folder has logs or scores yet."
+    else
+        try
+            let options = { Report.defaults with Title = sprintf "Sweep %s" plan.Spec.Name }
+            Report.write options (reportPath plan.Spec) dirs |> ignore
+            sprintf "Combined report page: [report.html](report.html) (%d of %d runs; `./moe report` with the same folders redraws it)."
+                dirs.Length plan.Runs.Length
+        with :? RunLog.RunFileException as e ->
+            sprintf "Combined report page: not written; a run file is malformed: %s" e.Message
+
 // ---------------------------------------------------------------- Slurm
 
 /// A string as one bash word in single quotes.

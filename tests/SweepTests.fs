@@ -449,6 +449,27 @@ let tests =
                     Expect.stringStarts es[0] "$.grid[\"Train.LossWeight.SwitchAux\"]: Train: unknown field 'LossWeight' in TrainConfig" "path"
                 | Ok _ -> failtest "expected the grid to be rejected")
 
+        testCase "the combined report page covers the runs that have files, or says why it is missing" <| fun () ->
+            withTemp (fun dir ->
+                let plan = loadOk dir (smallGrid dir "")
+                Expect.equal (writeReport plan) "Combined report page: not written; no run folder has logs or scores yet." "nothing yet"
+                let r0 = plan.Runs[0]
+                write r0.RunDir "metrics.jsonl"
+                    (String.concat "\n"
+                        [ """{"step": 10, "split": "train", "loss": 3.0, "task_loss": 2.9, "tokens_per_s": 1000.0}"""
+                          """{"step": 10, "split": "valid", "loss": 3.5}""" ]) |> ignore
+                write r0.RunDir "routing.jsonl"
+                    """{"step": 10, "layer": "enc.0", "tokens_per_expert": [0.5, 0.5], "dropped_fraction": 0.0, "router_entropy": 0.6}""" |> ignore
+                let note = writeReport plan
+                Expect.equal note "Combined report page: [report.html](report.html) (1 of 4 runs; `./moe report` with the same folders redraws it)." "written"
+                let page = File.ReadAllText(reportPath plan.Spec)
+                Expect.stringContains page "Sweep small" "titled by the sweep"
+                Expect.stringContains page r0.Name "the run is on the page"
+                write plan.Runs[1].RunDir "metrics.jsonl" "not json\n" |> ignore
+                let broken = writeReport plan
+                Expect.stringStarts broken "Combined report page: not written; a run file is malformed: " "why"
+                Expect.stringContains broken "metrics.jsonl" "which file")
+
         testCase "collect builds results.csv and results.md from run folders, with intervals, load CV and notes" <| fun () ->
             withTemp (fun dir ->
                 let plan = loadOk dir (smallGrid dir "")
