@@ -1272,6 +1272,8 @@ type SweepRunner =
     static member Run(plan: Plan, options: SweepOptions) : Outcome[] = runAll options plan |> List.toArray
     /// Reads each run folder into a results row.
     static member Collect(plan: Plan) : ResultRow[] = collect plan |> List.toArray
+    /// Writes the combined report page; returns the line results.md shows about it.
+    static member WriteReport(plan: Plan) : string = writeReport plan
     /// Writes results.csv and results.md; returns their paths.
     static member WriteResults(plan: Plan, rows: ResultRow seq, reportNote: string) : string * string =
         writeResults plan (List.ofSeq rows) reportNote
