@@ -402,7 +402,7 @@ let valueLabel (n: JsonNode) : string =
     | :? JsonValue as v when v.GetValueKind() = JsonValueKind.String -> v.GetValue<string>()
     | _ -> canonical n
 
-/// A grid path or a placeholder-bearing token as written in JSON (`$.grid["train.Steps"]`).
+/// A member of a JSON object as messages name it: `$.grid["train.Steps"]`.
 let private key (parent: string) (k: string) = sprintf "%s[%s]" parent (JsonValue.Create(k).ToJsonString())
 
 /// Parses a grid file's JSON tree against `schema`. `source` names the file in messages; `baseDir` is where
