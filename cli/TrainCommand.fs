@@ -31,6 +31,7 @@ type TrainArgs =
     | Resume
     | Print_Config
     | Plain
+    | Threads of count: int
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -54,6 +55,7 @@ type TrainArgs =
             | Resume -> "continue the run's last checkpoint (same config) instead of starting over."
             | Print_Config -> "print the resolved config as JSON and exit (a starting point for --config)."
             | Plain -> "plain progress lines instead of a progress bar."
+            | Threads _ -> "CPU threads libtorch uses (default: its own choice; 1 can be much faster on a busy machine)."
 
 type GenerateArgs =
     | [<Mandatory; AltCommandLine("-r")>] Run of path: string
@@ -66,6 +68,7 @@ type GenerateArgs =
     | Length_Penalty of alpha: float
     | No_Repeat_Ngram of n: int
     | Device of device: string
+    | Threads of count: int
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -79,11 +82,18 @@ type GenerateArgs =
             | Length_Penalty _ -> "GNMT length penalty alpha (0 = none)."
             | No_Repeat_Ngram _ -> "no repeated n-gram of this size (0 = off)."
             | Device _ -> "auto|cpu|cuda (default auto)."
+            | Threads _ -> "CPU threads libtorch uses (default: its own choice)."
 
 let private device (text: string) : Native.DeviceChoice =
     match Native.parseDevice text with
     | Ok d -> d
     | Error msg -> invalidArg "--device" msg
+
+let private setThreads (n: int option) =
+    match n with
+    | Some n when n < 1 -> invalidArg "--threads" (sprintf "expected at least 1 thread, got %d" n)
+    | Some n -> TorchSharp.torch.set_num_threads n
+    | None -> ()
 
 let private orFailWith (flag: string) (r: Result<'a, string list>) : 'a =
     match r with
@@ -140,6 +150,7 @@ let train (args: ParseResults<TrainArgs>) : int =
         0
     else
         Native.initialise ()
+        setThreads (args.TryGetResult TrainArgs.Threads)
         use cancel = new CancellationTokenSource()
         let handler =
             ConsoleCancelEventHandler(fun _ e ->
@@ -167,6 +178,7 @@ let train (args: ParseResults<TrainArgs>) : int =
 /// Runs `moe generate`.
 let generate (args: ParseResults<GenerateArgs>) : int =
     Native.initialise ()
+    setThreads (args.TryGetResult GenerateArgs.Threads)
     let runDir = args.GetResult Run
     if not (Directory.Exists runDir) then invalidArg "--run" (sprintf "expected a run folder, but %s does not exist" runDir)
     use loaded = load runDir (args.TryGetResult Checkpoint) (device (defaultArg (args.TryGetResult GenerateArgs.Device) "auto"))

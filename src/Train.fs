@@ -12,6 +12,7 @@ open System.IO
 open System.Text
 open System.Text.Json.Nodes
 open System.Threading
+open System.Runtime.InteropServices
 open TorchSharp
 open Moe.Tensors
 open Moe.Config
@@ -169,6 +170,10 @@ type LossParts =
       Moe: LayerReport list
       /// Target tokens the task loss averages over: weights validation means and tokens/s.
       Tokens: int64 }
+
+    /// For C#: the parts from a task loss, MoE reports (null for none) and the token count.
+    static member Create(taskLoss: Tensor, moe: IEnumerable<LayerReport>, tokens: int64) : LossParts =
+        { TaskLoss = taskLoss; Moe = (if isNull moe then [] else List.ofSeq moe); Tokens = tokens }
 
 /// A cross-entropy and the number of tokens it averages over.
 type TokenLoss = { Loss: Tensor; Tokens: int64 }
@@ -930,8 +935,52 @@ let run (cfg: TrainConfig) (task: TrainTask<'batch>) (runDir: string) : TrainRes
 /// `resumeWith` with default options.
 let resume (cfg: TrainConfig) (task: TrainTask<'batch>) (runDir: string) : TrainResult = resumeWith RunOptions.Defaults cfg task runDir
 
-/// The trainer for C#: `Trainer.Run(cfg, task, runDir)`.
+/// The trainer for C#: `Trainer.Run(Trainer.Config(steps: 500), task, runDir)`.
 type Trainer =
+    /// `TrainConfig.defaults` with the named arguments changed (omitted ones keep the defaults).
+    /// schedule: cosine | inverse-sqrt | constant; device: auto | cpu | cuda.
+    static member Config([<Optional>] steps: Nullable<int>, [<Optional>] batchSize: Nullable<int>,
+                         [<Optional>] learningRate: Nullable<float>, [<Optional>] warmupSteps: Nullable<int>,
+                         [<Optional>] schedule: string, [<Optional>] minLrRatio: Nullable<float>,
+                         [<Optional>] weightDecay: Nullable<float>, [<Optional>] gradClip: Nullable<float>,
+                         [<Optional>] gradAccumulation: Nullable<int>, [<Optional>] labelSmoothing: Nullable<float>,
+                         [<Optional>] lossWeights: LossWeights, [<Optional>] logEvery: Nullable<int>,
+                         [<Optional>] evalEvery: Nullable<int>, [<Optional>] checkpointEvery: Nullable<int>,
+                         [<Optional>] patience: Nullable<int>, [<Optional>] maxBadSteps: Nullable<int>,
+                         [<Optional>] seed: Nullable<int>, [<Optional>] device: string) : TrainConfig =
+        let d = TrainConfig.defaults
+        let pick (v: Nullable<'a>) (fallback: 'a) = if v.HasValue then v.Value else fallback
+        let cfg =
+            { d with
+                Steps = pick steps d.Steps
+                BatchSize = pick batchSize d.BatchSize
+                LearningRate = pick learningRate d.LearningRate
+                WarmupSteps = pick warmupSteps d.WarmupSteps
+                Schedule =
+                    (match (if isNull schedule then "" else schedule.Trim().ToLowerInvariant()) with
+                     | "" -> d.Schedule
+                     | "cosine" -> Cosine
+                     | "inverse-sqrt" | "inversesqrt" -> InverseSqrt
+                     | "constant" -> Constant
+                     | other -> invalidArg "schedule" (sprintf "expected cosine|inverse-sqrt|constant, got '%s'" other))
+                MinLrRatio = pick minLrRatio d.MinLrRatio
+                WeightDecay = pick weightDecay d.WeightDecay
+                GradClip = pick gradClip d.GradClip
+                GradAccumulation = pick gradAccumulation d.GradAccumulation
+                LabelSmoothing = pick labelSmoothing d.LabelSmoothing
+                LossWeights = (if isNull (box lossWeights) then d.LossWeights else lossWeights)
+                LogEvery = pick logEvery d.LogEvery
+                EvalEvery = pick evalEvery d.EvalEvery
+                CheckpointEvery = pick checkpointEvery d.CheckpointEvery
+                Patience = pick patience d.Patience
+                MaxBadSteps = pick maxBadSteps d.MaxBadSteps
+                Seed = pick seed d.Seed
+                Device =
+                    (if isNull device then d.Device
+                     else match Native.parseDevice device with
+                          | Ok c -> c
+                          | Error msg -> invalidArg "device" msg) }
+        Config.orFail "TrainConfig" (TrainConfig.validate cfg) cfg
     static member Run(cfg: TrainConfig, task: TrainTask<'batch>, runDir: string) : TrainResult = run cfg task runDir
     static member Run(cfg: TrainConfig, task: TrainTask<'batch>, runDir: string, options: RunOptions) : TrainResult =
         runWith options cfg task runDir
