@@ -21,6 +21,7 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Report of ParseResults<ReportCommand.ReportArgs>
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainCommand.TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<TrainCommand.GenerateArgs>
+    | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.SweepArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -31,6 +32,7 @@ type Command =
             | Report _ -> "write one HTML page comparing run folders: configs, metrics, charts, samples."
             | Train _ -> "train a summarizer (dense, top-k or hash MoE) and score it on the test split against lead-1."
             | Generate _ -> "summarize documents with a trained run's checkpoint."
+            | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
 
 let private deviceOf (text: string option) =
     match Native.parseDevice (defaultArg text "auto") with
@@ -56,6 +58,7 @@ let main argv =
         | Report a -> ReportCommand.run a
         | Train a -> TrainCommand.guard (fun () -> TrainCommand.train a)
         | Generate a -> TrainCommand.guard (fun () -> TrainCommand.generate a)
+        | Sweep a -> SweepCommand.run a
     with
     | :? ArguParseException as e ->
         eprintfn "%s" e.Message
