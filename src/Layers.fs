@@ -166,16 +166,16 @@ let combineExperts (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) 
         let lo, hi = (flat.min ()).item<int64> (), (flat.max ()).item<int64> ()
         if lo < 0L || hi >= numExperts then
             invalidArg "expertIndex" (sprintf "expected expertIndex values in 0..%d (E - 1), got values from %d to %d" (numExperts - 1L) lo hi)
-    let key = flat.masked_fill (kept.reshape(-1L).logical_not (), numExperts.ToScalar()) // [T*K], dropped slots after every expert
+    let key = withInt64Scalar numExperts (fun e -> flat.masked_fill (kept.reshape(-1L).logical_not (), e)) // [T*K], dropped slots after every expert
     let struct (_, order) = key.sort (0L, false, true) // [T*K], slot ids grouped by expert, stable
     let counts = toInt64s (torch.bincount (key, minlength = numExperts + 1L)) // [E + 1], the last counts dropped slots
     let perExpert = counts[0 .. int numExperts - 1]
     let slot = order.narrow (0L, 0L, Array.sum perExpert) // [N]
-    let token = slot.div (k.ToScalar(), rounding_mode = torch.RoundingMode.floor) // [N]
+    let token = withInt64Scalar (int64 k) (fun k -> slot.div (k, rounding_mode = torch.RoundingMode.floor)) // [N]
     let rows = x.index_select (0L, token) // [N; D]
     let outputs = experts.forward (rows, perExpert) // [N; D]
     let w = weights.reshape(-1L).index_select(0L, slot).to_type(x.dtype).unsqueeze 1L // [N; 1]
-    torch.zeros_like(x).index_add(0L, token, outputs * w, 1.0.ToScalar()).MoveToOuterDisposeScope()
+    (withScalar 1.0 (fun one -> torch.zeros_like(x).index_add(0L, token, outputs * w, one))).MoveToOuterDisposeScope()
 
 /// `combineExperts` with a routing record's experts, weights and kept mask. x [T; D] -> [T; D].
 let dispatch (experts: ExpertFfn) (routing: Routing) (x: Tensor) : Tensor =

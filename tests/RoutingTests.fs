@@ -108,7 +108,7 @@ let private finiteDifference (f: torch.Tensor -> float) (x: torch.Tensor) : floa
         let at delta =
             use shifted = values.clone ()
             use flat = shifted.view (-1L)
-            flat[int64 i] <- flat[int64 i] + delta
+            flat[int64 i] <- Tensors.addScalar delta flat[int64 i]
             f shifted
         (at fdStep - at -fdStep) / (2.0 * fdStep))
 
