@@ -114,7 +114,7 @@ let groupedQueryAttention (dropout: float) (mask: Tensor option) (q: Tensor) (k:
     let scores = mulScalar_ (1.0 / Math.Sqrt(float dh)) (qg.matmul kt)               // [B; G; r; S; L]
     let scores =
         match mask with
-        | Some m -> scores.masked_fill(m.unsqueeze(1).logical_not (), Double.NegativeInfinity)  // m: [B|1; 1; 1; S|1; L]
+        | Some m -> withScalar Double.NegativeInfinity (fun negInf -> scores.masked_fill(m.unsqueeze(1).logical_not (), negInf))  // m: [B|1; 1; 1; S|1; L]
         | None -> scores
     // Softmax in float32 whatever the activations' dtype, as the fused kernels do.
     let probs = scores.softmax(-1L, torch.ScalarType.Float32).to_type(q.dtype)  // [B; G; r; S; L]

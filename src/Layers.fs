@@ -374,7 +374,7 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
         let h = x.reshape (-1L, d) // [T; D]
         let routing = router.Route(h, ids)
         let routed = dispatch experts routing h // [T; D]
-        let y = if isNull shared then routed else routed + (shared.forward h).Output // [T; D]
+        let y = if isNull shared then routed else plus routed (shared.forward h).Output // [T; D]
         if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
         let report = { Aux = auxLosses routing; Stats = routing.Stats }
         { Output = y.reshape(shape).MoveToOuterDisposeScope(); Moe = Some(moveReportOut report) }
@@ -386,7 +386,9 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
 
 /// The balancing losses weighted and summed: the one place coefficients meet the unweighted losses.
 let weightedAux (weights: LossWeights) (aux: AuxLosses) : Tensor =
-    aux.SwitchAux * weights.SwitchAux + aux.Importance * weights.Importance + aux.Load * weights.Load + aux.ZLoss * weights.ZLoss
+    [ mulScalar weights.SwitchAux aux.SwitchAux; mulScalar weights.Importance aux.Importance
+      mulScalar weights.Load aux.Load; mulScalar weights.ZLoss aux.ZLoss ]
+    |> List.reduce plus
 
 /// What `MoeApi.Forward` returns: the output and the unweighted aux losses (differentiable tensors), and the
 /// routing statistics as plain numbers.

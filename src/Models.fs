@@ -302,14 +302,14 @@ type Block(name: string, cfg: ModelConfig, causal: bool, withCross: bool, feedFo
             else
                 use earlier = torch.ones([| x.shape[0]; cache.Self.Length |], dtype = torch.ScalarType.Bool, device = x.device)
                 torch.cat([| earlier; valid |], 1L)
-        let x = x + residualDropout (attn.SelfAttend(attnNorm.forward x, keyValid, causal, selfCache))  // [B; S; D]
+        let x = plus x (residualDropout (attn.SelfAttend(attnNorm.forward x, keyValid, causal, selfCache)))  // [B; S; D]
         let x =
             if isNull cross then x
             else
                 let crossCache = if isNull cache then null else cache.Cross
-                x + residualDropout (cross.CrossAttend(crossNorm.forward x, memory, memoryValid, crossCache))
+                plus x (residualDropout (cross.CrossAttend(crossNorm.forward x, memory, memoryValid, crossCache)))
         let r = FeedForward.run feedForward (ffnNorm.forward x) tokenIds valid
-        let x = x + residualDropout r.Output                                   // [B; S; D]
+        let x = plus x (residualDropout r.Output)                                   // [B; S; D]
         r.Moe |> Option.iter moveReportOut
         x.MoveToOuterDisposeScope(), r.Moe
 
@@ -431,7 +431,7 @@ type EncoderDecoder(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as
     let embedTokens (positions: Positions) (offset: int64) (ids: Tensor) : Tensor =
         use _ = torch.NewDisposeScope()
         let x = mulScalar_ (Math.Sqrt(float cfg.ModelDim)) (embed.forward ids)
-        let x = x + positions.Forward(offset, ids.shape[1], ids.device)
+        let x = plus x (positions.Forward(offset, ids.shape[1], ids.device))
         let x = if this.training && cfg.Dropout > 0.0 then functional.dropout(x, cfg.Dropout, true) else x
         x.MoveToOuterDisposeScope()
 
@@ -554,7 +554,7 @@ type DecoderOnly(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as th
         use _ = torch.NewDisposeScope()
         let offset = if hasCache then cache.Length else 0L
         let x = mulScalar_ (Math.Sqrt(float cfg.ModelDim)) (embed.forward ids)
-        let x = x + pos.Forward(offset, ids.shape[1], ids.device)            // [B; L; D]
+        let x = plus x (pos.Forward(offset, ids.shape[1], ids.device))            // [B; L; D]
         let x = if this.training && cfg.Dropout > 0.0 then functional.dropout(x, cfg.Dropout, true) else x
         let x, reports = runBlocks blocks x ids valid null null cache
         let h = norm.forward x

@@ -426,7 +426,8 @@ let balancing =
         step ()
         let before = Tensors.liveTensors ()
         for _ in 1 .. 20 do step ()
-        Expect.equal (Tensors.liveTensors ()) before "live tensor count flat")
+        // <=, not =: finalizers of tensors other tests left to the GC may lower the count meanwhile
+        Expect.isLessThanOrEqual (Tensors.liveTensors ()) before "live tensor count flat")
 
       testCase "the C# facade routes like route" <| fun () ->
         use _ = torch.NewDisposeScope()
