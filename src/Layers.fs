@@ -271,7 +271,7 @@ type RouterModule(name: string, cfg: RouterConfig, modelDim: int) as this =
                     invalidArg "tokenIds" (sprintf "%A routing reads hidden states, not token ids; pass None" cfg.Selection)
                 let dt = mathDtype h
                 let hm = if training && cfg.Selection = SwitchTop1 && cfg.Jitter > 0.0 then jitter cfg None (h.to_type dt) else h.to_type dt // [T; D]
-                let noiseStd = if isNull noise_weight then None else Some(functional.softplus (hm.mm (noise_weight.to_type dt))) // [T; E]
+                let noiseStd = if isNull noise_weight then None else Some(Tensors.softplus (hm.mm (noise_weight.to_type dt))) // [T; E]
                 { RouterInputs.OfLogits (this.Logits hm) with
                     NoiseStd = noiseStd
                     Bias = Option.ofObj selection_bias

@@ -554,8 +554,8 @@ let cvSquared (x: Tensor) : Tensor =
     expectFloat "x" "[E]" 1 x
     use scope = torch.NewDisposeScope()
     let mean = x.mean () // scalar
-    let variance = (x - mean).square().mean () // scalar
-    (variance / addScalar cvEpsilon (mean.square ())).MoveToOuterDisposeScope()
+    let variance = (square (x - mean)).mean () // scalar
+    (variance / addScalar cvEpsilon (square mean)).MoveToOuterDisposeScope()
 
 /// Switch Transformer auxiliary loss (Fedus et al. 2022, eq. 4-6; GShard's l_aux): E * sum_e f_e * P_e, with
 /// P_e the mean router probability of expert e and f_e the fraction of ALL proposed assignments (every slot
@@ -601,7 +601,7 @@ let routerZLoss (r: Routing) : Tensor =
     | None -> zeroFor r
     | Some logits ->
         use scope = torch.NewDisposeScope()
-        (logits.logsumexp(-1L).square().mean ()).MoveToOuterDisposeScope()
+        ((square (logits.logsumexp -1L)).mean ()).MoveToOuterDisposeScope()
 
 /// All four balancing losses, unweighted (coefficients are applied once, where the total loss is assembled).
 let auxLosses (r: Routing) : AuxLosses =

@@ -115,5 +115,14 @@ let mulScalar_ (value: float) (t: Tensor) : Tensor = withScalar value (fun s -> 
 /// `max(t, value)` with the Scalar kept alive.
 let clampMin (value: float) (t: Tensor) : Tensor = withScalar value (fun s -> t.clamp_min s)
 
+/// `t^2` as `t * t`: TorchSharp's `square()` is `pow(2)` with a Scalar made on the fly.
+let square (t: Tensor) : Tensor = t.mul t
+
+/// softplus(t) = log(1 + e^t) as logaddexp(t, 0), exact and stable: TorchSharp's `softplus(beta, threshold)`
+/// turns both doubles into Scalars on the fly.
+let softplus (t: Tensor) : Tensor =
+    use zero = torch.zeros_like t
+    t.logaddexp zero
+
 /// `a + b` with a rooted alpha, where TorchSharp's `a + b` would make one on the fly.
 let plus (a: Tensor) (b: Tensor) : Tensor = a.add (b, unitAlpha)

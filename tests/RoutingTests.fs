@@ -313,7 +313,7 @@ let gradients =
         let loss (clean: torch.Tensor) (rawStd: torch.Tensor) =
             let inputs =
                 { RouterInputs.OfLogits clean with
-                    NoiseStd = Some(torch.nn.functional.softplus rawStd)
+                    NoiseStd = Some(Tensors.softplus rawStd)
                     Training = true
                     Generator = Some(new torch.Generator(uint64 s.Seed, torch.CPU)) }
             loadLoss (route cfg inputs)
