@@ -166,16 +166,16 @@ let combineExperts (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) 
         let lo, hi = (flat.min ()).item<int64> (), (flat.max ()).item<int64> ()
         if lo < 0L || hi >= numExperts then
             invalidArg "expertIndex" (sprintf "expected expertIndex values in 0..%d (E - 1), got values from %d to %d" (numExperts - 1L) lo hi)
-    let key = flat.masked_fill (kept.reshape(-1L).logical_not (), numExperts.ToScalar()) // [T*K], dropped slots after every expert
+    let key = withInt64Scalar numExperts (fun e -> flat.masked_fill (kept.reshape(-1L).logical_not (), e)) // [T*K], dropped slots after every expert
     let struct (_, order) = key.sort (0L, false, true) // [T*K], slot ids grouped by expert, stable
     let counts = toInt64s (torch.bincount (key, minlength = numExperts + 1L)) // [E + 1], the last counts dropped slots
     let perExpert = counts[0 .. int numExperts - 1]
     let slot = order.narrow (0L, 0L, Array.sum perExpert) // [N]
-    let token = slot.div (k.ToScalar(), rounding_mode = torch.RoundingMode.floor) // [N]
+    let token = withInt64Scalar (int64 k) (fun k -> slot.div (k, rounding_mode = torch.RoundingMode.floor)) // [N]
     let rows = x.index_select (0L, token) // [N; D]
     let outputs = experts.forward (rows, perExpert) // [N; D]
     let w = weights.reshape(-1L).index_select(0L, slot).to_type(x.dtype).unsqueeze 1L // [N; 1]
-    torch.zeros_like(x).index_add(0L, token, outputs * w, 1.0.ToScalar()).MoveToOuterDisposeScope()
+    (withScalar 1.0 (fun one -> torch.zeros_like(x).index_add(0L, token, outputs * w, one))).MoveToOuterDisposeScope()
 
 /// `combineExperts` with a routing record's experts, weights and kept mask. x [T; D] -> [T; D].
 let dispatch (experts: ExpertFfn) (routing: Routing) (x: Tensor) : Tensor =
@@ -271,7 +271,7 @@ type RouterModule(name: string, cfg: RouterConfig, modelDim: int) as this =
                     invalidArg "tokenIds" (sprintf "%A routing reads hidden states, not token ids; pass None" cfg.Selection)
                 let dt = mathDtype h
                 let hm = if training && cfg.Selection = SwitchTop1 && cfg.Jitter > 0.0 then jitter cfg None (h.to_type dt) else h.to_type dt // [T; D]
-                let noiseStd = if isNull noise_weight then None else Some(functional.softplus (hm.mm (noise_weight.to_type dt))) // [T; E]
+                let noiseStd = if isNull noise_weight then None else Some(Tensors.softplus (hm.mm (noise_weight.to_type dt))) // [T; E]
                 { RouterInputs.OfLogits (this.Logits hm) with
                     NoiseStd = noiseStd
                     Bias = Option.ofObj selection_bias
@@ -374,7 +374,7 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
         let h = x.reshape (-1L, d) // [T; D]
         let routing = router.Route(h, ids)
         let routed = dispatch experts routing h // [T; D]
-        let y = if isNull shared then routed else routed + (shared.forward h).Output // [T; D]
+        let y = if isNull shared then routed else plus routed (shared.forward h).Output // [T; D]
         if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
         let report = { Aux = auxLosses routing; Stats = routing.Stats }
         { Output = y.reshape(shape).MoveToOuterDisposeScope(); Moe = Some(moveReportOut report) }
@@ -386,7 +386,9 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
 
 /// The balancing losses weighted and summed: the one place coefficients meet the unweighted losses.
 let weightedAux (weights: LossWeights) (aux: AuxLosses) : Tensor =
-    aux.SwitchAux * weights.SwitchAux + aux.Importance * weights.Importance + aux.Load * weights.Load + aux.ZLoss * weights.ZLoss
+    [ mulScalar weights.SwitchAux aux.SwitchAux; mulScalar weights.Importance aux.Importance
+      mulScalar weights.Load aux.Load; mulScalar weights.ZLoss aux.ZLoss ]
+    |> List.reduce plus
 
 /// What `MoeApi.Forward` returns: the output and the unweighted aux losses (differentiable tensors), and the
 /// routing statistics as plain numbers.
