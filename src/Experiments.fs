@@ -243,8 +243,8 @@ module Table =
 /// What an experiment produced.
 type ExperimentResult =
     { Tables: Table list
-      /// reports/<experiment>.html (None when it had no run folders to show).
-      Report: string option
+      /// reports/<experiment>.html: the report page of the runs, or the tables when there are no runs.
+      Report: string
       /// reports/<experiment>.md.
       Markdown: string
       RunDirs: string list }
@@ -262,10 +262,31 @@ let finish (opts: ExperimentOptions) (experiment: string) (title: string) (notes
     for t in tables do sb.AppendLine(Table.markdown t) |> ignore
     for n in notes do sb.AppendLine(n).AppendLine() |> ignore
     File.WriteAllText(md, sb.ToString(), UTF8Encoding(false))
+    let page = Path.Combine(opts.ReportsDir, experiment + ".html")
     let report =
-        if runDirs.IsEmpty then None
-        else Some(Report.write { Report.defaults with Title = title } (Path.Combine(opts.ReportsDir, experiment + ".html")) runDirs)
-    report |> Option.iter (printfn "report: %s")
+        if runDirs.IsEmpty then
+            // No run folders (a layer benchmark): the page is the tables themselves.
+            let esc = Plots.escape
+            let html = StringBuilder()
+            html.Append("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>").Append(esc title)
+                .Append("</title><style>body{font-family:sans-serif;margin:2em} td,th{padding:2px 10px;text-align:right} td:first-child{text-align:left}</style></head><body>\n<h1>")
+                .Append(esc title).Append("</h1>\n") |> ignore
+            for t in tables do
+                html.Append("<h2>").Append(esc t.Title).Append("</h2>\n<table>\n<tr>") |> ignore
+                for c in t.Columns do html.Append("<th>").Append(esc c).Append("</th>") |> ignore
+                html.Append("</tr>\n") |> ignore
+                for r in t.Rows do
+                    html.Append("<tr>") |> ignore
+                    for c in r do html.Append("<td>").Append(esc c).Append("</td>") |> ignore
+                    html.Append("</tr>\n") |> ignore
+                html.Append("</table>\n") |> ignore
+            for n in notes do html.Append("<p>").Append(esc n).Append("</p>\n") |> ignore
+            html.Append("</body></html>\n") |> ignore
+            let full = Path.GetFullPath page
+            File.WriteAllText(full, html.ToString(), UTF8Encoding(false))
+            full
+        else Report.write { Report.defaults with Title = title } page runDirs
+    printfn "report: %s" report
     printfn "table: %s" md
     { Tables = tables; Report = report; Markdown = md; RunDirs = runDirs }
 
@@ -516,3 +537,202 @@ let gatingStrategies (opts: ExperimentOptions) : ExperimentResult =
         [ "Active experts/token: measured on the test split with the trained router (kept slots with a nonzero weight), mean over layers; n/a for the dense FFN."
           "FFN FLOPs/token: one FFN sublayer, forward, multiply-add = 2: router + active experts x 2 D H x matrices (Experiments.moeFlops)." ]
     finish opts experiment "Gating strategies" notes [ table ] (rows |> List.map (fun (_, r, _) -> r.RunDir))
+
+/// Decodes `steps` positions of the run's first test references with teacher forcing and a KV cache, from its
+/// best checkpoint: returns the decoder cache's self-attention bytes per target token (all layers) and the
+/// milliseconds per decoding step of a batch.
+let private decodeCost (runDir: string) (steps: int) : float * float =
+    use loaded = Summarizer.load runDir None Native.Cpu
+    let cfg = loaded.Config
+    let docs = readLinesOf (Path.Combine(runDir, FileNames.documents))
+    let refs = readLinesOf (Path.Combine(runDir, FileNames.references))
+    let examples = Array.map2 (fun d r -> { Id = ""; Document = d; Summary = r; Label = None }) docs refs
+    if examples.Length = 0 then nan, nan
+    else
+        let source = TokenizedSet(loaded.Tokenizer, examples) :> ITokenSource
+        let indices = Array.init (min cfg.Batching.BatchSize examples.Length) id
+        use _ = torch.no_grad ()
+        use _ = torch.NewDisposeScope()
+        let b = Batching.collate cfg.Batching source indices
+        let enc = loaded.Model.Encode(b.Source, b.SourceMask)
+        use cache = loaded.Model.NewCache()
+        let length = min (int b.DecoderInput.shape[1]) steps
+        let watch = Stopwatch.StartNew()
+        for t in 0 .. length - 1 do
+            use _ = torch.NewDisposeScope()
+            let tok = b.DecoderInput.narrow(1L, int64 t, 1L)                                 // [B; 1]
+            loaded.Model.Decode(enc.Memory, b.SourceMask, tok, null, cache) |> ignore
+        let ms = watch.Elapsed.TotalMilliseconds / float length
+        float cache.SelfAttentionBytes / float (int64 indices.Length * int64 length), ms
+
+/// Top-k MoE with the grouped-query attention written here against the library's scaled-dot-product
+/// attention (key/value heads expanded first), for several key/value head counts (Ainslie et al. 2023):
+/// quality, training tokens/s (metrics.jsonl), KV cache bytes per token (analytic and measured while decoding).
+let attentionGqa (opts: ExperimentOptions) : ExperimentResult =
+    let experiment = "attention_gqa"
+    let e = expertsOf opts
+    let probeCfg = summarizer opts experiment "probe"
+    let heads = probeCfg.Model.Heads
+    let kvCounts = [ heads; heads / 2; 1 ] |> List.filter (fun g -> g >= 1 && heads % g = 0) |> List.distinct
+    /// Decoding steps timed per run: enough to average over, within the references' length.
+    let decodeSteps = if opts.Scale = Smoke then 4 else 16
+    /// float32 caches.
+    let elementBytes = 4
+    let configs =
+        [ for impl, implName in [ Handwritten, "gqa-here"; Library, "library" ] do
+            for g in kvCounts ->
+                let c = summarizer opts experiment (sprintf "%s-kv%d" implName g) |> SummarizerConfig.topK e topKPicks
+                { c with Model = { c.Model with KvHeads = g; Attention = impl } } ]
+    let results = runAll opts configs
+    let rows =
+        [ for cfg, r in List.zip configs results ->
+            let row = readRow r.RunDir
+            let attn = { ModelDim = cfg.Model.ModelDim; Heads = cfg.Model.Heads; KvHeads = cfg.Model.KvHeads; Dropout = 0.0; Impl = cfg.Model.Attention }
+            let analytic = float (AttentionConfig.kvBytesPerToken attn elementBytes) * float cfg.Model.DecoderLayers
+            let measured, ms = decodeCost r.RunDir decodeSteps
+            cfg, row, analytic, measured, ms ]
+    let table =
+        { Title = sprintf "Grouped-query attention, %d query heads, top-%d of %d experts" heads topKPicks e
+          Columns = Array.concat [ [| "run"; "impl"; "KV heads" |]; qualityColumns; [| "train tok/s"; "KV B/token (analytic)"; "KV B/token (measured)"; "decode ms/step" |] ]
+          Rows =
+            [| for cfg, r, analytic, measured, ms in rows ->
+                Array.concat
+                    [ [| r.Name; sprintf "%A" cfg.Model.Attention; string cfg.Model.KvHeads |]; qualityCells r
+                      [| Table.num 0 r.TokensPerS; Table.num 0 analytic; Table.num 0 measured; Table.num 2 ms |] ] |] }
+    let notes =
+        [ "KV B/token: self-attention cache bytes one target token adds over all decoder layers (float32); analytic = 2 G Dh x 4 B x layers, measured = DecoderCache.SelfAttentionBytes after teacher-forced decoding of the first test batch."
+          "Speed: mean training tokens/s from metrics.jsonl; decode ms/step on that batch with the cache." ]
+    finish opts experiment "Grouped-query attention: written here vs library" notes [ table ] (rows |> List.map (fun (_, r, _, _, _) -> r.RunDir))
+
+/// One timed MoE layer configuration of `flopsTopkVsSparsemax`.
+type LayerTiming =
+    { Label: string
+      Config: MoeConfig
+      /// Experts per token the config implies.
+      Configured: float
+      /// Mean experts per token with a kept slot and nonzero weight on the timed input.
+      MeasuredActive: float
+      /// Forward plus backward, microseconds per token (median over repeats).
+      MicrosPerToken: float }
+
+/// Times one MoE layer's forward and backward on `tokens` random tokens (normal, unit variance), `repeats`
+/// times after one warm-up, and measures its mean active experts per token on that input.
+let timeMoeLayer (label: string) (cfg: MoeConfig) (tokens: int) (repeats: int) : LayerTiming =
+    use layer = new MoeLayer("moe", cfg)
+    layer.train ()
+    use x = torch.randn([| int64 tokens; int64 cfg.ModelDim |])                             // [T; D]
+    let active =
+        use _ = torch.no_grad ()
+        use _ = torch.NewDisposeScope()
+        let r = layer.Router.Route(x, None)                                                   // [T; K]
+        float (r.Kept.logical_and(r.Weights.gt(torch.tensor 0.0f)).sum().item<int64> ()) / float tokens
+    let once () =
+        use _ = torch.NewDisposeScope()
+        layer.zero_grad ()
+        let watch = Stopwatch.StartNew()
+        let y = layer.forward x
+        y.Output.sum().backward ()
+        watch.Elapsed.TotalMilliseconds * 1000.0 / float tokens
+    once () |> ignore
+    let times = Array.init repeats (fun _ -> once ()) |> Array.sort
+    { Label = label; Config = cfg; Configured = configuredActiveExperts cfg.Router; MeasuredActive = active
+      MicrosPerToken = times[times.Length / 2] }
+
+/// FLOPs and time per token against the number of active experts: token-choice top-k for k = 1 .. E, and
+/// sparsemax over all experts (Martins & Astudillo 2016) for several E, whose active experts are its mean
+/// nonzeros per token. Analytic FLOPs use the configured experts per token; "routed" FLOPs use the measured
+/// ones; time is the layer's forward + backward measured here (dispatch computes only kept slots' experts).
+let flopsTopkVsSparsemax (opts: ExperimentOptions) : ExperimentResult =
+    let experiment = "flops_topk_vs_sparsemax"
+    let modelDim, hidden, tokens, repeats, experts =
+        match opts.Scale with
+        | Smoke -> 16, 32, 32, 1, 4
+        | Quick -> 64, 128, 512, 5, 8
+        | Full -> 512, 2048, 4096, 10, 16
+    let layerCfg (e: int) (k: int) (selection: Selection) (normaliser: Normaliser) =
+        { MoeConfig.defaults with
+            ModelDim = modelDim
+            ExpertHidden = hidden
+            Router = { RouterConfig.defaults with Experts = e; K = k; Selection = selection; Normaliser = normaliser } }
+    let topK = [ for k in 1 .. experts do if k = 1 || k = experts || (k &&& (k - 1)) = 0 then yield k ]
+    Native.seedAll 0
+    let timings =
+        [ for k in topK -> timeMoeLayer (sprintf "top-%d of %d" k experts) (layerCfg experts k (TokenChoiceTopK(NormaliseThenTopK, true)) Softmax) tokens repeats
+          for e in [ experts / 2; experts; experts * 2 ] -> timeMoeLayer (sprintf "sparsemax of %d" e) (layerCfg e e AllExperts Sparsemax) tokens repeats ]
+    let table =
+        { Title = sprintf "FLOPs and time per token: top-k vs sparsemax (D = %d, expert hidden %d, %d tokens)" modelDim hidden tokens
+          Columns = [| "layer"; "experts"; "configured experts/token"; "measured active/token"; "FLOPs/token (analytic)"; "FLOPs/token (routed)"; "fwd+bwd us/token" |]
+          Rows =
+            [| for t in timings ->
+                [| t.Label; string t.Config.Router.Experts; Table.num 0 t.Configured; Table.num 2 t.MeasuredActive
+                   Table.si (moeFlops t.Config t.Configured); Table.si (moeFlops t.Config t.MeasuredActive); Table.num 2 t.MicrosPerToken |] |] }
+    let notes =
+        [ "FLOPs/token: forward, multiply-add = 2 (Experiments.moeFlops); backward costs about twice the forward."
+          sprintf "Time: median of %d forward+backward passes of one MoE layer on random inputs (after a warm-up), this machine's CPU." repeats ]
+    finish opts experiment "FLOPs per token: top-k vs sparsemax" notes [ table ] []
+
+/// The kind of a token by its text: special, number, punctuation, capitalised word, word, other.
+let tokenKind (text: string) : string =
+    let t = text.Trim()
+    if t = "" then "space"
+    elif t |> Seq.forall Char.IsDigit then "number"
+    elif t |> Seq.forall (fun c -> Char.IsPunctuation c || Char.IsSymbol c) then "punctuation"
+    elif Char.IsUpper t[0] && t |> Seq.forall Char.IsLetter then "capitalised"
+    elif t |> Seq.forall Char.IsLetter then "word"
+    else "other"
+
+/// Which experts serve which topics and token kinds: per MoE layer, the mutual information between the
+/// example's topic and the expert (routing_by_label.json, teacher forcing on the test split) and between the
+/// token's kind and the expert (the probe), with their upper bounds H(topic) and H(kind). Heatmaps of
+/// expert use by topic are on the report page. Top-k routing learns the assignment; hash routing fixes it
+/// by token id, a baseline for how much of the information comes from token identity alone.
+let expertSpecialisation (opts: ExperimentOptions) : ExperimentResult =
+    let experiment = "expert_specialisation"
+    let e = expertsOf opts
+    let configs =
+        [ summarizer opts experiment "topk" |> SummarizerConfig.topK e topKPicks
+          summarizer opts experiment "hash" |> SummarizerConfig.hash e |> withLosses LossWeights.none ]
+    let results = runAll opts configs
+    let topicRows =
+        [| for r in results do
+             let path = Path.Combine(r.RunDir, FileNames.routingByLabel)
+             if File.Exists path then
+                 for u in readRoutingByLabel path do
+                     let topicTotals = u.Counts |> Array.map Array.sum
+                     let mi = mutualInformation u.Counts
+                     let h = entropy topicTotals
+                     yield [| Path.GetFileName r.RunDir; u.Layer; string u.Labels.Length; Table.num 3 mi; Table.num 3 h; Table.num 3 (mi / h) |] |]
+    let kindRows =
+        [| for r in results do
+             use loaded = Summarizer.load r.RunDir None Native.Cpu
+             let tok = loaded.Tokenizer :> Tokenizers.ITokenizer
+             for p in probe r.RunDir do
+                 let kinds = Dictionary<string, float[]>()
+                 p.ByTokenId |> Array.iteri (fun id row ->
+                     if Array.sum row > 0.0 then
+                         let kind = if id < Tokenizers.SpecialCount then "special" else tokenKind (tok.Decode [| id |])
+                         let acc = match kinds.TryGetValue kind with | true, a -> a | _ -> (let a = Array.zeroCreate p.Experts in kinds[kind] <- a; a)
+                         row |> Array.iteri (fun j c -> acc[j] <- acc[j] + c))
+                 let names = kinds.Keys |> Seq.sort |> Seq.toArray
+                 let counts = names |> Array.map (fun k -> kinds[k])
+                 if counts.Length > 0 then
+                     let mi = mutualInformation counts
+                     let h = entropy (counts |> Array.map Array.sum)
+                     let favourite (k: int) =
+                         let row = counts[k]
+                         let j = Array.findIndex ((=) (Array.max row)) row
+                         sprintf "%s: e%d %.0f%%" names[k] j (100.0 * row[j] / Array.sum row)
+                     yield [| Path.GetFileName r.RunDir; p.Layer; string names.Length; Table.num 3 mi; Table.num 3 h
+                              (if h > 0.0 then Table.num 3 (mi / h) else "n/a"); String.Join("; ", Array.init names.Length favourite) |] |]
+    let topics =
+        { Title = "Topic vs expert: mutual information per layer (nats)"
+          Columns = [| "run"; "layer"; "topics"; "I(topic; expert)"; "H(topic)"; "I / H" |]
+          Rows = topicRows }
+    let kinds =
+        { Title = "Token kind vs expert: mutual information per layer (nats), and each kind's most used expert"
+          Columns = [| "run"; "layer"; "kinds"; "I(kind; expert)"; "H(kind)"; "I / H"; "most used expert per kind" |]
+          Rows = kindRows }
+    let notes =
+        [ "I(topic; expert): Experiments.mutualInformation of the [topic; expert] assignment counts in routing_by_label.json; 0 = experts ignore the topic, H(topic) = each expert serves one topic."
+          "Token kinds from each token's text (Experiments.tokenKind), counted by the probe over test documents and references." ]
+    finish opts experiment "Expert specialisation by topic and token kind" notes [ topics; kinds ] (results |> List.map (fun r -> r.RunDir))

@@ -32,11 +32,8 @@ let private checkResult (experiment: string) (expectedRows: int) (r: ExperimentR
     Expect.stringContains (File.ReadAllText r.Markdown) r.Tables.Head.Title (experiment + ": markdown has the table")
     Expect.equal (Path.GetFileName r.Markdown) (experiment + ".md") "markdown name"
     for d in r.RunDirs do Expect.isTrue (Directory.Exists d) (sprintf "run folder %s" d)
-    match r.Report with
-    | Some page ->
-        Expect.equal (Path.GetFileName page) (experiment + ".html") "report name"
-        Expect.stringContains (File.ReadAllText page) "<html" "report page"
-    | None -> Expect.isEmpty r.RunDirs (experiment + ": report written when there are runs")
+    Expect.equal (Path.GetFileName r.Report) (experiment + ".html") "report name"
+    Expect.stringContains (File.ReadAllText r.Report) "<html" "report page"
 
 let tests =
     testList "Scripts" [
@@ -102,6 +99,9 @@ let tests =
                     Expect.exists ps (fun p -> p.Contains "--fast") "names the unknown flag"
             }
         ]
+        test "token kinds" {
+            Expect.equal (List.map tokenKind [ " 42"; ","; " Paris"; "the"; " "; "x1" ]) [ "number"; "punctuation"; "capitalised"; "word"; "space"; "other" ] "kinds"
+        }
         testList "tables" [
             test "text and markdown carry every cell" {
                 let t = { Title = "T"; Columns = [| "a"; "b|c" |]; Rows = [| [| "1"; "22" |]; [| "333"; Table.num 2 nan |] |] }
@@ -117,5 +117,13 @@ let tests =
         testSequenced <| testList "smoke" [
             test "balance_ablation" { withDirs (fun o -> balanceAblation o |> checkResult "balance_ablation" 4) }
             test "gating_strategies" { withDirs (fun o -> gatingStrategies o |> checkResult "gating_strategies" 17) }
+            test "attention_gqa" { withDirs (fun o -> attentionGqa o |> checkResult "attention_gqa" 6) }
+            test "flops_topk_vs_sparsemax" { withDirs (fun o -> flopsTopkVsSparsemax o |> checkResult "flops_topk_vs_sparsemax" 6) }
+            test "expert_specialisation" {
+                withDirs (fun o ->
+                    let r = expertSpecialisation o
+                    // Two runs x two MoE layers in each table.
+                    checkResult "expert_specialisation" 8 r)
+            }
         ]
     ]
