@@ -70,3 +70,4 @@ Prelude.loadNatives ()
 #load "../src/Plots.fs"
 #load "../src/Report.fs"
 #load "../src/Sweep.fs"
+#load "../src/Experiments.fs"

@@ -14,6 +14,7 @@ let all =
         DataTests.tests
         TrainTests.tests
         SummarizerTests.tests
+        ScriptsTests.tests
         ModelsTests.tests
         PlotsTests.tests
         SweepTests.tests
