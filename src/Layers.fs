@@ -149,8 +149,9 @@ type DispatchPath =
     /// allocator reuses memory instead of mapping fresh pages each step; no concatenation, no stacking; the
     /// backward reuses the forward's sort (gathers only); and weight gradients of parameters are accumulated
     /// in place into their .grad (Megatron-LM's gradient accumulation fusion), so no [E; D; H] gradient is
-    /// allocated once .grad exists. CPU only: its backward runs managed code, which on CUDA would run on the
-    /// autograd device threads.
+    /// allocated once .grad exists. Because those gradients bypass autograd's return path,
+    /// `torch.autograd.grad` with respect to the expert weights and double backward need the Autograd path.
+    /// CPU only: its backward runs managed code, which on CUDA would run on the autograd device threads.
     | Fused
 
 /// A parameter whose gradient the fused backward accumulates in place. A holder, because AutogradContext
@@ -498,6 +499,18 @@ type RouterModule(name: string, cfg: RouterConfig, modelDim: int) as this =
     /// ids by frequency so each expert receives about the same number of tokens (Roller et al. 2021).
     member this.SetHashTableFromCounts(counts: int64[]) : unit =
         this.SetHashTable(balancedHashTable cfg.Experts counts)
+
+    /// Sets the BalancedHash table from a corpus of token ids (any shape, int64, each in 0 .. vocab-1):
+    /// counts the ids, then `SetHashTableFromCounts`.
+    member this.SetHashTableFromCorpus(tokenIds: Tensor, vocab: int) : unit =
+        if vocab < 1 then invalidArg "vocab" (sprintf "expected vocab >= 1, got %d" vocab)
+        expect "tokenIds" (sprintf "int64 ids in 0..%d" (vocab - 1)) (fun t -> t.dtype = torch.ScalarType.Int64 && t.NumberOfElements > 0L) tokenIds
+        use flat = tokenIds.reshape(-1L).cpu ()
+        let lo, hi = (flat.min ()).item<int64> (), (flat.max ()).item<int64> ()
+        if lo < 0L || hi >= int64 vocab then
+            invalidArg "tokenIds" (sprintf "expected token ids in 0..%d (vocab - 1), got ids from %d to %d" (vocab - 1) lo hi)
+        use counts = torch.bincount (flat, minlength = int64 vocab) // [V]
+        this.SetHashTableFromCounts(toInt64s counts)
 
 // ---------------------------------------------------------------- the MoE layer
 
