@@ -10,6 +10,7 @@
 #r "nuget: Microsoft.ML.Tokenizers.Data.Cl100kBase, 2.0.1"
 #r "nuget: Parquet.Net, 6.1.0"
 #r "nuget: CsvHelper, 34.0.0"
+#r "nuget: Plotly.NET, 6.0.0"
 #load "../build/GlibcxxPatch.fs"
 
 module Prelude =
@@ -65,3 +66,8 @@ Prelude.loadNatives ()
 #load "../src/Json.fs"
 #load "../src/Train.fs"
 #load "../src/Summarizer.fs"
+#load "../src/RunLog.fs"
+#load "../src/Plots.fs"
+#load "../src/Report.fs"
+#load "../src/Sweep.fs"
+#load "../src/Experiments.fs"

@@ -137,16 +137,176 @@ type ExpertFfn(name: string, experts: int, modelDim: int, hidden: int, act: Acti
         let y = if outputs.Length = 0 then torch.zeros ([| 0L; d |], dtype = dt, device = xs.device) else torch.cat (outputs, 0L)
         y.MoveToOuterDisposeScope()
 
+// ---------------------------------------------------------------- fused expert matmuls
+
+/// How `combineExpertsWith` runs the experts.
+type DispatchPath =
+    /// Per-expert matmuls through autograd: `ExpertFfn.forward` on the split rows (any device).
+    | Autograd
+    /// Two custom autograd functions around the activation, working one expert block at a time: gather +
+    /// first projection(s), and second projection + weighted index-add into the output. Every temporary is
+    /// one expert's block ([N_e; D] or [N_e; H]), never an [N; .] tensor for all N routed rows, so the
+    /// allocator reuses memory instead of mapping fresh pages each step; no concatenation, no stacking; the
+    /// backward reuses the forward's sort (gathers only); and weight gradients of parameters are accumulated
+    /// in place into their .grad (Megatron-LM's gradient accumulation fusion), so no [E; D; H] gradient is
+    /// allocated once .grad exists. Because those gradients bypass autograd's return path,
+    /// `torch.autograd.grad` with respect to the expert weights and double backward need the Autograd path.
+    /// CPU only: its backward runs managed code, which on CUDA would run on the autograd device threads.
+    | Fused
+
+/// A parameter whose gradient the fused backward accumulates in place. A holder, because AutogradContext
+/// data must not be a Tensor.
+type private GradTarget = { Param: Tensor }
+
+/// Helpers of the fused functions. `active` lists the experts with at least one routed row.
+module private Fused =
+    let list (xs: Tensor seq) = Collections.Generic.List<Tensor>(xs)
+
+    /// The parameter itself when autograd would accumulate its gradient (a leaf that requires grad).
+    let target (w: Tensor) : GradTarget option =
+        if w.is_leaf && w.requires_grad then Some { Param = w } else None
+
+    /// The stacked weight gradient sum over experts e of input_e^T grad_e [E; D_in; D_out]: accumulated in place
+    /// into a fused parameter's .grad (created when absent; then null is returned to autograd), or returned as
+    /// a fresh tensor. Experts with no rows get zero.
+    let weightGrad (active: int[]) (target: GradTarget option) (weight: Tensor) (input: Tensor[]) (grad: Tensor[]) : Tensor =
+        let fill (g: Tensor) (beta: float32) =
+            let blocks = g.unbind 0L
+            if beta = 0.0f && active.Length < blocks.Length then g.zero_ () |> ignore
+            active |> Array.iteri (fun i e -> blocks[e].addmm_ (input[i].t (), grad[i], beta, 1.0f) |> ignore)
+        let existing = match target with Some t -> t.Param.grad | None -> null
+        match target with
+        | Some _ when not (isNull existing) && existing.shape = weight.shape && existing.dtype = weight.dtype ->
+            fill existing 1.0f
+            null
+        | Some t ->
+            let g = torch.empty_like weight
+            fill g 0.0f
+            t.Param.grad <- g
+            null
+        | None ->
+            let g = torch.empty_like weight
+            fill g 0.0f
+            g.MoveToOuterDisposeScope()
+
+/// Gather + first projection(s), per expert block: h_e = x[token_e] W1[e] (and g_e = x[token_e] W3[e]).
+/// vars: x [T; D], token [N] int64 (grouped by expert), counts int64[E], W1 [E; D; H], (W3 [E; D; H])
+/// -> h_e [N_e; H] for every active expert, then (SwiGLU) g_e.
+type private ExpertsIn() =
+    inherit torch.autograd.MultiTensorFunction<ExpertsIn>()
+    override _.Name = "MoeExpertsIn"
+
+    override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Collections.Generic.List<Tensor> =
+        let x, token, counts = vars[0] :?> Tensor, vars[1] :?> Tensor, vars[2] :?> int64[]
+        let weights = vars[3..] |> Array.map (fun v -> v :?> Tensor)
+        let active = [| for e in 0 .. counts.Length - 1 do if counts[e] > 0L then e |]
+        use scope = torch.NewDisposeScope()
+        let tokens = token.split (counts, 0L)
+        let rows = [| for e in active -> x.index_select(0L, tokens[e]).MoveToOuterDisposeScope() |] // [N_e; D] each
+        let outputs = [| for w in weights do
+                           let blocks = w.unbind 0L
+                           for i in 0 .. active.Length - 1 -> rows[i].mm(blocks[active[i]]).MoveToOuterDisposeScope() |] // [N_e; H] each
+        ctx.save_for_backward (Fused.list [ yield token; yield! weights; yield! rows ])
+        ctx.save_data ("counts", counts)
+        ctx.save_data ("shape", x.shape)
+        ctx.save_data ("dx", x.requires_grad)
+        ctx.save_data ("targets", weights |> Array.map Fused.target)
+        Fused.list outputs
+
+    override _.backward(ctx: torch.autograd.AutogradContext, grads: Collections.Generic.List<Tensor>) : Collections.Generic.List<Tensor> =
+        let saved = ctx.get_saved_variables ()
+        let counts = ctx.get_data "counts" :?> int64[]
+        let targets = ctx.get_data "targets" :?> GradTarget option[]
+        let active = [| for e in 0 .. counts.Length - 1 do if counts[e] > 0L then e |]
+        let m = active.Length
+        use scope = torch.NewDisposeScope()
+        let token = saved[0]
+        let weights = [| for i in 1 .. targets.Length -> saved[i] |]
+        let rows = [| for i in 0 .. m - 1 -> saved[1 + targets.Length + i] |]
+        let gradsOf i = [| for j in 0 .. m - 1 -> grads[i * m + j] |] // dL/dh_e (i = 0) or dL/dg_e (i = 1)
+        let dx =
+            if ctx.get_data "dx" :?> bool then
+                let tokens = token.split (counts, 0L)
+                let dx = torch.zeros (ctx.get_data "shape" :?> int64[], dtype = rows[0].dtype, device = rows[0].device) // [T; D]
+                let blocks = weights |> Array.map (fun w -> w.unbind 0L)
+                for j in 0 .. m - 1 do
+                    let e = active[j]
+                    let dRows = grads[j].mm ((blocks[0]).[e].t ()) // [N_e; D]
+                    for i in 1 .. weights.Length - 1 do
+                        dRows.addmm_ (grads[i * m + j], (blocks[i]).[e].t (), 1.0f, 1.0f) |> ignore
+                    withScalar 1.0 (fun one -> dx.index_add_ (0L, tokens[e], dRows, one)) |> ignore
+                dx.MoveToOuterDisposeScope()
+            else null
+        let wgrads = weights |> Array.mapi (fun i w -> Fused.weightGrad active targets[i] w rows (gradsOf i))
+        Fused.list [ yield dx; yield null; yield null; yield! wgrads ]
+
+/// Second projection + weighted combine, per expert block: out[token_e] += w_e * (a_e W2[e]).
+/// vars: token [N] int64, counts int64[E], shape [T; D], w [N], W2 [E; H; D], a_e [N_e; H] for every active
+/// expert -> out [T; D].
+type private ExpertsOut() =
+    inherit torch.autograd.MultiTensorFunction<ExpertsOut>()
+    override _.Name = "MoeExpertsOut"
+
+    override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Collections.Generic.List<Tensor> =
+        let token, counts, shape = vars[0] :?> Tensor, vars[1] :?> int64[], vars[2] :?> int64[]
+        let w, w2 = vars[3] :?> Tensor, vars[4] :?> Tensor
+        let a = vars[5..] |> Array.map (fun v -> v :?> Tensor)
+        let active = [| for e in 0 .. counts.Length - 1 do if counts[e] > 0L then e |]
+        use scope = torch.NewDisposeScope()
+        let tokens, ws, blocks = token.split (counts, 0L), w.split (counts, 0L), w2.unbind 0L
+        let out = torch.zeros (shape, dtype = a[0].dtype, device = a[0].device) // [T; D]
+        active |> Array.iteri (fun i e ->
+            let y = a[i].mm blocks[e] // [N_e; D]
+            y.mul_ (ws[e].unsqueeze 1L) |> ignore
+            withScalar 1.0 (fun one -> out.index_add_ (0L, tokens[e], y, one)) |> ignore)
+        ctx.save_for_backward (Fused.list [ yield token; yield w; yield w2; yield! a ])
+        ctx.save_data ("counts", counts)
+        ctx.save_data ("da", a |> Array.exists (fun t -> t.requires_grad))
+        ctx.save_data ("dw", w.requires_grad)
+        ctx.save_data ("target", Fused.target w2)
+        Fused.list [ out.MoveToOuterDisposeScope() ]
+
+    override _.backward(ctx: torch.autograd.AutogradContext, grads: Collections.Generic.List<Tensor>) : Collections.Generic.List<Tensor> =
+        let saved = ctx.get_saved_variables ()
+        let counts = ctx.get_data "counts" :?> int64[]
+        let active = [| for e in 0 .. counts.Length - 1 do if counts[e] > 0L then e |]
+        use scope = torch.NewDisposeScope()
+        let token, w, w2 = saved[0], saved[1], saved[2]
+        let a = [| for i in 3 .. saved.Count - 1 -> saved[i] |]
+        let tokens, ws, blocks = token.split (counts, 0L), w.split (counts, 0L), w2.unbind 0L
+        let needDw = ctx.get_data "dw" :?> bool
+        let dwBlocks = ResizeArray<Tensor>()
+        let gy =
+            active |> Array.mapi (fun i e ->
+                let gy = grads[0].index_select (0L, tokens[e]) // [N_e; D], the forward's sort reused: a gather
+                let da = gy.mm (blocks[e].t ()) // [N_e; H], before the combine weight
+                // dL/dw_n = gy_n . (a_n W2) = (gy_n W2^T) . a_n: no need to keep the expert outputs
+                if needDw then dwBlocks.Add((da * a[i]).sum (1L))
+                let scale = ws[e].unsqueeze 1L // [N_e; 1]
+                da.mul_ scale |> ignore
+                gy.mul_ scale |> ignore
+                da.MoveToOuterDisposeScope() |> ignore
+                struct (gy, da))
+        let dw = if needDw then torch.cat(dwBlocks.ToArray(), 0L).MoveToOuterDisposeScope() else null // [N]
+        let dw2 = Fused.weightGrad active (ctx.get_data "target" :?> GradTarget option) w2 a (gy |> Array.map (fun struct (g, _) -> g))
+        let da = if ctx.get_data "da" :?> bool then gy |> Array.map (fun struct (_, d) -> d) else Array.create a.Length null
+        Fused.list [ yield null; yield null; yield null; yield dw; yield dw2; yield! da ]
+
 // ---------------------------------------------------------------- dispatch and combine
+
+/// The path `combineExperts` takes: fused on the CPU, autograd elsewhere (see `DispatchPath.Fused`).
+let defaultPath (device: torch.Device) : DispatchPath =
+    if device.``type`` = DeviceType.CPU then Fused else Autograd
 
 /// Sort-and-split dispatch with a weighted combine: the kept (token, slot) assignments are sorted by expert
 /// (stably, so each expert sees its tokens in order), the token rows gathered once, every expert run on its
-/// contiguous chunk (`ExpertFfn.forward`), the outputs scaled by their combine weights and index-added back
-/// to their tokens: y_t = sum over kept slots j of w_tj E_{e_tj}(x_t) (Shazeer et al. 2017 eq. 1).
-/// No per-expert masks over all tokens and no [T; E; C] buffers: memory is O(N D) for N kept assignments.
-/// Gradients reach x, the expert weights and `weights` (hence the router).
+/// contiguous block, the outputs scaled by their combine weights and index-added back to their tokens:
+/// y_t = sum over kept slots j of w_tj E_{e_tj}(x_t) (Shazeer et al. 2017 eq. 1).
+/// No per-expert masks over all tokens and no [T; E; C] buffers: memory is O(N (D + H)) for N kept assignments.
+/// Gradients reach x, the expert weights and `weights` (hence the router). Expert weights are cast to x's
+/// dtype when they differ (float32 master weights for a bfloat16 pass).
 /// expertIndex [T; K] int64, weights [T; K] floating, kept [T; K] bool, x [T; D] -> [T; D] in x's dtype.
-let combineExperts (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) (kept: Tensor) (x: Tensor) : Tensor =
+let combineExpertsWith (path: DispatchPath) (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) (kept: Tensor) (x: Tensor) : Tensor =
     let d = int64 experts.ModelDim
     expect "x" (sprintf "[T; %d] floating point (D = the experts' model width)" d) (fun t -> t.Dimensions = 2L && t.shape[1] = d && isFloating t) x
     let t = x.shape[0]
@@ -159,6 +319,8 @@ let combineExperts (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) 
     let device = experts.W1.device
     for name, tensor in [ "x", x; "expertIndex", expertIndex; "weights", weights; "kept", kept ] do
         expectDevice name device tensor
+    if path = Fused && device.``type`` <> DeviceType.CPU then
+        invalidArg "path" (sprintf "the fused dispatch path runs on the CPU only; x is on %O (use Autograd)" device)
     let numExperts = int64 experts.Experts
     use scope = torch.NewDisposeScope()
     let flat = expertIndex.reshape (-1L) // [T*K]
@@ -166,16 +328,34 @@ let combineExperts (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) 
         let lo, hi = (flat.min ()).item<int64> (), (flat.max ()).item<int64> ()
         if lo < 0L || hi >= numExperts then
             invalidArg "expertIndex" (sprintf "expected expertIndex values in 0..%d (E - 1), got values from %d to %d" (numExperts - 1L) lo hi)
-    let key = flat.masked_fill (kept.reshape(-1L).logical_not (), numExperts.ToScalar()) // [T*K], dropped slots after every expert
+    let key = withInt64Scalar numExperts (fun e -> flat.masked_fill (kept.reshape(-1L).logical_not (), e)) // [T*K], dropped slots after every expert
     let struct (_, order) = key.sort (0L, false, true) // [T*K], slot ids grouped by expert, stable
     let counts = toInt64s (torch.bincount (key, minlength = numExperts + 1L)) // [E + 1], the last counts dropped slots
     let perExpert = counts[0 .. int numExperts - 1]
-    let slot = order.narrow (0L, 0L, Array.sum perExpert) // [N]
-    let token = slot.div (k.ToScalar(), rounding_mode = torch.RoundingMode.floor) // [N]
-    let rows = x.index_select (0L, token) // [N; D]
-    let outputs = experts.forward (rows, perExpert) // [N; D]
-    let w = weights.reshape(-1L).index_select(0L, slot).to_type(x.dtype).unsqueeze 1L // [N; 1]
-    torch.zeros_like(x).index_add(0L, token, outputs * w, 1.0.ToScalar()).MoveToOuterDisposeScope()
+    let n = Array.sum perExpert
+    let slot = order.narrow (0L, 0L, n) // [N]
+    let token = withInt64Scalar (int64 k) (fun k -> slot.div (k, rounding_mode = torch.RoundingMode.floor)) // [N]
+    let w = weights.reshape(-1L).index_select(0L, slot).to_type x.dtype // [N]
+    let out =
+        if path = Autograd || n = 0L then
+            let outputs = experts.forward (x.index_select (0L, token), perExpert) // [N; D]
+            withScalar 1.0 (fun one -> torch.zeros_like(x).index_add (0L, token, outputs * w.unsqueeze 1L, one))
+        else
+            let cast (p: Tensor) = if p.dtype = x.dtype then p else p.to_type x.dtype
+            let firstProjections = [ yield cast experts.W1; if not (isNull experts.W3) then yield cast experts.W3 ]
+            let hs = torch.autograd.MultiTensorFunction<ExpertsIn>.apply ([| yield box x; yield box token; yield box perExpert; for p in firstProjections -> box p |])
+            let active = hs.Count / firstProjections.Length
+            let a = // [N_e; H] per active expert, through autograd (fused activation kernels)
+                [| for i in 0 .. active - 1 ->
+                     let h = activate experts.Activation hs[i]
+                     if firstProjections.Length > 1 then h * hs[active + i] else h |]
+            let outs = torch.autograd.MultiTensorFunction<ExpertsOut>.apply ([| yield box token; yield box perExpert; yield box x.shape; yield box w; yield box (cast experts.W2); for t in a -> box t |])
+            outs[0]
+    out.MoveToOuterDisposeScope()
+
+/// `combineExpertsWith (defaultPath device)`: fused on the CPU, autograd elsewhere.
+let combineExperts (experts: ExpertFfn) (expertIndex: Tensor) (weights: Tensor) (kept: Tensor) (x: Tensor) : Tensor =
+    combineExpertsWith (defaultPath experts.W1.device) experts expertIndex weights kept x
 
 /// `combineExperts` with a routing record's experts, weights and kept mask. x [T; D] -> [T; D].
 let dispatch (experts: ExpertFfn) (routing: Routing) (x: Tensor) : Tensor =
@@ -271,7 +451,7 @@ type RouterModule(name: string, cfg: RouterConfig, modelDim: int) as this =
                     invalidArg "tokenIds" (sprintf "%A routing reads hidden states, not token ids; pass None" cfg.Selection)
                 let dt = mathDtype h
                 let hm = if training && cfg.Selection = SwitchTop1 && cfg.Jitter > 0.0 then jitter cfg None (h.to_type dt) else h.to_type dt // [T; D]
-                let noiseStd = if isNull noise_weight then None else Some(functional.softplus (hm.mm (noise_weight.to_type dt))) // [T; E]
+                let noiseStd = if isNull noise_weight then None else Some(Tensors.softplus (hm.mm (noise_weight.to_type dt))) // [T; E]
                 { RouterInputs.OfLogits (this.Logits hm) with
                     NoiseStd = noiseStd
                     Bias = Option.ofObj selection_bias
@@ -319,6 +499,18 @@ type RouterModule(name: string, cfg: RouterConfig, modelDim: int) as this =
     /// ids by frequency so each expert receives about the same number of tokens (Roller et al. 2021).
     member this.SetHashTableFromCounts(counts: int64[]) : unit =
         this.SetHashTable(balancedHashTable cfg.Experts counts)
+
+    /// Sets the BalancedHash table from a corpus of token ids (any shape, int64, each in 0 .. vocab-1):
+    /// counts the ids, then `SetHashTableFromCounts`.
+    member this.SetHashTableFromCorpus(tokenIds: Tensor, vocab: int) : unit =
+        if vocab < 1 then invalidArg "vocab" (sprintf "expected vocab >= 1, got %d" vocab)
+        expect "tokenIds" (sprintf "int64 ids in 0..%d" (vocab - 1)) (fun t -> t.dtype = torch.ScalarType.Int64 && t.NumberOfElements > 0L) tokenIds
+        use flat = tokenIds.reshape(-1L).cpu ()
+        let lo, hi = (flat.min ()).item<int64> (), (flat.max ()).item<int64> ()
+        if lo < 0L || hi >= int64 vocab then
+            invalidArg "tokenIds" (sprintf "expected token ids in 0..%d (vocab - 1), got ids from %d to %d" (vocab - 1) lo hi)
+        use counts = torch.bincount (flat, minlength = int64 vocab) // [V]
+        this.SetHashTableFromCounts(toInt64s counts)
 
 // ---------------------------------------------------------------- the MoE layer
 
@@ -374,7 +566,7 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
         let h = x.reshape (-1L, d) // [T; D]
         let routing = router.Route(h, ids)
         let routed = dispatch experts routing h // [T; D]
-        let y = if isNull shared then routed else routed + (shared.forward h).Output // [T; D]
+        let y = if isNull shared then routed else plus routed (shared.forward h).Output // [T; D]
         if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
         let report = { Aux = auxLosses routing; Stats = routing.Stats }
         { Output = y.reshape(shape).MoveToOuterDisposeScope(); Moe = Some(moveReportOut report) }
@@ -386,7 +578,9 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
 
 /// The balancing losses weighted and summed: the one place coefficients meet the unweighted losses.
 let weightedAux (weights: LossWeights) (aux: AuxLosses) : Tensor =
-    aux.SwitchAux * weights.SwitchAux + aux.Importance * weights.Importance + aux.Load * weights.Load + aux.ZLoss * weights.ZLoss
+    [ mulScalar weights.SwitchAux aux.SwitchAux; mulScalar weights.Importance aux.Importance
+      mulScalar weights.Load aux.Load; mulScalar weights.ZLoss aux.ZLoss ]
+    |> List.reduce plus
 
 /// What `MoeApi.Forward` returns: the output and the unweighted aux losses (differentiable tensors), and the
 /// routing statistics as plain numbers.

@@ -191,15 +191,30 @@ let dispatchProperties =
         let x = (randn p.Seed [| int64 p.T; int64 p.D |] f64).requires_grad_ true
         let r = routeLogits routerCfg (randn (p.Seed + 1) [| int64 p.T; int64 p.E |] f64)
         let weights = r.Weights.detach().clone().requires_grad_ true // a leaf, so its gradient can be compared
-        let y = combineExperts experts r.Experts weights r.Kept x
         let yr = naiveMoe experts r.Experts weights r.Kept x
-        expectClose reorderTol "output" y yr
-        let readout = randn (p.Seed + 2) y.shape f64
+        let readout = randn (p.Seed + 2) yr.shape f64
         let wrt = [ x; weights; experts.W1; experts.W2 ] @ (if p.Act = SwiGLU then [ experts.W3 ] else [])
-        let ga = gradsOf ((y * readout).sum ()) wrt
-        let gb = gradsOf ((yr * readout).sum ()) wrt
-        for name, a, b in List.zip3 [ "dx"; "dweights"; "dW1"; "dW2"; "dW3" ].[.. wrt.Length - 1] ga gb do
-            expectClose reorderTol name a b)
+        let expected = gradsOf ((yr * readout).sum ()) wrt
+        for path in [ Fused; Autograd ] do
+            let y = combineExpertsWith path experts r.Experts weights r.Kept x
+            expectClose reorderTol (sprintf "%A output" path) y yr
+            let actual = gradsOf ((y * readout).sum ()) wrt
+            for name, a, b in List.zip3 [ "dx"; "dweights"; "dW1"; "dW2"; "dW3" ].[.. wrt.Length - 1] actual expected do
+                expectClose reorderTol (sprintf "%A %s" path name) a b)
+
+      testCase "gradients accumulate across backward passes on both paths (fused: in place into .grad)" <| fun () ->
+        use _ = torch.NewDisposeScope()
+        torch.manual_seed 7L |> ignore
+        use experts = new ExpertFfn("experts", 3, 4, 5, SwiGLU)
+        let x = randn 71 [| 6L; 4L |] f32
+        let r = routeLogits { RouterConfig.defaults with Experts = 3; K = 2 } (randn 72 [| 6L; 3L |] f32)
+        for path in [ Fused; Autograd ] do
+            zeroGrads experts []
+            (combineExpertsWith path experts r.Experts r.Weights r.Kept x).sum().backward ()
+            let once = [ for p in experts.parameters () -> p.grad.clone () ]
+            (combineExpertsWith path experts r.Experts r.Weights r.Kept x).sum().backward ()
+            for p, g in Seq.zip (experts.parameters ()) once do
+                expectClose Tol.f32 (sprintf "%A: two passes = twice one" path) p.grad (g * 2.0)
 
       testCase "capacity dropping drops: dropped slots contribute nothing, kept ones are computed" <| fun () ->
         use _ = torch.NewDisposeScope()
@@ -300,6 +315,7 @@ let modules =
         Expect.equal plain.Experts.W1.dtype f64 "fields follow Module.to"
         Expect.equal plain.Router.Weight.dtype f64 "router fields follow Module.to"
 
+      // sequenced: the live-tensor count is process-wide, and parallel tests would move it
       testSequenced <| testCase "100 forward/backward steps keep the live tensor count flat" (fun () ->
         torch.manual_seed 19L |> ignore
         use layer = new MoeLayer("moe", { configOf 4 2 8 16 SwiGLU with SharedExperts = 1; Router = { RouterConfig.defaults with Experts = 4; K = 2; Capacity = Factor 1.0; BiasUpdateRate = Some 1e-3 } })
@@ -344,6 +360,10 @@ let modules =
                 throwsWith [ "SetHashTableFromCounts" ] (fun () -> layer.forward (randn 1 [| 2L; 3L; 4L |] f32, ids) |> ignore)
                 layer.Router.SetHashTableFromCounts (Array.init 10 (fun i -> int64 (10 - i)))
                 Expect.equal layer.Router.HashTable.shape [| 10L |] "table [V]"
+                let fromCounts = Tensors.toInt64s layer.Router.HashTable
+                let corpus = torch.tensor [| for i in 0L .. 9L do for _ in 1L .. 10L - i -> i |] // id i occurs 10 - i times
+                layer.Router.SetHashTableFromCorpus (corpus, 10)
+                Expect.sequenceEqual (Tensors.toInt64s layer.Router.HashTable) fromCounts "the corpus gives the same table as its counts"
             let tokensPerExpert seed = Tensors.toFloats (layer.forward (randn seed [| 2L; 3L; 4L |] f32, ids)).Moe.Value.Stats.TokensPerExpert
             Expect.sequenceEqual (tokensPerExpert 1) (tokensPerExpert 2) "same ids, other hidden states, same routing"
             throwsWith [ "tokenIds"; "hash" ] (fun () -> layer.forward (randn 1 [| 2L; 3L; 4L |] f32) |> ignore) ]
