@@ -111,10 +111,10 @@ let groupedQueryAttention (dropout: float) (mask: Tensor option) (q: Tensor) (k:
     let r = h / g
     let qg = q.reshape(b, g, r, s, dh)                                      // [B; G; r; S; Dh]
     let kt = k.unsqueeze(2).transpose(-2L, -1L)                              // [B; G; 1; Dh; L]
-    let scores = qg.matmul(kt).mul_((1.0 / Math.Sqrt(float dh)).ToScalar())               // [B; G; r; S; L]
+    let scores = mulScalar_ (1.0 / Math.Sqrt(float dh)) (qg.matmul kt)               // [B; G; r; S; L]
     let scores =
         match mask with
-        | Some m -> scores.masked_fill(m.unsqueeze(1).logical_not (), Double.NegativeInfinity)  // m: [B|1; 1; 1; S|1; L]
+        | Some m -> withScalar Double.NegativeInfinity (fun negInf -> scores.masked_fill(m.unsqueeze(1).logical_not (), negInf))  // m: [B|1; 1; 1; S|1; L]
         | None -> scores
     // Softmax in float32 whatever the activations' dtype, as the fused kernels do.
     let probs = scores.softmax(-1L, torch.ScalarType.Float32).to_type(q.dtype)  // [B; G; r; S; L]

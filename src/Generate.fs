@@ -94,13 +94,13 @@ let private constrainedLogProbs (cfg: GenerateConfig) (logits: Tensor) (historie
     let lp = logits.log_softmax(-1L, torch.ScalarType.Float32)               // [N; V]
     let generated = if histories.Length = 0 then 0 else histories[0].Count
     if generated < cfg.MinLength then
-        lp.index_put_(Double.NegativeInfinity.ToScalar(), [| torch.TensorIndex.Colon; torch.TensorIndex.Single(int64 cfg.EosId) |]) |> ignore
+        withScalar Double.NegativeInfinity (fun negInf -> lp.index_put_(negInf, [| torch.TensorIndex.Colon; torch.TensorIndex.Single(int64 cfg.EosId) |])) |> ignore
     if cfg.NoRepeatNgram > 0 then
         let pairs = [| for row in 0 .. histories.Length - 1 do for t in bannedByNgram cfg.NoRepeatNgram histories[row] -> int64 row, int64 t |]
         if pairs.Length > 0 then
             use rows = torch.tensor(Array.map fst pairs, device = logits.device)
             use cols = torch.tensor(Array.map snd pairs, device = logits.device)
-            lp.index_put_(Double.NegativeInfinity.ToScalar(), [| rows; cols |]) |> ignore
+            withScalar Double.NegativeInfinity (fun negInf -> lp.index_put_(negInf, [| rows; cols |])) |> ignore
     lp
 
 let private checkInputs (model: EncoderDecoder) (cfg: GenerateConfig) (src: Tensor) =

@@ -149,8 +149,9 @@ type DispatchPath =
     /// allocator reuses memory instead of mapping fresh pages each step; no concatenation, no stacking; the
     /// backward reuses the forward's sort (gathers only); and weight gradients of parameters are accumulated
     /// in place into their .grad (Megatron-LM's gradient accumulation fusion), so no [E; D; H] gradient is
-    /// allocated once .grad exists. CPU only: its backward runs managed code, which on CUDA would run on the
-    /// autograd device threads.
+    /// allocated once .grad exists. Because those gradients bypass autograd's return path,
+    /// `torch.autograd.grad` with respect to the expert weights and double backward need the Autograd path.
+    /// CPU only: its backward runs managed code, which on CUDA would run on the autograd device threads.
     | Fused
 
 /// A parameter whose gradient the fused backward accumulates in place. A holder, because AutogradContext
@@ -233,7 +234,7 @@ type private ExpertsIn() =
                     let dRows = grads[j].mm ((blocks[0]).[e].t ()) // [N_e; D]
                     for i in 1 .. weights.Length - 1 do
                         dRows.addmm_ (grads[i * m + j], (blocks[i]).[e].t (), 1.0f, 1.0f) |> ignore
-                    dx.index_add_ (0L, tokens[e], dRows, 1.0.ToScalar()) |> ignore
+                    withScalar 1.0 (fun one -> dx.index_add_ (0L, tokens[e], dRows, one)) |> ignore
                 dx.MoveToOuterDisposeScope()
             else null
         let wgrads = weights |> Array.mapi (fun i w -> Fused.weightGrad active targets[i] w rows (gradsOf i))
@@ -257,7 +258,7 @@ type private ExpertsOut() =
         active |> Array.iteri (fun i e ->
             let y = a[i].mm blocks[e] // [N_e; D]
             y.mul_ (ws[e].unsqueeze 1L) |> ignore
-            out.index_add_ (0L, tokens[e], y, 1.0.ToScalar()) |> ignore)
+            withScalar 1.0 (fun one -> out.index_add_ (0L, tokens[e], y, one)) |> ignore)
         ctx.save_for_backward (Fused.list [ yield token; yield w; yield w2; yield! a ])
         ctx.save_data ("counts", counts)
         ctx.save_data ("da", a |> Array.exists (fun t -> t.requires_grad))
@@ -327,18 +328,18 @@ let combineExpertsWith (path: DispatchPath) (experts: ExpertFfn) (expertIndex: T
         let lo, hi = (flat.min ()).item<int64> (), (flat.max ()).item<int64> ()
         if lo < 0L || hi >= numExperts then
             invalidArg "expertIndex" (sprintf "expected expertIndex values in 0..%d (E - 1), got values from %d to %d" (numExperts - 1L) lo hi)
-    let key = flat.masked_fill (kept.reshape(-1L).logical_not (), numExperts.ToScalar()) // [T*K], dropped slots after every expert
+    let key = withInt64Scalar numExperts (fun e -> flat.masked_fill (kept.reshape(-1L).logical_not (), e)) // [T*K], dropped slots after every expert
     let struct (_, order) = key.sort (0L, false, true) // [T*K], slot ids grouped by expert, stable
     let counts = toInt64s (torch.bincount (key, minlength = numExperts + 1L)) // [E + 1], the last counts dropped slots
     let perExpert = counts[0 .. int numExperts - 1]
     let n = Array.sum perExpert
     let slot = order.narrow (0L, 0L, n) // [N]
-    let token = slot.div (k.ToScalar(), rounding_mode = torch.RoundingMode.floor) // [N]
+    let token = withInt64Scalar (int64 k) (fun k -> slot.div (k, rounding_mode = torch.RoundingMode.floor)) // [N]
     let w = weights.reshape(-1L).index_select(0L, slot).to_type x.dtype // [N]
     let out =
         if path = Autograd || n = 0L then
             let outputs = experts.forward (x.index_select (0L, token), perExpert) // [N; D]
-            torch.zeros_like(x).index_add (0L, token, outputs * w.unsqueeze 1L, 1.0.ToScalar())
+            withScalar 1.0 (fun one -> torch.zeros_like(x).index_add (0L, token, outputs * w.unsqueeze 1L, one))
         else
             let cast (p: Tensor) = if p.dtype = x.dtype then p else p.to_type x.dtype
             let firstProjections = [ yield cast experts.W1; if not (isNull experts.W3) then yield cast experts.W3 ]
@@ -450,7 +451,7 @@ type RouterModule(name: string, cfg: RouterConfig, modelDim: int) as this =
                     invalidArg "tokenIds" (sprintf "%A routing reads hidden states, not token ids; pass None" cfg.Selection)
                 let dt = mathDtype h
                 let hm = if training && cfg.Selection = SwitchTop1 && cfg.Jitter > 0.0 then jitter cfg None (h.to_type dt) else h.to_type dt // [T; D]
-                let noiseStd = if isNull noise_weight then None else Some(functional.softplus (hm.mm (noise_weight.to_type dt))) // [T; E]
+                let noiseStd = if isNull noise_weight then None else Some(Tensors.softplus (hm.mm (noise_weight.to_type dt))) // [T; E]
                 { RouterInputs.OfLogits (this.Logits hm) with
                     NoiseStd = noiseStd
                     Bias = Option.ofObj selection_bias
@@ -498,6 +499,18 @@ type RouterModule(name: string, cfg: RouterConfig, modelDim: int) as this =
     /// ids by frequency so each expert receives about the same number of tokens (Roller et al. 2021).
     member this.SetHashTableFromCounts(counts: int64[]) : unit =
         this.SetHashTable(balancedHashTable cfg.Experts counts)
+
+    /// Sets the BalancedHash table from a corpus of token ids (any shape, int64, each in 0 .. vocab-1):
+    /// counts the ids, then `SetHashTableFromCounts`.
+    member this.SetHashTableFromCorpus(tokenIds: Tensor, vocab: int) : unit =
+        if vocab < 1 then invalidArg "vocab" (sprintf "expected vocab >= 1, got %d" vocab)
+        expect "tokenIds" (sprintf "int64 ids in 0..%d" (vocab - 1)) (fun t -> t.dtype = torch.ScalarType.Int64 && t.NumberOfElements > 0L) tokenIds
+        use flat = tokenIds.reshape(-1L).cpu ()
+        let lo, hi = (flat.min ()).item<int64> (), (flat.max ()).item<int64> ()
+        if lo < 0L || hi >= int64 vocab then
+            invalidArg "tokenIds" (sprintf "expected token ids in 0..%d (vocab - 1), got ids from %d to %d" (vocab - 1) lo hi)
+        use counts = torch.bincount (flat, minlength = int64 vocab) // [V]
+        this.SetHashTableFromCounts(toInt64s counts)
 
 // ---------------------------------------------------------------- the MoE layer
 
@@ -553,7 +566,7 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
         let h = x.reshape (-1L, d) // [T; D]
         let routing = router.Route(h, ids)
         let routed = dispatch experts routing h // [T; D]
-        let y = if isNull shared then routed else routed + (shared.forward h).Output // [T; D]
+        let y = if isNull shared then routed else plus routed (shared.forward h).Output // [T; D]
         if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
         let report = { Aux = auxLosses routing; Stats = routing.Stats }
         { Output = y.reshape(shape).MoveToOuterDisposeScope(); Moe = Some(moveReportOut report) }
@@ -565,7 +578,9 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
 
 /// The balancing losses weighted and summed: the one place coefficients meet the unweighted losses.
 let weightedAux (weights: LossWeights) (aux: AuxLosses) : Tensor =
-    aux.SwitchAux * weights.SwitchAux + aux.Importance * weights.Importance + aux.Load * weights.Load + aux.ZLoss * weights.ZLoss
+    [ mulScalar weights.SwitchAux aux.SwitchAux; mulScalar weights.Importance aux.Importance
+      mulScalar weights.Load aux.Load; mulScalar weights.ZLoss aux.ZLoss ]
+    |> List.reduce plus
 
 /// What `MoeApi.Forward` returns: the output and the unweighted aux losses (differentiable tensors), and the
 /// routing statistics as plain numbers.

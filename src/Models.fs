@@ -302,14 +302,14 @@ type Block(name: string, cfg: ModelConfig, causal: bool, withCross: bool, feedFo
             else
                 use earlier = torch.ones([| x.shape[0]; cache.Self.Length |], dtype = torch.ScalarType.Bool, device = x.device)
                 torch.cat([| earlier; valid |], 1L)
-        let x = x + residualDropout (attn.SelfAttend(attnNorm.forward x, keyValid, causal, selfCache))  // [B; S; D]
+        let x = plus x (residualDropout (attn.SelfAttend(attnNorm.forward x, keyValid, causal, selfCache)))  // [B; S; D]
         let x =
             if isNull cross then x
             else
                 let crossCache = if isNull cache then null else cache.Cross
-                x + residualDropout (cross.CrossAttend(crossNorm.forward x, memory, memoryValid, crossCache))
+                plus x (residualDropout (cross.CrossAttend(crossNorm.forward x, memory, memoryValid, crossCache)))
         let r = FeedForward.run feedForward (ffnNorm.forward x) tokenIds valid
-        let x = x + residualDropout r.Output                                   // [B; S; D]
+        let x = plus x (residualDropout r.Output)                                   // [B; S; D]
         r.Moe |> Option.iter moveReportOut
         x.MoveToOuterDisposeScope(), r.Moe
 
@@ -334,7 +334,7 @@ let sinusoidalPositions (device: torch.Device) (offset: int64) (length: int64) (
     use _ = torch.NewDisposeScope()
     let pos = torch.arange(offset, offset + length, dtype = torch.ScalarType.Float32, device = device).unsqueeze(1L)  // [S; 1]
     let twoI = torch.arange(0L, int64 modelDim, 2L, dtype = torch.ScalarType.Float32, device = device)              // [D/2]
-    let inverseWavelength = (twoI * (-Math.Log sinusoidBase / float modelDim).ToScalar()).exp_()                   // [D/2]
+    let inverseWavelength = (mulScalar (-Math.Log sinusoidBase / float modelDim) twoI).exp_()                   // [D/2]
     let angles = pos * inverseWavelength.unsqueeze(0L)                                                              // [S; D/2]
     torch.stack([| angles.sin(); angles.cos() |], 2L).reshape(length, int64 modelDim).MoveToOuterDisposeScope()   // [S; D]
 
@@ -430,8 +430,8 @@ type EncoderDecoder(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as
     /// Token embeddings scaled by sqrt(D) plus positions, with dropout. ids [B; S] -> [B; S; D].
     let embedTokens (positions: Positions) (offset: int64) (ids: Tensor) : Tensor =
         use _ = torch.NewDisposeScope()
-        let x = embed.forward(ids).mul_(Math.Sqrt(float cfg.ModelDim).ToScalar())
-        let x = x + positions.Forward(offset, ids.shape[1], ids.device)
+        let x = mulScalar_ (Math.Sqrt(float cfg.ModelDim)) (embed.forward ids)
+        let x = plus x (positions.Forward(offset, ids.shape[1], ids.device))
         let x = if this.training && cfg.Dropout > 0.0 then functional.dropout(x, cfg.Dropout, true) else x
         x.MoveToOuterDisposeScope()
 
@@ -553,8 +553,8 @@ type DecoderOnly(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as th
             invalidArg "cache" (sprintf "expected a cache of %d layers (from NewCache), got %d" cfg.DecoderLayers cache.Layers.Length)
         use _ = torch.NewDisposeScope()
         let offset = if hasCache then cache.Length else 0L
-        let x = embed.forward(ids).mul_(Math.Sqrt(float cfg.ModelDim).ToScalar())
-        let x = x + pos.Forward(offset, ids.shape[1], ids.device)            // [B; L; D]
+        let x = mulScalar_ (Math.Sqrt(float cfg.ModelDim)) (embed.forward ids)
+        let x = plus x (pos.Forward(offset, ids.shape[1], ids.device))            // [B; L; D]
         let x = if this.training && cfg.Dropout > 0.0 then functional.dropout(x, cfg.Dropout, true) else x
         let x, reports = runBlocks blocks x ids valid null null cache
         let h = norm.forward x

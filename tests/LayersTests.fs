@@ -360,6 +360,10 @@ let modules =
                 throwsWith [ "SetHashTableFromCounts" ] (fun () -> layer.forward (randn 1 [| 2L; 3L; 4L |] f32, ids) |> ignore)
                 layer.Router.SetHashTableFromCounts (Array.init 10 (fun i -> int64 (10 - i)))
                 Expect.equal layer.Router.HashTable.shape [| 10L |] "table [V]"
+                let fromCounts = Tensors.toInt64s layer.Router.HashTable
+                let corpus = torch.tensor [| for i in 0L .. 9L do for _ in 1L .. 10L - i -> i |] // id i occurs 10 - i times
+                layer.Router.SetHashTableFromCorpus (corpus, 10)
+                Expect.sequenceEqual (Tensors.toInt64s layer.Router.HashTable) fromCounts "the corpus gives the same table as its counts"
             let tokensPerExpert seed = Tensors.toFloats (layer.forward (randn seed [| 2L; 3L; 4L |] f32, ids)).Moe.Value.Stats.TokensPerExpert
             Expect.sequenceEqual (tokensPerExpert 1) (tokensPerExpert 2) "same ids, other hidden states, same routing"
             throwsWith [ "tokenIds"; "hash" ] (fun () -> layer.forward (randn 1 [| 2L; 3L; 4L |] f32) |> ignore) ]
