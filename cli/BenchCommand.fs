@@ -49,12 +49,37 @@ type MoeLayerArgs =
             | Json_Out _ -> "also write the JSON report to this file."
             | Markdown_Out _ -> "also write the table as Markdown to this file."
 
+type TrainStepArgs =
+    | Profile
+    | Router of kind: string
+    | Experts of e: int
+    | K of k: int
+    | Batch_Size of count: int
+    | Warmup of count: int
+    | Steps of count: int
+    | Threads of count: int
+    | Attention of impl: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Profile -> "print the step's phases (batch + forward, backward, clip, optimizer) and, for MoE models, one MoE layer's phases."
+            | Router _ -> "dense|topk|hash, as `moe train --router` (default: the default summarizer, dense)."
+            | Experts _ -> "experts per MoE layer with --router topk|hash (default 4)."
+            | K _ -> "experts per token with --router topk (default 2)."
+            | Batch_Size _ -> "examples per batch (default: the training default)."
+            | Warmup _ -> "untimed steps first (default 3)."
+            | Steps _ -> "timed steps (default 10)."
+            | Threads _ -> "libtorch intra-op threads (default: libtorch's choice)."
+            | Attention _ -> "handwritten|library: the model's attention implementation (default handwritten)."
+
 type BenchArgs =
     | [<CliPrefix(CliPrefix.None)>] Moe_Layer of ParseResults<MoeLayerArgs>
+    | [<CliPrefix(CliPrefix.None)>] Train_Step of ParseResults<TrainStepArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
             | Moe_Layer _ -> "forward+backward time of the MoE layer against the FLOP-matched dense FFN, the naive loop and all-experts."
+            | Train_Step _ -> "tokens/s and model-FLOPs utilisation of a training step of the summarizer against the matmul ceiling."
 
 /// The grid the arguments ask for: `--quick` or the defaults, with any listed value overriding.
 let private configOf (args: ParseResults<MoeLayerArgs>) : Bench.BenchConfig =
@@ -69,11 +94,11 @@ let private configOf (args: ParseResults<MoeLayerArgs>) : Bench.BenchConfig =
                 | Error msg -> invalidArg "--variants" msg |]
     { start with
         Tokens = args.TryGetResult Tokens |> Option.map Array.ofList |> Option.defaultValue start.Tokens
-        Experts = args.TryGetResult Experts |> Option.map Array.ofList |> Option.defaultValue start.Experts
-        Ks = args.TryGetResult K |> Option.map Array.ofList |> Option.defaultValue start.Ks
+        Experts = args.TryGetResult MoeLayerArgs.Experts |> Option.map Array.ofList |> Option.defaultValue start.Experts
+        Ks = args.TryGetResult MoeLayerArgs.K |> Option.map Array.ofList |> Option.defaultValue start.Ks
         ModelDim = args.GetResult(Model_Dim, start.ModelDim)
         ExpertHidden = args.GetResult(Expert_Hidden, start.ExpertHidden)
-        Warmup = args.GetResult(Warmup, start.Warmup)
+        Warmup = args.GetResult(MoeLayerArgs.Warmup, start.Warmup)
         Reps = args.GetResult(Reps, start.Reps)
         Variants = variants
         Seed = args.GetResult(Seed, start.Seed)
@@ -86,6 +111,12 @@ let private configOf (args: ParseResults<MoeLayerArgs>) : Bench.BenchConfig =
                 | Ok a -> a
                 | Error msg -> invalidArg "--allocator" msg }
 
+let private setThreads (threads: int option) =
+    match threads with
+    | Some n when n < 1 -> invalidArg "--threads" (sprintf "expected --threads >= 1, got %d" n)
+    | Some n -> torch.set_num_threads n
+    | None -> ()
+
 let private moeLayer (args: ParseResults<MoeLayerArgs>) : int =
     Native.initialise ()
     let device =
@@ -93,11 +124,8 @@ let private moeLayer (args: ParseResults<MoeLayerArgs>) : int =
         | Ok choice -> Native.resolveDevice choice
         | Error msg -> invalidArg "--device" msg
     let cfg = configOf args
-    match args.TryGetResult Threads with
-    | Some n when n < 1 -> invalidArg "--threads" (sprintf "expected --threads >= 1, got %d" n)
-    | Some n -> torch.set_num_threads n
-    | None -> ()
-    if args.Contains Profile then
+    setThreads (args.TryGetResult MoeLayerArgs.Threads)
+    if args.Contains MoeLayerArgs.Profile then
         printfn "forward+backward medians over %d interleaved rounds; %d threads, %s allocator" cfg.Reps (torch.get_num_threads ()) (Bench.CpuAllocator.name cfg.Allocator)
         Bench.profileGrid cfg device (fun p -> printf "%s" (Bench.profileTable p))
         0
@@ -113,11 +141,43 @@ let private moeLayer (args: ParseResults<MoeLayerArgs>) : int =
     args.TryGetResult Markdown_Out |> Option.iter (fun path -> File.WriteAllText(path, Bench.toMarkdown report))
     0
 
+let private trainStep (args: ParseResults<TrainStepArgs>) : int =
+    Native.initialise ()
+    setThreads (args.TryGetResult TrainStepArgs.Threads)
+    let start = Summarizer.SummarizerConfig.defaults
+    let experts = args.GetResult(TrainStepArgs.Experts, 4)
+    let summarizer =
+        match args.TryGetResult Router |> Option.map (fun r -> r.Trim().ToLowerInvariant()) with
+        | None | Some "dense" -> start
+        | Some "topk" -> Summarizer.SummarizerConfig.topK experts (args.GetResult(TrainStepArgs.K, 2)) start
+        | Some "hash" -> Summarizer.SummarizerConfig.hash experts start
+        | Some other -> invalidArg "--router" (sprintf "expected dense|topk|hash, got '%s'" other)
+    let summarizer =
+        match args.TryGetResult Batch_Size with
+        | Some b -> { summarizer with Train = { summarizer.Train with BatchSize = b } }
+        | None -> summarizer
+    let summarizer =
+        match args.TryGetResult Attention |> Option.map (fun a -> a.Trim().ToLowerInvariant()) with
+        | None -> summarizer
+        | Some "handwritten" -> { summarizer with Model = { summarizer.Model with Attention = Attention.Handwritten } }
+        | Some "library" -> { summarizer with Model = { summarizer.Model with Attention = Attention.Library } }
+        | Some other -> invalidArg "--attention" (sprintf "expected handwritten|library, got '%s'" other)
+    let cfg =
+        { Bench.TrainStepConfig.defaults with
+            Summarizer = summarizer
+            Warmup = args.GetResult(TrainStepArgs.Warmup, Bench.TrainStepConfig.defaults.Warmup)
+            Steps = args.GetResult(Steps, Bench.TrainStepConfig.defaults.Steps)
+            Profile = args.Contains TrainStepArgs.Profile }
+    let report = Bench.trainStep cfg (fun line -> eprintfn "%s" line)
+    printf "%s" (Bench.trainStepTable report)
+    0
+
 /// Runs a bench subcommand; bad input prints "error: ..." and returns 2.
 let run (args: ParseResults<BenchArgs>) : int =
     try
         match args.GetSubCommand() with
         | Moe_Layer a -> moeLayer a
+        | Train_Step a -> trainStep a
     with :? ArgumentException as e ->
         eprintfn "error: %s" e.Message
         2

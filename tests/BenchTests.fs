@@ -323,6 +323,35 @@ let tests =
                 Expect.equal p.Phases[0].ShareOfLayer 1.0 "the whole layer is 100%"
                 Expect.stringContains (profileTable p) "router + dispatch" "table"
 
+            testCase "model FLOPs of an encoder-decoder batch: known values" <| fun () ->
+                let cfg =
+                    { Models.ModelConfig.defaults with
+                        VocabSize = 100; ModelDim = 8; Heads = 2; KvHeads = 1; EncoderLayers = 1; DecoderLayers = 1; Ffn = Models.Dense 16 }
+                let b = { SourceTokens = 10L; TargetTokens = 4L; SourceLength = 6L; TargetLength = 3L }
+                let d, dkv = 8.0, 4.0
+                let proj = 2.0 * d * (2.0 * d + 2.0 * dkv) // Q, O and K, V
+                let ffn = 2.0 * 2.0 * d * 16.0
+                let encoder = 10.0 * (proj + 2.0 * 2.0 * 6.0 * d + ffn)
+                let decoder = 4.0 * (proj + 2.0 * 2.0 * 3.0 * d + 2.0 * 2.0 * d * d + 2.0 * 2.0 * 6.0 * d + ffn) + 10.0 * 2.0 * 2.0 * d * dkv
+                let output = 4.0 * 2.0 * d * 100.0
+                Expect.floatClose Accuracy.high (modelForwardFlops cfg b) (encoder + decoder + output) "hand count"
+                let moe = { cfg with Ffn = Models.Moe { MoeConfig.defaults with ModelDim = 8; ExpertHidden = 16; Router = { RouterConfig.defaults with Experts = 4; K = 2 } } }
+                Expect.floatClose Accuracy.high (ffnForwardPerToken moe 0) (2.0 * ffn + 2.0 * d * 4.0) "K experts and the router"
+
+            testCase "a training step of a tiny summarizer is timed with its phases" <| fun () ->
+                let tiny =
+                    { Summarizer.SummarizerConfig.defaults with
+                        Source = Summarizer.Synthetic { Corpus.CorpusConfig.defaults with TrainSize = 16; ValidSize = 4; TestSize = 4 }
+                        Train = { Summarizer.SummarizerConfig.defaults.Train with BatchSize = 4 } }
+                let cfg = { TrainStepConfig.defaults with Summarizer = Summarizer.SummarizerConfig.topK 2 1 tiny; Warmup = 0; Steps = 1; CeilingSizes = [| 32 |]; Profile = true }
+                let r = trainStep cfg ignore
+                Expect.isGreaterThan r.StepMs 0.0 "timed"
+                Expect.isGreaterThan r.ModelGflops 0.0 "model FLOPs counted"
+                Expect.equal (r.Phases |> List.map fst) [ "zero_grad + batch"; "encoder forward"; "decoder forward"; "loss"; "backward"; "clip"; "optimizer" ] "phases"
+                Expect.isSome r.MoeProfile "an MoE model's layer is profiled"
+                Expect.isLessThan r.Parameters.Active r.Parameters.Total "top-1 of 2 experts: fewer active than total"
+                Expect.stringContains (trainStepTable r) "MFU" "table"
+
             testCase "config validation lists every problem" <| fun () ->
                 let bad = { BenchConfig.defaults with Tokens = [||]; Reps = 0; ModelDim = 0 }
                 let problems = BenchConfig.validate bad
