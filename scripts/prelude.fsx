@@ -69,3 +69,4 @@ Prelude.loadNatives ()
 #load "../src/RunLog.fs"
 #load "../src/Plots.fs"
 #load "../src/Report.fs"
+#load "../src/LoraExperiment.fs"
