@@ -16,6 +16,7 @@ let all =
         SummarizerTests.tests
         ModelsTests.tests
         PlotsTests.tests
+        LoraTests.tests
     ]
 
 [<EntryPoint>]
