@@ -191,6 +191,14 @@ module FeedForward =
         result.Moe |> Option.iter moveReportOut
         { result with Output = result.Output.MoveToOuterDisposeScope() }
 
+    /// A routed sublayer: padding dropped before routing (statistics and capacity count real tokens only),
+    /// and `withIds` called with the token ids when the router hashes them.
+    let private routed (cfg: MoeConfig) (m: Module<Tensor, FfnResult>) (withIds: Tensor -> Tensor -> FfnResult) (active: int64) : FeedForward =
+        { Module = m
+          WithTokenIds = (match cfg.Router.Selection with Hash _ -> Some withIds | _ -> None)
+          SkipPadding = true
+          ActiveParameters = active }
+
     /// An MoE sublayer (`Layers.MoeLayer`) that drops padding before routing and, for hash routers, passes
     /// the token ids. Active parameters: all but the (E - k) experts a token skips, k = picks per token.
     let moe (cfg: MoeConfig) : FeedForward =
@@ -198,26 +206,14 @@ module FeedForward =
         let experts = int64 cfg.Router.Experts
         let picks = int64 (RouterConfig.picksPerToken cfg.Router)
         let perExpert = parameterCount layer.Experts / experts
-        { Module = layer
-          WithTokenIds =
-            match cfg.Router.Selection with
-            | Hash _ -> Some(fun x ids -> layer.forward(x, ids))
-            | _ -> None
-          SkipPadding = true
-          ActiveParameters = parameterCount layer - (experts - picks) * perExpert }
+        routed cfg layer (fun x ids -> layer.forward(x, ids)) (parameterCount layer - (experts - picks) * perExpert)
 
     /// An MoE sublayer of LoRA experts (`Layers.LoraMoeLayer`), wired like `moe`. Active parameters: all but
     /// the adapters of the (E - k) experts a token skips; the shared base FFN is always active.
     let loraMoe (cfg: MoeConfig) (lora: LoraConfig) : FeedForward =
         let layer = new LoraMoeLayer("ffn", cfg, lora)
         let skipped = int64 (cfg.Router.Experts - RouterConfig.picksPerToken cfg.Router)
-        { Module = layer
-          WithTokenIds =
-            match cfg.Router.Selection with
-            | Hash _ -> Some(fun x ids -> layer.forward(x, ids))
-            | _ -> None
-          SkipPadding = true
-          ActiveParameters = parameterCount layer - skipped * layer.Experts.AdapterParametersPerExpert }
+        routed cfg layer (fun x ids -> layer.forward(x, ids)) (parameterCount layer - skipped * layer.Experts.AdapterParametersPerExpert)
 
     /// The default factory: a `DenseFfn` for `Dense`, and for `Moe` an MoE layer where
     /// `ModelConfig.isMoeLayer` says so and a dense FFN of the experts' width elsewhere (`LoraMoe` likewise).
