@@ -44,10 +44,10 @@ module Settings =
             Generate = { d.Generate with MaxLength = 20 }
             BootstrapSamples = 200 }
 
-    /// Minutes on 2 CPU cores: width 32, 1 + 1 layers, 4 experts top-2, ranks 2 and 8, 60 steps of 16
-    /// documents (enough to separate the variants' losses, not to learn the task).
+    /// Minutes on 2 CPU cores: width 32, 1 + 1 layers, 4 experts top-2, ranks 2 and 8, 500 steps of 16
+    /// documents (about 3 minutes for all five variants when the cores are not shared).
     let quick (runsDir: string) : Settings =
-        { Job = tinyJob runsDir 60 960 32; Experts = 4; K = 2; Ranks = [ 2; 8 ]; AlphaPerRank = 2.0 }
+        { Job = tinyJob runsDir 500 3000 60; Experts = 4; K = 2; Ranks = [ 2; 8 ]; AlphaPerRank = 2.0 }
 
     /// A handful of steps on a few documents, for tests: checks the path, not the numbers.
     let smoke (runsDir: string) : Settings =
