@@ -69,5 +69,6 @@ Prelude.loadNatives ()
 #load "../src/RunLog.fs"
 #load "../src/Plots.fs"
 #load "../src/Report.fs"
+#load "../src/LoraExperiment.fs"
 #load "../src/Sweep.fs"
 #load "../src/Experiments.fs"
