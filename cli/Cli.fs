@@ -22,6 +22,7 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainCommand.TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<TrainCommand.GenerateArgs>
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.SweepArgs>
+    | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCommand.BenchArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -33,6 +34,7 @@ type Command =
             | Train _ -> "train a summarizer (dense, top-k or hash MoE) and score it on the test split against lead-1."
             | Generate _ -> "summarize documents with a trained run's checkpoint."
             | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
+            | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop)."
 
 let private deviceOf (text: string option) =
     match Native.parseDevice (defaultArg text "auto") with
@@ -59,6 +61,7 @@ let main argv =
         | Train a -> TrainCommand.guard (fun () -> TrainCommand.train a)
         | Generate a -> TrainCommand.guard (fun () -> TrainCommand.generate a)
         | Sweep a -> SweepCommand.run a
+        | Bench a -> BenchCommand.run a
     with
     | :? ArguParseException as e ->
         eprintfn "%s" e.Message

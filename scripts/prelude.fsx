@@ -72,3 +72,4 @@ Prelude.loadNatives ()
 #load "../src/LoraExperiment.fs"
 #load "../src/Sweep.fs"
 #load "../src/Experiments.fs"
+#load "../src/Bench.fs"

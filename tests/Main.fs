@@ -19,6 +19,7 @@ let all =
         PlotsTests.tests
         SweepTests.tests
         LoraTests.tests
+        BenchTests.tests
     ]
 
 [<EntryPoint>]
