@@ -126,7 +126,7 @@ let configOf (args: ParseResults<TrainArgs>) : SummarizerConfig =
         | None -> cfg
         | Some "dense" ->
             match cfg.Model.Ffn with
-            | Models.Moe m -> { cfg with Model = { cfg.Model with Ffn = Models.Dense m.ExpertHidden } }
+            | Models.Moe m | Models.LoraMoe (m, _) -> { cfg with Model = { cfg.Model with Ffn = Models.Dense m.ExpertHidden } }
             | Models.Dense _ -> cfg
         | Some "topk" -> SummarizerConfig.topK experts (defaultArg (args.TryGetResult K) 2) cfg
         | Some "hash" -> SummarizerConfig.hash experts cfg

@@ -69,6 +69,7 @@ Prelude.loadNatives ()
 #load "../src/RunLog.fs"
 #load "../src/Plots.fs"
 #load "../src/Report.fs"
+#load "../src/LoraExperiment.fs"
 #load "../src/Sweep.fs"
 #load "../src/Experiments.fs"
 #load "../src/Bench.fs"

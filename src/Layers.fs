@@ -647,3 +647,170 @@ type MoeApi =
 
     /// The aux losses weighted by `LossWeights.defaults` and summed.
     static member WeightedAux(aux: AuxLosses) : Tensor = weightedAux LossWeights.defaults aux
+
+// ---------------------------------------------------------------- LoRA experts
+
+/// The kept (token, slot) assignments of a routing, grouped by expert (the sort of `combineExperts`).
+type ExpertOrder =
+    { /// Slot ids t * K + j of the kept assignments, grouped by expert, tokens in order within each. // [N] int64
+      Slot: Tensor
+      /// The token of each kept assignment. // [N] int64
+      Token: Tensor
+      /// Kept assignments per expert, summing to N. // [E]
+      Counts: int64[] }
+
+/// Groups the kept assignments of expertIndex [T; K] int64 (values in 0..E-1) and kept [T; K] bool by expert:
+/// dropped slots get the key E, a stable sort puts each expert's slots together in token order, and the
+/// first N = (kept count) entries are the ones to run. The tensors are made in the caller's dispose scope.
+let sortByExpert (experts: int) (expertIndex: Tensor) (kept: Tensor) : ExpertOrder =
+    expect "expertIndex" "[T; K] int64" (fun i -> i.Dimensions = 2L && i.dtype = torch.ScalarType.Int64) expertIndex
+    expect "kept" (sprintf "[T; K] = %A bool" expertIndex.shape) (fun m -> m.dtype = torch.ScalarType.Bool && m.shape = expertIndex.shape) kept
+    let e = int64 experts
+    let flat = expertIndex.reshape (-1L) // [T*K]
+    if flat.NumberOfElements > 0L then
+        use lo = flat.min ()
+        use hi = flat.max ()
+        if lo.item<int64> () < 0L || hi.item<int64> () >= e then
+            invalidArg "expertIndex" (sprintf "expected expertIndex values in 0..%d (E - 1), got values from %d to %d" (e - 1L) (lo.item<int64> ()) (hi.item<int64> ()))
+    let key = flat.masked_fill (kept.reshape(-1L).logical_not (), e.ToScalar()) // [T*K]
+    let struct (_, order) = key.sort (0L, false, true) // [T*K]
+    let counts = (toInt64s (torch.bincount (key, minlength = e + 1L)))[0 .. experts - 1] // [E]
+    let slot = order.narrow (0L, 0L, Array.sum counts) // [N]
+    { Slot = slot
+      Token = slot.div (expertIndex.shape[1].ToScalar(), rounding_mode = torch.RoundingMode.floor) // [N]
+      Counts = counts }
+
+/// E experts that share one base FFN and differ by low-rank adapters (Hu et al. 2021, "LoRA", eq. 3):
+/// expert e computes act(x (W1 + s A1_e B1_e)) (W2 + s A2_e B2_e) with s = alpha / r, A1_e [D; r],
+/// B1_e [r; H], A2_e [H; r], B2_e [r; D] (SwiGLU: the value projection W3 gets adapters A3_e, B3_e too).
+/// The B's start at zero, so every expert starts equal to the base FFN; the A's are initialised like
+/// nn.Linear, as in the LoRA reference code. With `FreezeBase` the base weights have requires_grad = false.
+/// Parameters: `w1` [D; H], `w2` [H; D], (`w3` [D; H]), `a1` [E; D; r], `b1` [E; r; H], `a2` [E; H; r],
+/// `b2` [E; r; D], (`a3` [E; D; r], `b3` [E; r; H]).
+type LoraExpertFfn(name: string, experts: int, modelDim: int, hidden: int, act: Activation, lora: LoraConfig) as this =
+    inherit torch.nn.Module(name)
+    do
+        if experts < 1 || modelDim < 1 || hidden < 1 then
+            invalidArg "experts" (sprintf "expected experts, modelDim and hidden >= 1, got %d, %d and %d" experts modelDim hidden)
+    let lora = orFail "LoRA config" (LoraConfig.validate lora) lora
+    let e, d, h, r = int64 experts, int64 modelDim, int64 hidden, int64 lora.Rank
+    let swiglu = act = SwiGLU
+    let baseWeight (fanIn: int64) (shape: int64[]) =
+        let p = linearInit fanIn shape
+        if lora.FreezeBase then p.requires_grad <- false
+        p
+    let zeros (shape: int64[]) = Parameter(torch.zeros shape)
+    // Mutable for Module.to (see ExpertFfn).
+    let mutable w1 = baseWeight d [| d; h |] // [D; H]
+    let mutable w2 = baseWeight h [| h; d |] // [H; D]
+    let mutable w3 = if swiglu then baseWeight d [| d; h |] else null // [D; H]
+    let mutable a1 = linearInit d [| e; d; r |] // [E; D; r]
+    let mutable b1 = zeros [| e; r; h |] // [E; r; H]
+    let mutable a2 = linearInit h [| e; h; r |] // [E; H; r]
+    let mutable b2 = zeros [| e; r; d |] // [E; r; D]
+    let mutable a3 = if swiglu then linearInit d [| e; d; r |] else null // [E; D; r]
+    let mutable b3 = if swiglu then zeros [| e; r; h |] else null // [E; r; H]
+    do
+        for key, p in [ "w1", w1; "w2", w2; "w3", w3; "a1", a1; "b1", b1; "a2", a2; "b2", b2; "a3", a3; "b3", b3 ] do
+            if not (isNull p) then this.register_parameter (key, p)
+
+    member _.Experts = experts
+    member _.ModelDim = modelDim
+    member _.Hidden = hidden
+    member _.Activation = act
+    member _.Lora = lora
+    /// Shared base weights. // [D; H], [H; D], [D; H] (W3 null unless SwiGLU)
+    member _.W1 : Tensor = w1
+    member _.W2 : Tensor = w2
+    member _.W3 : Tensor = w3
+    /// Adapters of the first projection. // [E; D; r], [E; r; H]
+    member _.A1 : Tensor = a1
+    member _.B1 : Tensor = b1
+    /// Adapters of the output projection. // [E; H; r], [E; r; D]
+    member _.A2 : Tensor = a2
+    member _.B2 : Tensor = b2
+    /// Adapters of the SwiGLU value projection; null otherwise. // [E; D; r], [E; r; H]
+    member _.A3 : Tensor = a3
+    member _.B3 : Tensor = b3
+    /// Parameters of the shared base FFN.
+    member _.BaseParameters : int64 = [ w1; w2; w3 ] |> List.sumBy (fun p -> if isNull p then 0L else p.NumberOfElements)
+    /// Adapter parameters of one expert: r (D + H) per adapted projection.
+    member _.AdapterParametersPerExpert : int64 = (if swiglu then 3L else 2L) * r * (d + h)
+
+    /// Runs the kept assignments: xs [T; D] the tokens, token [N] int64 the token of each assignment, grouped
+    /// by expert with counts[e] assignments for expert e (`sortByExpert`). Returns [N; D] in that order.
+    /// The base first projection runs once per token (not per assignment) and is gathered; the adapters run
+    /// per expert on its contiguous rows, x A_e first, so they cost O(N r (D + H)).
+    member _.Forward(xs: Tensor, token: Tensor, counts: int64[]) : Tensor =
+        expect "xs" (sprintf "[T; %d] floating point" modelDim) (fun t -> t.Dimensions = 2L && t.shape[1] = d && isFloating t) xs
+        expectDevice "xs" w1.device xs
+        if isNull counts || counts.Length <> experts || Array.exists (fun c -> c < 0L) counts then
+            invalidArg "counts" (sprintf "expected counts [E] >= 0 with E = %d, got %A" experts counts)
+        expect "token" (sprintf "[N] int64 with N = %d (the sum of counts)" (Array.sum counts))
+            (fun t -> t.Dimensions = 1L && t.dtype = torch.ScalarType.Int64 && t.shape[0] = Array.sum counts) token
+        use scope = torch.NewDisposeScope()
+        let dt = xs.dtype
+        let cast (w: Tensor) = if w.dtype = dt then w else w.to_type dt
+        let n = Array.sum counts
+        let y =
+            if n = 0L then torch.zeros ([| 0L; d |], dtype = dt, device = xs.device)
+            else
+                let s = (LoraConfig.scale lora).ToScalar()
+                let present = [| for i in 0 .. experts - 1 do if counts[i] > 0L then i |]
+                // sum over experts of (rows_e A_e) B_e, stacked in the rows' order. chunks: E x [N_e; in]
+                let lowRank (a: Tensor) (b: Tensor) (chunks: Tensor[]) =
+                    let az, bz = (cast a).unbind 0L, (cast b).unbind 0L
+                    torch.cat ([| for i in present -> chunks[i].mm(az[i]).mm (bz[i]) |], 0L) // [N; out]
+                let perToken (w: Tensor) = xs.mm(cast w).index_select (0L, token) // [N; H]
+                let rows = xs.index_select(0L, token).split (counts, 0L) // E x [N_e; D]
+                let pre = perToken w1 + lowRank a1 b1 rows * s // [N; H]
+                let hid = activate act pre // [N; H]
+                let hid = if swiglu then hid * (perToken w3 + lowRank a3 b3 rows * s) else hid // [N; H]
+                hid.mm (cast w2) + lowRank a2 b2 (hid.split (counts, 0L)) * s // [N; D]
+        y.MoveToOuterDisposeScope()
+
+/// An MoE layer whose experts are LoRA adapters on one shared FFN (`LoraExpertFfn`; Hu et al. 2021 applied
+/// per expert as in mixture-of-LoRA-experts models): routing as `MoeLayer` (`RouterModule`, `Routing.route`),
+/// sort-by-expert dispatch (`sortByExpert`), combine y_t = sum over kept slots j of w_tj E_{e_tj}(x_t)
+/// (Shazeer et al. 2017 eq. 1), plus the shared experts when SharedExperts > 0. Starts equal to the base FFN
+/// mixed by weights that sum to 1. x [.., D] -> { Output [.., D]; Moe = Some report }.
+/// Submodules: `router`, `experts` and, with SharedExperts > 0, `shared`.
+type LoraMoeLayer(name: string, cfg: MoeConfig, lora: LoraConfig) as this =
+    inherit Module<Tensor, FfnResult>(name)
+    let cfg = orFail "MoE config" (MoeConfig.validate cfg) cfg
+    let router = new RouterModule("router", cfg.Router, cfg.ModelDim)
+    let experts = new LoraExpertFfn("experts", cfg.Router.Experts, cfg.ModelDim, cfg.ExpertHidden, cfg.Activation, lora)
+    let shared = if cfg.SharedExperts > 0 then new DenseFfn("shared", cfg.ModelDim, cfg.SharedExperts * cfg.ExpertHidden, cfg.Activation) else null
+    do
+        this.register_module ("router", router)
+        this.register_module ("experts", experts)
+        if not (isNull shared) then this.register_module ("shared", shared)
+
+    member _.Config = cfg
+    member _.Lora = experts.Lora
+    member _.Router = router
+    member _.Experts = experts
+    /// The shared experts as one FFN; null when SharedExperts = 0.
+    member _.Shared = shared
+
+    /// The layer for hash routers: x [.., D] with token ids [..] int64; learned routers take tokenIds = null.
+    member this.forward(x: Tensor, tokenIds: Tensor) : FfnResult =
+        let d = int64 cfg.ModelDim
+        expect "x" (sprintf "[..; %d] floating point (D = ModelDim)" d) (fun t -> t.Dimensions >= 1L && t.shape[t.shape.Length - 1] = d && isFloating t) x
+        let tokens = x.NumberOfElements / d
+        if not (isNull tokenIds) then
+            expect "tokenIds" (sprintf "int64 with %d entries (one per token of x)" tokens) (fun t -> t.dtype = torch.ScalarType.Int64 && t.NumberOfElements = tokens) tokenIds
+        use scope = torch.NewDisposeScope()
+        let h = x.reshape (-1L, d) // [T; D]
+        let routing = router.Route(h, (if isNull tokenIds then None else Some(tokenIds.reshape(-1L).``to`` x.device)))
+        let order = sortByExpert cfg.Router.Experts routing.Experts routing.Kept
+        let outputs = experts.Forward(h, order.Token, order.Counts) // [N; D]
+        let w = routing.Weights.reshape(-1L).index_select(0L, order.Slot).to_type(h.dtype).unsqueeze 1L // [N; 1]
+        let routed = torch.zeros_like(h).index_add (0L, order.Token, outputs * w, 1.0.ToScalar()) // [T; D]
+        let y = if isNull shared then routed else routed + (shared.forward h).Output // [T; D]
+        if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
+        { Output = y.reshape(x.shape).MoveToOuterDisposeScope()
+          Moe = Some(moveReportOut { Aux = auxLosses routing; Stats = routing.Stats }) }
+
+    /// The layer for learned routers. x [.., D] -> [.., D].
+    override this.forward(x: Tensor) : FfnResult = this.forward (x, null)

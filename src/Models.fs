@@ -22,6 +22,9 @@ type FfnKind =
     /// MoE layers every `MoeEvery`-th layer; the dense layers between them use the experts' hidden width
     /// and activation, as in the Switch Transformer's interleaving (Fedus et al. 2022, sec. 2).
     | Moe of MoeConfig
+    /// `Moe` whose experts are LoRA adapters on one shared base FFN (`Layers.LoraMoeLayer`, Hu et al. 2021);
+    /// placed by `MoeEvery` like `Moe`.
+    | LoraMoe of MoeConfig * LoraConfig
 
 /// How positions enter the embeddings.
 type PositionalEncoding =
@@ -85,7 +88,7 @@ module ModelConfig =
     /// Whether layer `layer` (0-based, within its stack) has an MoE feed-forward sublayer.
     let isMoeLayer (cfg: ModelConfig) (layer: int) : bool =
         match cfg.Ffn with
-        | Moe _ -> cfg.MoeEvery >= 1 && (layer + 1) % cfg.MoeEvery = 0
+        | Moe _ | LoraMoe _ -> cfg.MoeEvery >= 1 && (layer + 1) % cfg.MoeEvery = 0
         | Dense _ -> false
 
     /// Every problem with the config, empty when it is usable.
@@ -100,8 +103,11 @@ module ModelConfig =
               sprintf "sinusoidal positions need an even ModelDim, got %d" cfg.ModelDim
           match cfg.Ffn with
           | Dense hidden -> if hidden < 1 then sprintf "Dense FFN hidden width must be >= 1, got %d" hidden
-          | Moe moe ->
+          | Moe moe | LoraMoe (moe, _) ->
               for p in MoeConfig.validate moe do "Moe: " + p
+              match cfg.Ffn with
+              | LoraMoe (_, lora) -> for p in LoraConfig.validate lora do "Lora: " + p
+              | _ -> ()
               if moe.ModelDim <> cfg.ModelDim then
                   sprintf "Moe.ModelDim (%d) must equal ModelDim (%d)" moe.ModelDim cfg.ModelDim
               if cfg.MoeEvery < 1 then sprintf "MoeEvery must be >= 1, got %d" cfg.MoeEvery
@@ -146,6 +152,10 @@ type FeedForward =
 let parameterCount (m: torch.nn.Module) : int64 =
     m.parameters () |> Seq.sumBy (fun p -> p.NumberOfElements)
 
+/// Number of scalars in a module's parameters that the optimiser updates (requires_grad).
+let trainableParameterCount (m: torch.nn.Module) : int64 =
+    m.parameters () |> Seq.filter (fun p -> p.requires_grad) |> Seq.sumBy (fun p -> p.NumberOfElements)
+
 /// Moves a report's tensors to the enclosing dispose scope (they outlive the scope that made them).
 let moveReportOut (r: MoeReport) : unit =
     for t in [ r.Aux.SwitchAux; r.Aux.Importance; r.Aux.Load; r.Aux.ZLoss
@@ -181,6 +191,14 @@ module FeedForward =
         result.Moe |> Option.iter moveReportOut
         { result with Output = result.Output.MoveToOuterDisposeScope() }
 
+    /// A routed sublayer: padding dropped before routing (statistics and capacity count real tokens only),
+    /// and `withIds` called with the token ids when the router hashes them.
+    let private routed (cfg: MoeConfig) (m: Module<Tensor, FfnResult>) (withIds: Tensor -> Tensor -> FfnResult) (active: int64) : FeedForward =
+        { Module = m
+          WithTokenIds = (match cfg.Router.Selection with Hash _ -> Some withIds | _ -> None)
+          SkipPadding = true
+          ActiveParameters = active }
+
     /// An MoE sublayer (`Layers.MoeLayer`) that drops padding before routing and, for hash routers, passes
     /// the token ids. Active parameters: all but the (E - k) experts a token skips, k = picks per token.
     let moe (cfg: MoeConfig) : FeedForward =
@@ -188,22 +206,24 @@ module FeedForward =
         let experts = int64 cfg.Router.Experts
         let picks = int64 (RouterConfig.picksPerToken cfg.Router)
         let perExpert = parameterCount layer.Experts / experts
-        { Module = layer
-          WithTokenIds =
-            match cfg.Router.Selection with
-            | Hash _ -> Some(fun x ids -> layer.forward(x, ids))
-            | _ -> None
-          SkipPadding = true
-          ActiveParameters = parameterCount layer - (experts - picks) * perExpert }
+        routed cfg layer (fun x ids -> layer.forward(x, ids)) (parameterCount layer - (experts - picks) * perExpert)
+
+    /// An MoE sublayer of LoRA experts (`Layers.LoraMoeLayer`), wired like `moe`. Active parameters: all but
+    /// the adapters of the (E - k) experts a token skips; the shared base FFN is always active.
+    let loraMoe (cfg: MoeConfig) (lora: LoraConfig) : FeedForward =
+        let layer = new LoraMoeLayer("ffn", cfg, lora)
+        let skipped = int64 (cfg.Router.Experts - RouterConfig.picksPerToken cfg.Router)
+        routed cfg layer (fun x ids -> layer.forward(x, ids)) (parameterCount layer - skipped * layer.Experts.AdapterParametersPerExpert)
 
     /// The default factory: a `DenseFfn` for `Dense`, and for `Moe` an MoE layer where
-    /// `ModelConfig.isMoeLayer` says so and a dense FFN of the experts' width elsewhere.
+    /// `ModelConfig.isMoeLayer` says so and a dense FFN of the experts' width elsewhere (`LoraMoe` likewise).
     let create (cfg: ModelConfig) (site: FfnSite) : FeedForward =
         match cfg.Ffn with
         | Dense hidden -> dense (new DenseFfn("ffn", cfg.ModelDim, hidden, cfg.Activation))
-        | Moe m when not (ModelConfig.isMoeLayer cfg site.Layer) ->
+        | Moe m | LoraMoe (m, _) when not (ModelConfig.isMoeLayer cfg site.Layer) ->
             dense (new DenseFfn("ffn", cfg.ModelDim, m.ExpertHidden, m.Activation))
         | Moe m -> moe m
+        | LoraMoe (m, lora) -> loraMoe m lora
 
 // ---------------------------------------------------------------- caches and outputs
 
@@ -391,6 +411,14 @@ let private moeLayersOf (blocks: ModuleList<Block>) : (string * MoeLayer)[] =
            | :? MoeLayer as m -> blocks[i].ReportName, m
            | _ -> () |]
 
+/// The routers of the MoE and LoRA-MoE layers among blocks, named by place: to set hash tables.
+let private routersOf (blocks: ModuleList<Block>) : (string * RouterModule)[] =
+    [| for i in 0 .. blocks.Count - 1 do
+           match blocks[i].Ffn with
+           | :? MoeLayer as m -> blocks[i].ReportName, m.Router
+           | :? LoraMoeLayer as m -> blocks[i].ReportName, m.Router
+           | _ -> () |]
+
 /// Runs blocks in order, collecting MoE reports by block name. x [B; S; D] -> [B; S; D].
 let private runBlocks (blocks: ModuleList<Block>) (x: Tensor) (ids: Tensor) (valid: Tensor) (memory: Tensor) (memoryValid: Tensor)
                       (cache: DecoderCache) : Tensor * LayerReport list =
@@ -456,6 +484,12 @@ type EncoderDecoder(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as
 
     /// The MoE layers by name ("enc.1", "dec.3"), encoder first: to set balanced hash tables, read routers.
     member _.MoeLayers() : (string * MoeLayer)[] = Array.append (moeLayersOf enc) (moeLayersOf dec)
+
+    /// The routers of every MoE layer (`MoeLayer` or `LoraMoeLayer`) by name, encoder first.
+    member _.Routers() : (string * RouterModule)[] = Array.append (routersOf enc) (routersOf dec)
+
+    /// Parameters the optimiser updates (a frozen LoRA base is not among them).
+    member this.TrainableParameterCount() : int64 = trainableParameterCount this
 
     /// Total and active (per token) parameter counts.
     member this.ParameterCount() : ParameterCount =

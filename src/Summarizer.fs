@@ -111,7 +111,7 @@ module SummarizerConfig =
     /// The same job with MoE feed-forward sublayers in every layer: token-choice top-k routing (softmax,
     /// then the k largest, renormalised; Switch-style aux loss from `Train.LossWeights`).
     let topK (experts: int) (k: int) (cfg: SummarizerConfig) : SummarizerConfig =
-        let hidden = match cfg.Model.Ffn with Dense h -> h | Moe m -> m.ExpertHidden
+        let hidden = match cfg.Model.Ffn with Dense h -> h | Moe m | LoraMoe (m, _) -> m.ExpertHidden
         let moe =
             { MoeConfig.defaults with
                 ModelDim = cfg.Model.ModelDim
@@ -126,7 +126,14 @@ module SummarizerConfig =
         let c = topK experts 1 cfg
         match c.Model.Ffn with
         | Moe m -> { c with Model = { c.Model with Ffn = Moe { m with Router = { m.Router with K = 1; Selection = Hash BalancedHash } } } }
-        | Dense _ -> c
+        | Dense _ | LoraMoe _ -> c
+
+    /// The same job with its MoE layers' experts as LoRA adapters on one shared base FFN per layer
+    /// (`Models.LoraMoe`, Hu et al. 2021); routing is unchanged. Use after `topK` or `hash`.
+    let loraExperts (lora: LoraConfig) (cfg: SummarizerConfig) : SummarizerConfig =
+        match cfg.Model.Ffn with
+        | Moe m | LoraMoe (m, _) -> { cfg with Model = { cfg.Model with Ffn = LoraMoe(m, lora) } }
+        | Dense _ -> invalidArg "cfg" "expected a config with MoE layers (apply SummarizerConfig.topK or hash first), got a dense model"
 
     /// Fills the fields that follow from others: the vocabulary size, BOS/EOS, batch size and seed.
     let resolve (vocabSize: int) (cfg: SummarizerConfig) : SummarizerConfig =
@@ -313,11 +320,11 @@ let tokenizerOfText (text: string) : Tokenizer =
 let buildModel (cfg: SummarizerConfig) (counts: int64[] option) : EncoderDecoder =
     Native.seedAll cfg.Train.Seed
     let model = new EncoderDecoder(cfg.Model)
-    for _, layer in model.MoeLayers() do
-        if not (isNull layer.Router.HashTable) then
+    for _, router in model.Routers() do
+        if not (isNull router.HashTable) then
             match counts with
-            | Some c -> layer.Router.SetHashTableFromCounts c
-            | None -> layer.Router.SetHashTable(Array.zeroCreate<int64> cfg.Model.VocabSize)
+            | Some c -> router.SetHashTableFromCounts c
+            | None -> router.SetHashTable(Array.zeroCreate<int64> cfg.Model.VocabSize)
     model
 
 /// The training task over index batches: the step's tensors are made in `Loss`, inside the trainer's scope.
@@ -434,7 +441,7 @@ type LabelCounts =
 let routingByLabel (cfg: SummarizerConfig) (model: EncoderDecoder) (source: ITokenSource) (device: torch.Device) : LabelCounts list =
     let labelled = [| for i in 0 .. source.Count - 1 do match source.Label i with Some l -> (l, i) | None -> () |]
     match cfg.Model.Ffn with
-    | Moe moeCfg when labelled.Length > 0 ->
+    | Moe moeCfg | LoraMoe (moeCfg, _) when labelled.Length > 0 ->
         let picks = float (RouterConfig.picksPerToken moeCfg.Router)
         let experts = moeCfg.Router.Experts
         let labels = labelled |> Array.map fst |> Array.distinct |> Array.sort
@@ -464,7 +471,7 @@ let routingByLabel (cfg: SummarizerConfig) (model: EncoderDecoder) (source: ITok
                         toFloats r.Report.Stats.TokensPerExpert |> Array.iteri (fun e f -> rows[li][e] <- rows[li][e] + float f * kept))
         finally
             if wasTraining then model.train ()
-        [ for name, _ in model.MoeLayers() do
+        [ for name, _ in model.Routers() do
             match table.TryGetValue name with
             | true, rows -> { Layer = name; Labels = labels; Experts = experts; Counts = rows }
             | _ -> () ]
@@ -522,7 +529,7 @@ let runWith (opts: RunOptions) (resume: bool) (cfg: SummarizerConfig) : SummaryR
     let device = Native.resolveDevice cfg.Train.Device
     let counts =
         match cfg.Model.Ffn with
-        | Moe m when m.Router.Selection = Hash BalancedHash -> Some(tokenCounts cfg.Model.VocabSize prepared.Train)
+        | Moe m | LoraMoe (m, _) when m.Router.Selection = Hash BalancedHash -> Some(tokenCounts cfg.Model.VocabSize prepared.Train)
         | _ -> None
     use model = buildModel cfg counts
     let p = model.ParameterCount()
@@ -609,6 +616,7 @@ type SummarizerApi =
     static member Defaults = SummarizerConfig.defaults
     static member TopK(cfg: SummarizerConfig, experts: int, k: int) = SummarizerConfig.topK experts k cfg
     static member Hash(cfg: SummarizerConfig, experts: int) = SummarizerConfig.hash experts cfg
+    static member LoraExperts(cfg: SummarizerConfig, lora: LoraConfig) = SummarizerConfig.loraExperts lora cfg
     static member Run(cfg: SummarizerConfig) = run cfg
     static member Run(cfg: SummarizerConfig, options: RunOptions, resume: bool) = runWith options resume cfg
     static member Load(runDir: string) = load runDir None Native.Auto

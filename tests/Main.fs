@@ -18,6 +18,7 @@ let all =
         ModelsTests.tests
         PlotsTests.tests
         SweepTests.tests
+        LoraTests.tests
         BenchTests.tests
     ]
 
