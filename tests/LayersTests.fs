@@ -94,18 +94,7 @@ let private gradsOf (loss: torch.Tensor) (wrt: torch.Tensor list) : torch.Tensor
     loss.backward ()
     [ for t in wrt -> if isNull t.grad then torch.zeros_like t else t.grad.clone () ]
 
-/// Central finite differences of a scalar function of the tensor `p`, perturbing it in place entry by entry.
-let private finiteDifference (f: unit -> float) (p: torch.Tensor) : float[] =
-    use _ = torch.no_grad ()
-    use flat = p.detach().view (-1L)
-    Array.init (int flat.NumberOfElements) (fun i ->
-        let original = flat[int64 i].item<float> ()
-        let at v =
-            flat[int64 i] <- torch.tensor ((v: float), dtype = f64)
-            f ()
-        let up, down = at (original + fdStep), at (original - fdStep)
-        flat[int64 i] <- torch.tensor (original, dtype = f64)
-        (up - down) / (2.0 * fdStep))
+let private finiteDifference = Support.finiteDifferenceInPlace fdStep
 
 // ---------------------------------------------------------------- oracles
 

@@ -47,17 +47,7 @@ let private baseFfn (experts: LoraExpertFfn) (x: torch.Tensor) : torch.Tensor =
     let h = if isNull experts.W3 then h else h * x.mm experts.W3
     h.mm experts.W2
 
-let private finiteDifference (f: unit -> float) (p: torch.Tensor) : float[] =
-    use _ = torch.no_grad ()
-    use flat = p.detach().view (-1L)
-    Array.init (int flat.NumberOfElements) (fun i ->
-        let original = flat[int64 i].item<float> ()
-        let at v =
-            flat[int64 i] <- torch.tensor ((v: float), dtype = f64)
-            f ()
-        let up, down = at (original + fdStep), at (original - fdStep)
-        flat[int64 i] <- torch.tensor (original, dtype = f64)
-        (up - down) / (2.0 * fdStep))
+let private finiteDifference = Support.finiteDifferenceInPlace fdStep
 
 let private initialTests =
     [ for act in [ GELU; SwiGLU ] ->

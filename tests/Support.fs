@@ -48,3 +48,17 @@ let testWithShared (name: string) (body: string -> unit) : Test =
         match sharedData with
         | Some dir -> body dir
         | None -> skiptest "needs ../shared/data beside the repository (real sample data); absent in this clone")
+
+/// Central finite differences of `f` with respect to every entry of the float64 tensor `p`, perturbing it
+/// in place entry by entry (so `f` may close over `p` through a module's parameters).
+let finiteDifferenceInPlace (step: float) (f: unit -> float) (p: TorchSharp.torch.Tensor) : float[] =
+    use _ = TorchSharp.torch.no_grad ()
+    use flat = p.detach().view (-1L)
+    Array.init (int flat.NumberOfElements) (fun i ->
+        let original = flat[int64 i].item<float> ()
+        let at (v: float) =
+            flat[int64 i] <- TorchSharp.torch.tensor (v, dtype = TorchSharp.torch.float64)
+            f ()
+        let up, down = at (original + step), at (original - step)
+        flat[int64 i] <- TorchSharp.torch.tensor (original, dtype = TorchSharp.torch.float64)
+        (up - down) / (2.0 * step))
