@@ -49,6 +49,7 @@ let private info (args: ParseResults<InfoArgs>) =
 
 [<EntryPoint>]
 let main argv =
+    Native.preferPassiveOpenMpWait ()
     let parser = ArgumentParser.Create<Command>(programName = "moe")
     try
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)

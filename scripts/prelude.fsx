@@ -47,9 +47,10 @@ module Prelude =
             if not (GlibcxxPatch.hostHasVersion GlibcxxPatch.NeededVersion) then GlibcxxPatch.patchFile patched |> ignore
             NativeLibrary.Load patched |> ignore
 
+#load "../src/Native.fs"
+Moe.Native.preferPassiveOpenMpWait ()
 Prelude.loadNatives ()
 
-#load "../src/Native.fs"
 #load "../src/Tensors.fs"
 #load "../src/Config.fs"
 #load "../src/Routing.fs"

@@ -2,7 +2,22 @@
 module Moe.Native
 
 open System
+open System.Runtime.InteropServices
 open TorchSharp
+
+module private Libc =
+    [<DllImport("libc.so.6", SetLastError = true)>]
+    extern int setenv(string name, string value, int overwrite)
+
+/// Asks libgomp (libtorch's OpenMP runtime) to sleep rather than spin at barriers, unless the user set
+/// OMP_WAIT_POLICY. With spinning barriers, any machine busier than its cores (a laptop with a browser,
+/// a shared CI box) slows libtorch's many small ops 10-25x: measured here, the main job trained at
+/// 290 tokens/s spinning and 2,700-3,100 passive under the same load. libgomp reads the variable when it
+/// loads, so this must run before the first torch call; .NET's Environment.SetEnvironmentVariable does not
+/// reach native getenv on Unix, hence libc's setenv.
+let preferPassiveOpenMpWait () : unit =
+    if not (OperatingSystem.IsWindows()) && String.IsNullOrEmpty(Environment.GetEnvironmentVariable "OMP_WAIT_POLICY") then
+        Libc.setenv ("OMP_WAIT_POLICY", "PASSIVE", 0) |> ignore
 
 /// Where tensors live: `Auto` takes CUDA when libtorch sees a GPU, otherwise the CPU.
 type DeviceChoice =
