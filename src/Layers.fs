@@ -307,25 +307,27 @@ type private ExpertBlock() =
         let tokens, ws = token.split (counts, 0L), w.split (counts, 0L)
         let w1s, w2s = weights[0].unbind 0L, weights[1].unbind 0L
         let w3s = if weights.Length > 2 then weights[2].unbind 0L else [||]
-        let rows, hs, gs, ys = Array.zeroCreate active.Length, Array.zeroCreate active.Length, Array.zeroCreate active.Length, Array.zeroCreate active.Length
+        let rows, hs, gs, acts, ys = Array.zeroCreate active.Length, Array.zeroCreate active.Length, Array.zeroCreate active.Length, Array.zeroCreate active.Length, Array.zeroCreate active.Length
         ExpertJobs.run active.Length (fun j ->
             let e = active[j]
             use _ = torch.NewDisposeScope()
             let r = x.index_select (0L, tokens[e]) // [N_e; D]
             let h = r.mm w1s[e] // [N_e; H]
             let g = if w3s.Length = 0 then null else r.mm w3s[e] // [N_e; H]
-            let y = (Block.activation act h g).mm w2s[e] // [N_e; D]
+            let a = Block.activation act h g // [N_e; H]
+            let y = a.mm w2s[e] // [N_e; D]
             y.mul_ (ws[e].unsqueeze 1L) |> ignore
             rows[j] <- r.DetachFromDisposeScope()
             hs[j] <- h.DetachFromDisposeScope()
             gs[j] <- if isNull g then null else g.DetachFromDisposeScope()
+            acts[j] <- a.DetachFromDisposeScope()
             ys[j] <- y.DetachFromDisposeScope())
-        for t in Seq.concat [ rows; hs; gs; ys ] do
+        for t in Seq.concat [ rows; hs; gs; acts; ys ] do
             if not (isNull t) then scope.Attach t |> ignore
         let out = torch.zeros (x.shape, dtype = x.dtype, device = x.device) // [T; D]
         for j in Array.sortBy (fun j -> active[j]) [| 0 .. active.Length - 1 |] do
             out.index_add_ (0L, tokens[active[j]], ys[j], 1.0.ToScalar()) |> ignore // expert order: repeatable sums
-        let kept = [ yield! rows; yield! hs; if weights.Length > 2 then yield! gs ]
+        let kept = [ yield! rows; yield! hs; yield! acts; if weights.Length > 2 then yield! gs ]
         for t in kept do t.MoveToOuterDisposeScope() |> ignore
         ctx.save_for_backward (Block.list [ yield token; yield w; yield! weights; yield! kept ])
         ctx.save_data ("state",
@@ -341,8 +343,8 @@ type private ExpertBlock() =
         let token, w = saved[0], saved[1]
         let weights = [| for i in 0 .. nw - 1 -> saved[2 + i] |]
         let at k = [| for j in 0 .. m - 1 -> saved[2 + nw + k * m + j] |]
-        let rows, hs = at 0, at 1
-        let gs = if nw > 2 then at 2 else Array.create m null
+        let rows, hs, acts = at 0, at 1, at 2
+        let gs = if nw > 2 then at 3 else Array.create m null
         let gout = grads[0] // [T; D]
         let counts = state.Counts
         let tokens, ws = token.split (counts, 0L), w.split (counts, 0L)
@@ -359,7 +361,7 @@ type private ExpertBlock() =
             let e = state.Active[j]
             use _ = torch.NewDisposeScope()
             let gy = gout.index_select (0L, tokens[e]) // [N_e; D], the forward's sort reused: a gather
-            let a = Block.activation state.Activation hs[j] gs[j] // [N_e; H], recomputed
+            let a = acts[j] // [N_e; H]
             let da = gy.mm (w2s[e].t ()) // [N_e; H], before the combine weight
             // dL/dw_n = gy_n . (a_n W2) = (gy_n W2^T) . a_n: the expert outputs need not be kept
             if not (isNull dw) then dws[e].copy_ ((da * a).sum 1L) |> ignore
