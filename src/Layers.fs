@@ -267,9 +267,11 @@ module private Block =
             da.mul_(g).mul_ slope |> ignore
             dg
 
-    /// The stacked weight gradient, sum over experts of input_e^T grad_e, written by `write e beta target`:
-    /// into a fused parameter's existing .grad (beta 1), or into a fresh tensor (beta 0, inactive experts
-    /// zeroed) that becomes the parameter's .grad (returning null to autograd) or is returned to autograd.
+    /// Where the expert jobs write a stacked weight gradient (sum over experts of input_e^T grad_e, one
+    /// addmm_ per expert with the returned beta): a fused parameter's existing .grad (beta 1, accumulate); or a
+    /// fresh tensor (beta 0, experts without rows zeroed) that becomes the parameter's .grad; or, for a weight
+    /// that is not a leaf parameter (e.g. cast to bfloat16), a fresh tensor returned to autograd (third item;
+    /// null otherwise).
     let weightGradTarget (state: BlockState) (target: GradTarget option) (weight: Tensor) : struct (Tensor * float32 * Tensor) =
         let existing = match target with Some t -> t.Param.grad | None -> null
         let fresh () =
