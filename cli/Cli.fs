@@ -15,10 +15,26 @@ type InfoArgs =
 [<RequireSubcommand>]
 type Command =
     | [<CliPrefix(CliPrefix.None)>] Info of ParseResults<InfoArgs>
+    | [<CliPrefix(CliPrefix.None)>] Score of ParseResults<ScoreCommand.ScoreArgs>
+    | [<CliPrefix(CliPrefix.None)>] Human_Eval of ParseResults<HumanEvalCommand.HumanEvalArgs>
+    | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataCommand.DataArgs>
+    | [<CliPrefix(CliPrefix.None)>] Report of ParseResults<ReportCommand.ReportArgs>
+    | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainCommand.TrainArgs>
+    | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<TrainCommand.GenerateArgs>
+    | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.SweepArgs>
+    | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCommand.BenchArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
             | Info _ -> "print the libtorch runtime, threads and the device that --device resolves to."
+            | Score _ -> "ROUGE, BLEU and document statistics of predictions against references."
+            | Human_Eval _ -> "draw human rating sheets from system outputs, or summarize filled sheets."
+            | Data _ -> "inspect datasets: counts, lengths and problems."
+            | Report _ -> "write one HTML page comparing run folders: configs, metrics, charts, samples."
+            | Train _ -> "train a summarizer (dense, top-k or hash MoE) and score it on the test split against lead-1."
+            | Generate _ -> "summarize documents with a trained run's checkpoint."
+            | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
+            | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop)."
 
 let private deviceOf (text: string option) =
     match Native.parseDevice (defaultArg text "auto") with
@@ -38,6 +54,14 @@ let main argv =
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
         match results.GetSubCommand() with
         | Info a -> info a
+        | Score a -> ScoreCommand.run a
+        | Human_Eval a -> HumanEvalCommand.run a
+        | Data a -> DataCommand.run a
+        | Report a -> ReportCommand.run a
+        | Train a -> TrainCommand.guard (fun () -> TrainCommand.train a)
+        | Generate a -> TrainCommand.guard (fun () -> TrainCommand.generate a)
+        | Sweep a -> SweepCommand.run a
+        | Bench a -> BenchCommand.run a
     with
     | :? ArguParseException as e ->
         eprintfn "%s" e.Message

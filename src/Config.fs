@@ -172,3 +172,26 @@ let orFail (what: string) (problems: string list) (cfg: 'a) : 'a =
     match problems with
     | [] -> cfg
     | ps -> invalidArg what (sprintf "invalid %s:\n  - %s" what (String.concat "\n  - " ps))
+
+// ---------------------------------------------------------------- LoRA experts
+
+/// Experts as low-rank adapters on one shared base FFN (Hu et al. 2021, "LoRA"): expert e's projection W
+/// becomes W + (Alpha / Rank) A_e B_e with A_e [in; Rank], B_e [Rank; out], B_e initialised to zero.
+type LoraConfig =
+    { /// r, the adapters' inner width (Hu et al. 2021 sec. 4.1; r = 1..8 already adapt GPT-3, their Table 6).
+      Rank: int
+      /// alpha; the adapter is scaled by alpha / r so that changing r needs no new learning rate (sec. 4.1).
+      Alpha: float
+      /// Freeze the shared base FFN (requires_grad = false): only the adapters and the router train.
+      FreezeBase: bool }
+
+module LoraConfig =
+    /// Rank 4, alpha 8 (scale 2), trainable base: experts start equal to the base FFN and grow apart.
+    let defaults = { Rank = 4; Alpha = 8.0; FreezeBase = false }
+
+    let validate (cfg: LoraConfig) : string list =
+        [ if cfg.Rank < 1 then sprintf "Rank must be >= 1, got %d" cfg.Rank
+          if not (cfg.Alpha > 0.0) || System.Double.IsInfinity cfg.Alpha then sprintf "Alpha must be finite and > 0, got %g" cfg.Alpha ]
+
+    /// The adapter scale alpha / r (Hu et al. 2021 sec. 4.1).
+    let scale (cfg: LoraConfig) : float = cfg.Alpha / float cfg.Rank

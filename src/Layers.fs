@@ -250,20 +250,27 @@ module private Block =
     /// ReLU: 1[h > 0]. GELU (exact, Hendrycks & Gimpel 2016): Phi(h) + h phi(h).
     /// SwiGLU (Shazeer 2020), a = silu(h) g: dL/dg = da silu(h), dL/dh = da g sigma(h) (1 + h (1 - sigma(h))).
     let activationBackward (act: Activation) (h: Tensor) (g: Tensor) (da: Tensor) : Tensor =
+        // every Scalar in a `use` binding: TorchSharp frees Scalars in finalizers (see Tensors.withScalar)
+        use one = 1.0.ToScalar()
         match act with
         | ReLU ->
-            da.masked_fill_ (h.le (0.0.ToScalar()), 0.0.ToScalar()) |> ignore
+            use zero = 0.0.ToScalar()
+            da.masked_fill_ (h.le zero, zero) |> ignore
             null
         | GELU ->
-            let one, half = 1.0.ToScalar(), 0.5.ToScalar()
-            let slope = (h * invSqrt2).erf_().add_(one).mul_ half // Phi(h)
-            slope.add_ (h.square().mul_((-0.5).ToScalar()).exp_().mul_(invSqrt2Pi.ToScalar()).mul_ h) |> ignore // + h phi(h)
+            use half = 0.5.ToScalar()
+            use minusHalf = (-0.5).ToScalar()
+            use invRoot2 = invSqrt2.ToScalar()
+            use invRoot2Pi = invSqrt2Pi.ToScalar()
+            let slope = h.mul(invRoot2).erf_().add_(one, one).mul_ half // Phi(h)
+            let density = h.mul(h).mul_(minusHalf).exp_().mul_(invRoot2Pi).mul_ h // h phi(h)
+            slope.add_ (density, one) |> ignore
             da.mul_ slope |> ignore
             null
         | SwiGLU ->
             let sigma = functional.sigmoid h
             let dg = da * (h * sigma) // da silu(h)
-            let slope = (torch.ones_like sigma - sigma).mul_(h).add_(1.0.ToScalar()).mul_ sigma // silu'(h)
+            let slope = sigma.neg().add_(one, one).mul_(h).add_(one, one).mul_ sigma // silu'(h) = sigma (1 + h (1 - sigma))
             da.mul_(g).mul_ slope |> ignore
             dg
 
@@ -327,8 +334,9 @@ type private ExpertBlock() =
         for t in Seq.concat [ rows; hs; gs; acts; ys ] do
             if not (isNull t) then scope.Attach t |> ignore
         let out = torch.zeros (x.shape, dtype = x.dtype, device = x.device) // [T; D]
+        use one = 1.0.ToScalar() // held until the native calls return (see Tensors.withScalar)
         for j in Array.sortBy (fun j -> active[j]) [| 0 .. active.Length - 1 |] do
-            out.index_add_ (0L, tokens[active[j]], ys[j], 1.0.ToScalar()) |> ignore // expert order: repeatable sums
+            out.index_add_ (0L, tokens[active[j]], ys[j], one) |> ignore // expert order: repeatable sums
         let kept = [ yield! rows; yield! hs; yield! acts; if weights.Length > 2 then yield! gs ]
         for t in kept do t.MoveToOuterDisposeScope() |> ignore
         ctx.save_for_backward (Block.list [ yield token; yield w; yield! weights; yield! kept ])
@@ -382,8 +390,9 @@ type private ExpertBlock() =
             if state.NeedDx then
                 for t in dRows do scope.Attach t |> ignore
                 let dx = torch.zeros (state.Shape, dtype = gout.dtype, device = gout.device) // [T; D]
+                use one = 1.0.ToScalar()
                 for j in Array.sortBy (fun j -> state.Active[j]) [| 0 .. m - 1 |] do
-                    dx.index_add_ (0L, tokens[state.Active[j]], dRows[j], 1.0.ToScalar()) |> ignore // expert order
+                    dx.index_add_ (0L, tokens[state.Active[j]], dRows[j], one) |> ignore // expert order
                 dx.MoveToOuterDisposeScope()
             else null
         let returned = sinks |> Array.map (fun struct (_, _, r) -> r)
@@ -425,18 +434,18 @@ let combineExpertsWith (path: DispatchPath) (experts: ExpertFfn) (expertIndex: T
         let lo, hi = (flat.min ()).item<int64> (), (flat.max ()).item<int64> ()
         if lo < 0L || hi >= numExperts then
             invalidArg "expertIndex" (sprintf "expected expertIndex values in 0..%d (E - 1), got values from %d to %d" (numExperts - 1L) lo hi)
-    let key = flat.masked_fill (kept.reshape(-1L).logical_not (), numExperts.ToScalar()) // [T*K], dropped slots after every expert
+    let key = withInt64Scalar numExperts (fun e -> flat.masked_fill (kept.reshape(-1L).logical_not (), e)) // [T*K], dropped slots after every expert
     let struct (_, order) = key.sort (0L, false, true) // [T*K], slot ids grouped by expert, stable
     let counts = toInt64s (torch.bincount (key, minlength = numExperts + 1L)) // [E + 1], the last counts dropped slots
     let perExpert = counts[0 .. int numExperts - 1]
     let n = Array.sum perExpert
     let slot = order.narrow (0L, 0L, n) // [N]
-    let token = slot.div (k.ToScalar(), rounding_mode = torch.RoundingMode.floor) // [N]
+    let token = withInt64Scalar (int64 k) (fun k -> slot.div (k, rounding_mode = torch.RoundingMode.floor)) // [N]
     let w = weights.reshape(-1L).index_select(0L, slot).to_type x.dtype // [N]
     let out =
         if path = Autograd || n = 0L then
             let outputs = experts.forward (x.index_select (0L, token), perExpert) // [N; D]
-            torch.zeros_like(x).index_add (0L, token, outputs * w.unsqueeze 1L, 1.0.ToScalar())
+            withScalar 1.0 (fun one -> torch.zeros_like(x).index_add (0L, token, outputs * w.unsqueeze 1L, one))
         else
             let cast (p: Tensor) = if p.dtype = x.dtype then p else p.to_type x.dtype
             let weights = [ yield cast experts.W1; yield cast experts.W2; if not (isNull experts.W3) then yield cast experts.W3 ]
@@ -542,7 +551,7 @@ type RouterModule(name: string, cfg: RouterConfig, modelDim: int) as this =
                     invalidArg "tokenIds" (sprintf "%A routing reads hidden states, not token ids; pass None" cfg.Selection)
                 let dt = mathDtype h
                 let hm = if training && cfg.Selection = SwitchTop1 && cfg.Jitter > 0.0 then jitter cfg None (h.to_type dt) else h.to_type dt // [T; D]
-                let noiseStd = if isNull noise_weight then None else Some(functional.softplus (hm.mm (noise_weight.to_type dt))) // [T; E]
+                let noiseStd = if isNull noise_weight then None else Some(Tensors.softplus (hm.mm (noise_weight.to_type dt))) // [T; E]
                 { RouterInputs.OfLogits (this.Logits hm) with
                     NoiseStd = noiseStd
                     Bias = Option.ofObj selection_bias
@@ -657,7 +666,7 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
         let h = x.reshape (-1L, d) // [T; D]
         let routing = router.Route(h, ids)
         let routed = dispatch experts routing h // [T; D]
-        let y = if isNull shared then routed else routed + (shared.forward h).Output // [T; D]
+        let y = if isNull shared then routed else plus routed (shared.forward h).Output // [T; D]
         if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
         let report = { Aux = auxLosses routing; Stats = routing.Stats }
         { Output = y.reshape(shape).MoveToOuterDisposeScope(); Moe = Some(moveReportOut report) }
@@ -669,7 +678,9 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
 
 /// The balancing losses weighted and summed: the one place coefficients meet the unweighted losses.
 let weightedAux (weights: LossWeights) (aux: AuxLosses) : Tensor =
-    aux.SwitchAux * weights.SwitchAux + aux.Importance * weights.Importance + aux.Load * weights.Load + aux.ZLoss * weights.ZLoss
+    [ mulScalar weights.SwitchAux aux.SwitchAux; mulScalar weights.Importance aux.Importance
+      mulScalar weights.Load aux.Load; mulScalar weights.ZLoss aux.ZLoss ]
+    |> List.reduce plus
 
 /// What `MoeApi.Forward` returns: the output and the unweighted aux losses (differentiable tensors), and the
 /// routing statistics as plain numbers.
@@ -736,3 +747,170 @@ type MoeApi =
 
     /// The aux losses weighted by `LossWeights.defaults` and summed.
     static member WeightedAux(aux: AuxLosses) : Tensor = weightedAux LossWeights.defaults aux
+
+// ---------------------------------------------------------------- LoRA experts
+
+/// The kept (token, slot) assignments of a routing, grouped by expert (the sort of `combineExperts`).
+type ExpertOrder =
+    { /// Slot ids t * K + j of the kept assignments, grouped by expert, tokens in order within each. // [N] int64
+      Slot: Tensor
+      /// The token of each kept assignment. // [N] int64
+      Token: Tensor
+      /// Kept assignments per expert, summing to N. // [E]
+      Counts: int64[] }
+
+/// Groups the kept assignments of expertIndex [T; K] int64 (values in 0..E-1) and kept [T; K] bool by expert:
+/// dropped slots get the key E, a stable sort puts each expert's slots together in token order, and the
+/// first N = (kept count) entries are the ones to run. The tensors are made in the caller's dispose scope.
+let sortByExpert (experts: int) (expertIndex: Tensor) (kept: Tensor) : ExpertOrder =
+    expect "expertIndex" "[T; K] int64" (fun i -> i.Dimensions = 2L && i.dtype = torch.ScalarType.Int64) expertIndex
+    expect "kept" (sprintf "[T; K] = %A bool" expertIndex.shape) (fun m -> m.dtype = torch.ScalarType.Bool && m.shape = expertIndex.shape) kept
+    let e = int64 experts
+    let flat = expertIndex.reshape (-1L) // [T*K]
+    if flat.NumberOfElements > 0L then
+        use lo = flat.min ()
+        use hi = flat.max ()
+        if lo.item<int64> () < 0L || hi.item<int64> () >= e then
+            invalidArg "expertIndex" (sprintf "expected expertIndex values in 0..%d (E - 1), got values from %d to %d" (e - 1L) (lo.item<int64> ()) (hi.item<int64> ()))
+    let key = flat.masked_fill (kept.reshape(-1L).logical_not (), e.ToScalar()) // [T*K]
+    let struct (_, order) = key.sort (0L, false, true) // [T*K]
+    let counts = (toInt64s (torch.bincount (key, minlength = e + 1L)))[0 .. experts - 1] // [E]
+    let slot = order.narrow (0L, 0L, Array.sum counts) // [N]
+    { Slot = slot
+      Token = slot.div (expertIndex.shape[1].ToScalar(), rounding_mode = torch.RoundingMode.floor) // [N]
+      Counts = counts }
+
+/// E experts that share one base FFN and differ by low-rank adapters (Hu et al. 2021, "LoRA", eq. 3):
+/// expert e computes act(x (W1 + s A1_e B1_e)) (W2 + s A2_e B2_e) with s = alpha / r, A1_e [D; r],
+/// B1_e [r; H], A2_e [H; r], B2_e [r; D] (SwiGLU: the value projection W3 gets adapters A3_e, B3_e too).
+/// The B's start at zero, so every expert starts equal to the base FFN; the A's are initialised like
+/// nn.Linear, as in the LoRA reference code. With `FreezeBase` the base weights have requires_grad = false.
+/// Parameters: `w1` [D; H], `w2` [H; D], (`w3` [D; H]), `a1` [E; D; r], `b1` [E; r; H], `a2` [E; H; r],
+/// `b2` [E; r; D], (`a3` [E; D; r], `b3` [E; r; H]).
+type LoraExpertFfn(name: string, experts: int, modelDim: int, hidden: int, act: Activation, lora: LoraConfig) as this =
+    inherit torch.nn.Module(name)
+    do
+        if experts < 1 || modelDim < 1 || hidden < 1 then
+            invalidArg "experts" (sprintf "expected experts, modelDim and hidden >= 1, got %d, %d and %d" experts modelDim hidden)
+    let lora = orFail "LoRA config" (LoraConfig.validate lora) lora
+    let e, d, h, r = int64 experts, int64 modelDim, int64 hidden, int64 lora.Rank
+    let swiglu = act = SwiGLU
+    let baseWeight (fanIn: int64) (shape: int64[]) =
+        let p = linearInit fanIn shape
+        if lora.FreezeBase then p.requires_grad <- false
+        p
+    let zeros (shape: int64[]) = Parameter(torch.zeros shape)
+    // Mutable for Module.to (see ExpertFfn).
+    let mutable w1 = baseWeight d [| d; h |] // [D; H]
+    let mutable w2 = baseWeight h [| h; d |] // [H; D]
+    let mutable w3 = if swiglu then baseWeight d [| d; h |] else null // [D; H]
+    let mutable a1 = linearInit d [| e; d; r |] // [E; D; r]
+    let mutable b1 = zeros [| e; r; h |] // [E; r; H]
+    let mutable a2 = linearInit h [| e; h; r |] // [E; H; r]
+    let mutable b2 = zeros [| e; r; d |] // [E; r; D]
+    let mutable a3 = if swiglu then linearInit d [| e; d; r |] else null // [E; D; r]
+    let mutable b3 = if swiglu then zeros [| e; r; h |] else null // [E; r; H]
+    do
+        for key, p in [ "w1", w1; "w2", w2; "w3", w3; "a1", a1; "b1", b1; "a2", a2; "b2", b2; "a3", a3; "b3", b3 ] do
+            if not (isNull p) then this.register_parameter (key, p)
+
+    member _.Experts = experts
+    member _.ModelDim = modelDim
+    member _.Hidden = hidden
+    member _.Activation = act
+    member _.Lora = lora
+    /// Shared base weights. // [D; H], [H; D], [D; H] (W3 null unless SwiGLU)
+    member _.W1 : Tensor = w1
+    member _.W2 : Tensor = w2
+    member _.W3 : Tensor = w3
+    /// Adapters of the first projection. // [E; D; r], [E; r; H]
+    member _.A1 : Tensor = a1
+    member _.B1 : Tensor = b1
+    /// Adapters of the output projection. // [E; H; r], [E; r; D]
+    member _.A2 : Tensor = a2
+    member _.B2 : Tensor = b2
+    /// Adapters of the SwiGLU value projection; null otherwise. // [E; D; r], [E; r; H]
+    member _.A3 : Tensor = a3
+    member _.B3 : Tensor = b3
+    /// Parameters of the shared base FFN.
+    member _.BaseParameters : int64 = [ w1; w2; w3 ] |> List.sumBy (fun p -> if isNull p then 0L else p.NumberOfElements)
+    /// Adapter parameters of one expert: r (D + H) per adapted projection.
+    member _.AdapterParametersPerExpert : int64 = (if swiglu then 3L else 2L) * r * (d + h)
+
+    /// Runs the kept assignments: xs [T; D] the tokens, token [N] int64 the token of each assignment, grouped
+    /// by expert with counts[e] assignments for expert e (`sortByExpert`). Returns [N; D] in that order.
+    /// The base first projection runs once per token (not per assignment) and is gathered; the adapters run
+    /// per expert on its contiguous rows, x A_e first, so they cost O(N r (D + H)).
+    member _.Forward(xs: Tensor, token: Tensor, counts: int64[]) : Tensor =
+        expect "xs" (sprintf "[T; %d] floating point" modelDim) (fun t -> t.Dimensions = 2L && t.shape[1] = d && isFloating t) xs
+        expectDevice "xs" w1.device xs
+        if isNull counts || counts.Length <> experts || Array.exists (fun c -> c < 0L) counts then
+            invalidArg "counts" (sprintf "expected counts [E] >= 0 with E = %d, got %A" experts counts)
+        expect "token" (sprintf "[N] int64 with N = %d (the sum of counts)" (Array.sum counts))
+            (fun t -> t.Dimensions = 1L && t.dtype = torch.ScalarType.Int64 && t.shape[0] = Array.sum counts) token
+        use scope = torch.NewDisposeScope()
+        let dt = xs.dtype
+        let cast (w: Tensor) = if w.dtype = dt then w else w.to_type dt
+        let n = Array.sum counts
+        let y =
+            if n = 0L then torch.zeros ([| 0L; d |], dtype = dt, device = xs.device)
+            else
+                let s = (LoraConfig.scale lora).ToScalar()
+                let present = [| for i in 0 .. experts - 1 do if counts[i] > 0L then i |]
+                // sum over experts of (rows_e A_e) B_e, stacked in the rows' order. chunks: E x [N_e; in]
+                let lowRank (a: Tensor) (b: Tensor) (chunks: Tensor[]) =
+                    let az, bz = (cast a).unbind 0L, (cast b).unbind 0L
+                    torch.cat ([| for i in present -> chunks[i].mm(az[i]).mm (bz[i]) |], 0L) // [N; out]
+                let perToken (w: Tensor) = xs.mm(cast w).index_select (0L, token) // [N; H]
+                let rows = xs.index_select(0L, token).split (counts, 0L) // E x [N_e; D]
+                let pre = perToken w1 + lowRank a1 b1 rows * s // [N; H]
+                let hid = activate act pre // [N; H]
+                let hid = if swiglu then hid * (perToken w3 + lowRank a3 b3 rows * s) else hid // [N; H]
+                hid.mm (cast w2) + lowRank a2 b2 (hid.split (counts, 0L)) * s // [N; D]
+        y.MoveToOuterDisposeScope()
+
+/// An MoE layer whose experts are LoRA adapters on one shared FFN (`LoraExpertFfn`; Hu et al. 2021 applied
+/// per expert as in mixture-of-LoRA-experts models): routing as `MoeLayer` (`RouterModule`, `Routing.route`),
+/// sort-by-expert dispatch (`sortByExpert`), combine y_t = sum over kept slots j of w_tj E_{e_tj}(x_t)
+/// (Shazeer et al. 2017 eq. 1), plus the shared experts when SharedExperts > 0. Starts equal to the base FFN
+/// mixed by weights that sum to 1. x [.., D] -> { Output [.., D]; Moe = Some report }.
+/// Submodules: `router`, `experts` and, with SharedExperts > 0, `shared`.
+type LoraMoeLayer(name: string, cfg: MoeConfig, lora: LoraConfig) as this =
+    inherit Module<Tensor, FfnResult>(name)
+    let cfg = orFail "MoE config" (MoeConfig.validate cfg) cfg
+    let router = new RouterModule("router", cfg.Router, cfg.ModelDim)
+    let experts = new LoraExpertFfn("experts", cfg.Router.Experts, cfg.ModelDim, cfg.ExpertHidden, cfg.Activation, lora)
+    let shared = if cfg.SharedExperts > 0 then new DenseFfn("shared", cfg.ModelDim, cfg.SharedExperts * cfg.ExpertHidden, cfg.Activation) else null
+    do
+        this.register_module ("router", router)
+        this.register_module ("experts", experts)
+        if not (isNull shared) then this.register_module ("shared", shared)
+
+    member _.Config = cfg
+    member _.Lora = experts.Lora
+    member _.Router = router
+    member _.Experts = experts
+    /// The shared experts as one FFN; null when SharedExperts = 0.
+    member _.Shared = shared
+
+    /// The layer for hash routers: x [.., D] with token ids [..] int64; learned routers take tokenIds = null.
+    member this.forward(x: Tensor, tokenIds: Tensor) : FfnResult =
+        let d = int64 cfg.ModelDim
+        expect "x" (sprintf "[..; %d] floating point (D = ModelDim)" d) (fun t -> t.Dimensions >= 1L && t.shape[t.shape.Length - 1] = d && isFloating t) x
+        let tokens = x.NumberOfElements / d
+        if not (isNull tokenIds) then
+            expect "tokenIds" (sprintf "int64 with %d entries (one per token of x)" tokens) (fun t -> t.dtype = torch.ScalarType.Int64 && t.NumberOfElements = tokens) tokenIds
+        use scope = torch.NewDisposeScope()
+        let h = x.reshape (-1L, d) // [T; D]
+        let routing = router.Route(h, (if isNull tokenIds then None else Some(tokenIds.reshape(-1L).``to`` x.device)))
+        let order = sortByExpert cfg.Router.Experts routing.Experts routing.Kept
+        let outputs = experts.Forward(h, order.Token, order.Counts) // [N; D]
+        let w = routing.Weights.reshape(-1L).index_select(0L, order.Slot).to_type(h.dtype).unsqueeze 1L // [N; 1]
+        let routed = torch.zeros_like(h).index_add (0L, order.Token, outputs * w, 1.0.ToScalar()) // [T; D]
+        let y = if isNull shared then routed else routed + (shared.forward h).Output // [T; D]
+        if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
+        { Output = y.reshape(x.shape).MoveToOuterDisposeScope()
+          Moe = Some(moveReportOut { Aux = auxLosses routing; Stats = routing.Stats }) }
+
+    /// The layer for learned routers. x [.., D] -> [.., D].
+    override this.forward(x: Tensor) : FfnResult = this.forward (x, null)

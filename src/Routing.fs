@@ -124,9 +124,10 @@ let private zeroFor (r: Routing) : Tensor =
 
 /// Standard normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2.
 let private normalCdf (x: Tensor) : Tensor =
-    use scaled = x / Math.Sqrt 2.0
+    use scaled = divScalar (Math.Sqrt 2.0) x
     use e = torch.erf scaled
-    (e + 1.0) * 0.5
+    use onePlus = addScalar 1.0 e
+    mulScalar 0.5 onePlus
 
 // ---------------------------------------------------------------- normalisers
 
@@ -145,15 +146,15 @@ let sparsemax (z: Tensor) : Tensor =
         let struct (sorted, _) = z.sort (-1L, descending = true) // [..; E]
         let cumulative = sorted.cumsum (-1L) // [..; E]
         let ranks = torch.arange (1L, e + 1L, dtype = z.dtype, device = z.device) // [E]
-        let inSupport = (ranks * sorted + 1.0).gt cumulative // [..; E], true on a prefix (eq. 4)
+        let inSupport = (addScalar 1.0 (ranks * sorted)).gt cumulative // [..; E], true on a prefix (eq. 4)
         let size = inSupport.sum (-1L, keepdim = true, ``type`` = z.dtype) // [..; 1]
-        let cumulativeAtSize = cumulative.gather (-1L, (size - 1.0).to_type torch.ScalarType.Int64) // [..; 1]
-        let tau = (cumulativeAtSize - 1.0) / size // [..; 1]
+        let cumulativeAtSize = cumulative.gather (-1L, (subScalar 1.0 size).to_type torch.ScalarType.Int64) // [..; 1]
+        let tau = subScalar 1.0 cumulativeAtSize / size // [..; 1]
         let top = sorted.narrow (-1L, 0L, 1L) // [..; 1]
         // the arg-max is always in the support; the second test guards round-off on huge scores
         (z.gt tau).logical_or (z.eq top)
     let s = support.to_type z.dtype // [..; E]
-    let tau = ((z * s).sum (-1L, keepdim = true) - 1.0) / s.sum (-1L, keepdim = true) // [..; 1]
+    let tau = subScalar 1.0 ((z * s).sum (-1L, keepdim = true)) / s.sum (-1L, keepdim = true) // [..; 1]
     (s * (z - tau)).MoveToOuterDisposeScope()
 
 /// The normaliser along the last axis: softmax, or sparsemax (Martins & Astudillo 2016). // [..; E] -> [..; E]
@@ -175,7 +176,7 @@ let attentionLogits (query: Tensor) (expertEmbeddings: Tensor) : Tensor =
             (sprintf "expected expertEmbeddings [E; R] with R = %d (the query width), got %s" query.shape[1] (describe expertEmbeddings))
     use scope = torch.NewDisposeScope()
     let scores = query.matmul (expertEmbeddings.t ()) // [T; E]
-    (scores / Math.Sqrt(float query.shape[1])).MoveToOuterDisposeScope()
+    (divScalar (Math.Sqrt(float query.shape[1])) scores).MoveToOuterDisposeScope()
 
 /// Switch Transformer multiplicative jitter (Fedus et al. 2022, sec. 2.4): x * u with u ~ U(1 - eps, 1 + eps)
 /// elementwise, eps = cfg.Jitter. Switch applies it to the router INPUT (the hidden state) in training only;
@@ -186,7 +187,7 @@ let jitter (cfg: RouterConfig) (generator: torch.Generator option) (x: Tensor) :
     let cfg = orFail "router config" (RouterConfig.validate cfg) cfg
     use scope = torch.NewDisposeScope()
     let u = torch.rand (x.shape, dtype = x.dtype, device = x.device, generator = Option.toObj generator) // U(0, 1)
-    let scale = u * (2.0 * cfg.Jitter) + (1.0 - cfg.Jitter) // U(1 - eps, 1 + eps)
+    let scale = addScalar (1.0 - cfg.Jitter) (mulScalar (2.0 * cfg.Jitter) u) // U(1 - eps, 1 + eps)
     (x * scale).MoveToOuterDisposeScope()
 
 /// Auxiliary-loss-free balancing (DeepSeek-V3, Liu et al. 2024, sec. 2.1.2; Wang et al. 2024):
@@ -201,8 +202,8 @@ let updateBias (rate: float) (bias: Tensor) (tokensPerExpert: Tensor) : Tensor =
     use scope = torch.NewDisposeScope()
     use _ = torch.no_grad ()
     let load = tokensPerExpert.to_type bias.dtype // [E]
-    let step = torch.sign (load.mean () - load) * rate // [E]
-    (bias + step).detach().MoveToOuterDisposeScope()
+    let step = mulScalar rate (torch.sign (load.mean () - load)) // [E]
+    (plus bias step).detach().MoveToOuterDisposeScope()
 
 // ---------------------------------------------------------------- hash tables
 
@@ -227,9 +228,12 @@ let randomHash (seed: int) (experts: int) (tokenIds: Tensor) : Tensor =
     expectIndex "tokenIds" "[T]" 1 tokenIds
     let a, b = hashParameters seed
     use scope = torch.NewDisposeScope()
-    let p = hashPrime.ToScalar()
-    let h = (tokenIds.remainder p * a + b).remainder p // [T], < p
-    h.remainder((int64 experts).ToScalar()).MoveToOuterDisposeScope()
+    use p = hashPrime.ToScalar()
+    use aScalar = a.ToScalar()
+    use bScalar = b.ToScalar()
+    use one = (1L).ToScalar()
+    let h = (tokenIds.remainder(p).mul(aScalar).add(bScalar, one)).remainder p // [T], < p
+    (withInt64Scalar (int64 experts) (fun e -> h.remainder e)).MoveToOuterDisposeScope()
 
 /// The `randomHash` map materialised for ids 0 .. vocab-1: table[id] = expert.
 let randomHashTable (seed: int) (experts: int) (vocab: int) : int64[] =
@@ -295,7 +299,7 @@ let private keepWithinCapacity (c: int) (numExperts: int) (experts: Tensor) : Te
     let sortedExperts = slotMajor.index_select (0L, perm) // [K*T]
     let rankSorted = order - starts.index_select (0L, sortedExperts) // [K*T], position within its expert
     let rank = torch.zeros_like(rankSorted).scatter (0L, perm, rankSorted) // [K*T], slot-major
-    (rank.lt ((int64 c).ToScalar())).reshape(k, t).t().contiguous().MoveToOuterDisposeScope()
+    (withInt64Scalar (int64 c) (fun c -> rank.lt c)).reshape(k, t).t().contiguous().MoveToOuterDisposeScope()
 
 // ---------------------------------------------------------------- routers (before capacity)
 
@@ -313,7 +317,7 @@ type private Proposal =
 let private selectTopK (k: int) (bias: Tensor option) (scores: Tensor) : Tensor =
     let ranked =
         match bias with
-        | Some b -> scores.detach () + b
+        | Some b -> plus (scores.detach ()) b
         | None -> scores.detach ()
     let struct (_, idx) = ranked.topk k
     idx
@@ -329,7 +333,7 @@ let private tokenChoiceTopK (normaliser: Normaliser) (k: int) (order: TopKOrder)
     | NormaliseThenTopK ->
         let idx = selectTopK k bias probs // [T; K]
         let picked = probs.gather (1L, idx) // [T; K]
-        let gates = if renorm then picked / picked.sum(-1L, keepdim = true).clamp_min renormaliseFloor else picked
+        let gates = if renorm then picked / clampMin renormaliseFloor (picked.sum(-1L, keepdim = true)) else picked
         { PExperts = idx; PGates = gates; PProbs = Some probs; PLogits = Some logits; PLoad = None; PChosen = None }
     | TopKThenNormalise ->
         let idx = selectTopK k bias logits // [T; K]
@@ -357,7 +361,7 @@ let loadProbability (k: int) (clean: Tensor) (noisy: Tensor) (noiseStd: Tensor) 
         let thresholdIfIn = top.narrow (1L, int64 k, 1L) // [T; 1]
         let thresholdIfOut = top.narrow (1L, int64 (k - 1), 1L) // [T; 1]
         let isIn = noisy.gt thresholdIfIn // [T; E]
-        let std = noiseStd.clamp_min noiseStdFloor // [T; E]
+        let std = clampMin noiseStdFloor noiseStd // [T; E]
         let probIfIn = normalCdf ((clean - thresholdIfIn) / std) // [T; E]
         let probIfOut = normalCdf ((clean - thresholdIfOut) / std) // [T; E]
         torch.where(isIn, probIfIn, probIfOut).MoveToOuterDisposeScope()
@@ -370,13 +374,13 @@ let private noisyTopK (normaliser: Normaliser) (k: int) (training: bool) (genera
     let noisy = // [T; E]
         if training then
             let eps = torch.randn (logits.shape, dtype = logits.dtype, device = logits.device, generator = Option.toObj generator)
-            logits + eps * noiseStd
+            plus logits (eps * noiseStd)
         else logits.alias ()
     let idx = selectTopK k bias noisy // [T; K]
     let gates = normalise normaliser (noisy.gather (1L, idx)) // [T; K], eq. 3
     let load =
         match bias with
-        | Some b -> loadProbability k (logits + b) (noisy + b) noiseStd
+        | Some b -> loadProbability k (plus logits b) (plus noisy b) noiseStd
         | None -> loadProbability k logits noisy noiseStd
     { PExperts = idx; PGates = gates; PProbs = Some(normalise normaliser noisy); PLogits = Some logits
       PLoad = Some load; PChosen = None }
@@ -420,15 +424,15 @@ let private statsOf (numExperts: int) (expertChoiceDrop: bool) (experts: Tensor)
     let f32 = torch.ScalarType.Float32
     let keptF = kept.to_type f32 // [T; K]
     let perExpert = torch.bincount (experts.flatten (), keptF.flatten (), int64 numExperts) // [E]
-    let fractions = (perExpert / perExpert.sum().clamp_min 1.0).to_type f32 // [E]
+    let fractions = (perExpert / clampMin 1.0 (perExpert.sum ())).to_type f32 // [E]
     let dropped =
-        if expertChoiceDrop then 1.0 - kept.any(1L).to_type(f32).mean ()
-        else 1.0 - keptF.mean ()
+        if expertChoiceDrop then rsubScalar 1.0 (kept.any(1L).to_type(f32).mean ())
+        else rsubScalar 1.0 (keptF.mean ())
     let entropy =
         match probs with
         | Some p ->
             let p = p.detach().to_type f32 // [T; E]
-            (-(p * p.clamp_min(entropyFloor).log ()).sum (-1L)).mean ()
+            (-(p * (clampMin entropyFloor p).log ()).sum (-1L)).mean ()
         | None -> torch.zeros ([||], dtype = f32, device = experts.device)
     { TokensPerExpert = fractions; DroppedFraction = dropped; RouterEntropy = entropy }
 
@@ -550,8 +554,8 @@ let cvSquared (x: Tensor) : Tensor =
     expectFloat "x" "[E]" 1 x
     use scope = torch.NewDisposeScope()
     let mean = x.mean () // scalar
-    let variance = (x - mean).square().mean () // scalar
-    (variance / (mean.square () + cvEpsilon)).MoveToOuterDisposeScope()
+    let variance = (square (x - mean)).mean () // scalar
+    (variance / addScalar cvEpsilon (square mean)).MoveToOuterDisposeScope()
 
 /// Switch Transformer auxiliary loss (Fedus et al. 2022, eq. 4-6; GShard's l_aux): E * sum_e f_e * P_e, with
 /// P_e the mean router probability of expert e and f_e the fraction of ALL proposed assignments (every slot
@@ -565,9 +569,9 @@ let switchAuxLoss (r: Routing) : Tensor =
         use scope = torch.NewDisposeScope()
         let e = probs.shape[1]
         let counts = torch.bincount (r.Experts.flatten (), minlength = e) // [E]
-        let f = counts.to_type probs.dtype / float r.Experts.NumberOfElements // [E], sums to 1
+        let f = divScalar (float r.Experts.NumberOfElements) (counts.to_type probs.dtype) // [E], sums to 1
         let p = probs.mean [| 0L |] // [E]
-        ((f * p).sum () * float e).MoveToOuterDisposeScope()
+        (mulScalar (float e) ((f * p).sum ())).MoveToOuterDisposeScope()
 
 /// Importance loss (Shazeer et al. 2017, eq. 6-7, unweighted): CV(Importance)^2 with Importance_e the sum
 /// over the batch of the gate values G(x)_e (the routing's `Gates`, before capacity). Zero for hash routing.
@@ -577,7 +581,7 @@ let importanceLoss (r: Routing) : Tensor =
     | Some probs ->
         use scope = torch.NewDisposeScope()
         let importance = torch.zeros ([| probs.shape[1] |], dtype = r.Gates.dtype, device = r.Gates.device) // [E]
-        let importance = importance.index_add (0L, r.Experts.flatten (), r.Gates.flatten (), 1.0) // [E]
+        let importance = withScalar 1.0 (fun one -> importance.index_add (0L, r.Experts.flatten (), r.Gates.flatten (), one)) // [E]
         (cvSquared importance).MoveToOuterDisposeScope()
 
 /// Load loss (Shazeer et al. 2017, appendix A, eq. 8-10, unweighted): CV(Load)^2 with Load_e = sum over tokens of the
@@ -597,7 +601,7 @@ let routerZLoss (r: Routing) : Tensor =
     | None -> zeroFor r
     | Some logits ->
         use scope = torch.NewDisposeScope()
-        (logits.logsumexp(-1L).square().mean ()).MoveToOuterDisposeScope()
+        ((square (logits.logsumexp -1L)).mean ()).MoveToOuterDisposeScope()
 
 /// All four balancing losses, unweighted (coefficients are applied once, where the total loss is assembled).
 let auxLosses (r: Routing) : AuxLosses =

@@ -63,3 +63,66 @@ let scalar (t: Tensor) : float = t.detach().cpu().to_type(torch.ScalarType.Float
 
 /// Number of tensors alive now (TorchSharp's count), for leak tests.
 let liveTensors () : int64 = torch.Tensor.TotalCount
+
+// ---------------------------------------------------------------- scalar operands kept alive
+
+/// Why these helpers exist: TorchSharp 0.107's `Scalar` wraps a native `c10::Scalar*` and frees it
+/// in a finalizer, and its tensor methods pass `scalar.Handle` to native code with no `GC.KeepAlive`.
+/// A Scalar made on the fly - `t + 1.0`, `t * 2.0`, `t.mul_(v.ToScalar())`, and even `a + b`, whose
+/// `add(target, 1)` makes an alpha Scalar inside TorchSharp - is unreachable once its handle is read,
+/// so a GC on another thread can finalize it while libtorch still reads it: libtorch then fails in
+/// `Scalar::toDouble` ("Expected false to be true", c10/core/Scalar.h) or reads a garbage value.
+/// Parallel tests (many threads, frequent GCs) hit this about once in five full runs. Upstream:
+/// dotnet/TorchSharp#1434 and #1496 ("Dispose Scalars implicitly created in Tensor operators"),
+/// both open at 0.107. The helpers below hold every Scalar in a `use` binding (alive until Dispose,
+/// after the native call) or in a static that is never finalized; use them on hot paths instead of
+/// implicit .NET number -> Scalar conversions.
+
+/// The alpha 1 of `a + b` (`add(target, 1)` in TorchSharp), rooted in a static so it is never
+/// finalized; an integer, which libtorch accepts for integer and floating tensors alike.
+let private unitAlpha : Scalar = (1L).ToScalar()
+
+/// Runs `op` on `value` as a Scalar that stays alive until `op` has returned.
+let withScalar (value: float) (op: Scalar -> Tensor) : Tensor =
+    use s = value.ToScalar()
+    op s
+
+/// Runs `op` on the integer `value` as a Scalar that stays alive until `op` has returned.
+let withInt64Scalar (value: int64) (op: Scalar -> Tensor) : Tensor =
+    use s = value.ToScalar()
+    op s
+
+/// `t + value` with the Scalar kept alive (see above).
+let addScalar (value: float) (t: Tensor) : Tensor = withScalar value (fun s -> t.add (s, unitAlpha))
+
+/// `t - value` with the Scalar kept alive.
+let subScalar (value: float) (t: Tensor) : Tensor = withScalar value (fun s -> t.sub s)
+
+/// `value - t` with the Scalar kept alive.
+let rsubScalar (value: float) (t: Tensor) : Tensor =
+    use negated = t.neg ()
+    withScalar value (fun s -> negated.add (s, unitAlpha))
+
+/// `t * value` with the Scalar kept alive.
+let mulScalar (value: float) (t: Tensor) : Tensor = withScalar value (fun s -> t.mul s)
+
+/// `t / value` with the Scalar kept alive.
+let divScalar (value: float) (t: Tensor) : Tensor = withScalar value (fun s -> t.div s)
+
+/// In-place `t *= value` with the Scalar kept alive; returns `t`.
+let mulScalar_ (value: float) (t: Tensor) : Tensor = withScalar value (fun s -> t.mul_ s)
+
+/// `max(t, value)` with the Scalar kept alive.
+let clampMin (value: float) (t: Tensor) : Tensor = withScalar value (fun s -> t.clamp_min s)
+
+/// `t^2` as `t * t`: TorchSharp's `square()` is `pow(2)` with a Scalar made on the fly.
+let square (t: Tensor) : Tensor = t.mul t
+
+/// softplus(t) = log(1 + e^t) as logaddexp(t, 0), exact and stable: TorchSharp's `softplus(beta, threshold)`
+/// turns both doubles into Scalars on the fly.
+let softplus (t: Tensor) : Tensor =
+    use zero = torch.zeros_like t
+    t.logaddexp zero
+
+/// `a + b` with a rooted alpha, where TorchSharp's `a + b` would make one on the fly.
+let plus (a: Tensor) (b: Tensor) : Tensor = a.add (b, unitAlpha)

@@ -50,3 +50,39 @@ let tests =
             let ex = Expect.throwsC (fun () -> Tensors.expectFloat "logits" "[T; E]" 2 t) id
             Expect.stringContains ex.Message "expected logits [T; E] floating point, got [4; 3; 8] int64" "message"
     ]
+
+/// The script prelude must load the library's sources in the fsproj's compile order and pin the same
+/// package versions as Directory.Packages.props, or scripts and the compiled library drift apart.
+let consistency =
+    testList "Foundation.consistency" [
+        testCase "prelude #load list equals the fsproj compile order" <| fun () ->
+            let root = Support.repoRoot
+            let compiled =
+                File.ReadAllLines(Path.Combine(root, "src", "Moe.fsproj"))
+                |> Array.choose (fun l ->
+                    let m = System.Text.RegularExpressions.Regex.Match(l, "<Compile Include=\"([^\"]+)\"")
+                    if m.Success then Some(Path.GetFileName m.Groups[1].Value) else None)
+                |> Array.filter (fun f -> f <> "GlibcxxPatch.fs")
+            let loaded =
+                File.ReadAllLines(Path.Combine(root, "scripts", "prelude.fsx"))
+                |> Array.choose (fun l ->
+                    let m = System.Text.RegularExpressions.Regex.Match(l, "^#load \"\\.\\./src/([^\"]+)\"")
+                    if m.Success then Some m.Groups[1].Value else None)
+            Expect.sequenceEqual loaded compiled "scripts/prelude.fsx #load order = src/Moe.fsproj <Compile> order"
+
+        testCase "prelude package versions equal Directory.Packages.props" <| fun () ->
+            let root = Support.repoRoot
+            let pinned =
+                System.Xml.Linq.XDocument.Load(Path.Combine(root, "Directory.Packages.props")).Descendants()
+                |> Seq.filter (fun e -> e.Name.LocalName = "PackageVersion")
+                |> Seq.map (fun e -> e.Attribute(System.Xml.Linq.XName.Get "Include").Value.ToLowerInvariant(), e.Attribute(System.Xml.Linq.XName.Get "Version").Value)
+                |> Map.ofSeq
+            let refs =
+                File.ReadAllLines(Path.Combine(root, "scripts", "prelude.fsx"))
+                |> Array.choose (fun l ->
+                    let m = System.Text.RegularExpressions.Regex.Match(l, "^#r \"nuget: ([^,]+), ([^\"]+)\"")
+                    if m.Success then Some(m.Groups[1].Value.Trim(), m.Groups[2].Value.Trim()) else None)
+            Expect.isNonEmpty refs "prelude references packages"
+            for name, version in refs do
+                Expect.equal (Map.tryFind (name.ToLowerInvariant()) pinned) (Some version) (sprintf "%s version in prelude vs Directory.Packages.props" name)
+    ]

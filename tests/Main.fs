@@ -7,8 +7,19 @@ open Expecto.Impl
 let all =
     testList "Moe" [
         FoundationTests.tests
+        FoundationTests.consistency
         RoutingTests.tests
+        MetricsTests.tests
         LayersTests.tests
+        DataTests.tests
+        TrainTests.tests
+        SummarizerTests.tests
+        ScriptsTests.tests
+        ModelsTests.tests
+        PlotsTests.tests
+        SweepTests.tests
+        LoraTests.tests
+        BenchTests.tests
     ]
 
 [<EntryPoint>]
@@ -22,7 +33,12 @@ let main argv =
             line <- sprintf "%d passed, %d failed, %d skipped"
                         summary.passed.Length (summary.failed.Length + summary.errored.Length) summary.ignored.Length)
     let quiet = if Console.IsOutputRedirected then [ No_Spinner; Colours 0 ] else []
-    let code = runTestsWithCLIArgs (Append_Summary_Handler capture :: quiet) argv all
+    // Sequenced by default: TorchSharp 0.107 frees Scalars it creates on the fly from a finalizer with no
+    // GC.KeepAlive (dotnet/TorchSharp#1434, #1496), so a GC triggered by another test's thread can free one
+    // mid-call. One test thread closes that window; libtorch still uses both cores inside each op.
+    let sequenced = if argv |> Array.contains "--parallel" then [] else [ Sequenced ]
+    let argv = argv |> Array.filter ((<>) "--parallel")
+    let code = runTestsWithCLIArgs (Append_Summary_Handler capture :: quiet @ sequenced) argv all
     Console.Out.Flush()
     // Written to the raw stream: Expecto's console writer pads lines it did not start.
     use stdout = Console.OpenStandardOutput()

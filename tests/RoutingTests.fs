@@ -108,7 +108,7 @@ let private finiteDifference (f: torch.Tensor -> float) (x: torch.Tensor) : floa
         let at delta =
             use shifted = values.clone ()
             use flat = shifted.view (-1L)
-            flat[int64 i] <- flat[int64 i] + delta
+            flat[int64 i] <- Tensors.addScalar delta flat[int64 i]
             f shifted
         (at fdStep - at -fdStep) / (2.0 * fdStep))
 
@@ -313,7 +313,7 @@ let gradients =
         let loss (clean: torch.Tensor) (rawStd: torch.Tensor) =
             let inputs =
                 { RouterInputs.OfLogits clean with
-                    NoiseStd = Some(torch.nn.functional.softplus rawStd)
+                    NoiseStd = Some(Tensors.softplus rawStd)
                     Training = true
                     Generator = Some(new torch.Generator(uint64 s.Seed, torch.CPU)) }
             loadLoss (route cfg inputs)
@@ -426,7 +426,8 @@ let balancing =
         step ()
         let before = Tensors.liveTensors ()
         for _ in 1 .. 20 do step ()
-        Expect.equal (Tensors.liveTensors ()) before "live tensor count flat")
+        // <=, not =: finalizers of tensors other tests left to the GC may lower the count meanwhile
+        Expect.isLessThanOrEqual (Tensors.liveTensors ()) before "live tensor count flat")
 
       testCase "the C# facade routes like route" <| fun () ->
         use _ = torch.NewDisposeScope()

@@ -1,0 +1,183 @@
+/// `moe bench`: benchmarks. `moe-layer` times the MoE layer against its dense floor, the naive per-expert
+/// loop and the all-experts layer (see `Bench`).
+module Moe.BenchCommand
+
+open System
+open System.IO
+open Argu
+open TorchSharp
+open Moe
+
+type MoeLayerArgs =
+    | Quick
+    | Json
+    | Profile
+    | Reps of count: int
+    | Warmup of count: int
+    | Tokens of t: int list
+    | Experts of e: int list
+    | K of k: int list
+    | Model_Dim of d: int
+    | Expert_Hidden of h: int
+    | Variants of names: string list
+    | Seed of seed: int
+    | All_Experts_Reps of count: int
+    | Threads of count: int
+    | Allocator of name: string
+    | Device of device: string
+    | Json_Out of path: string
+    | Markdown_Out of path: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Quick -> "a subset of the grid (T = 2048, E in {8, 64}, k in {1, 2}, no all-experts): under two minutes on two idle cores."
+            | Json -> "print the JSON report on stdout (the table goes to stderr)."
+            | Profile -> "instead of the benchmark, time the MoE layer's phases (router, sort, gather, experts, combine) at every grid point."
+            | Reps _ -> sprintf "timed interleaved rounds; the median is reported (default %d, at least %d advised)." Bench.BenchConfig.minReps Bench.BenchConfig.minReps
+            | Warmup _ -> "untimed rounds before the timed ones (default 1)."
+            | Tokens _ -> "token counts T (default 2048 8192)."
+            | Experts _ -> "expert counts E (default 8 32 64)."
+            | K _ -> "picks per token k (default 1 2)."
+            | Model_Dim _ -> "model width d (default 512)."
+            | Expert_Hidden _ -> "expert hidden width (default 1024)."
+            | Variants _ -> "variants to time: moe naive_loop all_experts (dense_flop_matched is always timed)."
+            | Seed _ -> "seed for inputs and weights (default 0)."
+            | All_Experts_Reps _ -> "timed rounds of the all-experts layer, E/k times the others' work (default 3)."
+            | Threads _ -> "libtorch intra-op threads (default: libtorch's choice, one per core)."
+            | Allocator _ -> "system|retain (default system): retain keeps freed CPU memory in the heap (glibc mallopt), so large buffers are not page-faulted in every step."
+            | Device _ -> "auto|cpu|cuda (default auto); peak memory is measured on the CPU only."
+            | Json_Out _ -> "also write the JSON report to this file."
+            | Markdown_Out _ -> "also write the table as Markdown to this file."
+
+type TrainStepArgs =
+    | Profile
+    | Router of kind: string
+    | Experts of e: int
+    | K of k: int
+    | Batch_Size of count: int
+    | Warmup of count: int
+    | Steps of count: int
+    | Threads of count: int
+    | Attention of impl: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Profile -> "print the step's phases (batch + forward, backward, clip, optimizer) and, for MoE models, one MoE layer's phases."
+            | Router _ -> "dense|topk|hash, as `moe train --router` (default: the default summarizer, dense)."
+            | Experts _ -> "experts per MoE layer with --router topk|hash (default 4)."
+            | K _ -> "experts per token with --router topk (default 2)."
+            | Batch_Size _ -> "examples per batch (default: the training default)."
+            | Warmup _ -> "untimed steps first (default 3)."
+            | Steps _ -> "timed steps (default 10)."
+            | Threads _ -> "libtorch intra-op threads (default: libtorch's choice)."
+            | Attention _ -> "handwritten|library: the model's attention implementation (default handwritten)."
+
+type BenchArgs =
+    | [<CliPrefix(CliPrefix.None)>] Moe_Layer of ParseResults<MoeLayerArgs>
+    | [<CliPrefix(CliPrefix.None)>] Train_Step of ParseResults<TrainStepArgs>
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Moe_Layer _ -> "forward+backward time of the MoE layer against the FLOP-matched dense FFN, the naive loop and all-experts."
+            | Train_Step _ -> "tokens/s and model-FLOPs utilisation of a training step of the summarizer against the matmul ceiling."
+
+/// The grid the arguments ask for: `--quick` or the defaults, with any listed value overriding.
+let private configOf (args: ParseResults<MoeLayerArgs>) : Bench.BenchConfig =
+    let start = if args.Contains Quick then Bench.BenchConfig.quick else Bench.BenchConfig.defaults
+    let variants =
+        match args.TryGetResult Variants with
+        | None -> start.Variants
+        | Some names ->
+            [| for n in names ->
+                match Bench.Variant.parse n with
+                | Ok v -> v
+                | Error msg -> invalidArg "--variants" msg |]
+    { start with
+        Tokens = args.TryGetResult Tokens |> Option.map Array.ofList |> Option.defaultValue start.Tokens
+        Experts = args.TryGetResult MoeLayerArgs.Experts |> Option.map Array.ofList |> Option.defaultValue start.Experts
+        Ks = args.TryGetResult MoeLayerArgs.K |> Option.map Array.ofList |> Option.defaultValue start.Ks
+        ModelDim = args.GetResult(Model_Dim, start.ModelDim)
+        ExpertHidden = args.GetResult(Expert_Hidden, start.ExpertHidden)
+        Warmup = args.GetResult(MoeLayerArgs.Warmup, start.Warmup)
+        Reps = args.GetResult(Reps, start.Reps)
+        Variants = variants
+        Seed = args.GetResult(Seed, start.Seed)
+        AllExpertsReps = args.GetResult(All_Experts_Reps, start.AllExpertsReps)
+        Allocator =
+            match args.TryGetResult Allocator with
+            | None -> start.Allocator
+            | Some name ->
+                match Bench.CpuAllocator.parse name with
+                | Ok a -> a
+                | Error msg -> invalidArg "--allocator" msg }
+
+let private setThreads (threads: int option) =
+    match threads with
+    | Some n when n < 1 -> invalidArg "--threads" (sprintf "expected --threads >= 1, got %d" n)
+    | Some n -> torch.set_num_threads n
+    | None -> ()
+
+let private moeLayer (args: ParseResults<MoeLayerArgs>) : int =
+    Native.initialise ()
+    let device =
+        match Native.parseDevice (args.GetResult(Device, "auto")) with
+        | Ok choice -> Native.resolveDevice choice
+        | Error msg -> invalidArg "--device" msg
+    let cfg = configOf args
+    setThreads (args.TryGetResult MoeLayerArgs.Threads)
+    if args.Contains MoeLayerArgs.Profile then
+        printfn "forward+backward medians over %d interleaved rounds; %d threads, %s allocator" cfg.Reps (torch.get_num_threads ()) (Bench.CpuAllocator.name cfg.Allocator)
+        Bench.profileGrid cfg device (fun p -> printf "%s" (Bench.profileTable p))
+        0
+    else
+    let json = args.Contains Json
+    let report = Bench.run cfg device (fun line -> eprintfn "%s" line)
+    let table = Bench.toTable report
+    if json then
+        eprintf "%s" table
+        printfn "%s" (Bench.toJson report)
+    else printf "%s" table
+    args.TryGetResult Json_Out |> Option.iter (fun path -> File.WriteAllText(path, Bench.toJson report + "\n"))
+    args.TryGetResult Markdown_Out |> Option.iter (fun path -> File.WriteAllText(path, Bench.toMarkdown report))
+    0
+
+let private trainStep (args: ParseResults<TrainStepArgs>) : int =
+    Native.initialise ()
+    setThreads (args.TryGetResult TrainStepArgs.Threads)
+    let start = Summarizer.SummarizerConfig.defaults
+    let experts = args.GetResult(TrainStepArgs.Experts, 4)
+    let summarizer =
+        match args.TryGetResult Router |> Option.map (fun r -> r.Trim().ToLowerInvariant()) with
+        | None | Some "dense" -> start
+        | Some "topk" -> Summarizer.SummarizerConfig.topK experts (args.GetResult(TrainStepArgs.K, 2)) start
+        | Some "hash" -> Summarizer.SummarizerConfig.hash experts start
+        | Some other -> invalidArg "--router" (sprintf "expected dense|topk|hash, got '%s'" other)
+    let summarizer =
+        match args.TryGetResult Batch_Size with
+        | Some b -> { summarizer with Train = { summarizer.Train with BatchSize = b } }
+        | None -> summarizer
+    let summarizer =
+        match args.TryGetResult Attention |> Option.map (fun a -> a.Trim().ToLowerInvariant()) with
+        | None -> summarizer
+        | Some "handwritten" -> { summarizer with Model = { summarizer.Model with Attention = Attention.Handwritten } }
+        | Some "library" -> { summarizer with Model = { summarizer.Model with Attention = Attention.Library } }
+        | Some other -> invalidArg "--attention" (sprintf "expected handwritten|library, got '%s'" other)
+    let cfg =
+        { Bench.TrainStepConfig.defaults with
+            Summarizer = summarizer
+            Warmup = args.GetResult(TrainStepArgs.Warmup, Bench.TrainStepConfig.defaults.Warmup)
+            Steps = args.GetResult(Steps, Bench.TrainStepConfig.defaults.Steps)
+            Profile = args.Contains TrainStepArgs.Profile }
+    let report = Bench.trainStep cfg (fun line -> eprintfn "%s" line)
+    printf "%s" (Bench.trainStepTable report)
+    0
+
+/// Runs a bench subcommand; bad input prints "error: ..." and returns 2.
+let run (args: ParseResults<BenchArgs>) : int =
+    try
+        match args.GetSubCommand() with
+        | Moe_Layer a -> moeLayer a
+        | Train_Step a -> trainStep a
+    with :? ArgumentException as e ->
+        eprintfn "error: %s" e.Message
+        2

@@ -1,0 +1,69 @@
+/// `moe score`: ROUGE, BLEU and document statistics of a predictions file against a references file.
+module Moe.ScoreCommand
+
+open System
+open System.IO
+open Argu
+open Moe
+
+type ScoreArgs =
+    | [<Mandatory; AltCommandLine("-p")>] Predictions of path: string
+    | [<Mandatory; AltCommandLine("-r")>] References of path: string
+    | [<AltCommandLine("-d")>] Documents of path: string
+    | Stem
+    | Json
+    | Bootstrap_Samples of count: int
+    | Seed of seed: int
+    | Newline_Marker of marker: string
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Predictions _ -> "system summaries, one example per line (UTF-8)."
+            | References _ -> "reference summaries, aligned with the predictions by line."
+            | Documents _ -> "source documents, aligned by line; adds compression, extractiveness, novel n-grams, coverage and density."
+            | Stem -> "Porter-stem tokens longer than 3 characters for ROUGE (rouge-score use_stemmer=True)."
+            | Json -> "print one JSON object (the shape stored in test_scores.json) instead of the table."
+            | Bootstrap_Samples _ -> "bootstrap resamples for the intervals (default 1000, as rouge-score)."
+            | Seed _ -> "bootstrap seed (default 0)."
+            | Newline_Marker _ -> "a marker that stands for a sentence break inside a line (e.g. <n>); it becomes a newline, so ROUGE-Lsum sees sentences."
+
+/// Runs the command; bad input prints "error: ..." and returns 2.
+let run (args: ParseResults<ScoreArgs>) : int =
+    try
+        let read path =
+            let lines = Metrics.readLines path
+            match args.TryGetResult Newline_Marker with
+            | Some marker when marker <> "" -> lines |> Array.map (fun l -> l.Replace(marker, "\n"))
+            | _ -> lines
+        let predictionsPath = args.GetResult Predictions
+        let referencesPath = args.GetResult References
+        let documentsPath = args.TryGetResult Documents
+        let predictions = read predictionsPath
+        let references = read referencesPath
+        let documents = documentsPath |> Option.map Metrics.readLines
+        Metrics.expectAligned (
+            [ predictionsPath, predictions; referencesPath, references ]
+            @ (match documentsPath, documents with
+               | Some p, Some d -> [ p, d ]
+               | _ -> []))
+        let options =
+            { Metrics.defaultOptions with
+                Stem = args.Contains Stem
+                Bootstrap =
+                    { Metrics.Bootstrap.defaults with
+                        Samples = args.GetResult(Bootstrap_Samples, Metrics.Bootstrap.defaults.Samples)
+                        Seed = args.GetResult(Seed, Metrics.Bootstrap.defaults.Seed) } }
+        let report = Metrics.scoreCorpus options predictions references documents
+        if args.Contains Json then printfn "%s" (Metrics.toJson report)
+        else printf "%s" (Metrics.formatTable report)
+        0
+    with
+    | :? FileNotFoundException as e ->
+        eprintfn "error: %s" e.Message
+        2
+    | :? InvalidDataException as e ->
+        eprintfn "error: %s" e.Message
+        2
+    | :? ArgumentException as e ->
+        eprintfn "error: %s" e.Message
+        2

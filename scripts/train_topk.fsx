@@ -1,0 +1,21 @@
+// The main job with token-choice top-k routing: trains a small MoE summarizer (every feed-forward sublayer
+// an MoE layer of 4 experts, 2 per token), decodes the test split, and prints the model against lead-1.
+// Writes runs/topk/ (config.json, metrics.jsonl, routing.jsonl, checkpoints, predictions, test_scores.json).
+//
+//   dotnet fsi scripts/train_topk.fsx               # the built-in synthetic corpus
+//   dotnet fsi scripts/train_topk.fsx DATA_PATH     # a dataset folder (train*/validation*/test* files) or XSum release
+#load "prelude.fsx"
+
+open Moe
+open Moe.Summarizer
+
+let cfg =
+    { SummarizerConfig.defaults with Name = "topk" }
+    |> SummarizerConfig.topK 4 2
+    |> fun c ->
+        match fsi.CommandLineArgs |> Array.tail with
+        | [| path |] -> { c with Source = Files(splitFilesOf path) }
+        | _ -> c
+
+Native.initialise ()
+Summarizer.run cfg |> ignore

@@ -1,0 +1,561 @@
+/// Run folder readers, charts, the report page, and the page drawn by headless Chromium.
+module Moe.Tests.PlotsTests
+
+open System
+open System.Diagnostics
+open System.IO
+open System.IO.Compression
+open System.Text
+open System.Text.Json
+open System.Text.RegularExpressions
+open Expecto
+open FsCheck.FSharp
+open Plotly.NET
+open Moe
+open Moe.RunLog
+open Moe.Tests.Support
+
+// ---------------------------------------------------------------------------------------------
+// Synthetic run folders (written by the tests; the report does not care that the numbers are made up)
+
+let private invariant = Globalization.CultureInfo.InvariantCulture
+let private num (x: float) = x.ToString("R", invariant)
+
+let private tempDir (tag: string) =
+    let dir = Path.Combine(Path.GetTempPath(), sprintf "moe-%s-%s" tag (Guid.NewGuid().ToString("N").Substring(0, 8)))
+    Directory.CreateDirectory dir |> ignore
+    dir
+
+/// Shape of the synthetic logs.
+module Synthetic =
+    let experts = 4
+    let layers = [ "enc.0"; "dec.0" ]
+    let steps = [ for s in 1 .. 10 -> s * 100 ]
+    let labels = [ "sport"; "politics"; "science" ]
+    let examples = 6
+
+/// Writes a run folder. `skew` in [0, 1) moves routing from uniform toward expert 0 over training,
+/// so two runs differ visibly; `configExtra` lands in config.json as is.
+let writeRun (root: string) (name: string) (skew: float) (withCi: bool) (configExtra: string) (prediction: int -> string) : string =
+    let dir = Path.Combine(root, name)
+    Directory.CreateDirectory dir |> ignore
+    let write (file: string) (lines: string seq) = File.WriteAllLines(Path.Combine(dir, file), lines)
+    write "config.json"
+        [ sprintf """{"model": {"d_model": 64, "layers": 2, "moe": {"experts": %d, "top_k": %d, "router": "%s"}}, "train": {"lr": 0.0003, "aux_weight": %s}, "extra": %s}"""
+              Synthetic.experts (if skew > 0.5 then 1 else 2) (if skew > 0.5 then "switch" else "topk") (num (0.01 * (1.0 - skew))) configExtra ]
+    write "metrics.jsonl"
+        [ for i, s in List.indexed Synthetic.steps do
+            let task = 6.0 / (1.0 + 0.3 * float i) + skew * 0.2
+            yield sprintf """{"step": %d, "split": "train", "loss": %s, "task_loss": %s, "aux": {"switch_aux": %s, "z_loss": %s}, "lr": 0.0003, "tokens_per_s": 12000.0, "elapsed_s": %s}"""
+                      s (num (task + 0.02)) (num task) (num (1.0 + skew * float i / 10.0)) (num (0.5 / float (i + 1))) (num (float i * 1.5))
+            if i % 3 = 2 then yield sprintf """{"step": %d, "split": "valid", "loss": %s}""" s (num (task + 0.15)) ]
+    write "routing.jsonl"
+        [ for i, s in List.indexed Synthetic.steps do
+            for l, layer in List.indexed Synthetic.layers do
+                let drift = skew * float i / float Synthetic.steps.Length
+                let raw = Array.init Synthetic.experts (fun e -> if e = 0 then 1.0 + 6.0 * drift else 1.0 - drift * float e / float Synthetic.experts + 0.05 * float l)
+                let total = Array.sum raw
+                let shares = raw |> Array.map (fun x -> num (x / total))
+                yield sprintf """{"step": %d, "layer": "%s", "tokens_per_expert": [%s], "dropped_fraction": %s, "router_entropy": %s}"""
+                          s layer (String.Join(", ", shares)) (num (0.02 * drift)) (num (log (float Synthetic.experts) - drift)) ]
+    let counts l = [ for j in 0 .. Synthetic.labels.Length - 1 -> String.Join(", ", [ for e in 0 .. Synthetic.experts - 1 -> string (10 + 40 * ((j + e + l) % Synthetic.experts)) ]) ]
+    write "routing_by_label.json"
+        [ sprintf """{"layers": [%s]}"""
+              (String.Join(", ",
+                  [ for l, layer in List.indexed Synthetic.layers ->
+                      sprintf """{"layer": "%s", "labels": [%s], "experts": %d, "counts": [%s]}""" layer
+                          (String.Join(", ", Synthetic.labels |> List.map (sprintf "\"%s\""))) Synthetic.experts
+                          (String.Join(", ", counts l |> List.map (sprintf "[%s]"))) ])) ]
+    let rouge p = sprintf """{"precision": %s, "recall": %s, "f1": %s}""" (num p) (num (p + 0.02)) (num (p + 0.01))
+    let model = 0.30 - 0.05 * skew
+    let ci (v: float) = sprintf """{"low": %s, "mid": %s, "high": %s}""" (num (v - 0.01)) (num v) (num (v + 0.012))
+    write "test_scores.json"
+        [ sprintf """{"model": {"n": %d, "rouge1": %s, "rouge2": %s, "rougeL": %s, "rougeLsum": %s, "bleu": %s, "compression": 0.12, "novel_ngrams": {"1": 0.2, "2": 0.5}},"""
+              Synthetic.examples (rouge model) (rouge (model / 3.0)) (rouge (model * 0.8)) (rouge (model * 0.85)) (num (100.0 * model / 4.0))
+          (if withCi then
+               sprintf """ "model_ci": {"rouge1": %s, "rouge2": %s, "rougeL": %s, "bleu": %s},"""
+                   (ci (model + 0.01)) (ci (model / 3.0 + 0.01)) (ci (model * 0.8 + 0.01)) (ci (100.0 * model / 4.0))
+           else "")
+          """ "lead1": {"n": 6, "rouge1": {"precision": 0.2, "recall": 0.3, "f1": 0.22}, "rouge2": {"precision": 0.05, "recall": 0.06, "f1": 0.055}, "rougeL": {"precision": 0.15, "recall": 0.2, "f1": 0.17}, "bleu": 3.1}}""" ]
+    write "documents.txt" [ for i in 0 .. Synthetic.examples - 1 -> sprintf "Document %d: the council met on Tuesday to discuss the new stadium, which will cost more than planned, officials said." i ]
+    write "references.txt" [ for i in 0 .. Synthetic.examples - 1 -> sprintf "Reference %d: stadium costs rise." i ]
+    write "predictions.txt" [ for i in 0 .. Synthetic.examples - 1 -> prediction i ]
+    dir
+
+let private twoRuns (root: string) =
+    [ writeRun root "moe-switch" 0.9 true "\"plain\"" (sprintf "Switch model summary %d: the stadium will cost more.")
+      writeRun root "moe-topk" 0.1 false "\"plain\"" (sprintf "Top-k model summary %d: council discusses stadium.") ]
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// The message of the RunFileException that `f` raises (fails the test if it raises none).
+let private runFileError (f: unit -> 'a) : RunFileException =
+    try
+        f () |> ignore
+        failtest "expected a RunFileException, none was raised"
+    with :? RunFileException as e -> e
+
+let private writeFile (dir: string) (name: string) (text: string) =
+    let path = Path.Combine(dir, name)
+    File.WriteAllText(path, text)
+    path
+
+let private figure (chart: GenericChart) : JsonElement =
+    use doc = JsonDocument.Parse(GenericChart.toFigureJson chart)
+    doc.RootElement.Clone()
+
+let private traces (chart: GenericChart) = [ for t in (figure chart).GetProperty("data").EnumerateArray() -> t ]
+
+let private str (e: JsonElement) (name: string) = e.GetProperty(name).GetString()
+
+let private floats (e: JsonElement) = [| for x in e.EnumerateArray() -> x.GetDouble() |]
+
+let private routingRecord (step: int) (layer: string) (shares: float[]) =
+    { Step = step; Layer = layer; TokensPerExpert = shares; DroppedFraction = 0.0; RouterEntropy = 1.0 }
+
+// ---------------------------------------------------------------------------------------------
+// Readers
+
+let readerTests =
+    testList "readers" [
+        testCase "reads a synthetic run folder" <| fun () ->
+            let root = tempDir "read"
+            try
+                let run = load (List.head (twoRuns root))
+                Expect.equal run.Name "moe-switch" "the folder name"
+                Expect.equal run.Metrics.Length (Synthetic.steps.Length + 3) "10 train and 3 valid lines"
+                let first = run.Metrics.[0]
+                Expect.equal first.Split "train" "split"
+                Expect.isSome first.TaskLoss "task_loss"
+                Expect.equal (first.Aux |> Map.keys |> Seq.toList) [ "switch_aux"; "z_loss" ] "aux names"
+                Expect.equal run.Routing.Length (Synthetic.steps.Length * Synthetic.layers.Length) "one routing line per layer per step"
+                Expect.equal (layersOf run.Routing) (List.toArray Synthetic.layers) "layers in order"
+                let byLabel = Expect.wantSome run.ByLabel "routing_by_label.json"
+                Expect.equal byLabel.[0].Labels (List.toArray Synthetic.labels) "labels"
+                let scores = Expect.wantSome run.Scores "test_scores.json"
+                Expect.equal (scores |> Array.map (fun s -> s.System)) [| "model"; "lead1" |] "systems, _ci folded in"
+                let model = scores.[0]
+                Expect.equal (model.Rouge |> Map.keys |> Seq.toList) [ "rouge1"; "rouge2"; "rougeL"; "rougeLsum" ] "ROUGE variants"
+                Expect.floatClose Accuracy.veryHigh model.Scalars.["novel_ngrams.2"] 0.5 "nested scores flattened"
+                let ci = Expect.wantSome (model.IntervalOf "rouge1") "rouge1 interval"
+                Expect.isLessThan ci.Low ci.High "low < high"
+                Expect.isNone (scores.[1].IntervalOf "rouge1") "lead1 has no intervals"
+                let config = Expect.wantSome run.Config "config.json"
+                let experts = config |> Array.find (fun e -> e.Path = "model.moe.experts")
+                Expect.equal experts.Value "4" "config leaves by dotted path"
+                let texts = Expect.wantSome run.Texts "texts"
+                Expect.equal texts.Predictions.Length Synthetic.examples "aligned predictions"
+                Expect.isSome texts.Documents "documents"
+            finally Directory.Delete(root, true)
+
+        testCase "test_scores.json written from Metrics score reports reads back with its intervals" <| fun () ->
+            let dir = tempDir "scores"
+            try
+                let refs = [| "the cat sat on the mat"; "a dog barked at night"; "rain fell all day long"; "markets rose on friday" |]
+                let preds = [| "the cat sat"; "a dog barked loudly at night"; "it rained"; "markets rose" |]
+                let docs = [| "the cat sat on the mat all day"; "a dog barked at night and woke us"; "rain fell all day long in the city"; "markets rose on friday after news" |]
+                let opts = { Metrics.defaultOptions with Bootstrap = { Metrics.defaultOptions.Bootstrap with Samples = 50 } }
+                let model = Metrics.scoreCorpus opts preds refs (Some docs)
+                let lead = Metrics.scoreCorpus opts docs refs None
+                let path = Path.Combine(dir, "test_scores.json")
+                writeTestScores path [| "model", model; "lead1", lead |]
+                let read = readTestScores path
+                Expect.equal (read |> Array.map (fun s -> s.System)) [| "model"; "lead1" |] "systems"
+                Expect.floatClose Accuracy.veryHigh read.[0].Rouge.["rouge1"].F1 model.Rouge1.F1.Mean "F1"
+                Expect.floatClose Accuracy.veryHigh read.[0].Scalars.["bleu"] model.Bleu.Score "corpus BLEU"
+                Expect.floatClose Accuracy.veryHigh read.[0].Scalars.["novel_ngrams.2"] (Option.get model.Document).NovelNgrams.[1].Mean "novel bigrams"
+                let ci = Expect.wantSome (read.[0].IntervalOf "rouge2") "rouge2 interval"
+                Expect.floatClose Accuracy.veryHigh ci.Low model.Rouge2.F1.Low "low"
+                Expect.floatClose Accuracy.veryHigh ci.High model.Rouge2.F1.High "high"
+                Expect.isNone (read.[0].IntervalOf "bleu") "no interval for corpus BLEU"
+                Expect.isNone (read.[1].IntervalOf "compression") "lead1 scored without documents"
+                Expect.throwsT<ArgumentException> (fun () -> testScoresJson [| "model_ci", model |] |> ignore) "reserved suffix"
+            finally Directory.Delete(dir, true)
+
+        testCase "metrics.jsonl: invalid JSON names the file and line" <| fun () ->
+            let dir = tempDir "bad"
+            try
+                let path = writeFile dir "metrics.jsonl" "{\"step\": 1, \"split\": \"train\", \"loss\": 3.0}\n\n{\"step\": 2, \"split\": \"train\", \"loss\": 2.9\n"
+                let e = runFileError (fun () -> readMetrics path)
+                Expect.equal e.Line 3 "the third line (a blank line still counts)"
+                Expect.stringStarts e.Message (path + ":3: not valid JSON") "file:line first"
+            finally Directory.Delete(dir, true)
+
+        testCase "metrics.jsonl: a missing or mistyped field says what was expected" <| fun () ->
+            let dir = tempDir "bad"
+            try
+                let path = writeFile dir "metrics.jsonl" "{\"step\": 1, \"split\": \"train\", \"loss\": 3.0}\n{\"step\": 2, \"split\": \"train\"}\n"
+                let e = runFileError (fun () -> readMetrics path)
+                Expect.stringStarts e.Message (path + ":2:") "line 2"
+                Expect.stringContains e.Message "\"loss\"" "names the field"
+                let path = writeFile dir "metrics.jsonl" "{\"step\": \"one\", \"split\": \"train\", \"loss\": 3.0}\n"
+                let e = runFileError (fun () -> readMetrics path)
+                Expect.stringContains e.Message "expected \"step\" to be an integer, got the string \"one\"" "kind of value found"
+                let path = writeFile dir "metrics.jsonl" "[1, 2]\n"
+                Expect.stringContains (runFileError (fun () -> readMetrics path)).Message "expected the line to be an object, got an array" "not an object"
+            finally Directory.Delete(dir, true)
+
+        testCase "metrics.jsonl: named float literals are data" <| fun () ->
+            let dir = tempDir "nan"
+            try
+                let path = writeFile dir "metrics.jsonl" "{\"step\": 1, \"split\": \"train\", \"loss\": \"NaN\"}\n"
+                Expect.isTrue (Double.IsNaN (readMetrics path).[0].Loss) "a diverged loss reads as NaN"
+            finally Directory.Delete(dir, true)
+
+        testCase "routing.jsonl: rejects bad shares, fractions and changing expert counts" <| fun () ->
+            let dir = tempDir "bad"
+            try
+                let line step layer (shares: string) dropped =
+                    sprintf """{"step": %d, "layer": "%s", "tokens_per_expert": [%s], "dropped_fraction": %s, "router_entropy": 1.0}""" step layer shares dropped
+                let check (lines: string list) (lineNo: int) (fragment: string) =
+                    let path = writeFile dir "routing.jsonl" (String.Join("\n", lines))
+                    let e = runFileError (fun () -> readRouting path)
+                    Expect.equal e.Line lineNo (sprintf "line of: %s" fragment)
+                    Expect.stringContains e.Message fragment "reason"
+                check [ line 1 "enc.0" "0.5, 0.5" "0"; line 1 "enc.0" "0.5, -0.1" "0" ] 2 "tokens_per_expert[1] to be a finite number >= 0"
+                check [ line 1 "enc.0" "0.5, 0.5" "1.5" ] 1 "\"dropped_fraction\" in [0, 1]"
+                check [ line 1 "enc.0" "0.5, 0.5" "0"; line 1 "dec.0" "1.0" "0"; line 2 "enc.0" "0.3, 0.3, 0.4" "0" ] 3 "expected 2 experts for layer \"enc.0\" (as on line 1), got 3"
+                check [ line 1 "enc.0" "" "0" ] 1 "empty array"
+            finally Directory.Delete(dir, true)
+
+        testCase "routing_by_label.json: a short row names its JSON path" <| fun () ->
+            let dir = tempDir "bad"
+            try
+                let path = writeFile dir "routing_by_label.json" """{"layers": [{"layer": "enc.0", "labels": ["a", "b"], "experts": 3, "counts": [[1, 2, 3], [4, 5]]}]}"""
+                let e = runFileError (fun () -> readRoutingByLabel path)
+                Expect.stringContains e.Message "layers[0].counts[1] to hold 3 numbers (one per expert), got 2" "path and counts"
+                let path = writeFile dir "routing_by_label.json" "{\"layers\": [\n  {\"layer\": \"enc.0\",,}\n]}"
+                let e = runFileError (fun () -> readRoutingByLabel path)
+                Expect.equal e.Line 2 "syntax errors carry the line"
+            finally Directory.Delete(dir, true)
+
+        testCase "test_scores.json: intervals need their system, scores need numbers" <| fun () ->
+            let dir = tempDir "bad"
+            try
+                let path = writeFile dir "test_scores.json" """{"model_ci": {"rouge1": {"low": 0.1, "mid": 0.2, "high": 0.3}}}"""
+                Expect.stringContains (runFileError (fun () -> readTestScores path)).Message "found \"model_ci\" but no score record \"model\"" "orphan interval"
+                let path = writeFile dir "test_scores.json" """{"model": {"rouge1": {"precision": 0.1, "recall": 0.2, "f1": "high"}}}"""
+                Expect.stringContains (runFileError (fun () -> readTestScores path)).Message "model.rouge1.f1 to be a number" "mistyped F1"
+                let path = writeFile dir "test_scores.json" """{"model": {"bleu": 3.0}, "model_ci": {"bleu": {"low": 0.4, "mid": 0.2, "high": 0.3}}}"""
+                Expect.stringContains (runFileError (fun () -> readTestScores path)).Message "low <= mid <= high" "unordered interval"
+            finally Directory.Delete(dir, true)
+
+        testCase "text files: invalid UTF-8 names the line; counts must align" <| fun () ->
+            let dir = tempDir "bad"
+            try
+                let bad = Path.Combine(dir, "predictions.txt")
+                File.WriteAllBytes(bad, Array.concat [ Encoding.UTF8.GetBytes "fine\r\n"; [| 0x61uy; 0xC3uy; 0x28uy; 0x0Auy |]; Encoding.UTF8.GetBytes "ok\n" ])
+                let e = runFileError (fun () -> readLines bad)
+                Expect.equal e.Line 2 "the line holding the bad byte"
+                Expect.stringContains e.Message "expected UTF-8 text" "reason"
+                let p = writeFile dir "p.txt" "a\nb\n"
+                let r = writeFile dir "r.txt" "a\nb\nc\n"
+                Expect.stringContains (runFileError (fun () -> readTexts p r None)).Message "expected as many lines as" "misaligned"
+                Expect.equal (readLines r) [| "a"; "b"; "c" |] "a final newline does not start a line"
+                Expect.equal (readLines (writeFile dir "e.txt" "a\n\nc")) [| "a"; ""; "c" |] "an empty line is an example"
+            finally Directory.Delete(dir, true)
+
+        testCase "load: a missing or empty folder, or half a text pair, is an error" <| fun () ->
+            let dir = tempDir "bad"
+            try
+                Expect.stringContains (runFileError (fun () -> load (Path.Combine(dir, "nope")))).Message "no such directory" "missing"
+                Expect.stringContains (runFileError (fun () -> load dir)).Message "at least one of config.json" "empty"
+                writeFile dir "metrics.jsonl" "{\"step\": 1, \"split\": \"train\", \"loss\": 3.0}\n" |> ignore
+                writeFile dir "predictions.txt" "a\n" |> ignore
+                Expect.stringContains (runFileError (fun () -> load dir)).Message "references.txt" "pair"
+            finally Directory.Delete(dir, true)
+    ]
+
+// ---------------------------------------------------------------------------------------------
+// Balance
+
+let balanceTests =
+    testList "balance" [
+        testCase "load CV: 0 when uniform, sqrt(E - 1) when one expert takes all" <| fun () ->
+            Expect.floatClose Accuracy.veryHigh (loadCv [| 0.25; 0.25; 0.25; 0.25 |]) 0.0 "uniform"
+            Expect.floatClose Accuracy.veryHigh (loadCv [| 1.0; 0.0; 0.0; 0.0 |]) (sqrt 3.0) "one expert"
+            Expect.isTrue (Double.IsNaN (loadCv [| 0.0; 0.0 |])) "no tokens routed: undefined"
+
+        testCase "collapsed experts fall under the named fraction of the uniform share" <| fun () ->
+            // uniform share 1/4 = 0.25; threshold 0.1 of it = 0.025
+            let b = balanceOf collapsedShareOfUniform (routingRecord 5 "enc.0" [| 0.5; 0.02; 0.455; 0.025 |])
+            Expect.equal b.CollapsedExperts [| 1 |] "0.02 < 0.025 <= 0.025"
+            let counts = balanceOf collapsedShareOfUniform (routingRecord 5 "enc.0" [| 500.0; 20.0; 455.0; 25.0 |])
+            Expect.equal counts.CollapsedExperts [| 1 |] "counts are normalised to shares"
+
+        testCase "final balance takes each layer's last step" <| fun () ->
+            let rs = [| routingRecord 2 "b" [| 1.0; 0.0 |]; routingRecord 1 "a" [| 1.0; 0.0 |]; routingRecord 9 "a" [| 0.5; 0.5 |]; routingRecord 3 "a" [| 0.9; 0.1 |] |]
+            let final = finalBalance collapsedShareOfUniform rs
+            Expect.equal (final |> Array.map (fun b -> b.Layer, b.Step)) [| "b", 2; "a", 9 |] "first-seen layer order, last step"
+            Expect.floatClose Accuracy.veryHigh final.[1].LoadCv 0.0 "balanced at step 9"
+
+        propertyWith "load CV is invariant to scaling and permuting the loads"
+            (gen {
+                let! experts = Gen.choose (2, 16)
+                let! loads = Gen.arrayOfLength experts (Gen.choose (1, 1000))
+                let! scale = Gen.choose (1, 50)
+                let! shift = Gen.choose (0, experts - 1)
+                return loads |> Array.map float, float scale, shift })
+            (fun (loads, scale, shift) ->
+                let rotated = Array.append loads.[shift..] loads.[..shift - 1]
+                let cv = loadCv loads
+                Expect.floatClose Accuracy.high (loadCv (loads |> Array.map ((*) scale))) cv "scaled"
+                Expect.floatClose Accuracy.high (loadCv rotated) cv "permuted"
+                Expect.isLessThanOrEqual cv (sqrt (float loads.Length - 1.0) + 1e-9) "bounded by sqrt(E - 1)")
+    ]
+
+// ---------------------------------------------------------------------------------------------
+// Charts
+
+/// Runs `body` on the two synthetic runs, read back, in a temporary folder removed afterwards.
+let private withRuns (body: Run list -> unit) =
+    let root = tempDir "charts"
+    try body (twoRuns root |> List.map load)
+    finally Directory.Delete(root, true)
+
+let chartTests =
+    testList "charts" [
+        testCase "expert usage heatmap is step x expert shares" <| fun () ->
+          withRuns <| fun runs ->
+            let t = traces (Plots.expertUsageHeatmap "enc.0" runs.[0].Routing)
+            Expect.equal t.Length 1 "one trace"
+            Expect.equal (str t.[0] "type") "heatmap" "heatmap"
+            let z = [| for row in t.[0].GetProperty("z").EnumerateArray() -> floats row |]
+            Expect.equal z.Length Synthetic.experts "one row per expert"
+            Expect.equal z.[0].Length Synthetic.steps.Length "one column per step"
+            Expect.equal (floats (t.[0].GetProperty "x")) (Synthetic.steps |> List.map float |> List.toArray) "x = steps"
+            for s in 0 .. Synthetic.steps.Length - 1 do
+                Expect.floatClose Accuracy.high (z |> Array.sumBy (fun row -> row.[s])) 1.0 "each step's shares sum to 1"
+
+        testCase "expert usage lines: one per expert plus the uniform share" <| fun () ->
+          withRuns <| fun runs ->
+            let t = traces (Plots.expertUsageLines "dec.0" runs.[0].Routing)
+            Expect.equal (t |> List.map (fun x -> str x "name")) ([ for e in 0 .. Synthetic.experts - 1 -> sprintf "expert %d" e ] @ [ "uniform 1/E" ]) "names"
+            Expect.floatClose Accuracy.veryHigh (floats (t.[Synthetic.experts].GetProperty "y")).[0] (1.0 / float Synthetic.experts) "uniform level"
+            Expect.throwsT<ArgumentException> (fun () -> Plots.expertUsageLines "nope" runs.[0].Routing |> ignore) "unknown layer"
+
+        testCase "entropy and dropped fraction: one line per layer" <| fun () ->
+          withRuns <| fun runs ->
+            for chart in [ Plots.routerEntropy runs.[0].Routing; Plots.droppedFraction runs.[0].Routing ] do
+                let t = traces chart
+                Expect.equal (t |> List.map (fun x -> str x "name")) Synthetic.layers "layers"
+                Expect.equal (floats (t.[0].GetProperty "y")).Length Synthetic.steps.Length "a point per step"
+
+        testCase "router distribution and load balance: a trace per run" <| fun () ->
+          withRuns <| fun runs ->
+            let routing = runs |> List.map (fun r -> r.Name, r.Routing) |> List.toArray
+            let boxes = traces (Plots.routerDistribution routing)
+            Expect.equal (boxes |> List.map (fun t -> str t "type")) [ "box"; "box" ] "box per run"
+            Expect.stringStarts (str boxes.[0] "name") "moe-switch (load CV " "name carries the CV"
+            Expect.equal (floats (boxes.[0].GetProperty "y")).Length (Synthetic.layers.Length * Synthetic.experts) "every final share"
+            let bars = traces (Plots.loadBalance collapsedShareOfUniform routing)
+            let cvSkewed = (floats (bars.[0].GetProperty "y")).[0]
+            let cvFlat = (floats (bars.[1].GetProperty "y")).[0]
+            Expect.isGreaterThan cvSkewed cvFlat "the skewed run is less balanced"
+
+        testCase "label usage heatmap rows are shares per label" <| fun () ->
+          withRuns <| fun runs ->
+            let usage = (Option.get runs.[0].ByLabel).[0]
+            let t = traces (Plots.labelUsageHeatmap usage)
+            let z = [| for row in t.[0].GetProperty("z").EnumerateArray() -> floats row |]
+            Expect.equal z.Length Synthetic.labels.Length "label rows"
+            for row in z do Expect.floatClose Accuracy.high (Array.sum row) 1.0 "row sums to 1"
+            Expect.equal [ for y in t.[0].GetProperty("y").EnumerateArray() -> y.GetString() ] Synthetic.labels "labels on y"
+
+        testCase "loss curves: train and valid per run; aux: one line per loss" <| fun () ->
+          withRuns <| fun runs ->
+            let t = traces (Plots.lossCurves (runs |> List.map (fun r -> r.Name, r.Metrics) |> List.toArray))
+            Expect.equal (t |> List.map (fun x -> str x "name"))
+                [ "moe-switch train task loss"; "moe-switch valid loss"; "moe-topk train task loss"; "moe-topk valid loss" ] "names"
+            let aux = traces (Plots.auxLossCurves "moe-switch" runs.[0].Metrics)
+            Expect.equal (aux |> List.map (fun x -> str x "name")) [ "switch_aux"; "z_loss" ] "aux names"
+
+        testCase "metrics comparison: grouped bars, ROUGE x100, error bars from intervals" <| fun () ->
+          withRuns <| fun runs ->
+            let systems = Report.comparedSystems (List.toArray runs)
+            Expect.equal (systems |> Array.map fst) [| "moe-switch"; "moe-topk"; "lead1" |] "models first, baseline shown once"
+            let t = traces (Plots.metricsComparison systems)
+            Expect.equal (t |> List.map (fun x -> str x "type")) [ "bar"; "bar"; "bar" ] "bars"
+            Expect.equal [ for x in t.[0].GetProperty("x").EnumerateArray() -> x.GetString() ] [ "ROUGE-1 F1"; "ROUGE-2 F1"; "ROUGE-L F1"; "BLEU" ] "categories"
+            let model = (Option.get runs.[0].Scores).[0]
+            Expect.floatClose Accuracy.high (floats (t.[0].GetProperty "y")).[0] (100.0 * model.Rouge.["rouge1"].F1) "ROUGE x100"
+            let err = t.[0].GetProperty "error_y"
+            let ci = Option.get (model.IntervalOf "rouge1")
+            Expect.floatClose Accuracy.high (floats (err.GetProperty "array")).[0] (100.0 * (ci.High - model.Rouge.["rouge1"].F1)) "upper arm"
+            Expect.floatClose Accuracy.high (floats (err.GetProperty "arrayminus")).[0] (100.0 * (model.Rouge.["rouge1"].F1 - ci.Low)) "lower arm"
+            let mutable noError = Unchecked.defaultof<JsonElement>
+            Expect.isFalse (t.[1].TryGetProperty("error_y", &noError)) "no intervals, no error bars"
+
+        testCase "names from the data cannot become markup" <| fun () ->
+            let hostile = "</script><script>alert(1)</script><b>x</b>"
+            let usage = { Layer = hostile; Labels = [| hostile; "plain" |]; Experts = 2; Counts = [| [| 1.0; 2.0 |]; [| 3.0; 4.0 |] |] }
+            let chart = Plots.labelUsageHeatmap usage
+            let y = [ for v in (traces chart).[0].GetProperty("y").EnumerateArray() -> v.GetString() ]
+            Expect.equal y.[0] "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;&lt;b&gt;x&lt;/b&gt;" "plotly gets entities it decodes for display"
+            let div = Plots.chartDiv "c1" chart
+            Expect.isFalse (div.Contains "</script><script>alert") "no script break-out"
+            Expect.equal (Regex.Matches(div, "</script>").Count) 1 "only the chart's own script closes"
+            Expect.throwsT<ArgumentException> (fun () -> Plots.chartDiv "a\"b" chart |> ignore) "ids are checked"
+
+        testCase "a chart page embeds plotly.js and loads nothing" <| fun () ->
+          withRuns <| fun runs ->
+            let page = Plots.html "Usage <1>" [ Plots.routerEntropy runs.[0].Routing ]
+            Expect.isTrue (page.Contains(sprintf "plotly.js v%s" Globals.PLOTLYJS_VERSION)) "plotly.js inline"
+            Expect.isFalse (Regex.IsMatch(page, "<script[^>]+src=")) "no external scripts"
+            Expect.isTrue (page.Contains "<title>Usage &lt;1&gt;</title>") "title escaped"
+
+    ]
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+let reportTests =
+    testList "report" [
+        testCase "configs side by side: differing fields flagged, absent ones shown" <| fun () ->
+            let root = tempDir "report"
+            try
+                let runs = twoRuns root |> List.map load |> List.toArray
+                let rows = Report.configRows runs
+                let differs path = rows |> Array.find (fun (p, _, _) -> p = path) |> fun (_, _, d) -> d
+                Expect.isTrue (differs "model.moe.router") "router differs"
+                Expect.isTrue (differs "train.aux_weight") "aux weight differs"
+                Expect.isFalse (differs "model.d_model") "width agrees"
+                let page = Report.render Report.defaults runs
+                Expect.equal (Regex.Matches(page, "<tr class=\"differs\">").Count) (rows |> Array.filter (fun (_, _, d) -> d) |> Array.length) "highlighted rows"
+                Expect.isTrue (page.Contains "<td>26.50 <span class=\"ci\">[25.50, 27.70]</span></td>") "ROUGE-1 F1 and interval of the switch run (x100)"
+                Expect.equal (Regex.Matches(page, "<div class=\"sample\">").Count) Report.defaults.Samples "samples"
+                Expect.isTrue (page.Contains "<th>moe-topk</th><td>Top-k model summary 0: council discusses stadium.</td>") "each model's prediction"
+                Expect.equal (Regex.Matches(page, "<div class=\"chart\" id=\"chart-").Count) (Report.charts Report.defaults runs |> Array.sumBy (fun s -> s.Charts.Length)) "every chart placed"
+            finally Directory.Delete(root, true)
+
+        testCase "every text from the runs is escaped" <| fun () ->
+            let root = tempDir "report"
+            try
+                let hostile = "<img src=x onerror=alert(1)>"
+                let a = writeRun root "<em>bold-run&co" 0.5 true (JsonSerializer.Serialize hostile) (fun i -> sprintf "<script>alert(%d)</script> & more" i)
+                let b = writeRun root "plain" 0.2 false "\"ok\"" (sprintf "summary %d")
+                File.WriteAllText(Path.Combine(a, "references.txt"), String.replicate Synthetic.examples (hostile + "\n"))
+                File.WriteAllText(Path.Combine(b, "references.txt"), String.replicate Synthetic.examples (hostile + "\n"))
+                let page = Report.render Report.defaults [| load a; load b |]
+                for raw in [ hostile; "<script>alert("; "<em>bold-run" ] do
+                    Expect.isFalse (page.Contains raw) (sprintf "raw %s absent" raw)
+                Expect.isTrue (page.Contains "<td>&lt;img src=x onerror=alert(1)&gt;</td>") "config value escaped"
+                Expect.isTrue (page.Contains "<b>Reference:</b> &lt;img src=x onerror=alert(1)&gt;</p>") "reference escaped"
+                Expect.isTrue (page.Contains "<td>&lt;script&gt;alert(0)&lt;/script&gt; &amp; more</td>") "prediction escaped"
+                Expect.isTrue (page.Contains "<li><b>&lt;em&gt;bold-run&amp;co</b>") "run name escaped"
+            finally Directory.Delete(root, true)
+
+        testCase "runs with only some files still make a page; empty charts are refused by name" <| fun () ->
+            let root = tempDir "report"
+            try
+                let dir = Path.Combine(root, "metrics-only")
+                Directory.CreateDirectory dir |> ignore
+                writeFile dir "metrics.jsonl" "{\"step\": 1, \"split\": \"train\", \"loss\": 3.0}\n{\"step\": 2, \"split\": \"train\", \"loss\": 2.5}\n" |> ignore
+                let alone = Report.render Report.defaults [| load dir |]
+                for note in [ "No run has a config.json."; "No run has a test_scores.json."; "No run has predictions.txt and references.txt." ] do
+                    Expect.isTrue (alone.Contains note) note
+                let sections = Report.charts Report.defaults [| load dir |]
+                Expect.equal (sections |> Array.map (fun s -> s.Heading, s.Charts.Length)) [| "Comparison", 1 |] "only the loss curve"
+                let full = writeRun root "full" 0.5 true "1" (sprintf "p%d")
+                let page = Report.render Report.defaults [| load dir; load full |]
+                Expect.isTrue (page.Contains "<td class=\"absent\">absent</td>") "config fields absent from the metrics-only run"
+                let noRouge = { System = "model"; N = None; Rouge = Map.empty; Scalars = Map.ofList [ "compression", 0.1 ]; Intervals = Map.empty }
+                let e = Expect.throwsC (fun () -> Plots.metricsComparison [| "x", noRouge |] |> ignore) id
+                Expect.stringContains e.Message "expected at least one system with ROUGE or BLEU scores to plot" "names what is missing"
+            finally Directory.Delete(root, true)
+
+        testCase "same folder name twice gets distinct columns; options are validated" <| fun () ->
+            let root = tempDir "report"
+            try
+                let a = writeRun (Path.Combine(root, "x")) "run" 0.5 false "1" (sprintf "p%d")
+                let b = writeRun (Path.Combine(root, "y")) "run" 0.1 false "1" (sprintf "q%d")
+                let names = Report.uniqueNames [| load a; load b |] |> Array.map (fun r -> r.Name)
+                Expect.equal names [| "run"; "run (2)" |] "renamed"
+                let problems = Report.validate { Report.defaults with Samples = -1; ExcerptChars = 0 }
+                Expect.equal problems.Length 2 "every problem at once"
+                Expect.equal (Report.sampleIndices 3 10) [| 0; 3; 6 |] "spread"
+                Expect.equal (Report.sampleIndices 3 2) [| 0; 1 |] "fewer examples than asked"
+            finally Directory.Delete(root, true)
+    ]
+
+// ---------------------------------------------------------------------------------------------
+// Headless Chromium
+
+/// Chromium's limits: starting and drawing ~20 charts takes a few seconds on 2 cores.
+module Browser =
+    let names = [ "chromium"; "chromium-browser"; "google-chrome" ]
+    let timeout = TimeSpan.FromSeconds 45.0
+    /// Milliseconds of virtual time the page gets to run its scripts before the DOM is read.
+    let virtualTimeBudgetMs = 10000
+    /// A drawn page has many colours; a blank one has a handful of byte values after inflating.
+    let minDistinctBytes = 64
+
+let private findOnPath (name: string) =
+    match Environment.GetEnvironmentVariable "PATH" with
+    | null -> None
+    | path -> path.Split(':') |> Array.map (fun d -> Path.Combine(d, name)) |> Array.tryFind File.Exists
+
+let private chromium () = Browser.names |> List.tryPick findOnPath
+
+let private runChromium (exe: string) (args: string list) : string =
+    let psi = ProcessStartInfo(exe, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
+    for a in [ "--headless"; "--no-sandbox"; "--disable-gpu"; "--disable-background-networking"; "--disable-extensions"
+               "--hide-scrollbars"; sprintf "--virtual-time-budget=%d" Browser.virtualTimeBudgetMs ] @ args do
+        psi.ArgumentList.Add a
+    use p = Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+    if not (p.WaitForExit(int Browser.timeout.TotalMilliseconds)) then
+        p.Kill true
+        failtestf "chromium did not finish within %O" Browser.timeout
+    if p.ExitCode <> 0 then failtestf "chromium exited with %d: %s" p.ExitCode err.Result
+    out.Result
+
+/// Pixel bytes of a PNG (IDAT chunks inflated; filter bytes included), to tell drawn from blank.
+let private pngPixelBytes (path: string) : byte[] =
+    let bytes = File.ReadAllBytes path
+    Expect.isGreaterThan bytes.Length 8 "a PNG file"
+    Expect.equal bytes.[1..3] "PNG"B "PNG signature"
+    let idat = new MemoryStream()
+    let mutable at = 8
+    while at + 8 <= bytes.Length do
+        let length = (int bytes.[at] <<< 24) ||| (int bytes.[at + 1] <<< 16) ||| (int bytes.[at + 2] <<< 8) ||| int bytes.[at + 3]
+        let kind = Encoding.ASCII.GetString(bytes, at + 4, 4)
+        if kind = "IDAT" then idat.Write(bytes, at + 8, length)
+        at <- at + 12 + length
+    idat.Position <- 0L
+    use z = new ZLibStream(idat, CompressionMode.Decompress)
+    use pixels = new MemoryStream()
+    z.CopyTo pixels
+    pixels.ToArray()
+
+let browserTests =
+    testList "browser" [
+        testCase "headless Chromium draws every chart of a two-run report" <| fun () ->
+            match chromium () with
+            | None -> skiptestf "needs Chromium on PATH (one of %s; Debian: apt-get install chromium)" (String.Join(", ", Browser.names))
+            | Some exe ->
+                let root = tempDir "browser"
+                try
+                    let runs = twoRuns root
+                    let page = Report.write Report.defaults (Path.Combine(root, "report.html")) runs
+                    let expected = Report.charts Report.defaults (runs |> List.map load |> List.toArray) |> Array.sumBy (fun s -> s.Charts.Length)
+                    let dom = runChromium exe [ "--dump-dom"; Uri(page).AbsoluteUri ]
+                    let starts = Regex.Matches(dom, "<div class=\"chart[^\"]*\" id=\"chart-(\\d+)\"") |> Seq.toList
+                    Expect.equal starts.Length expected "every chart div is in the DOM"
+                    let drawn =
+                        starts |> List.mapi (fun i m ->
+                            let stop = if i + 1 < starts.Length then starts.[i + 1].Index else dom.Length
+                            let body = dom.Substring(m.Index, stop - m.Index)
+                            m.Groups.[1].Value, body.Contains "js-plotly-plot" && body.Contains "<svg class=\"main-svg\"")
+                    let undrawn = drawn |> List.filter (snd >> not) |> List.map fst
+                    Expect.isEmpty undrawn "plotly drew an SVG in every chart div (these ids were not drawn)"
+                    let shot = Path.Combine(root, "report.png")
+                    runChromium exe [ sprintf "--screenshot=%s" shot; "--window-size=1400,2400"; Uri(page).AbsoluteUri ] |> ignore
+                    let distinct = pngPixelBytes shot |> Array.distinct |> Array.length
+                    Expect.isGreaterThanOrEqual distinct Browser.minDistinctBytes "the screenshot is not blank"
+                finally Directory.Delete(root, true)
+    ]
+
+let tests = testList "Plots" [ readerTests; balanceTests; chartTests; reportTests; browserTests ]

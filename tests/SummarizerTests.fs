@@ -1,0 +1,127 @@
+/// End-to-end tests of the summarization job on a tiny synthetic corpus and a tiny model.
+module Moe.Tests.SummarizerTests
+
+open System
+open System.IO
+open System.Text.Json.Nodes
+open Expecto
+open Moe
+open Moe.Config
+open Moe.Models
+open Moe.Corpus
+open Moe.Train
+open Moe.Summarizer
+open Moe.Tests.Support
+
+/// A run small enough for a test: 48 training documents, a 1 + 1 layer model of width 32, 8 steps.
+let private tiny (name: string) (runsDir: string) : SummarizerConfig =
+    let d = SummarizerConfig.defaults
+    { d with
+        Name = name
+        RunsDir = runsDir
+        Source = Synthetic { CorpusConfig.defaults with TrainSize = 48; ValidSize = 8; TestSize = 8 }
+        Model = { d.Model with ModelDim = 32; Heads = 2; KvHeads = 2; EncoderLayers = 1; DecoderLayers = 1; Ffn = Dense 64 }
+        Train = { d.Train with Steps = 8; BatchSize = 8; WarmupSteps = 2; LogEvery = 4; EvalEvery = 4; CheckpointEvery = 4; Device = Native.Cpu }
+        Generate = { d.Generate with MaxLength = 12 }
+        BootstrapSamples = 20 }
+
+let private quiet = { RunOptions.Defaults with Progress = Silent }
+
+let private withRunsDir (body: string -> unit) =
+    let dir = Path.Combine(Path.GetTempPath(), "moe-summarizer-tests", Guid.NewGuid().ToString("N"))
+    Directory.CreateDirectory dir |> ignore
+    try body dir
+    finally (try Directory.Delete(dir, true) with _ -> ())
+
+let private lines (path: string) = File.ReadAllLines path
+
+/// Sequenced: training seeds libtorch's global generator.
+let tests =
+  testSequenced <|
+    testList "Summarizer" [
+        testCase "lead-1 takes the first sentence" <| fun () ->
+            Expect.equal (lead1 "The cat sat. Then it left! More.") "The cat sat." "first sentence"
+            Expect.equal (lead1 "\n  First line without stop\nsecond line") "First line without stop" "first line"
+            Expect.equal (lead1 "U.S. officials met on 3 May. 2 left.") "U.S. officials met on 3 May." "abbreviation followed by capital is a known limit, digits split"
+            Expect.equal (lead1 "") "" "empty"
+
+        testCase "validate reports every section's problems" <| fun () ->
+            let d = SummarizerConfig.defaults
+            let bad =
+                { d with
+                    Name = ""
+                    Source = Files { Train = "/nowhere/train.jsonl"; Valid = ""; Test = "/nowhere/test.jsonl" }
+                    Train = { d.Train with Steps = 0 }
+                    Model = { d.Model with MaxLength = 16 } }
+            let problems = SummarizerConfig.validate bad
+            for part in [ "Name"; "Source.Files.Train"; "Source.Files.Valid"; "Train: Steps"; "Model.MaxLength (16)" ] do
+                Expect.exists problems (fun p -> p.Contains part) (sprintf "mentions %s in %A" part problems)
+
+        testCase "a config file and overrides change only what they name" <| fun () ->
+            withRunsDir (fun dir ->
+                let file = Path.Combine(dir, "cfg.json")
+                File.WriteAllText(file, """{"Name": "from-file", "Train": {"Steps": 7}, "Model": {"Ffn": {"Dense": 32}}}""")
+                match SummarizerConfig.load SummarizerConfig.defaults (Some file) [ "Train.LearningRate=0.002"; "Generate.BeamSize=3" ] with
+                | Ok c ->
+                    Expect.equal c.Name "from-file" "file"
+                    Expect.equal c.Train.Steps 7 "nested file field"
+                    Expect.equal c.Train.LearningRate 0.002 "override"
+                    Expect.equal c.Generate.BeamSize 3 "override"
+                    Expect.equal c.Model.Ffn (Dense 32) "union"
+                    Expect.equal c.Train.WarmupSteps SummarizerConfig.defaults.Train.WarmupSteps "the rest keeps the defaults"
+                | Error e -> failtestf "unexpected %A" e
+                match SummarizerConfig.load SummarizerConfig.defaults (Some file) [ "Train.Stepz=1" ] with
+                | Error e -> Expect.exists e (fun p -> p.Contains "unknown field 'Stepz'") "typo caught"
+                | Ok _ -> failtest "expected an error")
+
+        testCase "a top-k MoE run writes the run folder and beats nothing it should not" <| fun () ->
+            withRunsDir (fun dir ->
+                let cfg = tiny "topk" dir |> SummarizerConfig.topK 4 2
+                let r = runWith quiet false cfg
+                let run = r.RunDir
+                for f in [ "config.json"; "metrics.jsonl"; "routing.jsonl"; "predictions.txt"; "references.txt"; "documents.txt"
+                           "test_scores.json"; "routing_by_label.json"; "checkpoints/last.ckpt" ] do
+                    Expect.isTrue (File.Exists(Path.Combine(run, f))) (sprintf "%s written" f)
+                let n = 8
+                for f in [ "predictions.txt"; "references.txt"; "documents.txt"; "ids.txt" ] do
+                    Expect.equal (lines (Path.Combine(run, f))).Length n (sprintf "%s has one line per test example" f)
+                let scores = JsonNode.Parse(File.ReadAllText(Path.Combine(run, "test_scores.json")))
+                for key in [ "model"; "lead1"; "model_ci"; "lead1_ci" ] do Expect.isNotNull scores[key] key
+                let rouge1 = scores["lead1"]["rouge1"]
+                Expect.isGreaterThan (rouge1["f1"].GetValue<float>()) 0.0 "lead-1 overlaps a little"
+                let byLabel = JsonNode.Parse(File.ReadAllText(Path.Combine(run, "routing_by_label.json")))
+                let layers = byLabel["layers"].AsArray()
+                Expect.equal layers.Count 2 "one entry per MoE layer (enc.0, dec.0)"
+                let first = layers[0]
+                Expect.equal (first["experts"].GetValue<int>()) 4 "E"
+                let counts = first["counts"].AsArray()
+                Expect.equal counts.Count (first["labels"].AsArray().Count) "a row per label"
+                let routing = File.ReadAllLines(Path.Combine(run, "routing.jsonl"))
+                Expect.isNonEmpty routing "routing lines"
+                Expect.stringContains routing[0] "\"layer\":\"enc.0\"" "named layers"
+                let config = JsonNode.Parse(File.ReadAllText(Path.Combine(run, "config.json")))
+                Expect.isNotNull config["Model"] "model section"
+                Expect.isNotNull config["Train"] "train section"
+                // The checkpoint alone rebuilds the model: the same greedy outputs on the test documents.
+                use loaded = load run None Native.Cpu
+                let docs = lines (Path.Combine(run, "documents.txt"))
+                let again = summarizeTexts loaded None docs
+                Expect.sequenceEqual again (lines (Path.Combine(run, "predictions.txt"))) "reloaded model decodes the same")
+
+        testCase "a hash-routed run trains and resumes to the same end" <| fun () ->
+            withRunsDir (fun dir ->
+                let cfg = tiny "hash" dir |> SummarizerConfig.hash 4
+                let whole = runWith quiet false cfg
+                let cfgB = { cfg with Name = "hash-b" }
+                // Stop after 3 steps, then resume the same schedule from that checkpoint.
+                use stop = new Threading.CancellationTokenSource()
+                let opts = { quiet with OnStep = (fun r -> if r.Step = 3 then stop.Cancel()); Cancel = stop.Token }
+                let first = runWith opts false cfgB
+                Expect.equal first.Train.Stop Cancelled "stopped at step 3"
+                Expect.equal first.Train.Steps 3 "three steps"
+                Expect.isNone first.Scores "a cancelled run is not decoded"
+                let resumed = runWith quiet true cfgB
+                Expect.equal resumed.Train.Steps 8 "finished"
+                Expect.floatClose { absolute = Tol.f32; relative = Tol.f32 } (defaultArg resumed.Train.LastLoss nan) (defaultArg whole.Train.LastLoss nan) "same final loss"
+                Expect.sequenceEqual (lines (Path.Combine(resumed.RunDir, "predictions.txt"))) (lines (Path.Combine(whole.RunDir, "predictions.txt"))) "same predictions")
+    ]
