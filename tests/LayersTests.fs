@@ -205,6 +205,23 @@ let dispatchProperties =
             for p, g in Seq.zip (experts.parameters ()) once do
                 expectClose Tol.f32 (sprintf "%A: two passes = twice one" path) p.grad (g * 2.0)
 
+      testCase "the fused path repeats bit for bit (expert jobs run in parallel, sums in expert order)" <| fun () ->
+        use _ = torch.NewDisposeScope()
+        torch.manual_seed 11L |> ignore
+        use experts = new ExpertFfn("experts", 6, 8, 12, GELU)
+        let x = (randn 81 [| 40L; 8L |] f32).requires_grad_ true
+        let r = routeLogits { RouterConfig.defaults with Experts = 6; K = 3 } (randn 82 [| 40L; 6L |] f32)
+        let run () =
+            zeroGrads experts [ x ]
+            let y = combineExpertsWith Fused experts r.Experts r.Weights r.Kept x
+            (y * y).sum().backward ()
+            Tensors.toFloats y, Tensors.toFloats x.grad, Tensors.toFloats experts.W1.grad
+        let a, b = run (), run ()
+        let (ya, xa, wa), (yb, xb, wb) = a, b
+        Expect.sequenceEqual yb ya "output"
+        Expect.sequenceEqual xb xa "dx"
+        Expect.sequenceEqual wb wa "dW1"
+
       testCase "capacity dropping drops: dropped slots contribute nothing, kept ones are computed" <| fun () ->
         use _ = torch.NewDisposeScope()
         let t, e, d, h = 16, 4, 3, 5
