@@ -772,12 +772,12 @@ let sortByExpert (experts: int) (expertIndex: Tensor) (kept: Tensor) : ExpertOrd
         use hi = flat.max ()
         if lo.item<int64> () < 0L || hi.item<int64> () >= e then
             invalidArg "expertIndex" (sprintf "expected expertIndex values in 0..%d (E - 1), got values from %d to %d" (e - 1L) (lo.item<int64> ()) (hi.item<int64> ()))
-    let key = flat.masked_fill (kept.reshape(-1L).logical_not (), e.ToScalar()) // [T*K]
+    let key = withInt64Scalar e (fun dropped -> flat.masked_fill (kept.reshape(-1L).logical_not (), dropped)) // [T*K]
     let struct (_, order) = key.sort (0L, false, true) // [T*K]
     let counts = (toInt64s (torch.bincount (key, minlength = e + 1L)))[0 .. experts - 1] // [E]
     let slot = order.narrow (0L, 0L, Array.sum counts) // [N]
     { Slot = slot
-      Token = slot.div (expertIndex.shape[1].ToScalar(), rounding_mode = torch.RoundingMode.floor) // [N]
+      Token = withInt64Scalar expertIndex.shape[1] (fun k -> slot.div (k, rounding_mode = torch.RoundingMode.floor)) // [N]
       Counts = counts }
 
 /// E experts that share one base FFN and differ by low-rank adapters (Hu et al. 2021, "LoRA", eq. 3):
@@ -855,7 +855,7 @@ type LoraExpertFfn(name: string, experts: int, modelDim: int, hidden: int, act: 
         let y =
             if n = 0L then torch.zeros ([| 0L; d |], dtype = dt, device = xs.device)
             else
-                let s = (LoraConfig.scale lora).ToScalar()
+                use s = (LoraConfig.scale lora).ToScalar() // held until the native calls return (see Tensors.withScalar)
                 let present = [| for i in 0 .. experts - 1 do if counts[i] > 0L then i |]
                 // sum over experts of (rows_e A_e) B_e, stacked in the rows' order. chunks: E x [N_e; in]
                 let lowRank (a: Tensor) (b: Tensor) (chunks: Tensor[]) =
@@ -906,7 +906,7 @@ type LoraMoeLayer(name: string, cfg: MoeConfig, lora: LoraConfig) as this =
         let order = sortByExpert cfg.Router.Experts routing.Experts routing.Kept
         let outputs = experts.Forward(h, order.Token, order.Counts) // [N; D]
         let w = routing.Weights.reshape(-1L).index_select(0L, order.Slot).to_type(h.dtype).unsqueeze 1L // [N; 1]
-        let routed = torch.zeros_like(h).index_add (0L, order.Token, outputs * w, 1.0.ToScalar()) // [T; D]
+        let routed = withScalar 1.0 (fun one -> torch.zeros_like(h).index_add (0L, order.Token, outputs * w, one)) // [T; D]
         let y = if isNull shared then routed else routed + (shared.forward h).Output // [T; D]
         if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
         { Output = y.reshape(x.shape).MoveToOuterDisposeScope()
