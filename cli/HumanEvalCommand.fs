@@ -72,18 +72,8 @@ let private summarize (args: ParseResults<HumanEvalArgs>) (sheets: string list) 
 
 /// Runs the command; bad input prints "error: ..." and returns 2.
 let run (args: ParseResults<HumanEvalArgs>) : int =
-    try
+    InputErrors.guard (fun () ->
         match args.GetResults Summarize with
         | [] -> draw args
         | sheets -> summarize args sheets
-        0
-    with
-    | :? FileNotFoundException as e ->
-        eprintfn "error: %s" e.Message
-        2
-    | :? InvalidDataException as e ->
-        eprintfn "error: %s" e.Message
-        2
-    | :? ArgumentException as e ->
-        eprintfn "error: %s" e.Message
-        2
+        0)

@@ -29,7 +29,7 @@ type ScoreArgs =
 
 /// Runs the command; bad input prints "error: ..." and returns 2.
 let run (args: ParseResults<ScoreArgs>) : int =
-    try
+    InputErrors.guard (fun () ->
         let read path =
             let lines = Metrics.readLines path
             match args.TryGetResult Newline_Marker with
@@ -56,14 +56,4 @@ let run (args: ParseResults<ScoreArgs>) : int =
         let report = Metrics.scoreCorpus options predictions references documents
         if args.Contains Json then printfn "%s" (Metrics.toJson report)
         else printf "%s" (Metrics.formatTable report)
-        0
-    with
-    | :? FileNotFoundException as e ->
-        eprintfn "error: %s" e.Message
-        2
-    | :? InvalidDataException as e ->
-        eprintfn "error: %s" e.Message
-        2
-    | :? ArgumentException as e ->
-        eprintfn "error: %s" e.Message
-        2
+        0)
