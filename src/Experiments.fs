@@ -124,16 +124,21 @@ let summarizer (opts: ExperimentOptions) (experiment: string) (variant: string) 
             { sized with Source = Files(splitFilesOf path); MaxTrain = cap trainN; MaxValid = cap validN; MaxTest = cap testN }
     { withData with Name = variant; RunsDir = Path.Combine(opts.RunsDir, experiment) }
 
-/// The config's MoE settings (every FFN an MoE layer), or a failure naming the variant.
+/// The config's MoE settings (of full or LoRA experts), or a failure naming the variant.
 let moeOf (cfg: SummarizerConfig) : MoeConfig =
     match cfg.Model.Ffn with
-    | Moe m -> m
+    | Moe m | LoraMoe (m, _) -> m
     | Dense _ -> invalidArg "cfg" (sprintf "expected an MoE config for %s, got a dense FFN" cfg.Name)
 
-/// The config with its MoE router changed by `f`.
+/// The config with its MoE router changed by `f`; LoRA experts stay LoRA experts.
 let withRouter (f: RouterConfig -> RouterConfig) (cfg: SummarizerConfig) : SummarizerConfig =
-    let m = moeOf cfg
-    { cfg with Model = { cfg.Model with Ffn = Moe { m with Router = f m.Router } } }
+    let routed (m: MoeConfig) = { m with Router = f m.Router }
+    let ffn =
+        match cfg.Model.Ffn with
+        | Moe m -> Moe(routed m)
+        | LoraMoe (m, lora) -> LoraMoe(routed m, lora)
+        | Dense _ -> invalidArg "cfg" (sprintf "expected an MoE config for %s, got a dense FFN" cfg.Name)
+    { cfg with Model = { cfg.Model with Ffn = ffn } }
 
 /// The config with its balancing-loss weights replaced.
 let withLosses (weights: LossWeights) (cfg: SummarizerConfig) : SummarizerConfig =
@@ -320,11 +325,25 @@ let configuredActiveExperts (cfg: RouterConfig) : float =
     | ExpertChoice, Factor f -> min f (float cfg.Experts)
     | _ -> float (RouterConfig.picksPerToken cfg)
 
+/// Forward FLOPs per token of an MoE layer of LoRA experts (`Layers.LoraExpertFfn`, Hu et al. 2021) with
+/// `activeExperts` experts per token on average, as the layer computes it: the router; the base input
+/// projections (W1, and W3 for SwiGLU) once per token, since every expert shares them; per active expert the
+/// base output projection W2 on that expert's hidden state and the adapters, x A (2 D r) then (x A) B
+/// (2 r H or 2 r D) per adapted projection, i.e. 2 r (D + H) each; plus the shared experts.
+let loraMoeFlops (cfg: MoeConfig) (lora: LoraConfig) (activeExperts: float) : float =
+    let d, h, r = float cfg.ModelDim, float cfg.ExpertHidden, float lora.Rank
+    let projections = float (ffnMatrices cfg.Activation)
+    let baseInputs = (projections - 1.0) * 2.0 * d * h
+    let perExpert = 2.0 * h * d + projections * 2.0 * r * (d + h)
+    routerFlops cfg.ModelDim cfg.Router + baseInputs + activeExperts * perExpert
+    + float cfg.SharedExperts * denseFfnFlops cfg.ModelDim cfg.ExpertHidden cfg.Activation
+
 /// Forward FLOPs per token of one FFN sublayer of the model (the part the routing choices change).
 let ffnFlops (cfg: SummarizerConfig) (activeExperts: float) : float =
     match cfg.Model.Ffn with
     | Dense h -> denseFfnFlops cfg.Model.ModelDim h cfg.Model.Activation
     | Moe m -> moeFlops m activeExperts
+    | LoraMoe (m, lora) -> loraMoeFlops m lora activeExperts
 
 // ---------------------------------------------------------------- probing a trained model
 
@@ -344,19 +363,22 @@ let private readLinesOf (path: string) = if File.Exists path then RunLog.readLin
 
 /// Routes the run's test documents and references (documents.txt, references.txt) through its best
 /// checkpoint with teacher forcing in evaluation mode and records, per MoE layer, the experts each token
-/// id went to and the mean number of active experts per token. Empty for a dense model.
+/// id went to and the mean number of active experts per token. Empty for a dense model; MoE layers of full
+/// and of LoRA experts (`Models.LoraMoe`) are probed alike, since only their routers are read.
 let probe (runDir: string) : LayerProbe list =
     use loaded = Summarizer.load runDir None Native.Cpu
     let cfg = loaded.Config
     match cfg.Model.Ffn with
     | Dense _ -> []
-    | Moe moeCfg ->
+    | Moe moeCfg | LoraMoe (moeCfg, _) ->
         let vocab = cfg.Model.VocabSize
         let experts = moeCfg.Router.Experts
         let seen = Dictionary<string, int64 ref * float ref * float[][]>()
-        let record (name: string) (layer: MoeLayer) (x: Tensor) (ids: Tensor) =
+        // Hash routers (balanced or random) route on token ids, learned routers on hidden states.
+        let readsIds (router: RouterModule) = match router.Config.Selection with Hash _ -> true | _ -> false
+        let record (name: string) (router: RouterModule) (x: Tensor) (ids: Tensor) =
             use _ = torch.NewDisposeScope()
-            let routing = layer.Router.Route(x, (if layer.Router.HashTable |> isNull then None else Some ids)) // [T; K]
+            let routing = router.Route(x, (if readsIds router then Some ids else None)) // [T; K]
             let active = routing.Kept.logical_and(routing.Weights.gt(torch.tensor 0.0f))                     // [T; K] bool
             let tokens, activeSum, table =
                 match seen.TryGetValue name with
@@ -379,19 +401,21 @@ let probe (runDir: string) : LayerProbe list =
         let factory =
             Func<FfnSite, FeedForward>(fun site ->
                 let ff = FeedForward.create cfg.Model site
-                match ff.Module with
-                | :? MoeLayer as layer ->
-                    let isHash = not (isNull layer.Router.HashTable)
+                // The layer runs as usual (token ids only for hash routers) after its router's choices are recorded.
+                let recorded (router: RouterModule) (forward: Tensor * Tensor -> FfnResult) =
                     { ff with
                         WithTokenIds =
                           Some(fun x ids ->
-                              record site.Name layer x ids
-                              if isHash then layer.forward (x, ids) else layer.forward x) }
+                              record site.Name router x ids
+                              forward (x, (if readsIds router then ids else null))) }
+                match ff.Module with
+                | :? MoeLayer as layer -> recorded layer.Router layer.forward
+                | :? LoraMoeLayer as layer -> recorded layer.Router layer.forward
                 | _ -> ff)
         use model = new EncoderDecoder(cfg.Model, factory)
-        for (_, layer), (_, trained) in Array.zip (model.MoeLayers()) (loaded.Model.MoeLayers()) do
-            if not (isNull trained.Router.HashTable) then
-                layer.Router.SetHashTable(trained.Router.HashTable.data<int64>().ToArray())
+        for (_, router), (_, trained) in Array.zip (model.Routers()) (loaded.Model.Routers()) do
+            if not (isNull trained.HashTable) then
+                router.SetHashTable(trained.HashTable.data<int64>().ToArray())
         Checkpoint.loadModel loaded.Checkpoint model
         model.eval ()
         let docs = readLinesOf (Path.Combine(runDir, FileNames.documents))
@@ -404,7 +428,7 @@ let probe (runDir: string) : LayerProbe list =
                 use _ = torch.NewDisposeScope()
                 let b = Batching.collate cfg.Batching source indices
                 model.Forward(b.Source, b.DecoderInput, b.SourceMask, b.TargetMask) |> ignore
-        [ for name, _ in model.MoeLayers() do
+        [ for name, _ in model.Routers() do
             match seen.TryGetValue name with
             | true, (tokens, active, table) ->
                 { Layer = name; Experts = experts; Tokens = tokens.Value
@@ -505,7 +529,7 @@ let gatingStrategies (opts: ExperimentOptions) : ExperimentResult =
                     yield c |> withRouter (fun r -> { r with Scorer = scorer c; Normaliser = norm; Selection = sel; K = k }) ]
     let dense =
         let c = summarizer opts experiment "dense-equal-compute"
-        let hidden = match c.Model.Ffn with Dense h -> h | Moe m -> m.ExpertHidden
+        let hidden = match c.Model.Ffn with Dense h -> h | Moe m | LoraMoe (m, _) -> m.ExpertHidden
         { c with Model = { c.Model with Ffn = Dense(topKPicks * hidden) } }
     let variants =
         [ moe "naive-topk" |> withRouter (fun r -> { r with Selection = TokenChoiceTopK(NormaliseThenTopK, false) }) |> withLosses noAux
@@ -530,7 +554,7 @@ let gatingStrategies (opts: ExperimentOptions) : ExperimentResult =
           Columns = Array.concat [ [| "run" |]; qualityColumns; [| "load CV"; "active experts/token"; "configured"; "FFN FLOPs/token" |] ]
           Rows =
             [| for cfg, r, active in rows ->
-                let configured = match cfg.Model.Ffn with Moe m -> configuredActiveExperts m.Router | Dense _ -> nan
+                let configured = match cfg.Model.Ffn with Moe m | LoraMoe (m, _) -> configuredActiveExperts m.Router | Dense _ -> nan
                 let flops = ffnFlops cfg (if Double.IsNaN active then configured else active)
                 Array.concat [ [| r.Name |]; qualityCells r; [| Table.num 3 r.LoadCv; Table.num 2 active; Table.num 0 configured; Table.si flops |] ] |] }
     let notes =

@@ -534,6 +534,7 @@ let runWith (opts: RunOptions) (resume: bool) (cfg: SummarizerConfig) : SummaryR
     use model = buildModel cfg counts
     let p = model.ParameterCount()
     say (sprintf "model: %d parameters, %d active per token" p.Total p.Active)
+    RunFiles.writeParameters runDir { Total = p.Total; Active = p.Active; Trainable = model.TrainableParameterCount() }
     let t = task cfg prepared model device
     if resume then
         let saved = (Checkpoint.readMeta (Checkpoint.last runDir)).Tokenizer

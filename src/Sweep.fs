@@ -986,12 +986,14 @@ let readRow (run: Run) : ResultRow =
                         if isNull (child direct "low") then child direct "f1" else direct
                     yield kv.Key, { Value = value.Value; Low = number (child ci "low"); High = number (child ci "high") } ]
         | _ -> []
-    // Parameter counts: parameters.json, or a "parameters" object in config.json.
+    // Parameter counts: parameters.json, written when training starts.
     let parameters =
-        match jsonFile (Path.Combine(dir, "parameters.json")) notes with
-        | null -> child (jsonFile (Path.Combine(dir, Train.RunFiles.configName)) notes) "parameters"
-        | p -> p
-    let count (name: string) = number (child parameters name) |> Option.map int64
+        match Train.RunFiles.readParameters dir with
+        | Some(Ok p) -> Some p
+        | Some(Error e) ->
+            notes.Add e
+            None
+        | None -> None
     { Run = run
       Status = status dir
       Steps = tryMax steps
@@ -1001,8 +1003,8 @@ let readRow (run: Run) : ResultRow =
       LoadCv = mean cvs
       DroppedFraction = mean dropped
       TokensPerSecond = mean speeds
-      ParametersTotal = count "total"
-      ParametersActive = count "active"
+      ParametersTotal = parameters |> Option.map (fun p -> p.Total)
+      ParametersActive = parameters |> Option.map (fun p -> p.Active)
       Notes = List.ofSeq notes }
 
 /// The results of every run of the plan, in run order.

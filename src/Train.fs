@@ -249,6 +249,15 @@ type TrainTask<'batch> =
 
 // ---------------------------------------------------------------- run state, options and results
 
+/// A run's parameter counts, written to `parameters.json` when training starts (`RunFiles.writeParameters`).
+type RunParameters =
+    { /// Every parameter of the model.
+      Total: int64
+      /// Parameters one token uses (an MoE layer's router, shared experts and k experts; all of a dense model).
+      Active: int64
+      /// Parameters the optimiser updates (a frozen LoRA base is not among them).
+      Trainable: int64 }
+
 /// Why a run ended.
 type StopReason =
     | Completed
@@ -484,6 +493,7 @@ module RunFiles =
     let metricsName = "metrics.jsonl"
     let routingName = "routing.jsonl"
     let configName = "config.json"
+    let parametersName = "parameters.json"
 
     let private compact = System.Text.Json.JsonSerializerOptions(WriteIndented = false)
 
@@ -547,6 +557,39 @@ module RunFiles =
             Checkpoint.writeAtomic path (fun fs ->
                 use w = new StreamWriter(fs, UTF8Encoding(false), leaveOpen = true)
                 for l in keep do w.WriteLine l)
+
+    /// Writes `runDir/parameters.json` atomically: `{"total": N, "active": N, "trainable": N}`.
+    let writeParameters (runDir: string) (counts: RunParameters) : unit =
+        let o = JsonObject()
+        o["total"] <- JsonValue.Create counts.Total
+        o["active"] <- JsonValue.Create counts.Active
+        o["trainable"] <- JsonValue.Create counts.Trainable
+        Checkpoint.writeAtomic (Path.Combine(runDir, parametersName)) (fun fs ->
+            let bytes = UTF8Encoding(false).GetBytes(Json.format o)
+            fs.Write(bytes, 0, bytes.Length))
+
+    /// Reads `runDir/parameters.json` as `writeParameters` writes it: None when the file is absent, an error
+    /// naming the file and the field when it is malformed (not JSON, a count missing or not a whole number >= 0).
+    let readParameters (runDir: string) : Result<RunParameters, string> option =
+        let path = Path.Combine(runDir, parametersName)
+        if not (File.Exists path) then None
+        else
+            let count (o: JsonObject) (name: string) =
+                match o[name] with
+                | :? JsonValue as v ->
+                    match v.TryGetValue<int64>() with
+                    | true, n when n >= 0L -> Ok n
+                    | _ -> Error(sprintf "%s: expected \"%s\" a whole number >= 0, got %s" path name (v.ToJsonString()))
+                | _ -> Error(sprintf "%s: expected a number \"%s\", got none" path name)
+            match Json.parse (File.ReadAllText path) with
+            | Ok(:? JsonObject as o) ->
+                match count o "total", count o "active", count o "trainable" with
+                | Ok total, Ok active, Ok trainable -> Some(Ok { Total = total; Active = active; Trainable = trainable })
+                | total, active, trainable ->
+                    let problems = [ total; active; trainable ] |> List.choose (function Error e -> Some e | Ok _ -> None)
+                    Some(Error(String.concat "; " problems))
+            | Ok _ -> Some(Error(sprintf "%s: expected a JSON object {\"total\", \"active\", \"trainable\"}" path))
+            | Error e -> Some(Error(sprintf "%s: %s" path e))
 
 /// Appends lines to a file, flushing each, so a crash leaves whole lines only.
 type private LineLog(path: string) =

@@ -236,7 +236,7 @@ let tests =
                                 yield e, k, t, GELU
                   yield 8, 2, 32, SwiGLU
                   yield 4, 1, 32, ReLU ]
-            for e, k, t, act in patterns ->
+            for e, k, t, act in patterns do
                 testCase (sprintf "the shipped layer equals the naive reference: E=%d K=%d T=%d %A" e k t act) <| fun () ->
                     use _ = torch.NewDisposeScope()
                     Native.seedAll (e * 100 + k * 10 + t)
@@ -337,6 +337,15 @@ let tests =
                 Expect.floatClose Accuracy.high (modelForwardFlops cfg b) (encoder + decoder + output) "hand count"
                 let moe = { cfg with Ffn = Models.Moe { MoeConfig.defaults with ModelDim = 8; ExpertHidden = 16; Router = { RouterConfig.defaults with Experts = 4; K = 2 } } }
                 Expect.floatClose Accuracy.high (ffnForwardPerToken moe 0) (2.0 * ffn + 2.0 * d * 4.0) "K experts and the router"
+                let rank = 2.0
+                let loraMoe =
+                    match moe.Ffn with
+                    | Models.Moe m -> { moe with Ffn = Models.LoraMoe(m, { Rank = int rank; Alpha = 2.0 * rank; FreezeBase = true }) }
+                    | other -> failtestf "expected the MoE config above, got %A" other
+                // Base W1 once per token; per expert, base W2 on its hidden state and r (D + H) adapters on both projections.
+                let perExpert = ffn / 2.0 + 2.0 * 2.0 * rank * (d + 16.0)
+                Expect.floatClose Accuracy.high (ffnForwardPerToken loraMoe 0) (ffn / 2.0 + 2.0 * perExpert + 2.0 * d * 4.0) "LoRA experts"
+                Expect.floatClose Accuracy.high (ffnForwardPerToken { loraMoe with MoeEvery = 2 } 0) ffn "a dense layer between LoRA-MoE layers"
 
             testCase "a training step of a tiny summarizer is timed with its phases" <| fun () ->
                 let tiny =

@@ -171,6 +171,16 @@ let private smoke =
                 Expect.isTrue (r.TokensPerSecond > 0.0) (r.Variant + ": speed measured")
                 Expect.isTrue (r.Rouge1 >= 0.0 && r.Rouge1 <= 100.0) (r.Variant + ": ROUGE-1 read")
                 Expect.isLessThan r.ActiveParameters r.TotalParameters (r.Variant + ": fewer active than total")
+            // parameters.json and the probe cover LoRA experts as they do full experts.
+            for r in rows do
+                Expect.equal (RunFiles.readParameters r.RunDir)
+                    (Some(Ok { Total = r.TotalParameters; Active = r.ActiveParameters; Trainable = r.TrainableParameters }))
+                    (r.Variant + ": parameters.json")
+            let probes = Experiments.probe frozen.RunDir
+            Expect.equal (probes |> List.map (fun p -> p.Layer)) [ "enc.0"; "dec.0" ] "every LoRA-MoE layer probed"
+            for p in probes do
+                Expect.isGreaterThan p.Tokens 0L (p.Layer + ": tokens routed")
+                Expect.floatClose Accuracy.high p.MeanActive (float settings.K) (p.Layer + ": top-k keeps k experts per token")
             let md, html = LoraExperiment.writeReports (Path.Combine(dir, "reports")) "lora_experts" rows
             let text = File.ReadAllText md
             for r in rows do Expect.stringContains text ("| " + r.Variant + " |") "the table lists every variant"

@@ -74,6 +74,22 @@ let tests =
                 let hash = { m with Router = { m.Router with Selection = Hash BalancedHash } }
                 Expect.equal (moeFlops hash 1.0) dense "hash routing has no router cost"
             }
+            test "an MoE layer of LoRA experts costs its router, the shared base input and k output projections plus adapters" {
+                let m = { MoeConfig.defaults with ModelDim = 16; ExpertHidden = 32; Activation = GELU }
+                let lora = { Rank = 4; Alpha = 8.0; FreezeBase = true }
+                let router = 2.0 * 16.0 * float m.Router.Experts
+                let adapters = 2.0 * 2.0 * 4.0 * (16.0 + 32.0) // two adapted projections, 2 r (D + H) each
+                Expect.equal (loraMoeFlops m lora 2.0) (router + 2.0 * 16.0 * 32.0 + 2.0 * (2.0 * 32.0 * 16.0 + adapters)) "hand count"
+                let swiglu = { m with Activation = SwiGLU }
+                Expect.equal (loraMoeFlops swiglu lora 1.0 - loraMoeFlops m lora 1.0) (2.0 * 16.0 * 32.0 + 2.0 * 4.0 * (16.0 + 32.0))
+                    "SwiGLU adds the shared W3 once per token and its adapters per expert"
+                let loraJob = Summarizer.SummarizerConfig.defaults |> Summarizer.SummarizerConfig.topK 4 2 |> Summarizer.SummarizerConfig.loraExperts lora
+                let routed = loraJob |> withRouter (fun r -> { r with K = 1 })
+                match routed.Model.Ffn with
+                | Models.LoraMoe (mm, l) -> Expect.equal (mm.Router.K, l) (1, lora) "withRouter keeps LoRA experts"
+                | other -> failtestf "expected LoRA experts, got %A" other
+                Expect.equal (ffnFlops routed 1.0) (loraMoeFlops (moeOf routed) lora 1.0) "ffnFlops of a LoRA-MoE config"
+            }
             test "configured experts per token follow the selection" {
                 let r = RouterConfig.defaults
                 Expect.equal (configuredActiveExperts r) (float r.K) "top-k"

@@ -104,6 +104,14 @@ let tests =
                 Expect.isNotNull config["Train"] "train section"
                 // The checkpoint alone rebuilds the model: the same greedy outputs on the test documents.
                 use loaded = load run None Native.Cpu
+                // parameters.json holds the model's counts, and a sweep's results row reads them.
+                let counts = loaded.Model.ParameterCount()
+                let expected = { Total = counts.Total; Active = counts.Active; Trainable = loaded.Model.TrainableParameterCount() }
+                Expect.equal (RunFiles.readParameters run) (Some(Ok expected)) "parameters.json"
+                Expect.isLessThan expected.Active expected.Total "top-2 of 4 experts: fewer active than total"
+                let row = Sweep.readRow { Index = 0; Name = "topk"; Varied = []; Overrides = []; Config = JsonObject(); Hash = ""; RunDir = run }
+                Expect.equal (row.ParametersTotal, row.ParametersActive) (Some expected.Total, Some expected.Active) "sweep results row"
+                Expect.isEmpty row.Notes "nothing unreadable"
                 let docs = lines (Path.Combine(run, "documents.txt"))
                 let again = summarizeTexts loaded None docs
                 Expect.sequenceEqual again (lines (Path.Combine(run, "predictions.txt"))) "reloaded model decodes the same")

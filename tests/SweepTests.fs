@@ -491,9 +491,9 @@ let tests =
                     """{"model": {"n": 50, "rouge1": {"precision": 0.4, "recall": 0.3, "f1": 0.34}, "rouge2": {"f1": 0.12}, "bleu": 7.5},
                         "lead1": {"n": 50, "rouge1": {"f1": 0.2}},
                         "model_ci": {"rouge1": {"low": 0.31, "mid": 0.34, "high": 0.37}, "bleu": {"low": 6.0, "mid": 7.5, "high": 9.0}}}""" |> ignore
-                write r0.RunDir "parameters.json" """{"total": 1234567, "active": 456789}""" |> ignore
+                Train.RunFiles.writeParameters r0.RunDir { Total = 1234567L; Active = 456789L; Trainable = 1234567L }
                 write r1.RunDir "metrics.jsonl" "{\"step\": 5, \"split\": \"train\", \"tokens_per_s\": 10.0}\nnot json\n" |> ignore
-                write r1.RunDir "config.json" """{"train": {}, "parameters": {"total": 2000, "active": 1000}}""" |> ignore
+                write r1.RunDir "parameters.json" """{"total": 2000, "active": 1000}""" |> ignore
                 let rows = collect plan
                 let row0 = rows[0]
                 Expect.equal row0.Status Finished "test scores present"
@@ -508,8 +508,10 @@ let tests =
                 Expect.equal (row0.Test |> List.find (fst >> (=) "rouge1") |> snd) { Value = 0.34; Low = Some 0.31; High = Some 0.37 } "F1 with interval"
                 Expect.equal (row0.Test |> List.find (fst >> (=) "rouge2") |> snd) { Value = 0.12; Low = None; High = None } "no interval stored"
                 Expect.equal (row0.ParametersTotal, row0.ParametersActive) (Some 1234567L, Some 456789L) "parameters.json"
-                Expect.equal (rows[1].ParametersTotal, rows[1].ParametersActive) (Some 2000L, Some 1000L) "config.json parameters"
-                Expect.equal rows[1].Notes [ "metrics.jsonl line 2: not a JSON object" ] "malformed line noted, not guessed"
+                Expect.equal (rows[1].ParametersTotal, rows[1].ParametersActive) (None, None) "malformed parameters.json: no counts"
+                Expect.equal rows[1].Notes.Length 2 "two problems noted"
+                Expect.equal rows[1].Notes[0] "metrics.jsonl line 2: not a JSON object" "malformed line noted, not guessed"
+                Expect.stringContains rows[1].Notes[1] "parameters.json: expected a number \"trainable\"" "missing count noted by name"
                 Expect.equal rows[2].Status NotStarted "missing run"
                 let csvPath, mdPath = writeResults plan rows "report note"
                 let csv = File.ReadAllLines csvPath
