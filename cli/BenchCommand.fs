@@ -172,12 +172,8 @@ let private trainStep (args: ParseResults<TrainStepArgs>) : int =
     printf "%s" (Bench.trainStepTable report)
     0
 
-/// Runs a bench subcommand; bad input prints "error: ..." and returns 2.
+/// Runs a bench subcommand (bad input: `InputErrors.guard` in `Cli.main` reports it, exit code 2).
 let run (args: ParseResults<BenchArgs>) : int =
-    try
-        match args.GetSubCommand() with
-        | Moe_Layer a -> moeLayer a
-        | Train_Step a -> trainStep a
-    with :? ArgumentException as e ->
-        eprintfn "error: %s" e.Message
-        2
+    match args.GetSubCommand() with
+    | Moe_Layer a -> moeLayer a
+    | Train_Step a -> trainStep a

@@ -53,20 +53,17 @@ let main argv =
     let parser = ArgumentParser.Create<Command>(programName = "moe")
     try
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
-        match results.GetSubCommand() with
-        | Info a -> info a
-        | Score a -> ScoreCommand.run a
-        | Human_Eval a -> HumanEvalCommand.run a
-        | Data a -> DataCommand.run a
-        | Report a -> ReportCommand.run a
-        | Train a -> TrainCommand.guard (fun () -> TrainCommand.train a)
-        | Generate a -> TrainCommand.guard (fun () -> TrainCommand.generate a)
-        | Sweep a -> SweepCommand.run a
-        | Bench a -> BenchCommand.run a
-    with
-    | :? ArguParseException as e ->
+        InputErrors.guard (fun () ->
+            match results.GetSubCommand() with
+            | Info a -> info a
+            | Score a -> ScoreCommand.run a
+            | Human_Eval a -> HumanEvalCommand.run a
+            | Data a -> DataCommand.run a
+            | Report a -> ReportCommand.run a
+            | Train a -> TrainCommand.train a
+            | Generate a -> TrainCommand.generate a
+            | Sweep a -> SweepCommand.run a
+            | Bench a -> BenchCommand.run a)
+    with :? ArguParseException as e ->
         eprintfn "%s" e.Message
-        if e.ErrorCode = ErrorCode.HelpText then 0 else 2
-    | :? ArgumentException as e ->
-        eprintfn "error: %s" e.Message
-        2
+        if e.ErrorCode = ErrorCode.HelpText then 0 else InputErrors.BadInput

@@ -102,15 +102,8 @@ let private inspect (args: ParseResults<InspectArgs>) : int =
     printf "%s" (Data.formatInspection inspection)
     0
 
-/// Runs `moe data ...`; bad data prints the problem (file and line) and returns 1.
+/// Runs `moe data ...`; bad data (a `Data.DataException` naming file and line) is reported by
+/// `InputErrors.guard` in `Cli.main`, exit code 2.
 let run (args: ParseResults<DataArgs>) : int =
-    try
-        match args.GetSubCommand() with
-        | Inspect a -> inspect a
-    with
-    | :? Data.DataException as e ->
-        eprintfn "error: %s" e.Message
-        1
-    | :? FileNotFoundException as e ->
-        eprintfn "error: %s" e.Message
-        1
+    match args.GetSubCommand() with
+    | Inspect a -> inspect a

@@ -70,10 +70,9 @@ let private summarize (args: ParseResults<HumanEvalArgs>) (sheets: string list) 
     if args.Contains Json then printfn "%s" (HumanEval.summaryToJson summary)
     else printf "%s" (HumanEval.formatSummary summary)
 
-/// Runs the command; bad input prints "error: ..." and returns 2.
+/// Runs the command (bad input: `InputErrors.guard` in `Cli.main` reports it, exit code 2).
 let run (args: ParseResults<HumanEvalArgs>) : int =
-    InputErrors.guard (fun () ->
-        match args.GetResults Summarize with
-        | [] -> draw args
-        | sheets -> summarize args sheets
-        0)
+    match args.GetResults Summarize with
+    | [] -> draw args
+    | sheets -> summarize args sheets
+    0

@@ -15,15 +15,12 @@ type ReportArgs =
             | Out _ -> sprintf "the HTML file to write (default %s)." Report.defaultOut
             | Samples _ -> sprintf "examples shown per test set (default %d)." Report.defaults.Samples
 
-/// Writes the report; malformed run files are reported with their file and line, exit code 2.
+/// Writes the report; malformed run files (a `RunLog.RunFileException` naming file and line) are reported
+/// by `InputErrors.guard` in `Cli.main`, exit code 2.
 let run (args: ParseResults<ReportArgs>) : int =
     let dirs = args.GetResult Runs
     if dirs.IsEmpty then invalidArg "RUN_DIR" "expected at least one run folder"
     let options = { Report.defaults with Samples = args.GetResult(Samples, Report.defaults.Samples) }
-    try
-        let path = Report.write options (args.GetResult(Out, Report.defaultOut)) dirs
-        printfn "wrote %s" path
-        0
-    with :? RunLog.RunFileException as e ->
-        eprintfn "error: %s" e.Message
-        2
+    let path = Report.write options (args.GetResult(Out, Report.defaultOut)) dirs
+    printfn "wrote %s" path
+    0

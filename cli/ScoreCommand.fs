@@ -27,33 +27,32 @@ type ScoreArgs =
             | Seed _ -> "bootstrap seed (default 0)."
             | Newline_Marker _ -> "a marker that stands for a sentence break inside a line (e.g. <n>); it becomes a newline, so ROUGE-Lsum sees sentences."
 
-/// Runs the command; bad input prints "error: ..." and returns 2.
+/// Runs the command (bad input: `InputErrors.guard` in `Cli.main` reports it, exit code 2).
 let run (args: ParseResults<ScoreArgs>) : int =
-    InputErrors.guard (fun () ->
-        let read path =
-            let lines = Metrics.readLines path
-            match args.TryGetResult Newline_Marker with
-            | Some marker when marker <> "" -> lines |> Array.map (fun l -> l.Replace(marker, "\n"))
-            | _ -> lines
-        let predictionsPath = args.GetResult Predictions
-        let referencesPath = args.GetResult References
-        let documentsPath = args.TryGetResult Documents
-        let predictions = read predictionsPath
-        let references = read referencesPath
-        let documents = documentsPath |> Option.map Metrics.readLines
-        Metrics.expectAligned (
-            [ predictionsPath, predictions; referencesPath, references ]
-            @ (match documentsPath, documents with
-               | Some p, Some d -> [ p, d ]
-               | _ -> []))
-        let options =
-            { Metrics.defaultOptions with
-                Stem = args.Contains Stem
-                Bootstrap =
-                    { Metrics.Bootstrap.defaults with
-                        Samples = args.GetResult(Bootstrap_Samples, Metrics.Bootstrap.defaults.Samples)
-                        Seed = args.GetResult(Seed, Metrics.Bootstrap.defaults.Seed) } }
-        let report = Metrics.scoreCorpus options predictions references documents
-        if args.Contains Json then printfn "%s" (Metrics.toJson report)
-        else printf "%s" (Metrics.formatTable report)
-        0)
+    let read path =
+        let lines = Metrics.readLines path
+        match args.TryGetResult Newline_Marker with
+        | Some marker when marker <> "" -> lines |> Array.map (fun l -> l.Replace(marker, "\n"))
+        | _ -> lines
+    let predictionsPath = args.GetResult Predictions
+    let referencesPath = args.GetResult References
+    let documentsPath = args.TryGetResult Documents
+    let predictions = read predictionsPath
+    let references = read referencesPath
+    let documents = documentsPath |> Option.map Metrics.readLines
+    Metrics.expectAligned (
+        [ predictionsPath, predictions; referencesPath, references ]
+        @ (match documentsPath, documents with
+           | Some p, Some d -> [ p, d ]
+           | _ -> []))
+    let options =
+        { Metrics.defaultOptions with
+            Stem = args.Contains Stem
+            Bootstrap =
+                { Metrics.Bootstrap.defaults with
+                    Samples = args.GetResult(Bootstrap_Samples, Metrics.Bootstrap.defaults.Samples)
+                    Seed = args.GetResult(Seed, Metrics.Bootstrap.defaults.Seed) } }
+    let report = Metrics.scoreCorpus options predictions references documents
+    if args.Contains Json then printfn "%s" (Metrics.toJson report)
+    else printf "%s" (Metrics.formatTable report)
+    0

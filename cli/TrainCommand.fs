@@ -204,25 +204,3 @@ let generate (args: ParseResults<GenerateArgs>) : int =
         eprintfn "wrote %s" path
     | None -> for s in summaries do printfn "%s" (oneLine s)
     0
-
-/// Wraps a command: bad input prints "error: ..." and returns 2; a diverged run returns 1.
-let guard (command: unit -> int) : int =
-    try command ()
-    with
-    | :? Data.DataException as e ->
-        eprintfn "error: %s" e.Message
-        2
-    | :? FileNotFoundException as e ->
-        eprintfn "error: %s" e.Message
-        2
-    | :? ArgumentException as e ->
-        // .NET appends " (Parameter 'name')"; the message already says what was wrong.
-        let suffix = if isNull e.ParamName then "" else sprintf " (Parameter '%s')" e.ParamName
-        eprintfn "error: %s" (if suffix <> "" && e.Message.EndsWith suffix then e.Message.Substring(0, e.Message.Length - suffix.Length) else e.Message)
-        2
-    | :? Train.TooManyBadStepsException as e ->
-        eprintfn "error: %s" e.Message
-        1
-    | :? InvalidOperationException as e ->
-        eprintfn "error: %s" e.Message
-        1

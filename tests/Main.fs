@@ -20,6 +20,7 @@ let all =
         SweepTests.tests
         LoraTests.tests
         BenchTests.tests
+        LauncherTests.tests
     ]
 
 [<EntryPoint>]

@@ -42,6 +42,18 @@ let repoRoot : string =
         else up dir.Parent
     up (DirectoryInfo AppContext.BaseDirectory)
 
+/// Runs bash with `args` (a script and its arguments, or -c and a command line) in `cwd` with extra
+/// environment variables; returns the exit code and the output (stdout, then stderr).
+let bash (cwd: string) (env: (string * string) list) (args: string list) : int * string =
+    let psi = Diagnostics.ProcessStartInfo("bash", UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = cwd)
+    for a in args do psi.ArgumentList.Add a
+    for k, v in env do psi.Environment[k] <- v
+    use p = Diagnostics.Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEnd()
+    p.WaitForExit()
+    p.ExitCode, out.Result + err
+
 /// A test that needs ../shared/data: skipped, with the reason, where it is absent.
 let testWithShared (name: string) (body: string -> unit) : Test =
     testCase name (fun () ->

@@ -3,12 +3,12 @@
 module Moe.Tests.SweepTests
 
 open System
-open System.Diagnostics
 open System.IO
 open System.Text.Json.Nodes
 open Expecto
 open Moe
 open Moe.Sweep
+open Moe.Tests.Support
 
 /// The config file the tests sweep over: a `train` section (TrainConfig) and a `moe` section (MoeConfig),
 /// so paths reach records, unions with fields and options.
@@ -62,17 +62,6 @@ let problemsOf (dir: string) (text: string) : string list =
     match loadText dir text with
     | Ok plan -> failtestf "expected the grid to be rejected, but it expanded into %d runs" plan.Runs.Length
     | Error es -> es
-
-/// Runs a bash command line in `cwd` with extra environment variables; returns exit code and output.
-let bash (cwd: string) (env: (string * string) list) (args: string list) : int * string =
-    let psi = ProcessStartInfo("bash", UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = cwd)
-    for a in args do psi.ArgumentList.Add a
-    for k, v in env do psi.Environment[k] <- v
-    use p = Process.Start psi
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEnd()
-    p.WaitForExit()
-    p.ExitCode, out.Result + err
 
 /// A stand-in for the training command that records its arguments (one line per call, NUL-free, tab-separated)
 /// and creates the run folder it is given after `--run-dir`; exits with 3 when the run folder's name contains

@@ -1,0 +1,72 @@
+/// The `./moe` launcher and the CLI's one error guard (`cli/InputErrors.fs`): the launcher builds only when
+/// a source changed, each time into a fresh folder that `cli/bin/current` then points to, so a command still
+/// running from an older build keeps its files; every command reports bad input as `error: ...`, exit code 2.
+module Moe.Tests.LauncherTests
+
+open System
+open System.IO
+open Expecto
+open Moe.Tests.Support
+
+let private launcher = Path.Combine(repoRoot, "moe")
+let private current = Path.Combine(repoRoot, "cli", "bin", "current")
+
+/// The launcher's file in a build folder whose time says which sources that build saw.
+let private marker = ".built-from"
+
+/// The launcher's mark on a build folder that `current` moved past.
+let private retired = ".retired"
+
+/// Runs `./moe args` from the repository root: exit code and output.
+let private moe (args: string list) : int * string = bash repoRoot [] (launcher :: args)
+
+/// The build folder `current` points to.
+let private currentBuild () : string =
+    match Directory.ResolveLinkTarget(current, true) with
+    | null -> failtestf "expected %s to be a link to a build folder" current
+    | target -> target.FullName
+
+/// `./moe ARGS` exits with 2 and says `error: ` and `expected` on its own line, without .NET's parameter suffix.
+let private badInput (args: string list) (expected: string) =
+    let code, output = moe args
+    Expect.equal code 2 (sprintf "./moe %s: exit code 2 for bad input; output:\n%s" (String.concat " " args) output)
+    Expect.stringContains output ("error: " + expected) "the message names what was expected"
+    Expect.isFalse (output.Contains "(Parameter '") "no .NET parameter suffix"
+    Expect.isFalse (output.Contains "   at ") "no stack trace"
+
+let tests =
+    testSequenced <| testList "Launcher" [
+        testCase "the launcher is valid bash" <| fun () ->
+            let code, output = bash repoRoot [] [ "-n"; launcher ]
+            Expect.equal code 0 (sprintf "bash -n moe: %s" output)
+
+        testCase "./moe info twice builds once; a newer source builds a fresh folder and leaves the old one whole" <| fun () ->
+            let info () =
+                let code, output = moe [ "info" ]
+                Expect.equal code 0 (sprintf "./moe info: exit code; output:\n%s" output)
+                Expect.stringContains output "device: " "prints the device"
+            info ()
+            let first = currentBuild ()
+            let builtAt = File.GetLastWriteTimeUtc(Path.Combine(first, marker))
+            info ()
+            Expect.equal (currentBuild ()) first "no source changed: the same build"
+            Expect.equal (File.GetLastWriteTimeUtc(Path.Combine(first, marker))) builtAt "and not rebuilt in place"
+            // A build that predates every source stands for a source edited since: the next call rebuilds.
+            let dll = Path.Combine(first, "Moe.Cli.dll")
+            let dllWritten = File.GetLastWriteTimeUtc dll
+            File.SetLastWriteTimeUtc(Path.Combine(first, marker), DateTime(2000, 1, 1, 0, 0, 0, DateTimeKind.Utc))
+            info ()
+            let second = currentBuild ()
+            Expect.notEqual second first "rebuilt into a fresh folder"
+            Expect.isTrue (File.Exists dll) "the old build's files stay for the processes running from it"
+            Expect.equal (File.GetLastWriteTimeUtc dll) dllWritten "the old build is not written to"
+            Expect.isTrue (File.Exists(Path.Combine(first, retired))) "the old build is marked retired"
+
+        testCase "every command reports bad input through one guard: error line, exit code 2" <| fun () ->
+            let missing = Path.Combine(Path.GetTempPath(), "moe-launcher-tests", Guid.NewGuid().ToString("N"))
+            badInput [ "data"; "inspect"; Path.Combine(missing, "x.jsonl") ] (Path.Combine(missing, "x.jsonl"))
+            badInput [ "train"; "--router"; "bogus" ] "expected dense|topk|hash, got 'bogus'"
+            badInput [ "score"; "--predictions"; Path.Combine(missing, "p.txt"); "--references"; Path.Combine(missing, "r.txt") ]
+                "expected a text file at"
+            badInput [ "report"; missing ] missing
+    ]
