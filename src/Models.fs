@@ -1,5 +1,6 @@
 /// Pre-LayerNorm Transformers whose feed-forward sublayers are dense FFNs or sparse MoE layers: an
-/// encoder-decoder (Vaswani et al. 2017) and a decoder-only variant (GPT), built from the same blocks.
+/// encoder-decoder (Vaswani et al. 2017) and a decoder-only variant (GPT), built from the same blocks, each
+/// runnable in bf16 mixed precision over float32 master weights (`Precision`).
 /// Axes: B batch, S source positions, L target positions, D model width, V vocabulary, E experts, K picks.
 module Moe.Models
 

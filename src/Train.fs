@@ -1,7 +1,7 @@
 /// The training loop, generic over the task: AdamW (Loshchilov & Hutter 2019) with linear warmup then
 /// cosine or inverse-square-root decay, gradient clipping and accumulation, the total loss with the
-/// MoE balancing losses weighted once here, JSONL logs, atomic checkpoints that resume the same run
-/// exactly, validation with early stopping, and a progress display.
+/// MoE balancing losses weighted once here, optional bf16 mixed precision, JSONL logs, atomic checkpoints
+/// that resume the same run exactly, validation with early stopping, and a progress display.
 /// Axes: B batch, S sequence, V vocabulary, N counted target tokens, E experts.
 module Moe.Train
 

@@ -537,9 +537,10 @@ let gradientsAt (model: EncoderDecoder) (precision: Precision) (src: Tensor) (tg
 
 let precisionTests =
     testList "bf16" [
-        testCase "bf16 forward (dense and top-4-of-4 MoE): float32 logits close to float32's; parameters and gradients stay float32 and close" <| fun () ->
+        testCase "bf16 forward (dense, top-4-of-4 MoE, LoRA-MoE): float32 logits close to float32's; parameters and gradients stay float32 and close" <| fun () ->
             // K = E keeps routing free of discrete choices, so bf16 rounding cannot flip an expert pick
-            for name, ffn in [ "dense", Dense 32; "MoE", Moe { moeConfig with Router = { moeConfig.Router with K = 4 } } ] do
+            let allExperts = { moeConfig with Router = { moeConfig.Router with K = 4 } }
+            for name, ffn in [ "dense", Dense 32; "MoE", Moe allExperts; "LoRA-MoE", LoraMoe(allExperts, LoraConfig.defaults) ] do
                 use _ = torch.NewDisposeScope()
                 torch.manual_seed 31L |> ignore
                 use model = new EncoderDecoder({ tinyConfig with Ffn = ffn })
