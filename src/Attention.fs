@@ -209,6 +209,8 @@ type KvCache() =
 
 /// Attention sublayer with separate query, key, value and output projections (no biases). Serves as
 /// self-attention (`SelfAttend`) or cross-attention (`CrossAttend`); `forward x` is unmasked self-attention.
+/// The projections run in the input's dtype (`Tensors.linearLayerCast`: float32 weights serve a bfloat16
+/// input), the softmax in float32; keys and values, cached ones included, are in the input's dtype.
 [<AllowNullLiteral>]
 type GroupedQueryAttention(name: string, cfg: AttentionConfig) as this =
     inherit Module<Tensor, Tensor>(name)
@@ -236,7 +238,7 @@ type GroupedQueryAttention(name: string, cfg: AttentionConfig) as this =
         let p = if this.training then cfg.Dropout else 0.0
         let o = attend cfg.Impl p mask q k v                                    // [B; H; S; Dh]
         let merged = o.transpose(1L, 2L).reshape(q.shape[0], q.shape[2], h * int64 headDim)  // [B; S; H*Dh]
-        wo.forward(merged).MoveToOuterDisposeScope()
+        (linearLayerCast wo merged).MoveToOuterDisposeScope()
 
     member _.Config = cfg
     member _.Wq = wq
@@ -250,9 +252,9 @@ type GroupedQueryAttention(name: string, cfg: AttentionConfig) as this =
     member _.SelfAttend(x: Tensor, keyValid: Tensor, causal: bool, cache: KvCache) : Tensor =
         checkInput "x" x
         use _ = torch.NewDisposeScope()
-        let q = splitHeads h (wq.forward x)                                    // [B; H; S; Dh]
-        let kNew = splitHeads g (wk.forward x)                                 // [B; G; S; Dh]
-        let vNew = splitHeads g (wv.forward x)                                 // [B; G; S; Dh]
+        let q = splitHeads h (linearLayerCast wq x)                            // [B; H; S; Dh]
+        let kNew = splitHeads g (linearLayerCast wk x)                         // [B; G; S; Dh]
+        let vNew = splitHeads g (linearLayerCast wv x)                         // [B; G; S; Dh]
         let k, v =
             if isNull cache then kNew, vNew
             else
@@ -274,15 +276,15 @@ type GroupedQueryAttention(name: string, cfg: AttentionConfig) as this =
     member _.CrossAttend(x: Tensor, memory: Tensor, memoryValid: Tensor, cache: KvCache) : Tensor =
         checkInput "x" x
         use _ = torch.NewDisposeScope()
-        let q = splitHeads h (wq.forward x)                                    // [B; H; S; Dh]
+        let q = splitHeads h (linearLayerCast wq x)                            // [B; H; S; Dh]
         let k, v =
             if not (isNull cache) && not cache.IsEmpty then cache.Keys, cache.Values
             else
                 checkInput "memory" memory
                 if memory.shape[0] <> x.shape[0] then
                     invalidArg "memory" (sprintf "expected memory with batch %d like x, got %s" x.shape[0] (describe memory))
-                let k = splitHeads g (wk.forward memory)                       // [B; G; L; Dh]
-                let v = splitHeads g (wv.forward memory)                       // [B; G; L; Dh]
+                let k = splitHeads g (linearLayerCast wk memory)               // [B; G; L; Dh]
+                let v = splitHeads g (linearLayerCast wv memory)               // [B; G; L; Dh]
                 if not (isNull cache) then cache.Set(k, v)
                 k, v
         let mask =

@@ -51,11 +51,7 @@ type DenseFfn(name: string, modelDim: int, hidden: int, act: Activation) as this
     override _.forward(x: Tensor) : FfnResult =
         expect "x" (sprintf "[..; %d] floating point" modelDim) (fun t -> t.Dimensions >= 1L && t.shape[t.shape.Length - 1] = int64 modelDim && isFloating t) x
         // weights are cast to the input's dtype when they differ, so float32 master weights serve a bfloat16 pass
-        let project (layer: Linear) (input: Tensor) =
-            if layer.weight.dtype = input.dtype then layer.forward input
-            else
-                use w = layer.weight.to_type input.dtype
-                functional.linear (input, w)
+        let project (layer: Linear) (input: Tensor) = linearLayerCast layer input
         use h = activate act (project w1 x)
         let out =
             if isNull w3 then project w2 h

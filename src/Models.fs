@@ -1,5 +1,6 @@
 /// Pre-LayerNorm Transformers whose feed-forward sublayers are dense FFNs or sparse MoE layers: an
-/// encoder-decoder (Vaswani et al. 2017) and a decoder-only variant (GPT), built from the same blocks.
+/// encoder-decoder (Vaswani et al. 2017) and a decoder-only variant (GPT), built from the same blocks, each
+/// runnable in bf16 mixed precision over float32 master weights (`Precision`).
 /// Axes: B batch, S source positions, L target positions, D model width, V vocabulary, E experts, K picks.
 module Moe.Models
 
@@ -283,10 +284,46 @@ type ParameterCount =
     { Total: int64
       Active: int64 }
 
+// ---------------------------------------------------------------- precision
+
+/// The dtype a model's matmuls run in: bf16 mixed precision with float32 master weights (Micikevicius et
+/// al. 2018), written out because TorchSharp 0.107 has no autocast. With `BFloat16` the inputs of every
+/// projection (attention q, k, v, o; dense FFNs and MoE experts; the output projection) are cast to
+/// bfloat16 and the float32 weights are cast on the fly (differentiably, so gradients and optimizer state
+/// stay float32); the residual stream, LayerNorms, attention softmax, routing and the logits handed to the
+/// loss stay float32, as in PyTorch's autocast op lists.
+[<RequireQualifiedAccess>]
+type Precision =
+    /// No casts: everything runs in the parameters' own dtype (float32, or float64 for gradient checks).
+    | Full
+    /// bfloat16 matmuls over float32 master weights; norms, softmax, routing and logits in float32.
+    | BFloat16
+
+module Precision =
+    /// Casts a sublayer input to the compute dtype (the identity for `Full`).
+    let cast (p: Precision) (t: Tensor) : Tensor =
+        match p with
+        | Precision.Full -> t
+        | Precision.BFloat16 -> castTo torch.ScalarType.BFloat16 t
+
+    /// Logits for the loss: float32 after a bfloat16 output projection (autocast runs the loss in float32),
+    /// untouched otherwise.
+    let logits (p: Precision) (t: Tensor) : Tensor =
+        match p with
+        | Precision.Full -> t
+        | Precision.BFloat16 -> t.to_type torch.ScalarType.Float32
+
+/// A model whose matmuls can run in bfloat16 over float32 master weights: what `TrainConfig.Bf16` sets.
+type IMixedPrecision =
+    /// The compute precision of forward passes (training, validation and generation alike).
+    abstract Precision: Precision with get, set
+
 // ---------------------------------------------------------------- blocks
 
 /// Pre-LayerNorm Transformer block (Xiong et al. 2020): x + Attn(LN x), then, with a memory, x + Cross(LN x, memory),
-/// then x + FFN(LN x); dropout on each residual branch.
+/// then x + FFN(LN x); dropout on each residual branch. The residual stream x and the LayerNorms stay in
+/// x's dtype (float32); each normed sublayer input (and the memory) is cast to `Precision`'s compute dtype,
+/// and the sublayer's output is added back to the residual, which the addition promotes to float32.
 type Block(name: string, cfg: ModelConfig, causal: bool, withCross: bool, feedForward: FeedForward) as this =
     inherit torch.nn.Module(name)
     let d = int64 cfg.ModelDim
@@ -298,10 +335,14 @@ type Block(name: string, cfg: ModelConfig, causal: bool, withCross: bool, feedFo
     let ffn = feedForward.Module
     do this.RegisterComponents()
 
+    let mutable precision = Precision.Full
+
     let residualDropout (t: Tensor) =
         if this.training && cfg.Dropout > 0.0 then functional.dropout(t, cfg.Dropout, true) else t
 
     member _.Name = name
+    /// The dtype the sublayers compute in (the model sets it on every block).
+    member _.Precision with get () = precision and set (p: Precision) = precision <- p
     member _.Attention = attn
     /// Cross-attention sublayer; null in encoder and decoder-only blocks.
     member _.CrossAttention = cross
@@ -315,6 +356,8 @@ type Block(name: string, cfg: ModelConfig, causal: bool, withCross: bool, feedFo
     /// Returns the new x [B; S; D] and the FFN's MoE report.
     member _.Forward(x: Tensor, tokenIds: Tensor, valid: Tensor, memory: Tensor, memoryValid: Tensor, cache: LayerCache) : Tensor * MoeReport option =
         use _ = torch.NewDisposeScope()
+        let compute = Precision.cast precision
+        let memory = if isNull memory then memory else compute memory            // [B; L; D]
         let selfCache = if isNull cache then null else cache.Self
         // With a cache, valid covers only the new positions; earlier ones were real when they were decoded.
         let keyValid =
@@ -322,13 +365,13 @@ type Block(name: string, cfg: ModelConfig, causal: bool, withCross: bool, feedFo
             else
                 use earlier = torch.ones([| x.shape[0]; cache.Self.Length |], dtype = torch.ScalarType.Bool, device = x.device)
                 torch.cat([| earlier; valid |], 1L)
-        let x = plus x (residualDropout (attn.SelfAttend(attnNorm.forward x, keyValid, causal, selfCache)))  // [B; S; D]
+        let x = plus x (residualDropout (attn.SelfAttend(compute (attnNorm.forward x), keyValid, causal, selfCache)))  // [B; S; D]
         let x =
             if isNull cross then x
             else
                 let crossCache = if isNull cache then null else cache.Cross
-                plus x (residualDropout (cross.CrossAttend(crossNorm.forward x, memory, memoryValid, crossCache)))
-        let r = FeedForward.run feedForward (ffnNorm.forward x) tokenIds valid
+                plus x (residualDropout (cross.CrossAttend(compute (crossNorm.forward x), memory, memoryValid, crossCache)))
+        let r = FeedForward.run feedForward (compute (ffnNorm.forward x)) tokenIds valid
         let x = plus x (residualDropout r.Output)                                   // [B; S; D]
         r.Moe |> Option.iter moveReportOut
         x.MoveToOuterDisposeScope(), r.Moe
@@ -450,6 +493,7 @@ type EncoderDecoder(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as
     let lmHead = if cfg.TiedEmbeddings then null else Linear(d, int64 cfg.VocabSize, hasBias = false)
     let inactiveParameters =
         Array.append encFfns decFfns |> Array.sumBy (fun f -> parameterCount f.Module - f.ActiveParameters)
+    let mutable precision = Precision.Full
     do
         use _ = torch.no_grad ()
         init.normal_(embed.weight, 0.0, embeddingStd cfg.ModelDim) |> ignore
@@ -463,9 +507,12 @@ type EncoderDecoder(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as
         let x = if this.training && cfg.Dropout > 0.0 then functional.dropout(x, cfg.Dropout, true) else x
         x.MoveToOuterDisposeScope()
 
-    /// Final-normed states [B; L; D] -> logits [B; L; V].
+    /// Final-normed states [B; L; D] -> logits [B; L; V], float32 under bf16 mixed precision.
     let project (h: Tensor) : Tensor =
-        if isNull lmHead then functional.linear(h, embed.weight) else lmHead.forward h
+        use _ = torch.NewDisposeScope()
+        let h = Precision.cast precision h                                     // [B; L; D]
+        let logits = linearCast (if isNull lmHead then embed.weight else lmHead.weight) h  // [B; L; V]
+        (Precision.logits precision logits).MoveToOuterDisposeScope()
 
     /// A model whose feed-forward sublayers are `FeedForward.create cfg`: dense, or MoE by `MoeEvery`.
     new(cfg: ModelConfig) = new EncoderDecoder(cfg, Func<FfnSite, FeedForward>(FeedForward.create cfg))
@@ -481,6 +528,18 @@ type EncoderDecoder(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as
     member _.EncoderNorm = encNorm
     /// LayerNorm before the output projection.
     member _.DecoderNorm = decNorm
+
+    /// The compute precision (default `Full`): `BFloat16` runs every matmul in bfloat16 over the float32
+    /// parameters, with norms, softmax, routing and the returned logits in float32 (see `Precision`).
+    /// Training sets it from `TrainConfig.Bf16`; key/value caches made afterwards hold the compute dtype.
+    member _.Precision
+        with get () = precision
+        and set (p: Precision) =
+            precision <- p
+            for b in Seq.append enc dec do b.Precision <- p
+
+    interface IMixedPrecision with
+        member this.Precision with get () = this.Precision and set p = this.Precision <- p
 
     /// The MoE layers by name ("enc.1", "dec.3"), encoder first: to set balanced hash tables, read routers.
     member _.MoeLayers() : (string * MoeLayer)[] = Array.append (moeLayersOf enc) (moeLayersOf dec)
@@ -525,6 +584,8 @@ type EncoderDecoder(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as
         use _ = torch.NewDisposeScope()
         let offset = if hasCache then cache.Length else 0L
         let x = embedTokens decPos offset tgt                                   // [B; L; D]
+        // cast once here rather than in every block's cross-attention
+        let memory = if isNull memory then memory else Precision.cast precision memory  // [B; S; D]
         let x, reports = runBlocks dec x tgt tgtValid memory memoryValid cache
         let logits = project (decNorm.forward x)                               // [B; L; V]
         for r in reports do moveReportOut r.Report
@@ -555,6 +616,7 @@ type DecoderOnly(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as th
     let norm = LayerNorm(d, eps = cfg.LayerNormEps)
     let lmHead = if cfg.TiedEmbeddings then null else Linear(d, int64 cfg.VocabSize, hasBias = false)
     let inactiveParameters = ffns |> Array.sumBy (fun f -> parameterCount f.Module - f.ActiveParameters)
+    let mutable precision = Precision.Full
     do
         use _ = torch.no_grad ()
         init.normal_(embed.weight, 0.0, embeddingStd cfg.ModelDim) |> ignore
@@ -566,6 +628,16 @@ type DecoderOnly(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as th
     member _.Embedding = embed
     member _.Blocks = blocks
     member _.OutputProjection = lmHead
+
+    /// The compute precision (default `Full`); see `EncoderDecoder.Precision`.
+    member _.Precision
+        with get () = precision
+        and set (p: Precision) =
+            precision <- p
+            for b in blocks do b.Precision <- p
+
+    interface IMixedPrecision with
+        member this.Precision with get () = this.Precision and set p = this.Precision <- p
 
     /// The MoE layers by name ("dec.1").
     member _.MoeLayers() : (string * MoeLayer)[] = moeLayersOf blocks
@@ -591,8 +663,9 @@ type DecoderOnly(cfg: ModelConfig, ffnFactory: Func<FfnSite, FeedForward>) as th
         let x = plus x (pos.Forward(offset, ids.shape[1], ids.device))            // [B; L; D]
         let x = if this.training && cfg.Dropout > 0.0 then functional.dropout(x, cfg.Dropout, true) else x
         let x, reports = runBlocks blocks x ids valid null null cache
-        let h = norm.forward x
-        let logits = if isNull lmHead then functional.linear(h, embed.weight) else lmHead.forward h  // [B; L; V]
+        let h = Precision.cast precision (norm.forward x)                      // [B; L; D]
+        let logits = linearCast (if isNull lmHead then embed.weight else lmHead.weight) h  // [B; L; V]
+        let logits = Precision.logits precision logits                          // [B; L; V] float32 under bf16
         for r in reports do moveReportOut r.Report
         { Logits = logits.MoveToOuterDisposeScope(); Moe = reports }
 

@@ -50,6 +50,41 @@ let seedAll (seed: int) : unit =
     torch.manual_seed (int64 seed) |> ignore
     if cudaAvailable () then torch.cuda.manual_seed_all (int64 seed)
 
+/// How a training run makes a device's random draws (dropout masks, router noise) repeat after a resume.
+type RngResume =
+    /// The generator's state is saved in each checkpoint and restored on resume (libtorch's CPU generator).
+    | SavedState
+    /// The generator is re-seeded at the start of every optimizer step from (run seed, step), so step n
+    /// draws the same numbers whether or not the run was resumed before it. Used for CUDA: TorchSharp 0.107
+    /// cannot read the CUDA generator's state (no `torch.cuda.get_rng_state`; `torch.Generator.Default` is
+    /// the CPU generator and `new torch.Generator(seed, cuda)` makes a CPU one), but it can seed it.
+    | ReseedEachStep
+
+/// The resume strategy for random draws on a device type.
+let rngResume (device: DeviceType) : RngResume =
+    match device with
+    | DeviceType.CUDA -> ReseedEachStep
+    | _ -> SavedState
+
+/// SplitMix64's finaliser (Steele, Lea & Flood 2014): a bijection on 64-bit words whose outputs for
+/// neighbouring inputs look independent.
+let private splitMix64 (z: uint64) : uint64 =
+    let z = z + 0x9E3779B97F4A7C15UL
+    let z = (z ^^^ (z >>> 30)) * 0xBF58476D1CE4E5B9UL
+    let z = (z ^^^ (z >>> 27)) * 0x94D049BB133111EBUL
+    z ^^^ (z >>> 31)
+
+/// The generator seed of 0-based optimizer step `step` of a run seeded with `seed`: a pure function, distinct
+/// for distinct (seed, step) (a bijection of the packed pair). It may be negative: libtorch takes the seed as
+/// the uint64 with the same bits.
+let stepSeed (seed: int) (step: int) : int64 =
+    let packed = (uint64 (uint32 seed) <<< 32) ||| uint64 (uint32 step)
+    int64 (splitMix64 packed)
+
+/// Re-seeds every CUDA device's generator for step `step` (`ReseedEachStep`); nothing without CUDA.
+let reseedCudaForStep (seed: int) (step: int) : unit =
+    if cudaAvailable () then torch.cuda.manual_seed_all (stepSeed seed step)
+
 /// A one-line description of the runtime: libtorch build, threads, devices.
 let describeRuntime () : string =
     let cuda = if cudaAvailable () then sprintf "cuda x%d" (torch.cuda.device_count ()) else "no cuda"

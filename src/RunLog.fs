@@ -441,10 +441,10 @@ let writeTestScores (path: string) (systems: (string * Metrics.ScoreReport)[]) :
 // ---------------------------------------------------------------------------------------------
 // config.json
 
-/// Reads config.json as a generic tree and flattens it to (dotted path, JSON text) leaves in
-/// document order; arrays of scalars stay one leaf (`[1, 2]`), arrays of objects are indexed.
-let readConfig (path: string) : ConfigEntry[] =
-    let root = jsonFile path
+/// Flattens a config's JSON tree to (dotted path, text) leaves in document order: strings show
+/// their text, other scalars their JSON; arrays of scalars stay one leaf (`[1, 2]`), arrays of
+/// objects are indexed (`layers[0].kind`), an empty object is the leaf `{}`.
+let flattenConfig (root: JsonElement) : ConfigEntry[] =
     let rec walk (prefix: string) (e: JsonElement) : ConfigEntry list =
         match e.ValueKind with
         | JsonValueKind.Object ->
@@ -459,6 +459,9 @@ let readConfig (path: string) : ConfigEntry[] =
         | JsonValueKind.String -> [ { Path = prefix; Value = e.GetString() } ]
         | _ -> [ { Path = prefix; Value = e.GetRawText() } ]
     walk "" root |> List.toArray
+
+/// Reads config.json as a generic tree and flattens it (see `flattenConfig`).
+let readConfig (path: string) : ConfigEntry[] = flattenConfig (jsonFile path)
 
 // ---------------------------------------------------------------------------------------------
 // Aligned text files and whole runs

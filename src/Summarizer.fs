@@ -583,7 +583,8 @@ type Loaded =
         member l.Dispose() = l.Model.Dispose()
 
 /// Rebuilds the model of `runDir` from its checkpoint alone (best validation by default, else last):
-/// config and tokenizer come from the checkpoint's meta section.
+/// config and tokenizer come from the checkpoint's meta section; the model computes in the precision it
+/// trained in (`Train.Bf16`).
 let load (runDir: string) (checkpoint: string option) (device: Native.DeviceChoice) : Loaded =
     let path =
         match checkpoint with
@@ -601,6 +602,8 @@ let load (runDir: string) (checkpoint: string option) (device: Native.DeviceChoi
     Checkpoint.loadModel path model
     let dev = Native.resolveDevice device
     model.``to``(dev) |> ignore
+    // decode in the precision it was trained in, as the run's own predictions were
+    Train.setPrecision meta.Train model
     model.eval ()
     { Config = cfg; Model = model; Tokenizer = tokenizer; Checkpoint = path; Device = dev }
 

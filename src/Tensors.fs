@@ -61,6 +61,29 @@ let toInt64s (t: Tensor) : int64[] =
 /// The one scalar in `t` as a float.
 let scalar (t: Tensor) : float = t.detach().cpu().to_type(torch.ScalarType.Float64).item<float> ()
 
+// ---------------------------------------------------------------- mixed precision
+
+/// `t` in dtype `dt`: `t` itself when it already is (no copy), a differentiable cast otherwise.
+let castTo (dt: torch.ScalarType) (t: Tensor) : Tensor = if t.dtype = dt then t else t.to_type dt
+
+/// x W^T with the weight cast to x's dtype when they differ, so float32 master weights serve a bfloat16
+/// pass (mixed precision, Micikevicius et al. 2018; the matmul-class ops of PyTorch's autocast). The cast
+/// is differentiable: the gradient reaches W in float32. weight [Out; In], x [..; In] -> [..; Out] in x's dtype.
+let linearCast (weight: Tensor) (x: Tensor) : Tensor =
+    if weight.dtype = x.dtype then torch.nn.functional.linear (x, weight)
+    else
+        use w = weight.to_type x.dtype
+        torch.nn.functional.linear (x, w)
+
+/// A `Linear` layer through `linearCast`, its bias (if any) cast likewise. x [..; In] -> [..; Out] in x's dtype.
+let linearLayerCast (layer: Modules.Linear) (x: Tensor) : Tensor =
+    if layer.weight.dtype = x.dtype then layer.forward x
+    elif isNull layer.bias then linearCast layer.weight x
+    else
+        use w = layer.weight.to_type x.dtype
+        use b = layer.bias.to_type x.dtype
+        torch.nn.functional.linear (x, w, b)
+
 /// Number of tensors alive now (TorchSharp's count), for leak tests.
 let liveTensors () : int64 = torch.Tensor.TotalCount
 

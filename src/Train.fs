@@ -1,7 +1,7 @@
 /// The training loop, generic over the task: AdamW (Loshchilov & Hutter 2019) with linear warmup then
 /// cosine or inverse-square-root decay, gradient clipping and accumulation, the total loss with the
-/// MoE balancing losses weighted once here, JSONL logs, atomic checkpoints that resume the same run
-/// exactly, validation with early stopping, and a progress display.
+/// MoE balancing losses weighted once here, optional bf16 mixed precision, JSONL logs, atomic checkpoints
+/// that resume the same run exactly, validation with early stopping, and a progress display.
 /// Axes: B batch, S sequence, V vocabulary, N counted target tokens, E experts.
 module Moe.Train
 
@@ -71,10 +71,14 @@ type TrainConfig =
       Patience: int
       /// Steps with a NaN or infinite loss or gradient that may be skipped before the run stops.
       MaxBadSteps: int
-      /// Seeds libtorch's generators at the start and the data order of every epoch.
+      /// Seeds libtorch's generators at the start and the data order of every epoch (on CUDA also every
+      /// step's generator seed, `Native.stepSeed`, so resumed runs draw the same dropout masks).
       Seed: int
       Device: Native.DeviceChoice
-      /// bf16 autocast; CUDA only. On the CPU it is a no-op, said so in the log.
+      /// bf16 mixed precision (Micikevicius et al. 2018) on any device: the model's matmuls run in bfloat16
+      /// while its parameters, optimizer state, residual stream, norms, softmax, routing and loss stay float32
+      /// (`Models.Precision.BFloat16`, set on a model that implements `Models.IMixedPrecision`). TorchSharp
+      /// 0.107 has no autocast, so the models cast by construction. Changes the trajectory: fixed on resume.
       Bf16: bool }
 
     /// The defaults (for C#; F# code uses `TrainConfig.defaults`).
@@ -359,7 +363,9 @@ type TooManyBadStepsException(message: string, badSteps: int, step: int) =
 ///
 /// Layout: 8-byte magic, then sections (meta JSON in UTF-8; model state as TorchSharp's `Module.save`;
 /// optimizer state as `save_state_dict`; libtorch's CPU generator state), then a footer of 4 (offset, length)
-/// pairs and an end magic. A file is written to a temporary name in the same folder, flushed to disk and
+/// pairs and an end magic. Parameters and optimizer state are float32 whatever `Bf16` says. The CUDA generator
+/// is not saved (TorchSharp 0.107 cannot read its state); training re-seeds it every step instead
+/// (`Native.RngResume.ReseedEachStep`). A file is written to a temporary name in the same folder, flushed to disk and
 /// renamed over the old one, so a crash leaves the previous checkpoint whole; a file without its footer
 /// is reported as truncated.
 module Checkpoint =
@@ -718,11 +724,21 @@ let makeOptimizer (cfg: TrainConfig) (model: torch.nn.Module) : Modules.AdamW =
 let private trajectoryDifferences (saved: TrainConfig) (now: TrainConfig) : string list =
     let fields = Reflection.FSharpType.GetRecordFields typeof<TrainConfig>
     // Cadence, patience, limits and device change what is logged or where, not the curve.
-    let free = set [ "LogEvery"; "EvalEvery"; "CheckpointEvery"; "Patience"; "MaxBadSteps"; "Device"; "Bf16" ]
+    let free = set [ "LogEvery"; "EvalEvery"; "CheckpointEvery"; "Patience"; "MaxBadSteps"; "Device" ]
     [ for f in fields do
         if not (free.Contains f.Name) then
             let a, b = f.GetValue saved, f.GetValue now
             if a <> b then sprintf "%s: checkpoint has %A, config has %A" f.Name a b ]
+
+/// Sets the model's compute precision from `Bf16` (`Full` otherwise); a model that cannot run mixed
+/// precision is refused when Bf16 asks for it, rather than silently training in float32.
+let setPrecision (cfg: TrainConfig) (model: torch.nn.Module) : unit =
+    match box model with
+    | :? IMixedPrecision as m -> m.Precision <- (if cfg.Bf16 then Precision.BFloat16 else Precision.Full)
+    | _ when cfg.Bf16 ->
+        invalidArg "cfg" (sprintf "Bf16 needs a model that implements Models.IMixedPrecision (EncoderDecoder, DecoderOnly); %s does not. Set Bf16 = false, or implement the interface by casting sublayer inputs to bfloat16"
+                              (model.GetType().Name))
+    | _ -> ()
 
 let private configJson (cfg: TrainConfig) (sections: (string * obj) list) : JsonObject =
     let o = JsonObject()
@@ -741,6 +757,8 @@ let private runCore (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batc
     if isNull (box task.Model) then invalidArg "task" "expected a task with a model, got null"
     let device = Native.resolveDevice cfg.Device
     task.Model.``to``(device) |> ignore
+    setPrecision cfg task.Model
+    let rngResume = Native.rngResume device.``type``
     let optimizer = makeOptimizer cfg task.Model
     let trainable = task.Model.parameters () |> Seq.filter (fun p -> p.requires_grad) |> Seq.toArray
     let ckDir = Checkpoint.folder runDir
@@ -773,10 +791,9 @@ let private runCore (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batc
     let reporter = Reporter(opts.Progress, (if isNull opts.Output then Console.Out else opts.Output), cfg.Steps, start.Step)
     reporter.Message(sprintf "training %d steps on %O (%s)%s" cfg.Steps device (Native.describeRuntime ())
                          (match resumeFrom with Some p -> sprintf ", resumed at step %d from %s" start.Step p | None -> ""))
-    if cfg.Bf16 then
-        if device.``type`` = DeviceType.CUDA then
-            reporter.Message "bf16: TorchSharp 0.107 has no autocast; the model runs in its own dtype (float32)"
-        else reporter.Message "bf16 autocast was asked for, but it applies on CUDA only; on the CPU it is a no-op and the run is float32"
+    if cfg.Bf16 then reporter.Message "bf16 mixed precision: bfloat16 matmuls, float32 master weights, norms, softmax and loss"
+    if rngResume = Native.ReseedEachStep then
+        reporter.Message(sprintf "%O generator re-seeded every step from (Seed %d, step): resumed runs draw the same dropout masks" device cfg.Seed)
 
     let mutable state = start
     let meta () : Checkpoint.Meta =
@@ -814,6 +831,7 @@ let private runCore (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batc
     /// One optimizer step inside its own dispose scope; returns plain numbers only.
     let oneStep (stepIndex: int) (isLogStep: bool) =
         use scope = torch.NewDisposeScope()
+        if rngResume = Native.ReseedEachStep then Native.reseedCudaForStep cfg.Seed stepIndex
         let lr = learningRate cfg stepIndex
         for g in optimizer.ParamGroups do g.LearningRate <- lr
         optimizer.zero_grad ()
@@ -963,8 +981,9 @@ let runWith (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batch>) (run
     runCore opts cfg task runDir None
 
 /// Continues the run in `runDir` from checkpoints/last.ckpt: model, optimizer, schedule, step, data position
-/// and the libtorch CPU generator, so the loss curve is the one an uninterrupted run would have drawn (on the
-/// CPU; CUDA kernels need not repeat). The config may change logging, evaluation and checkpoint cadence,
+/// and the libtorch CPU generator (a CUDA generator is re-seeded per step instead), so the loss curve is the
+/// one an uninterrupted run would have drawn (exactly on the CPU; on CUDA the random draws repeat, but
+/// kernels with nondeterministic reductions need not). The config may change logging, evaluation and checkpoint cadence,
 /// patience and the bad-step limit, nothing that shapes the trajectory. `task.Model` must be built as before.
 let resumeWith (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batch>) (runDir: string) : TrainResult =
     let path = Checkpoint.last runDir
@@ -981,7 +1000,7 @@ let resume (cfg: TrainConfig) (task: TrainTask<'batch>) (runDir: string) : Train
 /// The trainer for C#: `Trainer.Run(Trainer.Config(steps: 500), task, runDir)`.
 type Trainer =
     /// `TrainConfig.defaults` with the named arguments changed (omitted ones keep the defaults).
-    /// schedule: cosine | inverse-sqrt | constant; device: auto | cpu | cuda.
+    /// schedule: cosine | inverse-sqrt | constant; device: auto | cpu | cuda; bf16: bfloat16 mixed precision.
     static member Config([<Optional>] steps: Nullable<int>, [<Optional>] batchSize: Nullable<int>,
                          [<Optional>] learningRate: Nullable<float>, [<Optional>] warmupSteps: Nullable<int>,
                          [<Optional>] schedule: string, [<Optional>] minLrRatio: Nullable<float>,
@@ -990,7 +1009,8 @@ type Trainer =
                          [<Optional>] lossWeights: LossWeights, [<Optional>] logEvery: Nullable<int>,
                          [<Optional>] evalEvery: Nullable<int>, [<Optional>] checkpointEvery: Nullable<int>,
                          [<Optional>] patience: Nullable<int>, [<Optional>] maxBadSteps: Nullable<int>,
-                         [<Optional>] seed: Nullable<int>, [<Optional>] device: string) : TrainConfig =
+                         [<Optional>] seed: Nullable<int>, [<Optional>] device: string,
+                         [<Optional>] bf16: Nullable<bool>) : TrainConfig =
         let d = TrainConfig.defaults
         let pick (v: Nullable<'a>) (fallback: 'a) = if v.HasValue then v.Value else fallback
         let cfg =
@@ -1018,6 +1038,7 @@ type Trainer =
                 Patience = pick patience d.Patience
                 MaxBadSteps = pick maxBadSteps d.MaxBadSteps
                 Seed = pick seed d.Seed
+                Bf16 = pick bf16 d.Bf16
                 Device =
                     (if isNull device then d.Device
                      else match Native.parseDevice device with

@@ -25,6 +25,10 @@ module MTol =
     let bootstrapExact = 1e-8
     /// Hand-computed ratios, float64 round-off only.
     let exact = 1e-12
+    /// Issue 4: corpus ROUGE F1 within 0.0005 of rouge-score on every PyrXSum system.
+    let rougeScoreOracle = 5e-4
+    /// Issue 4: corpus BLEU within 0.05 of sacreBLEU.
+    let sacreBleuOracle = 0.05
     /// Published ROUGE-1.5.5 (perl) numbers vs rouge-score's algorithm, in ROUGE points (x 100): the perl
     /// tokenizer differs slightly; the gap observed on the XSum test set is 0.02-0.45 points.
     let rouge155Points = 0.5
@@ -495,6 +499,31 @@ let private realData =
                     for pick, what in [ (fun (r: ScoreReport) -> r.Rouge1.F1.Mean), "rouge1"; (fun r -> r.Rouge2.F1.Mean), "rouge2"; (fun r -> r.RougeL.F1.Mean), "rougeL"; (fun r -> r.Bleu.Score), "bleu" ] do
                         Expect.isGreaterThan (pick reports[strong]) (pick reports["ptgen"]) (sprintf "%s beats ptgen on %s (stem=%b)" strong what stem)
                 Expect.isGreaterThan reports["google-pegasus"].Rouge1.F1.Mean reports["fast-abs-rl"].Rouge1.F1.Mean "pegasus beats fast-abs-rl"
+        testWithShared "pyrxsum: every system's ROUGE-1/2/L/Lsum (P, R, F1; stemmed and not) and BLEU match rouge-score and sacreBLEU" <| fun dir ->
+            // tests/data/pyrxsum-oracle/scores.json: the oracles' own numbers for these files (how they were made:
+            // the README beside it). The issue allows 0.0005 ROUGE and 0.05 BLEU; both agree to float64 round-off.
+            let root = Path.Combine(dir, "pyrxsum")
+            let refs = readLines (Path.Combine(root, "references.txt"))
+            use oracle = JsonDocument.Parse(File.ReadAllText(Path.Combine(repoRoot, "tests", "data", "pyrxsum-oracle", "scores.json")))
+            let systems = oracle.RootElement.GetProperty("systems")
+            Expect.equal (oracle.RootElement.GetProperty("n").GetInt32()) refs.Length "oracle scored the same examples"
+            Expect.equal (systems.EnumerateObject() |> Seq.map (fun p -> p.Name) |> Seq.sort |> List.ofSeq) (List.sort pyrxsumSystems) "every system"
+            let noBootstrap = { defaultOptions with Bootstrap = { Bootstrap.defaults with Samples = 1 } }
+            let mutable worstRouge, worstBleu = 0.0, 0.0
+            for name in pyrxsumSystems do
+                let preds = readLines (Path.Combine(root, "summaries", name + ".summary"))
+                let expected = systems.GetProperty(name)
+                for stem, key in [ false, "unstemmed"; true, "stemmed" ] do
+                    let r = scoreCorpus { noBootstrap with Stem = stem } preds refs None
+                    for rouge, e in [ "rouge1", r.Rouge1; "rouge2", r.Rouge2; "rougeL", r.RougeL; "rougeLsum", r.RougeLsum ] do
+                        for field, ours in [ "precision", e.Precision.Mean; "recall", e.Recall.Mean; "f1", e.F1.Mean ] do
+                            let theirs = expected.GetProperty(key).GetProperty(rouge).GetProperty(field).GetDouble()
+                            worstRouge <- max worstRouge (abs (ours - theirs))
+                            close MTol.rougeScoreOracle ours theirs (sprintf "%s %s %s %s" name key rouge field)
+                    let bleu = expected.GetProperty("bleu").GetDouble()
+                    worstBleu <- max worstBleu (abs (r.Bleu.Score - bleu))
+                    close MTol.sacreBleuOracle r.Bleu.Score bleu (sprintf "%s BLEU" name)
+            printfn "pyrxsum vs rouge-score/sacreBLEU: largest ROUGE difference %.2g, largest BLEU difference %.2g" worstRouge worstBleu
         testWithShared "XSum test set (11334 examples): stemmed ROUGE within 0.5 points of the XSum paper's ROUGE-1.5.5 numbers" <| fun dir ->
             // Narayan, Cohen & Lapata 2018 (EMNLP, "Don't Give Me the Details, Just the Summary!"), automatic
             // evaluation on the XSum test set, ROUGE-1/2/L F1 from ROUGE-1.5.5, for the outputs the authors

@@ -9,6 +9,7 @@ open System.Text
 open System.Text.Json
 open System.Text.RegularExpressions
 open Expecto
+open FsCheck
 open FsCheck.FSharp
 open Plotly.NET
 open Moe
@@ -410,6 +411,88 @@ let chartTests =
 // ---------------------------------------------------------------------------------------------
 // Report
 
+/// A JSON-like config tree for the comparison property: scalars carry their JSON text and the text
+/// `RunLog.flattenConfig` shows for them.
+type private ConfigNode =
+    | Scalar of json: string * shown: string
+    | Node of (string * ConfigNode) list
+
+/// Small value and key pools, so that generated pairs often agree, often differ, and sometimes
+/// change a field's kind (a scalar in one, an object in the other).
+module private ConfigGen =
+    let keys = [ "model"; "train"; "router"; "experts"; "lr"; "k" ]
+    let maxDepth = 3
+
+    let scalar : Gen<ConfigNode> =
+        Gen.oneof [
+            Gen.choose (0, 3) |> Gen.map (fun i -> Scalar(string i, string i))
+            Gen.elements [ "topk"; "hash"; "switch" ] |> Gen.map (fun w -> Scalar(sprintf "\"%s\"" w, w))
+            Gen.elements [ "true"; "false"; "null" ] |> Gen.map (fun b -> Scalar(b, b))
+            Gen.listOf (Gen.choose (0, 2)) |> Gen.map (fun xs -> let t = "[" + String.Join(", ", xs) + "]" in Scalar(t, t)) ]
+
+    let rec node (depth: int) : Gen<ConfigNode> =
+        if depth = 0 then scalar else Gen.frequency [ 3, scalar; 2, objectOf (depth - 1) ]
+
+    and objectOf (depth: int) : Gen<ConfigNode> =
+        gen {
+            let! names = Gen.subListOf keys
+            let! children = names |> Seq.map (fun k -> node depth |> Gen.map (fun c -> k, c)) |> Gen.sequenceToList
+            return Node children }
+
+    /// A second config made from the first: fields kept, changed, dropped or added.
+    let rec mutate (depth: int) (n: ConfigNode) : Gen<ConfigNode option> =
+        match n with
+        | Scalar _ -> Gen.frequency [ 6, Gen.constant (Some n); 2, Gen.map Some scalar; 1, Gen.constant None; 1, Gen.map Some (objectOf (max 0 (depth - 1))) ]
+        | Node children ->
+            gen {
+                let! kept = children |> Seq.map (fun (k, c) -> mutate (depth - 1) c |> Gen.map (Option.map (fun c' -> k, c'))) |> Gen.sequenceToList
+                let kept = List.choose id kept
+                let free = keys |> List.filter (fun k -> not (kept |> List.exists (fun (name, _) -> name = k)))
+                let! added = if free.IsEmpty then Gen.constant [] else Gen.subListOf free |> Gen.map (List.truncate 1)
+                let! extra = added |> Seq.map (fun k -> node (max 0 (depth - 1)) |> Gen.map (fun c -> k, c)) |> Gen.sequenceToList
+                return Some(Node(kept @ extra)) }
+
+    let pair : Gen<ConfigNode * ConfigNode> =
+        gen {
+            let! a = objectOf maxDepth
+            let! b = Gen.frequency [ 3, mutate maxDepth a |> Gen.map (Option.defaultValue (Node [])); 1, objectOf maxDepth ]
+            return a, b }
+
+let rec private configJson (n: ConfigNode) : string =
+    match n with
+    | Scalar (json, _) -> json
+    | Node children -> "{" + String.Join(", ", children |> List.map (fun (k, c) -> sprintf "\"%s\": %s" k (configJson c))) + "}"
+
+/// The leaves the page should compare, flattened independently of `RunLog.flattenConfig`.
+let rec private configLeaves (prefix: string) (n: ConfigNode) : (string * string) list =
+    match n with
+    | Scalar (_, shown) -> [ prefix, shown ]
+    | Node [] -> [ prefix, "{}" ]
+    | Node children -> children |> List.collect (fun (k, c) -> configLeaves (if prefix = "" then k else prefix + "." + k) c)
+
+/// A run that holds only the given parts (no files behind it).
+let private inMemoryRun (name: string) : Run =
+    { Name = name; Directory = "/runs/" + name; Config = None; Metrics = [||]; Routing = [||]; ByLabel = None; Scores = None; Texts = None }
+
+let private modelScores (rouge1: float) (bleu: float) : SystemScores =
+    let prf f = { Precision = f; Recall = f; F1 = f }
+    { System = "model"; N = Some 10
+      Rouge = Map.ofList [ "rouge1", prf rouge1; "rouge2", prf (rouge1 / 2.0); "rougeL", prf rouge1 ]
+      Scalars = Map.ofList [ "bleu", bleu ]
+      Intervals = Map.empty }
+
+let private validLine (step: int) (loss: float) =
+    { Step = step; Split = "valid"; Loss = loss; TaskLoss = None; Aux = Map.empty; Lr = None; TokensPerS = None; ElapsedS = None }
+
+/// The text between `start` and the next `stop` after it.
+let private between (start: string) (stop: string) (page: string) =
+    let i = page.IndexOf start
+    Expect.isGreaterThanOrEqual i 0 (sprintf "the page has %s" start)
+    page.Substring(i, page.IndexOf(stop, i) - i)
+
+let private pathCells (html: string) =
+    [ for m in Regex.Matches(html, "<td class=\"path\">([^<]*)</td>") -> Net.WebUtility.HtmlDecode m.Groups.[1].Value ]
+
 let reportTests =
     testList "report" [
         testCase "configs side by side: differing fields flagged, absent ones shown" <| fun () ->
@@ -428,6 +511,96 @@ let reportTests =
                 Expect.isTrue (page.Contains "<th>moe-topk</th><td>Top-k model summary 0: council discusses stadium.</td>") "each model's prediction"
                 Expect.equal (Regex.Matches(page, "<div class=\"chart\" id=\"chart-").Count) (Report.charts Report.defaults runs |> Array.sumBy (fun s -> s.Charts.Length)) "every chart placed"
             finally Directory.Delete(root, true)
+
+        testCase "config comparison: the differing table lists exactly the fields that differ" <| fun () ->
+            let root = tempDir "report"
+            try
+                let runs = twoRuns root |> List.map load |> List.toArray
+                let c = Report.compareConfigs runs
+                let differing = [ "model.moe.top_k"; "model.moe.router"; "train.aux_weight" ]
+                Expect.equal (c.Differing |> Array.map (fun r -> r.Path) |> Array.toList) differing "top_k, router and aux weight differ"
+                let page = Report.render Report.defaults runs
+                Expect.equal (pathCells (between "<table class=\"config differs\">" "</table>" page)) differing "the page's differs table"
+                let identical = between "<table class=\"config identical\">" "</table>" page |> pathCells
+                Expect.equal identical (c.Identical |> Array.map (fun r -> r.Path) |> Array.toList) "the rest, collapsed"
+                Expect.contains identical "model.d_model" "width agrees"
+                Expect.isTrue (page.Contains(sprintf "<details><summary>%d settings identical in all runs</summary>" identical.Length)) "collapsed with its count"
+            finally Directory.Delete(root, true)
+
+        propertyWith "config comparison: every field in exactly one table, in 'differs' iff the values differ" ConfigGen.pair (fun (a, b) ->
+            let flatten (n: ConfigNode) =
+                use doc = JsonDocument.Parse(configJson n)
+                flattenConfig doc.RootElement
+            let runs = [| { inMemoryRun "a" with Config = Some(flatten a) }; { inMemoryRun "b" with Config = Some(flatten b) } |]
+            let c = Report.compareConfigs runs
+            let leavesA, leavesB = Map.ofList (configLeaves "" a), Map.ofList (configLeaves "" b)
+            let allPaths = Set.union (leavesA |> Map.keys |> Set.ofSeq) (leavesB |> Map.keys |> Set.ofSeq)
+            let differing = c.Differing |> Array.map (fun r -> r.Path)
+            let identical = c.Identical |> Array.map (fun r -> r.Path)
+            Expect.equal (Array.append differing identical |> Array.sort) (Set.toArray allPaths) "every path once, in one of the two tables"
+            for path in allPaths do
+                let va, vb = leavesA.TryFind path, leavesB.TryFind path
+                Expect.equal (Array.contains path differing) (va <> vb) (sprintf "%s: %A vs %A" path va vb)
+            for row in Array.append c.Differing c.Identical do
+                Expect.equal row.Values [| leavesA.TryFind row.Path; leavesB.TryFind row.Path |] (sprintf "values of %s" row.Path))
+
+        testCase "one run: a summary line, metrics first, every setting collapsed under Settings" <| fun () ->
+            let root = tempDir "report"
+            try
+                let run = load (writeRun root "solo" 0.5 true "1" (sprintf "p%d"))
+                let page = Report.render Report.defaults [| run |]
+                let summary = "1000 steps in 14 s · 6 test examples · 2 MoE layers logged"
+                Expect.equal (Report.runSummary run) summary "steps, wall time, test examples, MoE layers"
+                Expect.isTrue (page.Contains("<li><b>solo</b> — " + Plots.escape summary + " <code>")) "summary line under the title"
+                let fields = (Option.get run.Config).Length
+                Expect.isTrue (page.Contains(sprintf "<details><summary>Settings (%d fields)</summary>" fields)) "all fields, collapsed"
+                Expect.equal (pathCells (between "<details><summary>Settings" "</details>" page)).Length fields "each field once"
+                Expect.isFalse (page.Contains "config differs") "nothing to differ from"
+                let at (id: string) = page.IndexOf(sprintf "<h2 id=\"%s\">" id)
+                let order = [ "metrics"; "charts"; "configs"; "samples" ] |> List.map at
+                Expect.isGreaterThan order.Head (page.IndexOf "<ul class=\"runs\">") "metrics after the run summaries"
+                Expect.equal order (List.sort order) "metrics, charts, configs, samples"
+                let table = Report.metricsTable [| run |]
+                Expect.equal (table.Rows |> Array.map (fun r -> r.Label, r.Baseline)) [| "solo", false; "lead1", true |] "the model, then its baseline"
+                let column (header: string) = table.Columns |> Array.findIndex (fun c -> c.Header = header)
+                let loss = table.Rows.[0].Cells.[column "valid loss"]
+                Expect.isFalse loss.Best "a lone value is not bold"
+                Expect.equal loss.Note (Some "step 900") "the step of the lowest validation loss"
+            finally Directory.Delete(root, true)
+
+        testCase "metrics table: the best value of each column is bold, by its direction" <| fun () ->
+            let uniform = { Step = 5; Layer = "enc.0"; TokensPerExpert = [| 0.25; 0.25; 0.25; 0.25 |]; DroppedFraction = 0.0; RouterEntropy = 1.0 }
+            let skewed = { uniform with TokensPerExpert = [| 0.7; 0.1; 0.1; 0.1 |] }
+            let runs =
+                [| { inMemoryRun "a" with
+                       Scores = Some [| modelScores 0.30 10.004 |]
+                       Metrics = [| validLine 1 2.5; validLine 2 2.0 |]
+                       Routing = [| { skewed with Step = 1 }; uniform |] }
+                   { inMemoryRun "b" with
+                       Scores = Some [| modelScores 0.25 10.001 |]
+                       Metrics = [| validLine 1 1.5; validLine 2 1.7 |]
+                       Routing = [| skewed |] }
+                   { inMemoryRun "c" with
+                       Scores = Some [| modelScores 0.20 9.0 |]
+                       Metrics = [| validLine 1 nan |] } |]
+            let table = Report.metricsTable runs
+            Expect.equal (table.Columns |> Array.map (fun c -> c.Header)) [| "ROUGE-1 F1"; "ROUGE-2 F1"; "ROUGE-L F1"; "BLEU"; "valid loss"; "load CV"; "dropped %" |] "columns"
+            let best (header: string) =
+                let j = table.Columns |> Array.findIndex (fun c -> c.Header = header)
+                [ for r in table.Rows do if r.Cells.[j].Best then yield r.Label ]
+            Expect.equal (best "ROUGE-1 F1") [ "a" ] "higher ROUGE wins"
+            Expect.equal (best "BLEU") [ "a"; "b" ] "values equal as shown (10.00) tie"
+            Expect.equal (best "valid loss") [ "b" ] "lower loss wins; NaN never does"
+            Expect.equal (best "load CV") [ "a" ] "a balanced last step wins"
+            Expect.equal (best "dropped %") [] "no best among equal values"
+            Expect.floatClose Accuracy.veryHigh (Option.get table.Rows.[0].Cells.[0].Value) 30.0 "ROUGE shown x100"
+            Expect.equal table.Rows.[1].Cells.[4].Note (Some "step 1") "b's lowest loss was at step 1"
+            Expect.equal table.Footnotes [| "c logged no routing statistics (routing.jsonl)" |] "one footnote per reason"
+            let page = Report.render Report.defaults runs
+            Expect.isTrue (page.Contains "<td class=\"best\"><b>30.00</b></td>") "bold in the page"
+            Expect.isTrue (page.Contains "<td class=\"best\" title=\"step 1\"><b>1.500</b></td>") "lowest loss, with its step"
+            Expect.isTrue (page.Contains "<td title=\"step 1\">n/a</td>") "a diverged loss shows n/a"
+            Expect.equal (Regex.Matches(between "<table class=\"metrics\">" "</table>" page, "<td class=\"best\"").Count) 7 "ROUGE-1/2/L, two BLEU, loss, CV"
 
         testCase "every text from the runs is escaped" <| fun () ->
             let root = tempDir "report"
@@ -459,7 +632,11 @@ let reportTests =
                 Expect.equal (sections |> Array.map (fun s -> s.Heading, s.Charts.Length)) [| "Comparison", 1 |] "only the loss curve"
                 let full = writeRun root "full" 0.5 true "1" (sprintf "p%d")
                 let page = Report.render Report.defaults [| load dir; load full |]
-                Expect.isTrue (page.Contains "<td class=\"absent\">absent</td>") "config fields absent from the metrics-only run"
+                Expect.isTrue (page.Contains "<p class=\"note\">Not compared (no config.json): metrics-only.</p>") "a run without config.json is named, not compared"
+                let table = Report.metricsTable [| load dir; load full |]
+                Expect.contains table.Footnotes "metrics-only has no test_scores.json" "why its scores are missing"
+                Expect.contains table.Footnotes "metrics-only logged no routing statistics (routing.jsonl)" "why its balance is missing"
+                Expect.isTrue (page.Contains "<td class=\"absent\">—</td>") "missing values show a dash"
                 let noRouge = { System = "model"; N = None; Rouge = Map.empty; Scalars = Map.ofList [ "compression", 0.1 ]; Intervals = Map.empty }
                 let e = Expect.throwsC (fun () -> Plots.metricsComparison [| "x", noRouge |] |> ignore) id
                 Expect.stringContains e.Message "expected at least one system with ROUGE or BLEU scores to plot" "names what is missing"

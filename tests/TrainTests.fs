@@ -120,6 +120,35 @@ let private toyTask (initSeed: int) (validStep: int) (batches: int -> int -> seq
 
 let private quiet = { RunOptions.Defaults with Progress = Silent }
 
+/// A tiny MoE encoder-decoder (top-2 of 4 experts, dropout on) that copies its source through
+/// cross-attention: the model the Bf16 tests train, since mixed precision is a property of `Models`.
+let private copyTask (initSeed: int) : TrainTask<int[]> * Models.EncoderDecoder =
+    Native.seedAll initSeed
+    let moe = { MoeConfig.defaults with ModelDim = Toy.dim; ExpertHidden = 2 * Toy.dim
+                                        Router = { RouterConfig.defaults with Experts = Toy.experts; K = 2 } }
+    let modelCfg =
+        { Models.ModelConfig.defaults with
+            VocabSize = Toy.vocab; ModelDim = Toy.dim; Heads = 2; KvHeads = 2; EncoderLayers = 1; DecoderLayers = 1
+            Dropout = Toy.dropout; MaxLength = Toy.seqLen; Ffn = Models.Moe moe }
+    let model = new Models.EncoderDecoder(modelCfg)
+    let train, valid = sequences 5 1, sequences 6 1
+    let lossOf (data: int64[][]) (phase: Phase) (idx: int[]) =
+        let rows = idx |> Array.map (fun i -> data[i])
+        let all = torch.tensor(Array.concat rows).reshape(int64 rows.Length, int64 Toy.seqLen) // [B; S]
+        let valid = all.ne(torch.tensor Toy.pad) // [B; S]
+        let input = all.narrow(1L, 0L, int64 Toy.seqLen - 1L) // [B; S-1]
+        let target = all.narrow(1L, 1L, int64 Toy.seqLen - 1L) // [B; S-1]
+        let out = model.Forward(all, input, valid, valid.narrow(1L, 0L, int64 Toy.seqLen - 1L))
+        let ce = crossEntropy (if phase = Training then 0.05 else 0.0) Toy.pad out.Logits target
+        { TaskLoss = ce.Loss; Moe = out.Moe; Tokens = ce.Tokens }
+    { Model = model
+      TrainBatches = epochOrder
+      ValidBatches = fun () -> Seq.chunkBySize 16 [| 0 .. Toy.examples - 1 |]
+      Loss = fun phase idx -> (if phase = Training then lossOf train else lossOf valid) phase idx
+      Config = [ "model", box modelCfg ]
+      Tokenizer = "" },
+    model
+
 let private cfg =
     { TrainConfig.defaults with
         Steps = 12
@@ -465,6 +494,57 @@ let tests =
                 let silent = new StringWriter()
                 runWith { quiet with Output = silent } c t.Task dir |> ignore
                 Expect.equal (silent.ToString()) "" "silent is silent")
+
+        testCase "Bf16 trains an encoder-decoder in mixed precision: loss falls, float32 checkpoint, exact resume" <| fun () ->
+            withRunDir (fun whole ->
+            withRunDir (fun broken ->
+                let bf = { cfg with Bf16 = true }
+                let log = new StringWriter()
+                let task, model = copyTask 1
+                runWith { quiet with Progress = Lines; Output = log } bf task whole |> ignore
+                Expect.stringContains (log.ToString()) "bf16 mixed precision: bfloat16 matmuls, float32 master weights, norms, softmax and loss" "logged"
+                Expect.equal model.Precision Models.Precision.BFloat16 "the trainer set the model's precision"
+                let losses = trainLosses whole
+                Expect.isLessThan (snd (Array.last losses)) (snd losses[0]) "the loss goes down"
+                // The checkpoint holds the float32 master weights.
+                let _, reloaded = copyTask 7
+                Checkpoint.loadModel (Checkpoint.last whole) reloaded
+                for struct (name, p) in reloaded.named_parameters () do
+                    Expect.equal p.dtype torch.ScalarType.Float32 (sprintf "%s saved as float32" name)
+                Expect.sequenceEqual (parameters reloaded) (parameters model) "weights restored"
+                // Stopped after step 5 and resumed in a fresh model: the uninterrupted curve.
+                let first, _ = copyTask 1
+                use stop = new Threading.CancellationTokenSource()
+                runWith { quiet with OnStep = (fun r -> if r.Step = 5 then stop.Cancel()); Cancel = stop.Token } bf first broken |> ignore
+                let again, resumed = copyTask 99
+                Expect.equal (resumeWith quiet bf again broken).Steps 12 "finished"
+                let la, lb = trainLosses whole, trainLosses broken
+                Expect.equal (Array.map fst lb) (Array.map fst la) "same steps logged"
+                for (step, x), (_, y) in Array.zip la lb do
+                    Expect.floatClose { absolute = resumeTol; relative = resumeTol } y x (sprintf "train loss at step %d" step)
+                let maxDiff = Array.map2 (fun (x: float32) y -> abs (x - y)) (parameters model) (parameters resumed) |> Array.max
+                Expect.isLessThan (float maxDiff) resumeTol "final weights agree"
+                // Bf16 shapes the trajectory, so a resume may not switch it.
+                Expect.throwsC (fun () -> resumeWith quiet cfg (fst (copyTask 1)) whole |> ignore)
+                    (fun e -> Expect.stringContains e.Message "Bf16" "names the field")))
+
+        testCase "Bf16 refuses a model that cannot run mixed precision" <| fun () ->
+            withRunDir (fun dir ->
+                let t = toyTask 1 1 epochOrder
+                Expect.throwsC (fun () -> runWith quiet { cfg with Bf16 = true } t.Task dir |> ignore)
+                    (fun e -> Expect.stringContains e.Message "IMixedPrecision" "names what is missing"))
+
+        testCase "CUDA generators are re-seeded per step from (Seed, step); the CPU one is saved in checkpoints" <| fun () ->
+            Expect.equal (Native.rngResume DeviceType.CUDA) Native.ReseedEachStep "CUDA: re-seed each step"
+            Expect.equal (Native.rngResume DeviceType.CPU) Native.SavedState "CPU: saved state"
+            Expect.equal (Native.stepSeed 17 5) (Native.stepSeed 17 5) "a pure function of (seed, step)"
+            let seeds = [ for seed in [ 0; 1; 17; -3; Int32.MaxValue ] do for step in 0 .. 199 -> Native.stepSeed seed step ]
+            Expect.equal (List.distinct seeds).Length seeds.Length "distinct for distinct (seed, step)"
+            // Without CUDA the re-seed touches nothing: the CPU generator's state is unchanged.
+            use before = torch.get_rng_state ()
+            Native.reseedCudaForStep 17 3
+            use after = torch.get_rng_state ()
+            Expect.sequenceEqual (Tensors.toInt64s after) (Tensors.toInt64s before) "CPU generator untouched"
 
         testCase "live tensors stay flat over steps" <| fun () ->
             withRunDir (fun dir ->
