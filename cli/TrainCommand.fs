@@ -28,6 +28,7 @@ type TrainArgs =
     | Lr of rate: float
     | Max_Train of examples: int
     | Device of device: string
+    | Bf16
     | Resume
     | Print_Config
     | Plain
@@ -52,6 +53,7 @@ type TrainArgs =
             | Lr _ -> "peak learning rate (Train.LearningRate)."
             | Max_Train _ -> "keep at most this many training examples (MaxTrain)."
             | Device _ -> "auto|cpu|cuda (Train.Device; default auto)."
+            | Bf16 -> "bf16 mixed precision (Train.Bf16): bfloat16 matmuls, float32 master weights, norms, softmax and loss."
             | Resume -> "continue the run's last checkpoint (same config) instead of starting over."
             | Print_Config -> "print the resolved config as JSON and exit (a starting point for --config)."
             | Plain -> "plain progress lines instead of a progress bar."
@@ -136,6 +138,7 @@ let configOf (args: ParseResults<TrainArgs>) : SummarizerConfig =
     let train = match args.TryGetResult Batch_Size with Some b -> { train with BatchSize = b } | None -> train
     let train = match args.TryGetResult Lr with Some l -> { train with LearningRate = l } | None -> train
     let train = match args.TryGetResult TrainArgs.Device with Some d -> { train with Device = device d } | None -> train
+    let train = if args.Contains Bf16 then { train with Bf16 = true } else train
     let cfg = { cfg with Train = train }
     let cfg = match args.TryGetResult Max_Train with Some n -> { cfg with MaxTrain = Some n } | None -> cfg
     match SummarizerConfig.validate cfg with

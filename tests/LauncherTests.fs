@@ -69,4 +69,12 @@ let tests =
             badInput [ "score"; "--predictions"; Path.Combine(missing, "p.txt"); "--references"; Path.Combine(missing, "r.txt") ]
                 "expected a text file at"
             badInput [ "report"; missing ] missing
+
+        testCase "train --bf16 sets Train.Bf16 in the resolved config" <| fun () ->
+            let code, out = moe [ "train"; "--bf16"; "--print-config" ]
+            Expect.equal code 0 out
+            Expect.stringContains (out.Replace(" ", "")) "\"Bf16\":true" "--bf16 turns bf16 on"
+            let code, out = moe [ "train"; "--print-config" ]
+            Expect.equal code 0 out
+            Expect.stringContains (out.Replace(" ", "")) "\"Bf16\":false" "off by default"
     ]
