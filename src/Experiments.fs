@@ -1,8 +1,8 @@
 /// The experiments of the MoE literature as library functions the scripts (`scripts/*.fsx`) call: scale
 /// presets (smoke, quick, full), running named summarizer configs one after another, reading each run folder
-/// back into a table row, tables as text and Markdown, a report page and a headline figure per experiment, analytic FLOPs per
-/// token, a probe that routes a trained model's test tokens, and the mutual information between labels and
-/// experts. Every number in a table is read from the runs just made.
+/// back into a table row, tables as text and Markdown, a report page and a headline figure per experiment,
+/// analytic FLOPs per token, a probe that routes a trained model's test tokens, and the mutual information
+/// between labels and experts. Every number in a table or figure is read from the runs just made.
 /// Axes: T tokens, D model width, H expert hidden width, E experts, K picks per token, L labels, V vocabulary.
 module Moe.Experiments
 
@@ -487,8 +487,9 @@ let private qualityColumns = [| "R-1"; "R-2"; "R-L"; "valid loss" |]
 
 /// Hash and top-k routing, each with and without a load-balancing loss (Switch Transformer eq. 4 with its
 /// alpha, plus the ST-MoE z-loss): quality, load CV and collapsed experts at the end of training (per-layer
-/// load over time is on the report page; the figure is each run's load CV over training steps). Hash routing has no router distribution, so the loss has nothing
-/// to act on: its two rows differ only by chance, which is the point of the comparison (Roller et al. 2021).
+/// load over time is on the report page; the figure is each run's load CV over training steps). Hash routing
+/// has no router distribution, so the loss has nothing to act on: its two rows differ only by chance, which is
+/// the point of the comparison (Roller et al. 2021).
 let balanceAblation (opts: ExperimentOptions) : ExperimentResult =
     let experiment = "balance_ablation"
     let e = expertsOf opts
@@ -556,33 +557,33 @@ let gatingStrategies (opts: ExperimentOptions) : ExperimentResult =
           moe "loss-free-bias" |> withRouter (fun r -> { r with BiasUpdateRate = Some biasUpdateRate }) |> withLosses noAux
           dense ]
     let configs = grid @ variants
-    let configuredOf (cfg: SummarizerConfig) = match cfg.Model.Ffn with Moe m -> configuredActiveExperts m.Router | Dense _ -> nan
     let results = runAll opts configs
+    /// Per run: its config, row, measured active experts per token, configured ones, and FFN FLOPs per token
+    /// (at the measured active experts; the configured ones for the dense FFN).
     let rows =
         [ for cfg, r in List.zip configs results ->
             let row = readRow r.RunDir
             let probes = probe r.RunDir
             let active = if probes.IsEmpty then nan else probes |> List.averageBy (fun p -> p.MeanActive)
-            cfg, row, active ]
+            let configured = match cfg.Model.Ffn with Moe m -> configuredActiveExperts m.Router | Dense _ -> nan
+            row, active, configured, ffnFlops cfg (if Double.IsNaN active then configured else active) ]
     let table =
         { Title = sprintf "Gating strategies (%d experts, %s)" e (match opts.Scale with Full -> "full" | Quick -> "quick" | Smoke -> "smoke")
           Columns = Array.concat [ [| "run" |]; qualityColumns; [| "load CV"; "active experts/token"; "configured"; "FFN FLOPs/token" |] ]
           Rows =
-            [| for cfg, r, active in rows ->
-                let configured = configuredOf cfg
-                let flops = ffnFlops cfg (if Double.IsNaN active then configured else active)
+            [| for r, active, configured, flops in rows ->
                 Array.concat [ [| r.Name |]; qualityCells r; [| Table.num 3 r.LoadCv; Table.num 2 active; Table.num 0 configured; Table.si flops |] ] |] }
     let notes =
         [ "Active experts/token: measured on the test split with the trained router (kept slots with a nonzero weight), mean over layers; n/a for the dense FFN."
           "FFN FLOPs/token: one FFN sublayer, forward, multiply-add = 2: router + active experts x 2 D H x matrices (Experiments.moeFlops)." ]
-    let byQuality = rows |> List.map (fun (cfg, r, active) -> r, ffnFlops cfg (if Double.IsNaN active then configuredOf cfg else active)) |> List.sortByDescending (fun (r, _) -> r.Rouge1) |> List.toArray
+    let byQuality = rows |> List.map (fun (r, _, _, flops) -> r, flops) |> List.sortByDescending (fun (r, _) -> r.Rouge1) |> List.toArray
     let figure =
         Plots.barPanels "Gating strategies, best ROUGE-1 first: quality, compute and load balance"
             (byQuality |> Array.map (fun (r, _) -> r.Name))
             [ { Title = "test ROUGE-1 F1 × 100"; Values = byQuality |> Array.map (fun (r, _) -> 100.0 * r.Rouge1); Text = byQuality |> Array.map (fun (r, _) -> Table.pct r.Rouge1) }
               { Title = "FFN FLOPs per token (forward)"; Values = byQuality |> Array.map snd; Text = byQuality |> Array.map (snd >> Table.si) }
               { Title = "load CV at the last step (0 = balanced)"; Values = byQuality |> Array.map (fun (r, _) -> r.LoadCv); Text = byQuality |> Array.map (fun (r, _) -> Table.num 3 r.LoadCv) } ]
-    finish opts experiment "Gating strategies" notes [ table ] (rows |> List.map (fun (_, r, _) -> r.RunDir)) figure
+    finish opts experiment "Gating strategies" notes [ table ] (rows |> List.map (fun (r, _, _, _) -> r.RunDir)) figure
 
 /// Decodes `steps` positions of the run's first test references with teacher forcing and a KV cache, from its
 /// best checkpoint: returns the decoder cache's self-attention bytes per target token (all layers) and the
