@@ -1,6 +1,7 @@
 // Top-k MoE with the grouped-query attention written here vs the library attention, for several key/value
 // head counts: quality, training tokens/s, KV-cache bytes per token (analytic and measured) and decode time.
 // Prints its table and writes reports/attention_gqa.html (report page) and reports/attention_gqa.md (the table);
+// its figure (KV-cache bytes/token, ROUGE-1 and decode ms/step per variant) goes to reports/attention_gqa-figure.html and, where Chromium is installed, reports/attention_gqa.png;
 // runs go to runs/attention_gqa/.
 //
 //   dotnet fsi scripts/attention_gqa.fsx               # quick settings: minutes on 2 CPU cores

@@ -2,6 +2,7 @@
 // for k = 1 .. E vs sparsemax over all experts (active = mean nonzeros per token). Times one MoE layer's
 // forward + backward directly (no training run); DATA_PATH is accepted but unused.
 // Prints its table and writes reports/flops_topk_vs_sparsemax.html (report page) and reports/flops_topk_vs_sparsemax.md (the table);
+// its figure (FLOPs and time per token against active experts, top-k vs sparsemax) goes to reports/flops_topk_vs_sparsemax-figure.html and, where Chromium is installed, reports/flops_topk_vs_sparsemax.png;
 // runs go to runs/flops_topk_vs_sparsemax/.
 //
 //   dotnet fsi scripts/flops_topk_vs_sparsemax.fsx               # quick settings: minutes on 2 CPU cores

@@ -3,6 +3,7 @@
 // loss-free bias balancing, and a dense FFN of equal active compute. Table: quality, validation loss, load CV,
 // active experts per token (measured), FFN FLOPs per token.
 // Prints its table and writes reports/gating_strategies.html (report page) and reports/gating_strategies.md (the table);
+// its figure (ROUGE-1, FFN FLOPs/token and load CV per variant, best first) goes to reports/gating_strategies-figure.html and, where Chromium is installed, reports/gating_strategies.png;
 // runs go to runs/gating_strategies/.
 //
 //   dotnet fsi scripts/gating_strategies.fsx               # quick settings: minutes on 2 CPU cores

@@ -1,7 +1,8 @@
 // Experts as LoRA adapters (Hu et al. 2021) on one shared base FFN per layer, frozen or trainable, at several
 // ranks, against full experts: parameters (total, active, trainable), quality (ROUGE on the test split,
 // validation loss) and training speed (tokens/s). Every number in the table comes from the runs this script
-// just made (runs/lora/<variant>/). Writes reports/lora_experts.md and reports/lora_experts.html.
+// just made (runs/lora/<variant>/). Writes reports/lora_experts.md, reports/lora_experts.html and the figure
+// (trainable parameters vs ROUGE-1) reports/lora_experts-figure.html and, where Chromium is installed, .png.
 //
 //   dotnet fsi scripts/lora_experts.fsx            # quick: tiny models, minutes on 2 CPU cores
 //   dotnet fsi scripts/lora_experts.fsx --full     # paper-scale settings (the summarizer's default job)
@@ -23,5 +24,6 @@ let settings =
 Native.initialise ()
 let rows = LoraExperiment.run { Train.RunOptions.Defaults with Progress = Train.Lines } settings
 printfn "%s" (LoraExperiment.table rows)
-let md, html = LoraExperiment.writeReports "reports" "lora_experts" rows
-printfn "wrote %s and %s" md html
+let reports = LoraExperiment.writeReports true "reports" "lora_experts" rows
+printfn "report: %s\ntable: %s" reports.Report reports.Markdown
+for line in Plots.figureLines reports.Figure do printfn "%s" line

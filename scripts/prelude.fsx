@@ -68,6 +68,7 @@ Prelude.loadNatives ()
 #load "../src/Train.fs"
 #load "../src/Summarizer.fs"
 #load "../src/RunLog.fs"
+#load "../src/Browser.fs"
 #load "../src/Plots.fs"
 #load "../src/Report.fs"
 #load "../src/LoraExperiment.fs"

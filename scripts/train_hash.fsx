@@ -1,6 +1,7 @@
 // The main job with hash routing (Roller et al. 2021): every feed-forward sublayer an MoE layer of 4
 // experts, each token sent to one expert by a frequency-balanced hash of its id; no router parameters.
-// Writes runs/hash/ (config.json, metrics.jsonl, routing.jsonl, checkpoints, predictions, test_scores.json).
+// Writes runs/hash/ (config.json, metrics.jsonl, routing.jsonl, checkpoints, predictions, test_scores.json) and the
+// figure of expert usage over training, reports/train_hash-figure.html and, where Chromium is installed, reports/train_hash.png.
 //
 //   dotnet fsi scripts/train_hash.fsx               # the built-in synthetic corpus
 //   dotnet fsi scripts/train_hash.fsx DATA_PATH     # a dataset folder (train*/validation*/test* files) or XSum release
@@ -18,4 +19,5 @@ let cfg =
         | _ -> c
 
 Native.initialise ()
-Summarizer.run cfg |> ignore
+let result = Summarizer.run cfg
+Experiments.runFigure true "reports" "train_hash" result.RunDir |> ignore

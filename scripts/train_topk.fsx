@@ -1,6 +1,7 @@
 // The main job with token-choice top-k routing: trains a small MoE summarizer (every feed-forward sublayer
 // an MoE layer of 4 experts, 2 per token), decodes the test split, and prints the model against lead-1.
-// Writes runs/topk/ (config.json, metrics.jsonl, routing.jsonl, checkpoints, predictions, test_scores.json).
+// Writes runs/topk/ (config.json, metrics.jsonl, routing.jsonl, checkpoints, predictions, test_scores.json) and the
+// figure of expert usage over training, reports/train_topk-figure.html and, where Chromium is installed, reports/train_topk.png.
 //
 //   dotnet fsi scripts/train_topk.fsx               # the built-in synthetic corpus
 //   dotnet fsi scripts/train_topk.fsx DATA_PATH     # a dataset folder (train*/validation*/test* files) or XSum release
@@ -18,4 +19,5 @@ let cfg =
         | _ -> c
 
 Native.initialise ()
-Summarizer.run cfg |> ignore
+let result = Summarizer.run cfg
+Experiments.runFigure true "reports" "train_topk" result.RunDir |> ignore

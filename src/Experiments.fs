@@ -1,8 +1,8 @@
 /// The experiments of the MoE literature as library functions the scripts (`scripts/*.fsx`) call: scale
 /// presets (smoke, quick, full), running named summarizer configs one after another, reading each run folder
-/// back into a table row, tables as text and Markdown, a report page per experiment, analytic FLOPs per
-/// token, a probe that routes a trained model's test tokens, and the mutual information between labels and
-/// experts. Every number in a table is read from the runs just made.
+/// back into a table row, tables as text and Markdown, a report page and a headline figure per experiment,
+/// analytic FLOPs per token, a probe that routes a trained model's test tokens, and the mutual information
+/// between labels and experts. Every number in a table or figure is read from the runs just made.
 /// Axes: T tokens, D model width, H expert hidden width, E experts, K picks per token, L labels, V vocabulary.
 module Moe.Experiments
 
@@ -12,6 +12,7 @@ open System.Diagnostics
 open System.IO
 open System.Text
 open TorchSharp
+open Plotly.NET
 open Moe.Tensors
 open Moe.Config
 open Moe.Layers
@@ -45,10 +46,13 @@ type ExperimentOptions =
       /// The report page and table go to `ReportsDir/<experiment>.html` and `.md`.
       ReportsDir: string
       /// Print each run's training progress (off: one line per run).
-      Verbose: bool }
+      Verbose: bool
+      /// Draw the headline figure into `ReportsDir/<experiment>.png` when Chromium is on PATH (off: the figure's
+      /// page only; tests that do not check the PNG save the browser's start-up).
+      Screenshot: bool }
 
 module ExperimentOptions =
-    let defaults = { Scale = Quick; DataPath = None; RunsDir = "runs"; ReportsDir = "reports"; Verbose = false }
+    let defaults = { Scale = Quick; DataPath = None; RunsDir = "runs"; ReportsDir = "reports"; Verbose = false; Screenshot = true }
 
     /// The usage line every script prints on bad arguments.
     let usage = "arguments: [--smoke | --full] [--verbose] [DATA_PATH]"
@@ -255,11 +259,17 @@ type ExperimentResult =
       Report: string
       /// reports/<experiment>.md.
       Markdown: string
+      /// The headline chart alone: reports/<experiment>-figure.html and, where Chromium is on PATH,
+      /// reports/<experiment>.png.
+      Figure: Plots.Figure
       RunDirs: string list }
 
-/// Prints the tables, writes them to `ReportsDir/<experiment>.md` and the report page of `runDirs` to
-/// `ReportsDir/<experiment>.html`.
-let finish (opts: ExperimentOptions) (experiment: string) (title: string) (notes: string list) (tables: Table list) (runDirs: string list) : ExperimentResult =
+let private printFigure (f: Plots.Figure) = for line in Plots.figureLines f do printfn "%s" line
+
+/// Prints the tables, writes them to `ReportsDir/<experiment>.md`, the report page of `runDirs` to
+/// `ReportsDir/<experiment>.html`, and `figure` (the chart that carries the finding) to
+/// `ReportsDir/<experiment>-figure.html` and `.png` (`Plots.writeFigureIn`).
+let finish (opts: ExperimentOptions) (experiment: string) (title: string) (notes: string list) (tables: Table list) (runDirs: string list) (figure: GenericChart) : ExperimentResult =
     for t in tables do printfn "\n%s" (Table.text t)
     for n in notes do printfn "%s" n
     Directory.CreateDirectory opts.ReportsDir |> ignore
@@ -296,7 +306,26 @@ let finish (opts: ExperimentOptions) (experiment: string) (title: string) (notes
         else Report.write { Report.defaults with Title = title } page runDirs
     printfn "report: %s" report
     printfn "table: %s" md
-    { Tables = tables; Report = report; Markdown = md; RunDirs = runDirs }
+    let fig = Plots.writeFigureIn opts.Screenshot opts.ReportsDir experiment title figure
+    printFigure fig
+    { Tables = tables; Report = report; Markdown = md; Figure = fig; RunDirs = runDirs }
+
+/// The headline figure of a main-job run (`scripts/train_topk.fsx`, `scripts/train_hash.fsx`): each expert's
+/// share of tokens over training in the run's first MoE layer (`Plots.expertUsageLines`), written to
+/// `reportsDir/<stem>-figure.html` and, when `screenshot` and Chromium is on PATH, `<stem>.png`; printed.
+let runFigure (screenshot: bool) (reportsDir: string) (stem: string) (runDir: string) : Plots.Figure =
+    let path = Path.Combine(runDir, FileNames.routing)
+    let routing = if File.Exists path then RunLog.readRouting path else [||]
+    match layersOf routing with
+    | [||] -> invalidArg "runDir" (sprintf "expected MoE routing records in %s, got none (a dense model has no expert usage to plot)" path)
+    | layers ->
+        let run = Path.GetFileName runDir
+        let chart =
+            Plots.expertUsageLines layers[0] routing
+            |> Chart.withTitle (sprintf "Share of tokens per expert over training, %s run, layer %s" (Plots.plotText run) (Plots.plotText layers[0]))
+        let fig = Plots.writeFigureIn screenshot reportsDir stem (sprintf "Expert usage of %s" run) chart
+        printFigure fig
+        fig
 
 // ---------------------------------------------------------------- FLOPs
 
@@ -482,8 +511,9 @@ let private qualityColumns = [| "R-1"; "R-2"; "R-L"; "valid loss" |]
 
 /// Hash and top-k routing, each with and without a load-balancing loss (Switch Transformer eq. 4 with its
 /// alpha, plus the ST-MoE z-loss): quality, load CV and collapsed experts at the end of training (per-layer
-/// load over time is on the report page). Hash routing has no router distribution, so the loss has nothing
-/// to act on: its two rows differ only by chance, which is the point of the comparison (Roller et al. 2021).
+/// load over time is on the report page; the figure is each run's load CV over training steps). Hash routing
+/// has no router distribution, so the loss has nothing to act on: its two rows differ only by chance, which is
+/// the point of the comparison (Roller et al. 2021).
 let balanceAblation (opts: ExperimentOptions) : ExperimentResult =
     let experiment = "balance_ablation"
     let e = expertsOf opts
@@ -506,11 +536,17 @@ let balanceAblation (opts: ExperimentOptions) : ExperimentResult =
         [ sprintf "Load CV: mean over MoE layers of std/mean of the expert loads at the last logged step (0 = balanced, %s = one expert takes all)."
               (Table.num 2 (sqrt (float (e - 1))))
           sprintf "Collapsed: experts below %g of the uniform share (RunLog.collapsedShareOfUniform), summed over layers." collapsedShareOfUniform ]
-    finish opts experiment "Hash vs top-k routing, with and without a balancing loss" notes [ table ] (rows |> List.map (fun r -> r.RunDir))
+    let title = "Hash vs top-k routing, with and without a balancing loss"
+    let figure =
+        [| for r in rows -> r.Name, (RunLog.load r.RunDir).Routing |]
+        |> Plots.loadCvOverTime
+        |> Chart.withTitle (sprintf "Expert load over training (%d experts): load CV, mean over MoE layers" e)
+    finish opts experiment title notes [ table ] (rows |> List.map (fun r -> r.RunDir)) figure
 
 /// Router scorer x normaliser x selection, the classic gating variants, and a dense FFN of the same active
 /// compute (hidden width k x the expert width). FLOPs per token are those of one FFN sublayer, forward,
-/// from the config with the measured mean active experts per token (sparsemax's nonzeros).
+/// from the config with the measured mean active experts per token (sparsemax's nonzeros). The figure puts
+/// ROUGE-1, FLOPs per token and load CV of every variant side by side, best ROUGE-1 first.
 let gatingStrategies (opts: ExperimentOptions) : ExperimentResult =
     let experiment = "gating_strategies"
     let e = expertsOf opts
@@ -546,24 +582,32 @@ let gatingStrategies (opts: ExperimentOptions) : ExperimentResult =
           dense ]
     let configs = grid @ variants
     let results = runAll opts configs
+    /// Per run: its config, row, measured active experts per token, configured ones, and FFN FLOPs per token
+    /// (at the measured active experts; the configured ones for the dense FFN).
     let rows =
         [ for cfg, r in List.zip configs results ->
             let row = readRow r.RunDir
             let probes = probe r.RunDir
             let active = if probes.IsEmpty then nan else probes |> List.averageBy (fun p -> p.MeanActive)
-            cfg, row, active ]
+            let configured = match cfg.Model.Ffn with Moe m | LoraMoe (m, _) -> configuredActiveExperts m.Router | Dense _ -> nan
+            row, active, configured, ffnFlops cfg (if Double.IsNaN active then configured else active) ]
     let table =
         { Title = sprintf "Gating strategies (%d experts, %s)" e (match opts.Scale with Full -> "full" | Quick -> "quick" | Smoke -> "smoke")
           Columns = Array.concat [ [| "run" |]; qualityColumns; [| "load CV"; "active experts/token"; "configured"; "FFN FLOPs/token" |] ]
           Rows =
-            [| for cfg, r, active in rows ->
-                let configured = match cfg.Model.Ffn with Moe m | LoraMoe (m, _) -> configuredActiveExperts m.Router | Dense _ -> nan
-                let flops = ffnFlops cfg (if Double.IsNaN active then configured else active)
+            [| for r, active, configured, flops in rows ->
                 Array.concat [ [| r.Name |]; qualityCells r; [| Table.num 3 r.LoadCv; Table.num 2 active; Table.num 0 configured; Table.si flops |] ] |] }
     let notes =
         [ "Active experts/token: measured on the test split with the trained router (kept slots with a nonzero weight), mean over layers; n/a for the dense FFN."
           "FFN FLOPs/token: one FFN sublayer, forward, multiply-add = 2: router + active experts x 2 D H x matrices (Experiments.moeFlops)." ]
-    finish opts experiment "Gating strategies" notes [ table ] (rows |> List.map (fun (_, r, _) -> r.RunDir))
+    let byQuality = rows |> List.map (fun (r, _, _, flops) -> r, flops) |> List.sortByDescending (fun (r, _) -> r.Rouge1) |> List.toArray
+    let figure =
+        Plots.barPanels "Gating strategies, best ROUGE-1 first: quality, compute and load balance"
+            (byQuality |> Array.map (fun (r, _) -> r.Name))
+            [ { Title = "test ROUGE-1 F1 × 100"; Values = byQuality |> Array.map (fun (r, _) -> 100.0 * r.Rouge1); Text = byQuality |> Array.map (fun (r, _) -> Table.pct r.Rouge1) }
+              { Title = "FFN FLOPs per token (forward)"; Values = byQuality |> Array.map snd; Text = byQuality |> Array.map (snd >> Table.si) }
+              { Title = "load CV at the last step (0 = balanced)"; Values = byQuality |> Array.map (fun (r, _) -> r.LoadCv); Text = byQuality |> Array.map (fun (r, _) -> Table.num 3 r.LoadCv) } ]
+    finish opts experiment "Gating strategies" notes [ table ] (rows |> List.map (fun (r, _, _, _) -> r.RunDir)) figure
 
 /// Decodes `steps` positions of the run's first test references with teacher forcing and a KV cache, from its
 /// best checkpoint: returns the decoder cache's self-attention bytes per target token (all layers) and the
@@ -595,6 +639,7 @@ let private decodeCost (runDir: string) (steps: int) : float * float =
 /// Top-k MoE with the grouped-query attention written here against the library's scaled-dot-product
 /// attention (key/value heads expanded first), for several key/value head counts (Ainslie et al. 2023):
 /// quality, training tokens/s (metrics.jsonl), KV cache bytes per token (analytic and measured while decoding).
+/// The figure: measured KV cache bytes per token, ROUGE-1 and decode ms per step of each variant.
 let attentionGqa (opts: ExperimentOptions) : ExperimentResult =
     let experiment = "attention_gqa"
     let e = expertsOf opts
@@ -629,7 +674,14 @@ let attentionGqa (opts: ExperimentOptions) : ExperimentResult =
     let notes =
         [ "KV B/token: self-attention cache bytes one target token adds over all decoder layers (float32); analytic = 2 G Dh x 4 B x layers, measured = DecoderCache.SelfAttentionBytes after teacher-forced decoding of the first test batch."
           "Speed: mean training tokens/s from metrics.jsonl; decode ms/step on that batch with the cache." ]
-    finish opts experiment "Grouped-query attention: written here vs library" notes [ table ] (rows |> List.map (fun (_, r, _, _, _) -> r.RunDir))
+    let figure =
+        let runs = rows |> List.map (fun (_, r, _, measured, ms) -> r, measured, ms) |> List.toArray
+        Plots.barPanels (sprintf "Grouped-query attention (%d query heads): KV cache, quality and decoding speed" heads)
+            (runs |> Array.map (fun (r, _, _) -> r.Name))
+            [ { Title = "KV cache bytes per target token (measured)"; Values = runs |> Array.map (fun (_, m, _) -> m); Text = runs |> Array.map (fun (_, m, _) -> Table.num 0 m) }
+              { Title = "test ROUGE-1 F1 × 100"; Values = runs |> Array.map (fun (r, _, _) -> 100.0 * r.Rouge1); Text = runs |> Array.map (fun (r, _, _) -> Table.pct r.Rouge1) }
+              { Title = "decode ms per step (with KV cache)"; Values = runs |> Array.map (fun (_, _, ms) -> ms); Text = runs |> Array.map (fun (_, _, ms) -> Table.num 2 ms) } ]
+    finish opts experiment "Grouped-query attention: written here vs library" notes [ table ] (rows |> List.map (fun (_, r, _, _, _) -> r.RunDir)) figure
 
 /// One timed MoE layer configuration of `flopsTopkVsSparsemax`.
 type LayerTiming =
@@ -669,6 +721,8 @@ let timeMoeLayer (label: string) (cfg: MoeConfig) (tokens: int) (repeats: int) :
 /// sparsemax over all experts (Martins & Astudillo 2016) for several E, whose active experts are its mean
 /// nonzeros per token. Analytic FLOPs use the configured experts per token; "routed" FLOPs use the measured
 /// ones; time is the layer's forward + backward measured here (dispatch computes only kept slots' experts).
+/// The figure: FLOPs (analytic, at the measured active experts) and measured time per token against active
+/// experts, a line for top-k and one for sparsemax.
 let flopsTopkVsSparsemax (opts: ExperimentOptions) : ExperimentResult =
     let experiment = "flops_topk_vs_sparsemax"
     let modelDim, hidden, tokens, repeats, experts =
@@ -696,7 +750,20 @@ let flopsTopkVsSparsemax (opts: ExperimentOptions) : ExperimentResult =
     let notes =
         [ "FLOPs/token: forward, multiply-add = 2 (Experiments.moeFlops); backward costs about twice the forward."
           sprintf "Time: median of %d forward+backward passes of one MoE layer on random inputs (after a warm-up), this machine's CPU." repeats ]
-    finish opts experiment "FLOPs per token: top-k vs sparsemax" notes [ table ] []
+    let series (name: string) (isTopK: bool) (y: LayerTiming -> float) : Plots.Series =
+        let ts = timings |> List.filter (fun t -> (t.Config.Router.Normaliser = Sparsemax) <> isTopK) |> List.sortBy (fun t -> t.MeasuredActive) |> List.toArray
+        { Name = name
+          X = ts |> Array.map (fun t -> t.MeasuredActive)
+          Y = ts |> Array.map y
+          Labels = ts |> Array.map (fun t -> if isTopK then sprintf "k=%d" t.Config.Router.K else sprintf "E=%d" t.Config.Router.Experts) }
+    let panel (yTitle: string) (y: LayerTiming -> float) : Plots.LinePanel =
+        { XTitle = "active experts per token (measured)"; YTitle = yTitle; LogX = false
+          Series = [ series (sprintf "top-k of %d" experts) true y; series "sparsemax of E" false y ] }
+    let figure =
+        Plots.linePanels (sprintf "Cost per token against active experts: top-k vs sparsemax (D = %d, H = %d)" modelDim hidden)
+            [ panel "FLOPs per token, forward (analytic)" (fun t -> moeFlops t.Config t.MeasuredActive)
+              panel "µs per token, forward + backward (measured)" (fun t -> t.MicrosPerToken) ]
+    finish opts experiment "FLOPs per token: top-k vs sparsemax" notes [ table ] [] figure
 
 /// The kind of a token by its text: special, number, punctuation, capitalised word, word, other.
 let tokenKind (text: string) : string =
@@ -711,7 +778,8 @@ let tokenKind (text: string) : string =
 /// Which experts serve which topics and token kinds: per MoE layer, the mutual information between the
 /// example's topic and the expert (routing_by_label.json, teacher forcing on the test split) and between the
 /// token's kind and the expert (the probe), with their upper bounds H(topic) and H(kind). Heatmaps of
-/// expert use by topic are on the report page. Top-k routing learns the assignment; hash routing fixes it
+/// expert use by topic are on the report page; the figure is the top-k run's most topic-specialised layer
+/// (by I / H; token kinds when the data has no topics). Top-k routing learns the assignment; hash routing fixes it
 /// by token id, a baseline for how much of the information comes from token identity alone.
 let expertSpecialisation (opts: ExperimentOptions) : ExperimentResult =
     let experiment = "expert_specialisation"
@@ -720,37 +788,45 @@ let expertSpecialisation (opts: ExperimentOptions) : ExperimentResult =
         [ summarizer opts experiment "topk" |> SummarizerConfig.topK e topKPicks
           summarizer opts experiment "hash" |> SummarizerConfig.hash e |> withLosses LossWeights.none ]
     let results = runAll opts configs
+    /// Per run and MoE layer: the [topic; expert] counts of routing_by_label.json (absent for unlabelled data).
+    let topicUsage =
+        [ for r in results do
+            let path = Path.Combine(r.RunDir, FileNames.routingByLabel)
+            if File.Exists path then
+                for u in readRoutingByLabel path -> Path.GetFileName r.RunDir, u ]
+    /// Per run and MoE layer: the [kind; expert] counts the probe saw, as a `LabelUsage` over token kinds.
+    let kindUsage =
+        [ for r in results do
+            use loaded = Summarizer.load r.RunDir None Native.Cpu
+            let tok = loaded.Tokenizer :> Tokenizers.ITokenizer
+            for p in probe r.RunDir do
+                let kinds = Dictionary<string, float[]>()
+                p.ByTokenId |> Array.iteri (fun id row ->
+                    if Array.sum row > 0.0 then
+                        let kind = if id < Tokenizers.SpecialCount then "special" else tokenKind (tok.Decode [| id |])
+                        let acc = match kinds.TryGetValue kind with | true, a -> a | _ -> (let a = Array.zeroCreate p.Experts in kinds[kind] <- a; a)
+                        row |> Array.iteri (fun j c -> acc[j] <- acc[j] + c))
+                let names = kinds.Keys |> Seq.sort |> Seq.toArray
+                if names.Length > 0 then
+                    yield Path.GetFileName r.RunDir, { Layer = p.Layer; Labels = names; Experts = p.Experts; Counts = names |> Array.map (fun k -> kinds[k]) } ]
+    /// I(label; expert), H(label) and I / H (n/a when H = 0) of a usage table.
+    let information (u: LabelUsage) =
+        let mi = mutualInformation u.Counts
+        let h = entropy (u.Counts |> Array.map Array.sum)
+        mi, h, (if h > 0.0 then mi / h else nan)
     let topicRows =
-        [| for r in results do
-             let path = Path.Combine(r.RunDir, FileNames.routingByLabel)
-             if File.Exists path then
-                 for u in readRoutingByLabel path do
-                     let topicTotals = u.Counts |> Array.map Array.sum
-                     let mi = mutualInformation u.Counts
-                     let h = entropy topicTotals
-                     yield [| Path.GetFileName r.RunDir; u.Layer; string u.Labels.Length; Table.num 3 mi; Table.num 3 h; Table.num 3 (mi / h) |] |]
+        [| for run, u in topicUsage ->
+             let mi, h, ratio = information u
+             [| run; u.Layer; string u.Labels.Length; Table.num 3 mi; Table.num 3 h; Table.num 3 ratio |] |]
     let kindRows =
-        [| for r in results do
-             use loaded = Summarizer.load r.RunDir None Native.Cpu
-             let tok = loaded.Tokenizer :> Tokenizers.ITokenizer
-             for p in probe r.RunDir do
-                 let kinds = Dictionary<string, float[]>()
-                 p.ByTokenId |> Array.iteri (fun id row ->
-                     if Array.sum row > 0.0 then
-                         let kind = if id < Tokenizers.SpecialCount then "special" else tokenKind (tok.Decode [| id |])
-                         let acc = match kinds.TryGetValue kind with | true, a -> a | _ -> (let a = Array.zeroCreate p.Experts in kinds[kind] <- a; a)
-                         row |> Array.iteri (fun j c -> acc[j] <- acc[j] + c))
-                 let names = kinds.Keys |> Seq.sort |> Seq.toArray
-                 let counts = names |> Array.map (fun k -> kinds[k])
-                 if counts.Length > 0 then
-                     let mi = mutualInformation counts
-                     let h = entropy (counts |> Array.map Array.sum)
-                     let favourite (k: int) =
-                         let row = counts[k]
-                         let j = Array.findIndex ((=) (Array.max row)) row
-                         sprintf "%s: e%d %.0f%%" names[k] j (100.0 * row[j] / Array.sum row)
-                     yield [| Path.GetFileName r.RunDir; p.Layer; string names.Length; Table.num 3 mi; Table.num 3 h
-                              (if h > 0.0 then Table.num 3 (mi / h) else "n/a"); String.Join("; ", Array.init names.Length favourite) |] |]
+        [| for run, u in kindUsage ->
+             let mi, h, ratio = information u
+             let favourite (k: int) =
+                 let row = u.Counts[k]
+                 let j = Array.findIndex ((=) (Array.max row)) row
+                 sprintf "%s: e%d %.0f%%" u.Labels[k] j (100.0 * row[j] / Array.sum row)
+             [| run; u.Layer; string u.Labels.Length; Table.num 3 mi; Table.num 3 h
+                (if h > 0.0 then Table.num 3 ratio else "n/a"); String.Join("; ", Array.init u.Labels.Length favourite) |] |]
     let topics =
         { Title = "Topic vs expert: mutual information per layer (nats)"
           Columns = [| "run"; "layer"; "topics"; "I(topic; expert)"; "H(topic)"; "I / H" |]
@@ -762,4 +838,16 @@ let expertSpecialisation (opts: ExperimentOptions) : ExperimentResult =
     let notes =
         [ "I(topic; expert): Experiments.mutualInformation of the [topic; expert] assignment counts in routing_by_label.json; 0 = experts ignore the topic, H(topic) = each expert serves one topic."
           "Token kinds from each token's text (Experiments.tokenKind), counted by the probe over test documents and references." ]
-    finish opts experiment "Expert specialisation by topic and token kind" notes [ topics; kinds ] (results |> List.map (fun r -> r.RunDir))
+    // The figure: the learned (top-k) run's most topic-specialised layer; token kinds where the data has no topics.
+    let learned = Path.GetFileName results.Head.RunDir
+    let figure =
+        let usage, what = if topicUsage.IsEmpty then kindUsage, "token kind" else topicUsage, "topic"
+        match usage |> List.filter (fst >> (=) learned) with
+        | [] -> invalidOp (sprintf "expected routing counts of the %s run's MoE layers, got none" learned)
+        | own ->
+            let _, best = own |> List.maxBy (fun (_, u) -> let _, _, ratio = information u in if Double.IsNaN ratio then -1.0 else ratio)
+            let mi, h, _ = information best
+            Plots.labelUsageHeatmap best
+            |> Chart.withTitle (sprintf "Expert use by %s, %s %s: I(%s; expert) = %s nats of H(%s) = %s" what (Plots.plotText learned) (Plots.plotText best.Layer) what (Table.num 3 mi) what (Table.num 3 h))
+            |> Chart.withYAxisStyle(TitleText = what)
+    finish opts experiment "Expert specialisation by topic and token kind" notes [ topics; kinds ] (results |> List.map (fun r -> r.RunDir)) figure

@@ -153,9 +153,37 @@ let table (rows: Row list) : string =
         |> ignore
     sb.ToString()
 
-/// Writes `<stem>.md` (the table) and `<stem>.html` (`Report.write` over the runs: configs, scores, loss
-/// curves and expert load side by side); returns both paths.
-let writeReports (reportsDir: string) (stem: string) (rows: Row list) : string * string =
+/// Trainable parameters (log x) against test ROUGE-1, a line per kind of expert (full; LoRA on a frozen base;
+/// LoRA on a trainable base) through its ranks: how much quality each trainable parameter buys.
+let figure (rows: Row list) : Plotly.NET.GenericChart =
+    let kindOf (r: Row) =
+        match r.FreezeBase with
+        | None -> "full experts"
+        | Some true -> "LoRA experts, frozen base"
+        | Some false -> "LoRA experts, trainable base"
+    let series =
+        [ for kind, members in rows |> List.groupBy kindOf ->
+            let ordered = members |> List.sortBy (fun r -> r.TrainableParameters) |> List.toArray
+            ({ Name = kind
+               X = ordered |> Array.map (fun r -> float r.TrainableParameters)
+               Y = ordered |> Array.map (fun r -> r.Rouge1)
+               Labels = ordered |> Array.map (fun r -> match r.Rank with Some rank -> sprintf "r=%d" rank | None -> "full") } : Plots.Series) ]
+    Plots.linePanels "LoRA experts vs full experts: quality per trainable parameter"
+        [ { XTitle = "trainable parameters (log scale)"; YTitle = "test ROUGE-1 F1 × 100"; LogX = true; Series = series } ]
+
+/// What `writeReports` wrote.
+type Reports =
+    { /// `<stem>.md`: the table.
+      Markdown: string
+      /// `<stem>.html`: the report page of the runs.
+      Report: string
+      /// `<stem>-figure.html` and, where Chromium is on PATH, `<stem>.png`: `figure rows`.
+      Figure: Plots.Figure }
+
+/// Writes `<stem>.md` (the table), `<stem>.html` (`Report.write` over the runs: configs, scores, loss
+/// curves and expert load side by side) and the headline figure (`figure`, drawn into `<stem>.png` when
+/// `screenshot` and Chromium is on PATH).
+let writeReports (screenshot: bool) (reportsDir: string) (stem: string) (rows: Row list) : Reports =
     Directory.CreateDirectory reportsDir |> ignore
     let md = Path.Combine(reportsDir, stem + ".md")
     let text =
@@ -166,4 +194,4 @@ let writeReports (reportsDir: string) (stem: string) (rows: Row list) : string *
         + "\nRuns: " + String.Join(", ", rows |> List.map (fun r -> r.RunDir)) + "\n"
     File.WriteAllText(md, text)
     let html = Report.write { Report.defaults with Title = "LoRA experts vs full experts" } (Path.Combine(reportsDir, stem + ".html")) (rows |> List.map (fun r -> r.RunDir))
-    md, html
+    { Markdown = md; Report = html; Figure = Plots.writeFigureIn screenshot reportsDir stem "LoRA experts vs full experts" (figure rows) }

@@ -232,6 +232,124 @@ let metricsComparison (systems: (string * SystemScores)[]) : GenericChart =
     |> styled "Test scores (95% bootstrap intervals where computed)" "metric" "ROUGE F1 × 100, BLEU"
 
 // ---------------------------------------------------------------------------------------------
+// Headline figures: one chart that carries an experiment's finding
+
+/// Mean load CV over MoE layers at each logged step, one line per run in the run's colour; when every run
+/// has the same number of experts E, the CV of all tokens on one expert, sqrt(E - 1), is drawn dashed.
+/// Steps where a layer routed no tokens (CV undefined) are left out.
+let loadCvOverTime (runs: (string * RoutingRecord[])[]) : GenericChart =
+    let lines =
+        [ for i, (name, routing) in Array.indexed runs do
+            let points =
+                routing
+                |> Array.groupBy (fun r -> r.Step)
+                |> Array.sortBy fst
+                |> Array.map (fun (step, rs) -> step, rs |> Array.averageBy (fun r -> loadCv r.TokensPerExpert))
+                |> Array.filter (snd >> Double.IsFinite)
+            if points.Length > 0 then
+                yield Chart.Line(points |> Array.map fst, points |> Array.map snd, Name = plotText name, ShowMarkers = true, LineColor = runColor i, MarkerColor = runColor i) ]
+    let all = runs |> Array.collect snd
+    let experts = all |> Array.map (fun r -> r.TokensPerExpert.Length) |> Array.distinct
+    let collapsed =
+        if experts.Length <> 1 || lines.IsEmpty then []
+        else
+            let steps = all |> Array.map (fun r -> r.Step)
+            let worst = sqrt (float (experts[0] - 1))
+            [ Chart.Line([ Array.min steps; Array.max steps ], [ worst; worst ], Name = sprintf "all on one expert (√(E−1), E = %d)" experts[0])
+              |> Chart.withLineStyle(Dash = StyleParam.DrawingStyle.Dash, Color = Color.fromString "gray") ]
+    combine "run with routing records" (lines @ collapsed)
+    |> styled "Expert load over training: load CV, mean over MoE layers" "step" "load CV (0 = balanced)"
+    |> Chart.withYAxis(LinearAxis.init(Title = Title.init "load CV (0 = balanced)", RangeMode = StyleParam.RangeMode.ToZero))
+
+/// One panel of `barPanels`: the measure's axis title, one value per category (NaN = not applicable: no
+/// bar) and the text written on each bar.
+type BarPanel =
+    { Title: string
+      Values: float[]
+      Text: string[] }
+
+/// Widths of multi-panel figures: each panel wide enough for its bar texts or point labels.
+module PanelSize =
+    let width = 330
+    /// Room for category labels left of the first bar panel.
+    let categoryLabels = 160
+    /// A bar panel's value axis reaches this multiple of its longest bar, leaving room for the text after it.
+    let textHeadroom = 1.3
+    /// A line panel: as wide as a bar panel plus room for its y axis title.
+    let lineWidth = 420
+    /// Room for the legend right of the last line panel.
+    let legend = 200
+
+/// Horizontal bars of several measures side by side, one panel per measure, the categories (runs) on a
+/// shared y axis in the order given, top to bottom.
+let barPanels (title: string) (categories: string[]) (panels: BarPanel list) : GenericChart =
+    if categories.Length = 0 then invalidArg "categories" "expected at least one category to plot, got none"
+    for p in panels do
+        if p.Values.Length <> categories.Length || p.Text.Length <> categories.Length then
+            invalidArg "panels" (sprintf "expected %d values and texts in panel \"%s\", got %d and %d" categories.Length p.Title p.Values.Length p.Text.Length)
+    let names = categories |> Array.map plotText
+    let charts =
+        [ for i, p in List.indexed panels ->
+            let shown = Array.indexed p.Values |> Array.filter (snd >> Double.IsFinite) |> Array.map fst
+            let values = shown |> Array.map (fun j -> p.Values[j])
+            // Texts outside the bars, so that a zero (a perfectly balanced load) still shows its value; the axis
+            // leaves room for the longest bar's text (plotly's automatic range would clip it).
+            let top = if values.Length = 0 then 0.0 else Array.max values
+            let low = if values.Length = 0 then 0.0 else min 0.0 (Array.min values)
+            let range = if top > 0.0 then StyleParam.Range.MinMax(low, top * PanelSize.textHeadroom) else StyleParam.Range.MinMax(low, 1.0)
+            Chart.Bar(values, Keys = (shown |> Array.map (fun j -> names[j])), Name = plotText p.Title,
+                      MultiText = (shown |> Array.map (fun j -> p.Text[j])), TextPosition = StyleParam.TextPosition.Outside, ShowLegend = false, MarkerColor = runColor i)
+            |> Chart.withXAxis(LinearAxis.init(Title = Title.init (plotText p.Title), Range = range)) ]
+    if charts.IsEmpty then invalidArg "panels" "expected at least one panel to plot, got none"
+    charts
+    |> Chart.Grid(1, charts.Length, Pattern = StyleParam.LayoutGridPattern.Coupled)
+    |> Chart.withTemplate template
+    |> Chart.withTitle title
+    // Categories top to bottom in the given order, including those no panel has a value for.
+    |> Chart.withYAxis(LinearAxis.init(CategoryOrder = StyleParam.CategoryOrder.Array, CategoryArray = names, AutoRange = StyleParam.AutoRange.Reversed))
+    |> Chart.withSize(PanelSize.categoryLabels + charts.Length * PanelSize.width, max Size.height (categories.Length * Size.pixelsPerRow + Size.heatmapMargins))
+
+/// One line of `linePanels`: its name (the legend; the same name has the same colour in every panel),
+/// its points and a label written next to each point.
+type Series =
+    { Name: string
+      X: float[]
+      Y: float[]
+      Labels: string[] }
+
+/// One panel of `linePanels`.
+type LinePanel =
+    { XTitle: string
+      YTitle: string
+      /// A logarithmic x axis (parameter counts spanning decades).
+      LogX: bool
+      Series: Series list }
+
+/// Labelled lines in one or more panels side by side, a series' colour and legend entry shared across panels.
+let linePanels (title: string) (panels: LinePanel list) : GenericChart =
+    if panels.IsEmpty then invalidArg "panels" "expected at least one panel to plot, got none"
+    let names = panels |> List.collect (fun p -> p.Series |> List.map (fun s -> s.Name)) |> List.distinct
+    let shown = Collections.Generic.HashSet<string>()
+    let charts =
+        [ for p in panels ->
+            [ for s in p.Series do
+                if s.X.Length <> s.Y.Length || s.Labels.Length <> s.X.Length then
+                    invalidArg "panels" (sprintf "expected as many x, y and labels in series \"%s\", got %d, %d and %d" s.Name s.X.Length s.Y.Length s.Labels.Length)
+                let color = runColor (List.findIndex ((=) s.Name) names)
+                yield Chart.Line(s.X, s.Y, Name = plotText s.Name, ShowLegend = shown.Add s.Name, ShowMarkers = true,
+                                 MultiText = (s.Labels |> Array.map plotText), TextPosition = StyleParam.TextPosition.TopCenter,
+                                 LineColor = color, MarkerColor = color)
+                      |> Chart.withTraceInfo(LegendGroup = plotText s.Name) ]
+            |> combine (sprintf "series in panel \"%s\"" p.YTitle)
+            |> Chart.withXAxisStyle(TitleText = plotText p.XTitle, AxisType = (if p.LogX then StyleParam.AxisType.Log else StyleParam.AxisType.Linear))
+            |> Chart.withYAxisStyle(TitleText = plotText p.YTitle) ]
+    let grid = if charts.Length = 1 then charts.Head else charts |> Chart.Grid(1, charts.Length, XGap = 0.25)
+    grid
+    |> Chart.withTemplate template
+    |> Chart.withTitle title
+    |> Chart.withSize((if charts.Length = 1 then Size.width else charts.Length * PanelSize.lineWidth + PanelSize.legend), Size.height)
+
+// ---------------------------------------------------------------------------------------------
 // HTML
 
 /// The plotly.js bundled in Plotly.NET (an embedded resource), so that pages need no network.
@@ -283,6 +401,66 @@ let save (path: string) (title: string) (charts: GenericChart seq) : unit =
     Directory.CreateDirectory(Path.GetDirectoryName full) |> ignore
     File.WriteAllText(full, html title charts, UTF8Encoding(false))
 
+// ---------------------------------------------------------------------------------------------
+// One figure per page, and its PNG
+
+/// A headline figure written by `writeFigure`.
+type Figure =
+    { /// The self-contained page holding the chart alone.
+      Html: string
+      /// The PNG screenshot's path, or why there is none (not asked for, no Chromium on PATH, Chromium failed).
+      Png: Result<string, string> }
+
+/// The chart's size in CSS pixels as its layout sets it (`Chart.withSize`), else the default chart size.
+let chartSize (chart: GenericChart) : int * int =
+    use doc = Text.Json.JsonDocument.Parse(GenericChart.toFigureJson chart)
+    let layout = doc.RootElement.GetProperty "layout"
+    let read (name: string) (fallback: int) =
+        match layout.TryGetProperty name with
+        | true, v when v.ValueKind = Text.Json.JsonValueKind.Number -> int (v.GetDouble())
+        | _ -> fallback
+    read "width" Size.width, read "height" Size.height
+
+/// A page with one chart and nothing around it (no heading, no margins, no plotly tool bar), so that a
+/// window of the chart's size shows exactly the chart; plotly.js embedded.
+let figureHtml (title: string) (chart: GenericChart) : string =
+    let sb = StringBuilder()
+    sb.Append("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>")
+      .Append(escape title).Append("</title>\n<style>body{margin:0;background:white} .modebar-container{display:none}</style>\n").Append(plotlyScript ())
+      .Append("</head><body>\n").Append(chartDiv "figure" chart).Append("</body></html>\n").ToString()
+
+/// Writes `figureHtml title chart` to `htmlPath` and, when `screenshot` is set and Chromium is on PATH,
+/// draws it headless at the chart's size into `pngPath` (see `Browser.screenshot`).
+let writeFigure (screenshot: bool) (htmlPath: string) (pngPath: string) (title: string) (chart: GenericChart) : Figure =
+    let html = Path.GetFullPath htmlPath
+    Directory.CreateDirectory(Path.GetDirectoryName html) |> ignore
+    File.WriteAllText(html, figureHtml title chart, UTF8Encoding(false))
+    let png =
+        if not screenshot then Error "not asked for"
+        else
+            match Browser.find () with
+            | None -> Error Browser.notFound
+            | Some exe ->
+                let width, height = chartSize chart
+                Browser.screenshot exe html pngPath width height
+    { Html = html; Png = png }
+
+/// The names an experiment's figure gets in `reportsDir`: `<stem>-figure.html` and `<stem>.png`.
+let figurePaths (reportsDir: string) (stem: string) : string * string =
+    Path.Combine(reportsDir, stem + "-figure.html"), Path.Combine(reportsDir, stem + ".png")
+
+/// `writeFigure` under the names of `figurePaths`.
+let writeFigureIn (screenshot: bool) (reportsDir: string) (stem: string) (title: string) (chart: GenericChart) : Figure =
+    let html, png = figurePaths reportsDir stem
+    writeFigure screenshot html png title chart
+
+/// What a script prints about a figure: the page, then the PNG or why it was skipped.
+let figureLines (f: Figure) : string list =
+    [ sprintf "figure: %s" f.Html
+      (match f.Png with
+       | Ok png -> sprintf "png: %s" png
+       | Error why -> sprintf "png: skipped: %s" why) ]
+
 /// C#-friendly entry points to the charts (runs given as `Run` records).
 type MoeCharts =
     static member ExpertUsageHeatmap(layer: string, routing: RoutingRecord seq) : GenericChart = expertUsageHeatmap layer (Seq.toArray routing)
@@ -300,3 +478,8 @@ type MoeCharts =
     static member Html(title: string, charts: GenericChart seq) : string = html title charts
     /// Writes `Html(title, charts)` to `path`.
     static member Save(path: string, title: string, charts: GenericChart seq) : unit = save path title charts
+    /// Mean load CV over MoE layers at each step, one line per run.
+    static member LoadCvOverTime(runs: Run seq) : GenericChart = runs |> Seq.map (fun r -> r.Name, r.Routing) |> Seq.toArray |> loadCvOverTime
+    /// Writes the chart alone on a page and, when `screenshot` and Chromium is on PATH, its PNG.
+    static member WriteFigure(htmlPath: string, pngPath: string, title: string, chart: GenericChart, screenshot: bool) : Figure =
+        writeFigure screenshot htmlPath pngPath title chart

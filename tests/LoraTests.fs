@@ -181,10 +181,15 @@ let private smoke =
             for p in probes do
                 Expect.isGreaterThan p.Tokens 0L (p.Layer + ": tokens routed")
                 Expect.floatClose Accuracy.high p.MeanActive (float settings.K) (p.Layer + ": top-k keeps k experts per token")
-            let md, html = LoraExperiment.writeReports (Path.Combine(dir, "reports")) "lora_experts" rows
-            let text = File.ReadAllText md
+            let reports = LoraExperiment.writeReports false (Path.Combine(dir, "reports")) "lora_experts" rows
+            let text = File.ReadAllText reports.Markdown
             for r in rows do Expect.stringContains text ("| " + r.Variant + " |") "the table lists every variant"
-            Expect.isTrue (File.Exists html) "HTML report written"
+            Expect.isTrue (File.Exists reports.Report) "HTML report written"
+            Expect.equal (Path.GetFileName reports.Figure.Html) "lora_experts-figure.html" "figure page name"
+            let page = File.ReadAllText reports.Figure.Html
+            for name in [ "LoRA experts vs full experts: quality per trainable parameter"; "\"name\":\"full experts\""
+                          "\"name\":\"LoRA experts, frozen base\""; "\"name\":\"LoRA experts, trainable base\""; "r=2"; "trainable parameters (log scale)" ] do
+                Expect.stringContains page name "the figure's title, traces and labels"
         finally
             try Directory.Delete(dir, true) with _ -> ()
 

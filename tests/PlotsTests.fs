@@ -409,6 +409,103 @@ let chartTests =
     ]
 
 // ---------------------------------------------------------------------------------------------
+// Headline figures
+
+/// The charts that carry each experiment's finding, and the page that holds one alone.
+let figureTests =
+    testList "figures" [
+        testCase "load CV over time: a line per run of the mean CV over layers, and the all-on-one-expert level" <| fun () ->
+          withRuns <| fun runs ->
+            let routing = runs |> List.map (fun r -> r.Name, r.Routing) |> List.toArray
+            let t = traces (Plots.loadCvOverTime routing)
+            Expect.equal (t |> List.map (fun x -> str x "name")) [ "moe-switch"; "moe-topk"; sprintf "all on one expert (√(E−1), E = %d)" Synthetic.experts ] "names"
+            let first = runs.[0].Routing |> Array.filter (fun r -> r.Step = Synthetic.steps.Head)
+            let expected = first |> Array.averageBy (fun r -> loadCv r.TokensPerExpert)
+            Expect.floatClose Accuracy.high (floats (t.[0].GetProperty "y")).[0] expected "mean over layers at the first step"
+            Expect.equal (floats (t.[0].GetProperty "x")).Length Synthetic.steps.Length "a point per step"
+            Expect.floatClose Accuracy.veryHigh (floats (t.[2].GetProperty "y")).[0] (sqrt (float (Synthetic.experts - 1))) "sqrt(E - 1)"
+            Expect.throwsT<ArgumentException> (fun () -> Plots.loadCvOverTime [| "empty", [||] |] |> ignore) "no records"
+
+        testCase "bar panels: categories in the given order on one axis, NaN without a bar, sizes checked" <| fun () ->
+            let panel title values : Plots.BarPanel = { Title = title; Values = values; Text = values |> Array.map string }
+            let chart = Plots.barPanels "T" [| "b"; "a"; "c" |] [ panel "first" [| 1.0; 2.0; 3.0 |]; panel "second" [| 4.0; nan; 6.0 |] ]
+            let f = figure chart
+            let t = [ for x in f.GetProperty("data").EnumerateArray() -> x ]
+            Expect.equal (t |> List.map (fun x -> str x "orientation")) [ "h"; "h" ] "horizontal bars"
+            Expect.equal [ for y in t.[1].GetProperty("y").EnumerateArray() -> y.GetString() ] [ "b"; "c" ] "the NaN category has no bar"
+            Expect.equal (floats (t.[1].GetProperty "x")) [| 4.0; 6.0 |] "values"
+            Expect.equal (t |> List.map (fun x -> str x "yaxis")) [ "y"; "y" ] "one shared category axis"
+            let yaxis = f.GetProperty("layout").GetProperty("yaxis")
+            Expect.equal [ for c in yaxis.GetProperty("categoryarray").EnumerateArray() -> c.GetString() ] [ "b"; "a"; "c" ] "order kept"
+            Expect.equal (str (f.GetProperty("layout").GetProperty("xaxis2").GetProperty("title")) "text") "second" "panel title on its axis"
+            Expect.throwsT<ArgumentException> (fun () -> Plots.barPanels "T" [| "a" |] [ panel "p" [| 1.0; 2.0 |] ] |> ignore) "one value per category"
+
+        testCase "line panels: a series keeps its colour and one legend entry across panels" <| fun () ->
+            let series name : Plots.Series = { Name = name; X = [| 1.0; 2.0 |]; Y = [| 3.0; 4.0 |]; Labels = [| "k=1"; "k=2" |] }
+            let panel y : Plots.LinePanel = { XTitle = "x"; YTitle = y; LogX = (y = "log"); Series = [ series "a"; series "b" ] }
+            let f = figure (Plots.linePanels "T" [ panel "lin"; panel "log" ])
+            let t = [ for x in f.GetProperty("data").EnumerateArray() -> x ]
+            Expect.equal (t |> List.map (fun x -> str x "name")) [ "a"; "b"; "a"; "b" ] "a trace per series and panel"
+            Expect.equal (t |> List.map (fun x -> x.GetProperty("showlegend").GetBoolean())) [ true; true; false; false ] "legend once"
+            Expect.equal (str (t.[0].GetProperty "line") "color") (str (t.[2].GetProperty "line") "color") "same colour"
+            Expect.equal [ for x in t.[0].GetProperty("text").EnumerateArray() -> x.GetString() ] [ "k=1"; "k=2" ] "point labels"
+            Expect.equal (str (f.GetProperty("layout").GetProperty("xaxis2")) "type") "log" "log axis where asked"
+            Expect.throwsT<ArgumentException> (fun () -> Plots.linePanels "T" [] |> ignore) "no panel"
+
+        testCase "a figure page holds the one chart and its size; without a screenshot no PNG" <| fun () ->
+          withRuns <| fun runs ->
+            let chart = Plots.expertUsageLines "enc.0" runs.[0].Routing
+            Expect.equal (Plots.chartSize chart) (Plots.Size.width, Plots.Size.height) "layout size"
+            let dir = tempDir "figure"
+            try
+                let f = Plots.writeFigureIn false dir "exp" "Usage <1>" chart
+                Expect.equal f.Html (Path.GetFullPath(Path.Combine(dir, "exp-figure.html"))) "page name"
+                Expect.equal f.Png (Error "not asked for") "no PNG asked"
+                let page = File.ReadAllText f.Html
+                Expect.equal (Regex.Matches(page, "<div class=\"chart\"").Count) 1 "one chart"
+                Expect.isTrue (page.Contains(sprintf "plotly.js v%s" Globals.PLOTLYJS_VERSION)) "plotly.js inline"
+                Expect.isTrue (page.Contains "<title>Usage &lt;1&gt;</title>") "title escaped"
+                Expect.isFalse (File.Exists(Path.Combine(dir, "exp.png"))) "no PNG written"
+                Expect.equal (Plots.figureLines f) [ sprintf "figure: %s" f.Html; "png: skipped: not asked for" ] "printed lines"
+            finally Directory.Delete(dir, true)
+    ]
+
+// ---------------------------------------------------------------------------------------------
+// Browser helpers (no browser needed)
+
+/// The first 24 bytes of a PNG: signature, IHDR length and type, width and height.
+let private pngHeader (width: int) (height: int) =
+    let be (v: int) = [| byte (v >>> 24); byte (v >>> 16); byte (v >>> 8); byte v |]
+    Array.concat [ Browser.pngSignature; be 13; "IHDR"B; be width; be height ]
+
+let browserHelperTests =
+    testList "browser helpers" [
+        testCase "findIn: the first name found in PATH order, nothing in an empty PATH" <| fun () ->
+            let dir = tempDir "path"
+            try
+                Expect.isNone (Browser.findIn "") "empty PATH"
+                Expect.isNone (Browser.findIn dir) "no browser in the folder"
+                let exe = Path.Combine(dir, "chromium-browser")
+                File.WriteAllText(exe, "")
+                Expect.equal (Browser.findIn ("/nonexistent:" + dir)) (Some exe) "found by its second name"
+            finally Directory.Delete(dir, true)
+
+        testCase "pngSize reads IHDR and names what is wrong" <| fun () ->
+            let dir = tempDir "png"
+            try
+                let good = Path.Combine(dir, "good.png")
+                File.WriteAllBytes(good, pngHeader 660 400)
+                Expect.equal (Browser.pngSize good) (Ok(660, 400)) "width and height"
+                let bad = Path.Combine(dir, "bad.png")
+                File.WriteAllBytes(bad, Array.append "GIF89a"B (Array.zeroCreate 30))
+                Expect.isError (Browser.pngSize bad) "not a PNG"
+                File.WriteAllBytes(bad, Browser.pngSignature)
+                Expect.isError (Browser.pngSize bad) "too short"
+                Expect.isError (Browser.pngSize (Path.Combine(dir, "missing.png"))) "no file"
+            finally Directory.Delete(dir, true)
+    ]
+
+// ---------------------------------------------------------------------------------------------
 // Report
 
 /// A JSON-like config tree for the comparison property: scalars carry their JSON text and the text
@@ -659,41 +756,23 @@ let reportTests =
 // ---------------------------------------------------------------------------------------------
 // Headless Chromium
 
-/// Chromium's limits: starting and drawing ~20 charts takes a few seconds on 2 cores.
-module Browser =
-    let names = [ "chromium"; "chromium-browser"; "google-chrome" ]
-    let timeout = TimeSpan.FromSeconds 45.0
-    /// Milliseconds of virtual time the page gets to run its scripts before the DOM is read.
-    let virtualTimeBudgetMs = 10000
-    /// A drawn page has many colours; a blank one has a handful of byte values after inflating.
-    let minDistinctBytes = 64
+/// A drawn page has many colours; a blank one has a handful of byte values after inflating.
+let private minDistinctBytes = 64
 
-let private findOnPath (name: string) =
-    match Environment.GetEnvironmentVariable "PATH" with
-    | null -> None
-    | path -> path.Split(':') |> Array.map (fun d -> Path.Combine(d, name)) |> Array.tryFind File.Exists
-
-let private chromium () = Browser.names |> List.tryPick findOnPath
+let private skipWithoutChromium () : string =
+    match Browser.find () with
+    | Some exe -> exe
+    | None -> skiptestf "needs Chromium on PATH: %s" Browser.notFound
 
 let private runChromium (exe: string) (args: string list) : string =
-    let psi = ProcessStartInfo(exe, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
-    for a in [ "--headless"; "--no-sandbox"; "--disable-gpu"; "--disable-background-networking"; "--disable-extensions"
-               "--hide-scrollbars"; sprintf "--virtual-time-budget=%d" Browser.virtualTimeBudgetMs ] @ args do
-        psi.ArgumentList.Add a
-    use p = Process.Start psi
-    let out = p.StandardOutput.ReadToEndAsync()
-    let err = p.StandardError.ReadToEndAsync()
-    if not (p.WaitForExit(int Browser.timeout.TotalMilliseconds)) then
-        p.Kill true
-        failtestf "chromium did not finish within %O" Browser.timeout
-    if p.ExitCode <> 0 then failtestf "chromium exited with %d: %s" p.ExitCode err.Result
-    out.Result
+    match Browser.run exe args with
+    | Ok out -> out
+    | Error why -> failtest why
 
 /// Pixel bytes of a PNG (IDAT chunks inflated; filter bytes included), to tell drawn from blank.
 let private pngPixelBytes (path: string) : byte[] =
     let bytes = File.ReadAllBytes path
-    Expect.isGreaterThan bytes.Length 8 "a PNG file"
-    Expect.equal bytes.[1..3] "PNG"B "PNG signature"
+    Expect.isOk (Browser.pngSize path) "a PNG file"
     let idat = new MemoryStream()
     let mutable at = 8
     while at + 8 <= bytes.Length do
@@ -710,29 +789,43 @@ let private pngPixelBytes (path: string) : byte[] =
 let browserTests =
     testList "browser" [
         testCase "headless Chromium draws every chart of a two-run report" <| fun () ->
-            match chromium () with
-            | None -> skiptestf "needs Chromium on PATH (one of %s; Debian: apt-get install chromium)" (String.Join(", ", Browser.names))
-            | Some exe ->
-                let root = tempDir "browser"
-                try
-                    let runs = twoRuns root
-                    let page = Report.write Report.defaults (Path.Combine(root, "report.html")) runs
-                    let expected = Report.charts Report.defaults (runs |> List.map load |> List.toArray) |> Array.sumBy (fun s -> s.Charts.Length)
-                    let dom = runChromium exe [ "--dump-dom"; Uri(page).AbsoluteUri ]
-                    let starts = Regex.Matches(dom, "<div class=\"chart[^\"]*\" id=\"chart-(\\d+)\"") |> Seq.toList
-                    Expect.equal starts.Length expected "every chart div is in the DOM"
-                    let drawn =
-                        starts |> List.mapi (fun i m ->
-                            let stop = if i + 1 < starts.Length then starts.[i + 1].Index else dom.Length
-                            let body = dom.Substring(m.Index, stop - m.Index)
-                            m.Groups.[1].Value, body.Contains "js-plotly-plot" && body.Contains "<svg class=\"main-svg\"")
-                    let undrawn = drawn |> List.filter (snd >> not) |> List.map fst
-                    Expect.isEmpty undrawn "plotly drew an SVG in every chart div (these ids were not drawn)"
-                    let shot = Path.Combine(root, "report.png")
-                    runChromium exe [ sprintf "--screenshot=%s" shot; "--window-size=1400,2400"; Uri(page).AbsoluteUri ] |> ignore
-                    let distinct = pngPixelBytes shot |> Array.distinct |> Array.length
-                    Expect.isGreaterThanOrEqual distinct Browser.minDistinctBytes "the screenshot is not blank"
-                finally Directory.Delete(root, true)
+            let exe = skipWithoutChromium ()
+            let root = tempDir "browser"
+            try
+                let runs = twoRuns root
+                let page = Report.write Report.defaults (Path.Combine(root, "report.html")) runs
+                let expected = Report.charts Report.defaults (runs |> List.map load |> List.toArray) |> Array.sumBy (fun s -> s.Charts.Length)
+                let dom = runChromium exe [ "--dump-dom"; Uri(page).AbsoluteUri ]
+                let starts = Regex.Matches(dom, "<div class=\"chart[^\"]*\" id=\"chart-(\\d+)\"") |> Seq.toList
+                Expect.equal starts.Length expected "every chart div is in the DOM"
+                let drawn =
+                    starts |> List.mapi (fun i m ->
+                        let stop = if i + 1 < starts.Length then starts.[i + 1].Index else dom.Length
+                        let body = dom.Substring(m.Index, stop - m.Index)
+                        m.Groups.[1].Value, body.Contains "js-plotly-plot" && body.Contains "<svg class=\"main-svg\"")
+                let undrawn = drawn |> List.filter (snd >> not) |> List.map fst
+                Expect.isEmpty undrawn "plotly drew an SVG in every chart div (these ids were not drawn)"
+                let shot = Path.Combine(root, "report.png")
+                runChromium exe [ sprintf "--screenshot=%s" shot; "--window-size=1400,2400"; Uri(page).AbsoluteUri ] |> ignore
+                let distinct = pngPixelBytes shot |> Array.distinct |> Array.length
+                Expect.isGreaterThanOrEqual distinct minDistinctBytes "the screenshot is not blank"
+            finally Directory.Delete(root, true)
+
+        testCase "a figure's PNG is the chart's size and drawn" <| fun () ->
+            let _ = skipWithoutChromium ()
+            let root = tempDir "figure-png"
+            try
+                let runs = twoRuns root |> List.map load |> List.toArray
+                let chart = Plots.loadCvOverTime (runs |> Array.map (fun r -> r.Name, r.Routing))
+                let f = Plots.writeFigureIn true root "balance" "Load" chart
+                match f.Png with
+                | Error why -> failtestf "expected a PNG, got: %s" why
+                | Ok png ->
+                    Expect.equal png (Path.GetFullPath(Path.Combine(root, "balance.png"))) "PNG name"
+                    Expect.equal (Browser.pngSize png) (Ok(Plots.chartSize chart)) "the chart's size"
+                    let distinct = pngPixelBytes png |> Array.distinct |> Array.length
+                    Expect.isGreaterThanOrEqual distinct minDistinctBytes "the figure is drawn, not blank"
+            finally Directory.Delete(root, true)
     ]
 
-let tests = testList "Plots" [ readerTests; balanceTests; chartTests; reportTests; browserTests ]
+let tests = testList "Plots" [ readerTests; balanceTests; chartTests; figureTests; browserHelperTests; reportTests; browserTests ]

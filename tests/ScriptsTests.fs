@@ -16,7 +16,8 @@ let private informationTol = 1e-12
 let private withDirs (body: ExperimentOptions -> unit) =
     let dir = Path.Combine(Path.GetTempPath(), "moe-scripts-tests", Guid.NewGuid().ToString("N"))
     Directory.CreateDirectory dir |> ignore
-    try body { ExperimentOptions.defaults with Scale = Smoke; RunsDir = Path.Combine(dir, "runs"); ReportsDir = Path.Combine(dir, "reports") }
+    // The PNG is checked once (balance_ablation); the other smoke runs skip the browser's start-up.
+    try body { ExperimentOptions.defaults with Scale = Smoke; RunsDir = Path.Combine(dir, "runs"); ReportsDir = Path.Combine(dir, "reports"); Screenshot = false }
     finally (try Directory.Delete(dir, true) with _ -> ())
 
 /// Every table cell is filled, every run folder exists, and the report and Markdown were written.
@@ -34,6 +35,32 @@ let private checkResult (experiment: string) (expectedRows: int) (r: ExperimentR
     for d in r.RunDirs do Expect.isTrue (Directory.Exists d) (sprintf "run folder %s" d)
     Expect.equal (Path.GetFileName r.Report) (experiment + ".html") "report name"
     Expect.stringContains (File.ReadAllText r.Report) "<html" "report page"
+
+/// The figure page exists under its name and carries `expected` (title, trace names, labels) in its chart.
+let private checkFigure (experiment: string) (expected: string list) (r: ExperimentResult) =
+    Expect.equal (Path.GetFileName r.Figure.Html) (experiment + "-figure.html") "figure name"
+    let page = File.ReadAllText r.Figure.Html
+    Expect.stringContains page "<div class=\"chart\" id=\"figure\">" (experiment + ": the figure's chart")
+    for text in expected do Expect.stringContains page text (sprintf "%s: figure carries %s" experiment text)
+
+let private traceName (name: string) = sprintf "\"name\":\"%s\"" name
+
+/// With Chromium on PATH the PNG is written at the chart's size; without, it is skipped saying why.
+let private checkPng (experiment: string) (r: ExperimentResult) =
+    match Browser.find (), r.Figure.Png with
+    | None, png -> Expect.equal png (Error Browser.notFound) "skipped: no Chromium"
+    | Some _, Error why -> failtestf "%s: expected a PNG, got: %s" experiment why
+    | Some _, Ok png ->
+        Expect.equal (Path.GetFileName png) (experiment + ".png") "PNG name"
+        match Browser.pngSize png with
+        | Ok(w, h) ->
+            Expect.isGreaterThan w 0 "width"
+            Expect.isGreaterThan h 0 "height"
+            // The experiment's chart is sized by its layout; the PNG has exactly that size.
+            let layoutSize (name: string) = Text.RegularExpressions.Regex.Match(File.ReadAllText r.Figure.Html, sprintf "\"layout\":\\{\"%s\":(\\d+)" name)
+            let width = layoutSize "width"
+            if width.Success then Expect.equal w (int width.Groups[1].Value) "PNG width = chart width"
+        | Error why -> failtestf "%s: %s" experiment why
 
 let tests =
     testList "Scripts" [
@@ -131,15 +158,44 @@ let tests =
             }
         ]
         testSequenced <| testList "smoke" [
-            test "balance_ablation" { withDirs (fun o -> balanceAblation o |> checkResult "balance_ablation" 4) }
-            test "gating_strategies" { withDirs (fun o -> gatingStrategies o |> checkResult "gating_strategies" 17) }
-            test "attention_gqa" { withDirs (fun o -> attentionGqa o |> checkResult "attention_gqa" 6) }
-            test "flops_topk_vs_sparsemax" { withDirs (fun o -> flopsTopkVsSparsemax o |> checkResult "flops_topk_vs_sparsemax" 6) }
+            test "balance_ablation (and the main job's figure from one of its runs)" {
+                withDirs (fun o ->
+                    let r = balanceAblation { o with Screenshot = true }
+                    checkResult "balance_ablation" 4 r
+                    checkFigure "balance_ablation" [ "Expert load over training"; traceName "hash"; traceName "hash+balance"; traceName "topk"; traceName "topk+balance" ] r
+                    checkPng "balance_ablation" r
+                    let topk = r.RunDirs |> List.find (fun d -> Path.GetFileName d = "topk")
+                    let main = runFigure false o.ReportsDir "train_topk" topk
+                    Expect.equal (Path.GetFileName main.Html) "train_topk-figure.html" "main-job figure name"
+                    let page = File.ReadAllText main.Html
+                    for text in [ "Share of tokens per expert over training, topk run, layer enc.0"; traceName "expert 0"; traceName "uniform 1/E" ] do
+                        Expect.stringContains page text "the main-job figure: expert shares of the first MoE layer"
+                    Expect.throwsT<ArgumentException> (fun () -> runFigure false o.ReportsDir "x" o.ReportsDir |> ignore) "no routing log")
+            }
+            test "gating_strategies" {
+                withDirs (fun o ->
+                    let r = gatingStrategies o
+                    checkResult "gating_strategies" 17 r
+                    checkFigure "gating_strategies" [ "Gating strategies, best ROUGE-1 first"; "FFN FLOPs per token"; "load CV at the last step"; "dense-equal-compute"; "switch-top1-jitter" ] r)
+            }
+            test "attention_gqa" {
+                withDirs (fun o ->
+                    let r = attentionGqa o
+                    checkResult "attention_gqa" 6 r
+                    checkFigure "attention_gqa" [ "KV cache bytes per target token"; "decode ms per step"; "gqa-here-kv1"; "library-kv4" ] r)
+            }
+            test "flops_topk_vs_sparsemax" {
+                withDirs (fun o ->
+                    let r = flopsTopkVsSparsemax o
+                    checkResult "flops_topk_vs_sparsemax" 6 r
+                    checkFigure "flops_topk_vs_sparsemax" [ traceName "top-k of 4"; traceName "sparsemax of E"; "\"k=2\""; "\"E=8\""; "FLOPs per token, forward (analytic)" ] r)
+            }
             test "expert_specialisation" {
                 withDirs (fun o ->
                     let r = expertSpecialisation o
                     // Two runs x two MoE layers in each table.
-                    checkResult "expert_specialisation" 8 r)
+                    checkResult "expert_specialisation" 8 r
+                    checkFigure "expert_specialisation" [ "Expert use by topic, topk"; "I(topic; expert) = " ] r)
             }
         ]
     ]
