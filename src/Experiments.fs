@@ -512,8 +512,8 @@ let private qualityColumns = [| "R-1"; "R-2"; "R-L"; "valid loss" |]
 /// Hash and top-k routing, each with and without a load-balancing loss (Switch Transformer eq. 4 with its
 /// alpha, plus the ST-MoE z-loss): quality, load CV and collapsed experts at the end of training (per-layer
 /// load over time is on the report page; the figure is each run's load CV over training steps). Hash routing
-/// has no router distribution, so the loss has nothing to act on: its two rows differ only by chance, which is
-/// the point of the comparison (Roller et al. 2021).
+/// has no router, so neither loss has a gradient to give: with the same seed its two rows come out identical,
+/// which is the point of the comparison (Roller et al. 2021: hash layers need no balancing).
 let balanceAblation (opts: ExperimentOptions) : ExperimentResult =
     let experiment = "balance_ablation"
     let e = expertsOf opts
@@ -535,7 +535,8 @@ let balanceAblation (opts: ExperimentOptions) : ExperimentResult =
     let notes =
         [ sprintf "Load CV: mean over MoE layers of std/mean of the expert loads at the last logged step (0 = balanced, %s = one expert takes all)."
               (Table.num 2 (sqrt (float (e - 1))))
-          sprintf "Collapsed: experts below %g of the uniform share (RunLog.collapsedShareOfUniform), summed over layers." collapsedShareOfUniform ]
+          sprintf "Collapsed: experts below %g of the uniform share (RunLog.collapsedShareOfUniform), summed over layers." collapsedShareOfUniform
+          "Hash routing has no router for the balancing losses to act on, so hash and hash+balance train identically (same seed)." ]
     let title = "Hash vs top-k routing, with and without a balancing loss"
     let figure =
         [| for r in rows -> r.Name, (RunLog.load r.RunDir).Routing |]

@@ -185,7 +185,7 @@ type Reports =
 /// `screenshot` and Chromium is on PATH).
 let writeReports (screenshot: bool) (reportsDir: string) (stem: string) (rows: Row list) : Reports =
     Directory.CreateDirectory reportsDir |> ignore
-    let md = Path.Combine(reportsDir, stem + ".md")
+    let md = Path.GetFullPath(Path.Combine(reportsDir, stem + ".md"))
     let text =
         "# LoRA experts vs full experts\n\n"
         + "Experts as LoRA adapters (Hu et al. 2021) on a shared base FFN, frozen or trainable, against full experts; "

@@ -339,7 +339,8 @@ let linePanels (title: string) (panels: LinePanel list) : GenericChart =
                 yield Chart.Line(s.X, s.Y, Name = plotText s.Name, ShowLegend = shown.Add s.Name, ShowMarkers = true,
                                  MultiText = (s.Labels |> Array.map plotText), TextPosition = StyleParam.TextPosition.TopCenter,
                                  LineColor = color, MarkerColor = color)
-                      |> Chart.withTraceInfo(LegendGroup = plotText s.Name) ]
+                      |> Chart.withTraceInfo(LegendGroup = plotText s.Name)
+                      |> GenericChart.mapTrace (fun t -> t.SetValue("cliponaxis", false); t) ] // labels above the top point stay whole
             |> combine (sprintf "series in panel \"%s\"" p.YTitle)
             |> Chart.withXAxisStyle(TitleText = plotText p.XTitle, AxisType = (if p.LogX then StyleParam.AxisType.Log else StyleParam.AxisType.Linear))
             |> Chart.withYAxisStyle(TitleText = plotText p.YTitle) ]
