@@ -340,7 +340,7 @@ let linePanels (title: string) (panels: LinePanel list) : GenericChart =
                                  MultiText = (s.Labels |> Array.map plotText), TextPosition = StyleParam.TextPosition.TopCenter,
                                  LineColor = color, MarkerColor = color)
                       |> Chart.withTraceInfo(LegendGroup = plotText s.Name)
-                      |> GenericChart.mapTrace (fun t -> t.SetValue("cliponaxis", false); t) ] // labels above the top point stay whole
+                      |> GenericChart.mapTrace (fun t -> t.SetProperty("cliponaxis", false); t) ] // labels above the top point stay whole
             |> combine (sprintf "series in panel \"%s\"" p.YTitle)
             |> Chart.withXAxisStyle(TitleText = plotText p.XTitle, AxisType = (if p.LogX then StyleParam.AxisType.Log else StyleParam.AxisType.Linear))
             |> Chart.withYAxisStyle(TitleText = plotText p.YTitle) ]
