@@ -316,12 +316,12 @@ let modelTests =
             let bad =
                 { tinyConfig with
                     VocabSize = 1; ModelDim = 15; Heads = 4; KvHeads = 3; DecoderLayers = 0; MaxLength = 1
-                    Dropout = -0.1
+                    Dropout = -0.1; AttentionDropout = 1.0
                     Ffn = Moe { MoeConfig.defaults with ModelDim = 64; ExpertHidden = 0 }
                     MoeEvery = 0 }
             let problems = ModelConfig.validate bad
             let expected =
-                [ "VocabSize"; "Heads (4) must divide ModelDim (15)"; "KvHeads (3) must divide Heads (4)"; "Dropout"; "DecoderLayers"
+                [ "VocabSize"; "Heads (4) must divide ModelDim (15)"; "KvHeads (3) must divide Heads (4)"; "Dropout must be in [0, 1), got -0.1"; "AttentionDropout must be in [0, 1), got 1"; "DecoderLayers"
                   "MaxLength"; "even ModelDim"; "Moe: ExpertHidden"; "Moe.ModelDim (64) must equal ModelDim (15)"; "MoeEvery" ]
             for e in expected do
                 Expect.isTrue (problems |> List.exists (fun p -> p.Contains e)) (sprintf "mentions %s in %A" e problems)
