@@ -180,8 +180,8 @@ type Reports =
       /// `<stem>-figure.html` and, where Chromium is on PATH, `<stem>.png`: `figure rows`.
       Figure: Plots.Figure }
 
-/// Writes `<stem>.md` (the table), `<stem>.html` (`Report.write` over the runs: configs, scores, loss
-/// curves and expert load side by side) and the headline figure (`figure`, drawn into `<stem>.png` when
+/// Writes `<stem>.md` (the table), `<stem>.html` (`Report.write` over the runs: scores, loss
+/// curves, expert load and the settings that differ) and the headline figure (`figure`, drawn into `<stem>.png` when
 /// `screenshot` and Chromium is on PATH).
 let writeReports (screenshot: bool) (reportsDir: string) (stem: string) (rows: Row list) : Reports =
     Directory.CreateDirectory reportsDir |> ignore

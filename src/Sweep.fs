@@ -1145,7 +1145,7 @@ let writeResults (plan: Plan) (rows: ResultRow list) (reportNote: string) : stri
 /// The combined report page of a sweep: `<output>/report.html`.
 let reportPath (spec: SweepSpec) : string = Path.Combine(spec.OutputDir, "report.html")
 
-/// Writes the combined report page (`Report.write`: configs side by side, metrics with intervals, charts,
+/// Writes the combined report page (`Report.write`: metrics with intervals, charts, the settings that differ,
 /// samples) of the runs whose folders hold logs or scores, and returns the line results.md shows: where the
 /// page is, or why there is none (no run has files yet, or a run file is malformed: file, line and reason).
 let writeReport (plan: Plan) : string =
