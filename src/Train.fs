@@ -199,7 +199,7 @@ let crossEntropy (labelSmoothing: float) (ignoreIndex: int64) (logits: Tensor) (
     let summed =
         torch.nn.functional.cross_entropy(flat, tgt, ignore_index = ignoreIndex,
                                           reduction = torch.nn.Reduction.Sum, label_smoothing = labelSmoothing)
-    let mean = summed / float (max counted 1L)
+    let mean = divScalar (float (max counted 1L)) summed
     { Loss = mean.MoveToOuterDisposeScope(); Tokens = counted }
 
 /// The loss that is differentiated:
@@ -212,12 +212,12 @@ let totalLoss (weights: LossWeights) (parts: LossParts) : Tensor =
         [ for r in parts.Moe do
             for w, t in [ weights.SwitchAux, r.Report.Aux.SwitchAux; weights.Importance, r.Report.Aux.Importance
                           weights.Load, r.Report.Aux.Load; weights.ZLoss, r.Report.Aux.ZLoss ] do
-                if w <> 0.0 then t * w ]
+                if w <> 0.0 then mulScalar w t ]
     match terms with
     | [] -> parts.TaskLoss.alias ()
     | ts ->
         use scope = torch.NewDisposeScope()
-        let total = ts |> List.fold (fun (acc: Tensor) t -> acc + t.to_type acc.dtype) parts.TaskLoss
+        let total = ts |> List.fold (fun (acc: Tensor) t -> plus acc (castTo acc.dtype t)) parts.TaskLoss
         total.MoveToOuterDisposeScope()
 
 // ---------------------------------------------------------------- the task
@@ -855,7 +855,7 @@ let private runCore (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batc
             layers <- List.length parts.Moe
             if values |> Array.exists (fun v -> Single.IsNaN v || Single.IsInfinity v) then bad <- true
             for i in 0 .. 5 do sums[i] <- sums[i] + float values[i]
-            if not bad then (total / float cfg.GradAccumulation).backward ()
+            if not bad then (divScalar (float cfg.GradAccumulation) total).backward ()
             if isLogStep then
                 for r in parts.Moe do
                     let tpe = toFloats r.Report.Stats.TokensPerExpert |> Array.map float
