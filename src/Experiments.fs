@@ -901,5 +901,5 @@ let upcycling (opts: ExperimentOptions) : ExperimentResult =
     let figure =
         [| for r, offset, _ in rows -> r.Name, offset, (RunLog.load r.RunDir).Metrics |]
         |> Plots.validLossOverSteps
-        |> Chart.withTitle (sprintf "Validation loss over cumulative steps: dense, continued, upcycled to top-%d of %d, MoE from scratch" topKPicks e)
+        |> Chart.withTitle (sprintf "Validation loss over cumulative steps (MoE: top-%d of %d)" topKPicks e)
     finish opts experiment title notes [ table ] (rows |> List.map (fun (r, _, _) -> r.RunDir)) figure
