@@ -57,6 +57,7 @@ Prelude.loadNatives ()
 #load "../src/Layers.fs"
 #load "../src/Attention.fs"
 #load "../src/Models.fs"
+#load "../src/Upcycle.fs"
 #load "../src/Generate.fs"
 #load "../src/Tokenizers.fs"
 #load "../src/Data.fs"

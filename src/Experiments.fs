@@ -852,3 +852,54 @@ let expertSpecialisation (opts: ExperimentOptions) : ExperimentResult =
             |> Chart.withTitle (sprintf "Expert use by %s, %s %s: I(%s; expert) = %s nats of H(%s) = %s" what (Plots.plotText learned) (Plots.plotText best.Layer) what (Table.num 3 mi) what (Table.num 3 h))
             |> Chart.withYAxisStyle(TitleText = what)
     finish opts experiment "Expert specialisation by topic and token kind" notes [ topics; kinds ] (results |> List.map (fun r -> r.RunDir)) figure
+
+/// Sparse upcycling (Komatsuzaki et al. 2023): (a) a dense model trained N steps; (b) that model trained M
+/// more steps; (c) that model upcycled to a top-2-of-E MoE (`Upcycle.copyInto`: every expert a copy of its
+/// layer's FFN, routers fresh) and trained M more steps; (d) the same MoE from scratch for N + M steps. N and
+/// M are the scale's step count. Runs (b) and (c) start from (a)'s last checkpoint with a fresh optimizer and
+/// learning-rate schedule (warm-up included), as the paper restarts from a dense checkpoint. The figure:
+/// validation loss over cumulative steps, (b) and (c) shifted by N.
+let upcycling (opts: ExperimentOptions) : ExperimentResult =
+    let experiment = "upcycling"
+    let e = expertsOf opts
+    let base' (variant: string) = summarizer opts experiment variant
+    let stepsOf (cfg: SummarizerConfig) = cfg.Train.Steps
+    let withSteps (steps: int) (cfg: SummarizerConfig) = { cfg with Train = { cfg.Train with Steps = steps } }
+    let n = stepsOf (base' "dense")
+    let m = n
+    let runOpts = { RunOptions.Defaults with Progress = (if opts.Verbose then Lines else Silent) }
+    let runOne (i: int) (init: (EncoderDecoder -> unit) option) (cfg: SummarizerConfig) =
+        printfn "[%d/4] %s ..." i cfg.Name
+        let r = Summarizer.runWithInit runOpts false init cfg
+        printfn "[%d/4] %s: %d steps in %.0f s" i cfg.Name r.Train.Steps r.Train.ElapsedSeconds
+        r
+    let dense = runOne 1 None (base' "dense" |> withSteps n)
+    let denseCheckpoint = dense.Train.LastCheckpoint
+    let continued = runOne 2 (Some(Checkpoint.loadModel denseCheckpoint)) (base' "dense-continued" |> withSteps m)
+    let upcycled =
+        use trained = Summarizer.load dense.RunDir (Some denseCheckpoint) Native.Auto
+        runOne 3 (Some(Upcycle.copyInto trained.Model)) (base' "upcycled" |> SummarizerConfig.topK e topKPicks |> withSteps m)
+    let scratch = runOne 4 None (base' "moe-scratch" |> SummarizerConfig.topK e topKPicks |> withSteps (n + m))
+    let runs = [ dense, 0, n; continued, n, n + m; upcycled, n, n + m; scratch, 0, n + m ]
+    let rows = runs |> List.map (fun (r, offset, total) -> readRow r.RunDir, offset, total)
+    let counts (runDir: string) =
+        match RunFiles.readParameters runDir with
+        | Some(Ok p) -> Table.si (float p.Total), Table.si (float p.Active)
+        | Some(Error why) -> invalidOp why
+        | None -> invalidOp (sprintf "expected %s in %s" RunFiles.parametersName runDir)
+    let table =
+        { Title = sprintf "Sparse upcycling: dense %d steps, then %d more dense, upcycled (top-%d of %d) or MoE from scratch" n m topKPicks e
+          Columns = Array.concat [ [| "run"; "steps (cumulative)" |]; qualityColumns; [| "parameters"; "active parameters" |] ]
+          Rows =
+            [| for r, offset, total in rows ->
+                let total', active = counts r.RunDir
+                Array.concat [ [| r.Name; (if offset = 0 then string total else sprintf "%d + %d" offset (total - offset)) |]; qualityCells r; [| total'; active |] ] |] }
+    let notes =
+        [ sprintf "dense-continued and upcycled start from dense's last checkpoint (step %d) with a fresh optimizer and schedule; upcycled experts are copies of the dense FFNs, routers fresh (Komatsuzaki et al. 2023)." n
+          "Valid loss: the lowest validation loss of the run; quality: ROUGE F1 x100 on the test split, decoded with the run's best checkpoint." ]
+    let title = "Sparse upcycling: continuing a dense model vs upcycling it to an MoE"
+    let figure =
+        [| for r, offset, _ in rows -> r.Name, offset, (RunLog.load r.RunDir).Metrics |]
+        |> Plots.validLossOverSteps
+        |> Chart.withTitle (sprintf "Validation loss over cumulative steps (MoE: top-%d of %d)" topKPicks e)
+    finish opts experiment title notes [ table ] (rows |> List.map (fun (r, _, _) -> r.RunDir)) figure

@@ -188,6 +188,17 @@ let lossCurves (runs: (string * MetricsRecord[])[]) : GenericChart =
     |> combine "run with train or valid metrics"
     |> styled "Loss" "step" "loss (nats per token)"
 
+/// Validation loss over cumulative steps, one line with markers per run in the run's colour: each run's steps
+/// are shifted by its offset (the steps its initial model had already trained, e.g. a continued run).
+let validLossOverSteps (runs: (string * int * MetricsRecord[])[]) : GenericChart =
+    [ for i, (name, offset, metrics) in Array.indexed runs do
+        let valid = metrics |> Array.filter (fun m -> m.Split = Splits.valid) |> Array.sortBy (fun m -> m.Step)
+        if valid.Length > 0 then
+            yield Chart.Line(valid |> Array.map (fun m -> m.Step + offset), valid |> Array.map (fun m -> defaultArg m.TaskLoss m.Loss),
+                             Name = plotText name, ShowMarkers = true, LineColor = runColor i, MarkerColor = runColor i) ]
+    |> combine "run with valid metrics"
+    |> styled "Validation loss" "cumulative training steps" "validation loss (nats per token)"
+
 /// Each unweighted auxiliary loss of one run's training lines over steps, one line per loss name.
 let auxLossCurves (runName: string) (metrics: MetricsRecord[]) : GenericChart =
     let train = metrics |> Array.filter (fun m -> m.Split = Splits.train) |> Array.sortBy (fun m -> m.Step)

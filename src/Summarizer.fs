@@ -513,10 +513,9 @@ let private writeText (path: string) (text: string) =
         let bytes = UTF8Encoding(false).GetBytes(text)
         fs.Write(bytes, 0, bytes.Length))
 
-/// Trains (or, with `resume`, continues) the run `cfg.RunsDir/cfg.Name`, decodes the test split with the
-/// best-validation checkpoint, and writes predictions.txt, references.txt, documents.txt, ids.txt,
-/// test_scores.json (model and lead-1) and routing_by_label.json beside the trainer's files.
-let runWith (opts: RunOptions) (resume: bool) (cfg: SummarizerConfig) : SummaryResult =
+/// `runWith` whose freshly built model is first handed to `init` (when given, and not resuming) to set its
+/// weights: continuing a trained model (`Checkpoint.loadModel`) or upcycling one (`Upcycle.copyInto`).
+let runWithInit (opts: RunOptions) (resume: bool) (init: (EncoderDecoder -> unit) option) (cfg: SummarizerConfig) : SummaryResult =
     orFail "summarizer config" (SummarizerConfig.validate cfg) cfg |> ignore
     let say (text: string) = if opts.Progress <> Silent then (if isNull opts.Output then Console.Out else opts.Output).WriteLine text
     let runDir = Path.Combine(cfg.RunsDir, cfg.Name)
@@ -532,6 +531,9 @@ let runWith (opts: RunOptions) (resume: bool) (cfg: SummarizerConfig) : SummaryR
         | Moe m | LoraMoe (m, _) when m.Router.Selection = Hash BalancedHash -> Some(tokenCounts cfg.Model.VocabSize prepared.Train)
         | _ -> None
     use model = buildModel cfg counts
+    match init with
+    | Some f when not resume -> f model
+    | _ -> ()
     let p = model.ParameterCount()
     say (sprintf "model: %d parameters, %d active per token" p.Total p.Active)
     RunFiles.writeParameters runDir { Total = p.Total; Active = p.Active; Trainable = model.TrainableParameterCount() }
@@ -562,6 +564,11 @@ let runWith (opts: RunOptions) (resume: bool) (cfg: SummarizerConfig) : SummaryR
         | counts -> writeText (Path.Combine(runDir, "routing_by_label.json")) (routingByLabelJson counts)
         say (comparisonTable scores)
         { RunDir = runDir; Train = trained; Scores = Some scores; Checkpoint = ckpt; Notes = prepared.Notes }
+
+/// Trains (or, with `resume`, continues) the run `cfg.RunsDir/cfg.Name`, decodes the test split with the
+/// best-validation checkpoint, and writes predictions.txt, references.txt, documents.txt, ids.txt,
+/// test_scores.json (model and lead-1) and routing_by_label.json beside the trainer's files.
+let runWith (opts: RunOptions) (resume: bool) (cfg: SummarizerConfig) : SummaryResult = runWithInit opts resume None cfg
 
 /// `runWith` with default options, from scratch.
 let run (cfg: SummarizerConfig) : SummaryResult = runWith RunOptions.Defaults false cfg
@@ -623,5 +630,8 @@ type SummarizerApi =
     static member LoraExperts(cfg: SummarizerConfig, lora: LoraConfig) = SummarizerConfig.loraExperts lora cfg
     static member Run(cfg: SummarizerConfig) = run cfg
     static member Run(cfg: SummarizerConfig, options: RunOptions, resume: bool) = runWith options resume cfg
+    /// A fresh run whose built model `init` sets first (loads a checkpoint, upcycles a dense model).
+    static member Run(cfg: SummarizerConfig, options: RunOptions, init: Action<EncoderDecoder>) =
+        runWithInit options false (if isNull init then None else Some init.Invoke) cfg
     static member Load(runDir: string) = load runDir None Native.Auto
     static member Summarize(loaded: Loaded, documents: string[]) = summarizeTexts loaded None documents

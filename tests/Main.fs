@@ -16,6 +16,7 @@ let all =
         SummarizerTests.tests
         ScriptsTests.tests
         ModelsTests.tests
+        UpcycleTests.tests
         PlotsTests.tests
         SweepTests.tests
         LoraTests.tests

@@ -190,6 +190,13 @@ let tests =
                     checkResult "flops_topk_vs_sparsemax" 6 r
                     checkFigure "flops_topk_vs_sparsemax" [ traceName "top-k of 4"; traceName "sparsemax of E"; "\"k=2\""; "\"E=8\""; "FLOPs per token, forward (analytic)" ] r)
             }
+            test "upcycling" {
+                withDirs (fun o ->
+                    let r = upcycling o
+                    checkResult "upcycling" 4 r
+                    Expect.equal (r.RunDirs |> List.map Path.GetFileName) [ "dense"; "dense-continued"; "upcycled"; "moe-scratch" ] "the four runs"
+                    checkFigure "upcycling" [ "Validation loss over cumulative steps"; traceName "dense"; traceName "dense-continued"; traceName "upcycled"; traceName "moe-scratch" ] r)
+            }
             test "expert_specialisation" {
                 withDirs (fun o ->
                     let r = expertSpecialisation o
