@@ -57,6 +57,8 @@ Prelude.loadNatives ()
 #load "../src/Layers.fs"
 #load "../src/Attention.fs"
 #load "../src/Models.fs"
+#load "../src/Safetensors.fs"
+#load "../src/Gpt2.fs"
 #load "../src/Upcycle.fs"
 #load "../src/Generate.fs"
 #load "../src/Tokenizers.fs"

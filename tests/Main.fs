@@ -20,6 +20,7 @@ let all =
         PlotsTests.tests
         SweepTests.tests
         LoraTests.tests
+        Gpt2Tests.tests
         BenchTests.tests
         LauncherTests.tests
     ]
