@@ -237,6 +237,10 @@ type LoadReport = { Missing: string list; Unexpected: string list; Ignored: stri
 /// The prefix of GPT2LMHeadModel checkpoints in front of GPT2Model names.
 let private transformerPrefix = "transformer."
 
+/// A state-dict name without GPT2LMHeadModel's `transformer.` prefix (GPT2Model names).
+let private stripTransformerPrefix (name: string) : string =
+    if name.StartsWith transformerPrefix then name.Substring transformerPrefix.Length else name
+
 let private isIgnored (name: string) =
     name = "lm_head.weight"
     || (name.StartsWith "h." && (name.EndsWith ".attn.bias" || name.EndsWith ".attn.masked_bias"))
@@ -263,8 +267,7 @@ let inferConfig (heads: int) (state: (string * Tensor) list) : Gpt2Config =
 /// missing, unexpected and ignored names. Shape mismatches fail naming the tensor. Missing parameters keep
 /// their current values.
 let loadState (model: Gpt2Model) (state: (string * Tensor) list) : LoadReport =
-    let strip (n: string) = if n.StartsWith transformerPrefix then n.Substring transformerPrefix.Length else n
-    let state = state |> List.map (fun (n, t) -> strip n, t)
+    let state = state |> List.map (fun (n, t) -> stripTransformerPrefix n, t)
     let own = dict [ for struct (n, p) in model.named_parameters () -> n, p ]
     use _ = torch.no_grad ()
     let mutable unexpected, ignored, seen = [], [], Set.empty
@@ -284,7 +287,7 @@ let loadState (model: Gpt2Model) (state: (string * Tensor) list) : LoadReport =
 /// Builds a GPT-2 from a safetensors file (e.g. `model.safetensors` of the GPT-2 release), inferring the
 /// sizes from the shapes (`inferConfig`), and reports missing/unexpected names without failing.
 let loadWithReport (heads: int) (path: string) : Gpt2Model * LoadReport =
-    let state = Safetensors.read path |> List.map (fun (n, t) -> (if n.StartsWith transformerPrefix then n.Substring transformerPrefix.Length else n), t)
+    let state = Safetensors.read path |> List.map (fun (n, t) -> stripTransformerPrefix n, t)
     let model = new Gpt2Model(inferConfig heads state)
     let report = loadState model state
     model, report

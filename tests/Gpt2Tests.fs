@@ -290,4 +290,4 @@ let private loraTests =
             Expect.isFalse (identical w0.Head (stateDict m |> List.find (fun (n, _) -> n = "h.0.attn.c_attn.weight") |> snd)) "W changed"
     ]
 
-let tests = testList "Moe.Gpt2" [ modelTests; safetensorsTests; loadTests; loraTests ]
+let tests = testList "Gpt2" [ modelTests; safetensorsTests; loadTests; loraTests ]

@@ -282,6 +282,19 @@ let overfitTests =
                 Expect.sequenceEqual (out |> Array.map (fun h -> h.Tokens)) expected (sprintf "beam %d reproduces the reversed sources" k)
     ]
 
+/// A padded two-example batch (the first source has two padded positions) decoded by `model` twice: the
+/// teacher-forced full forward's logits [2; 6; V], and the same 6 positions decoded one at a time with a KV
+/// cache, concatenated [2; 6; V]; with the encoder output and the filled cache (dispose it).
+let private fullAndCached (model: EncoderDecoder) : Tensor * Tensor * EncoderOutput * DecoderCache =
+    let src = randIds 3L 20L [| 2L; 7L |]
+    let srcValid = torch.tensor(Array.init 14 (fun i -> i < 5 || i >= 7)).view(2L, 7L)
+    let tgt = randIds 3L 20L [| 2L; 6L |]
+    let full = model.Forward(src, tgt, srcValid, null).Logits                  // [2; 6; V]
+    let encoded = model.Encode(src, srcValid)
+    let cache = model.NewCache()
+    let steps = [| for t in 0L .. 5L -> model.Decode(encoded.Memory, srcValid, tgt.narrow(1L, t, 1L), null, cache).Logits |]
+    full, torch.cat(steps, 1L), encoded, cache
+
 let modelTests =
     testList "models" [
         testCase "named_parameters: blocks registered, the tied embedding once, untied head when asked" <| fun () ->
@@ -347,14 +360,9 @@ let modelTests =
                 use model = new EncoderDecoder({ tinyConfig with Attention = impl; Positional = Learned })
                 model.eval ()
                 use _ = torch.no_grad ()
-                let src = randIds 3L 20L [| 2L; 7L |]
-                let srcValid = torch.tensor(Array.init 14 (fun i -> i < 5 || i >= 7)).view(2L, 7L)
-                let tgt = randIds 3L 20L [| 2L; 6L |]
-                let full = model.Forward(src, tgt, srcValid, null).Logits                  // [2; 6; V]
-                let encoded = model.Encode(src, srcValid)
-                use cache = model.NewCache()
-                let steps = [| for t in 0L .. 5L -> model.Decode(encoded.Memory, srcValid, tgt.narrow(1L, t, 1L), null, cache).Logits |]
-                expectClose Tol.f32Loose (torch.cat(steps, 1L)) full (sprintf "%A: step-by-step logits" impl)
+                let full, stepwise, _, cache = fullAndCached model
+                use cache = cache
+                expectClose Tol.f32Loose stepwise full (sprintf "%A: step-by-step logits" impl)
                 let cfg = model.Config
                 let perToken = AttentionConfig.kvBytesPerToken (ModelConfig.attention cfg) 4
                 Expect.equal cache.SelfAttentionBytes (int64 cfg.DecoderLayers * 2L * 6L * perToken) "self cache bytes"
@@ -584,15 +592,10 @@ let precisionTests =
                 model.Precision <- Precision.BFloat16
                 model.eval ()
                 use _ = torch.no_grad ()
-                let src = randIds 3L 20L [| 2L; 7L |]
-                let srcValid = torch.tensor(Array.init 14 (fun i -> i < 5 || i >= 7)).view(2L, 7L)
-                let tgt = randIds 3L 20L [| 2L; 6L |]
-                let full = model.Forward(src, tgt, srcValid, null).Logits                  // [2; 6; V]
-                let encoded = model.Encode(src, srcValid)
+                let full, stepwise, encoded, cache = fullAndCached model
+                use cache = cache
                 Expect.equal encoded.Memory.dtype torch.ScalarType.Float32 (sprintf "%A: the encoder's normed output is float32" impl)
-                use cache = model.NewCache()
-                let steps = [| for t in 0L .. 5L -> model.Decode(encoded.Memory, srcValid, tgt.narrow(1L, t, 1L), null, cache).Logits |]
-                expectClose bf16LogitTol (torch.cat(steps, 1L)) full (sprintf "%A: step-by-step logits" impl)
+                expectClose bf16LogitTol stepwise full (sprintf "%A: step-by-step logits" impl)
                 Expect.equal cache.Layers[0].Self.Keys.dtype bf16 "self-attention cache in bfloat16"
                 Expect.equal cache.Layers[0].Cross.Values.dtype bf16 "cross-attention cache in bfloat16"
                 let perToken = AttentionConfig.kvBytesPerToken (ModelConfig.attention model.Config) 2
