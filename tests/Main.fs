@@ -9,19 +9,19 @@ let all =
         FoundationTests.tests
         FoundationTests.consistency
         RoutingTests.tests
-        MetricsTests.tests
         LayersTests.tests
-        DataTests.tests
-        TrainTests.tests
-        SummarizerTests.tests
-        ScriptsTests.tests
         ModelsTests.tests
         UpcycleTests.tests
+        Gpt2Tests.tests
+        DataTests.tests
+        MetricsTests.tests
+        TrainTests.tests
+        SummarizerTests.tests
         PlotsTests.tests
         SweepTests.tests
         LoraTests.tests
-        Gpt2Tests.tests
         BenchTests.tests
+        ScriptsTests.tests
         LauncherTests.tests
     ]
 

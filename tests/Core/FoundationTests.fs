@@ -51,24 +51,39 @@ let tests =
             Expect.stringContains ex.Message "expected logits [T; E] floating point, got [4; 3; 8] int64" "message"
     ]
 
+/// The library's sources (paths relative to src/) in the fsproj's compile order.
+let private librarySources () : string[] =
+    File.ReadAllLines(Path.Combine(Support.repoRoot, "src", "Moe.fsproj"))
+    |> Array.choose (fun l ->
+        let m = System.Text.RegularExpressions.Regex.Match(l, "<Compile Include=\"([^\"]+)\"")
+        if m.Success then Some m.Groups[1].Value else None)
+    |> Array.filter (fun f -> not (f.StartsWith "../"))
+
 /// The script prelude must load the library's sources in the fsproj's compile order and pin the same
 /// package versions as Directory.Packages.props, or scripts and the compiled library drift apart.
 let consistency =
     testList "Foundation.consistency" [
         testCase "prelude #load list equals the fsproj compile order" <| fun () ->
-            let root = Support.repoRoot
-            let compiled =
-                File.ReadAllLines(Path.Combine(root, "src", "Moe.fsproj"))
-                |> Array.choose (fun l ->
-                    let m = System.Text.RegularExpressions.Regex.Match(l, "<Compile Include=\"([^\"]+)\"")
-                    if m.Success then Some(Path.GetFileName m.Groups[1].Value) else None)
-                |> Array.filter (fun f -> f <> "GlibcxxPatch.fs")
             let loaded =
-                File.ReadAllLines(Path.Combine(root, "scripts", "prelude.fsx"))
+                File.ReadAllLines(Path.Combine(Support.repoRoot, "scripts", "prelude.fsx"))
                 |> Array.choose (fun l ->
                     let m = System.Text.RegularExpressions.Regex.Match(l, "^#load \"\\.\\./src/([^\"]+)\"")
                     if m.Success then Some m.Groups[1].Value else None)
-            Expect.sequenceEqual loaded compiled "scripts/prelude.fsx #load order = src/Moe.fsproj <Compile> order"
+            Expect.sequenceEqual loaded (librarySources ()) "scripts/prelude.fsx #load order = src/Moe.fsproj <Compile> order"
+
+        testCase "every library source is compiled, and each folder is one contiguous layer" <| fun () ->
+            let compiled = librarySources ()
+            let src = Path.Combine(Support.repoRoot, "src")
+            let onDisk =
+                Directory.GetFiles(src, "*.fs", SearchOption.AllDirectories)
+                |> Array.map (fun f -> Path.GetRelativePath(src, f).Replace('\\', '/'))
+                |> Array.filter (fun f -> not (f.StartsWith "obj/" || f.StartsWith "bin/"))
+            Expect.sequenceEqual (Array.sort onDisk) (Array.sort compiled) "files under src/ = the fsproj's <Compile> items"
+            // A folder that reappears after another one would mean a layer reaching into a later one.
+            let folderOf (f: string) = match f.LastIndexOf '/' with -1 -> "" | i -> f.Substring(0, i)
+            let runs = compiled |> Array.map folderOf |> Array.fold (fun acc d -> match acc with h :: _ when h = d -> acc | _ -> d :: acc) [] |> List.rev
+            let folders = runs |> List.filter ((<>) "")
+            Expect.equal (List.distinct folders) folders (sprintf "each folder's files are adjacent in the compile order (folder runs: %A)" runs)
 
         testCase "prelude package versions equal Directory.Packages.props" <| fun () ->
             let root = Support.repoRoot
