@@ -128,6 +128,15 @@ module SummarizerConfig =
         | Moe m -> { c with Model = { c.Model with Ffn = Moe { m with Router = { m.Router with K = 1; Selection = Hash BalancedHash } } } }
         | Dense _ | LoraMoe _ -> c
 
+    /// Experts per MoE layer in the main job (`scripts/train_topk.fsx`, `moe train`).
+    let mainJobExperts = 4
+    /// Experts per token in the main job: top-2, as GShard and Mixtral.
+    let mainJobK = 2
+
+    /// The toolkit's main job: `defaults` with every feed-forward sublayer a token-choice top-2 MoE layer of 4
+    /// experts. `moe train` starts from it, and so does `scripts/train_topk.fsx`.
+    let mainJob : SummarizerConfig = topK mainJobExperts mainJobK defaults
+
     /// The same job with its MoE layers' experts as LoRA adapters on one shared base FFN per layer
     /// (`Models.LoraMoe`, Hu et al. 2021); routing is unchanged. Use after `topK` or `hash`.
     let loraExperts (lora: LoraConfig) (cfg: SummarizerConfig) : SummarizerConfig =
@@ -398,8 +407,8 @@ let testScoresJson (scores: TestScores) : string =
             o[name] <- x
         o
     let root = JsonObject()
-    root["model"] <- JsonNode.Parse(Metrics.toJson scores.Model)
-    root["lead1"] <- JsonNode.Parse(Metrics.toJson scores.Lead1)
+    root["model"] <- JsonNode.Parse(Metrics.Scoring.toJson scores.Model)
+    root["lead1"] <- JsonNode.Parse(Metrics.Scoring.toJson scores.Lead1)
     root["model_ci"] <- ci scores.Model
     root["lead1_ci"] <- ci scores.Lead1
     Json.format root
@@ -417,13 +426,13 @@ let comparisonTable (scores: TestScores) : string =
 /// Scores predictions and lead-1 against the references, with the documents for the abstractiveness statistics.
 let score (cfg: SummarizerConfig) (predictions: string[]) (examples: Example[]) : TestScores =
     let opts =
-        { Metrics.defaultOptions with
+        { Metrics.Scoring.defaultOptions with
             Stem = cfg.Stem
-            Bootstrap = { Metrics.defaultOptions.Bootstrap with Samples = cfg.BootstrapSamples } }
+            Bootstrap = { Metrics.Scoring.defaultOptions.Bootstrap with Samples = cfg.BootstrapSamples } }
     let refs = examples |> Array.map (fun e -> e.Summary)
     let docs = examples |> Array.map (fun e -> e.Document)
-    { Model = Metrics.scoreCorpus opts predictions refs (Some docs)
-      Lead1 = Metrics.scoreCorpus opts (docs |> Array.map lead1) refs (Some docs) }
+    { Model = Metrics.Scoring.scoreCorpus opts predictions refs (Some docs)
+      Lead1 = Metrics.Scoring.scoreCorpus opts (docs |> Array.map lead1) refs (Some docs) }
 
 // ---------------------------------------------------------------- expert use by label
 
