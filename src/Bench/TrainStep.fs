@@ -117,8 +117,8 @@ type TrainStepReport =
       /// With --profile and MoE layers: the first MoE layer alone at the step's mean token count.
       MoeProfile: LayerProfile option }
 
-/// Times training steps of the summarizer exactly as `Train` takes them (its task's loss, `Train.totalLoss`,
-/// backward, `clip_grad_norm_`, AdamW from `Train.makeOptimizer`, gradients zeroed in place), on batches from
+/// Times training steps of the summarizer exactly as `Train` takes them (its task's loss, `Train.Losses.totalLoss`,
+/// backward, `clip_grad_norm_`, AdamW from `Train.Loop.makeOptimizer`, gradients zeroed in place), on batches from
 /// the training plan in order. Model FLOPs come from `modelForwardFlops` of each batch; the ceiling from
 /// `matmulGflops`. Nothing is written to disk.
 let trainStep (cfg: TrainStepConfig) (progress: string -> unit) : TrainStepReport =
@@ -136,7 +136,7 @@ let trainStep (cfg: TrainStepConfig) (progress: string -> unit) : TrainStepRepor
     use model = Summarizer.buildModel sc counts
     model.``to`` device |> ignore
     let task = Summarizer.task sc prepared model device
-    let optimizer = Train.makeOptimizer sc.Train model
+    let optimizer = Train.Loop.makeOptimizer sc.Train model
     let trainable = model.parameters () |> Seq.filter (fun p -> p.requires_grad) |> Seq.toArray
     model.train ()
     let batches = task.TrainBatches sc.Train.Seed 0 |> Seq.toArray
@@ -163,8 +163,8 @@ let trainStep (cfg: TrainStepConfig) (progress: string -> unit) : TrainStepRepor
         let out = model.Decode(encoded.Memory, srcValid, on b.DecoderInput, on b.TargetMask, Unchecked.defaultof<Models.DecoderCache>)
         synchronize device
         marks.Add(clock ())
-        let ce = Train.crossEntropy sc.Train.LabelSmoothing pad out.Logits (on b.Target)
-        let total = Train.totalLoss sc.Train.LossWeights { TaskLoss = ce.Loss; Moe = encoded.Moe @ out.Moe; Tokens = ce.Tokens }
+        let ce = Train.Losses.crossEntropy sc.Train.LabelSmoothing pad out.Logits (on b.Target)
+        let total = Train.Losses.totalLoss sc.Train.LossWeights { TaskLoss = ce.Loss; Moe = encoded.Moe @ out.Moe; Tokens = ce.Tokens }
         synchronize device
         marks.Add(clock ())
         total
@@ -177,7 +177,7 @@ let trainStep (cfg: TrainStepConfig) (progress: string -> unit) : TrainStepRepor
         let total =
             if cfg.Profile then profiledLoss indices marks
             else
-                let t = Train.totalLoss sc.Train.LossWeights (task.Loss Train.Training indices)
+                let t = Train.Losses.totalLoss sc.Train.LossWeights (task.Loss Train.Training indices)
                 synchronize device
                 marks.Add(clock ())
                 t

@@ -1,5 +1,5 @@
 /// The summarization job end to end: examples (the built-in synthetic corpus or files on disk) ->
-/// tokenizer -> length-bucketed batches -> encoder-decoder (dense or MoE) -> `Train.run` -> decoding of the
+/// tokenizer -> length-bucketed batches -> encoder-decoder (dense or MoE) -> `Train.Loop.run` -> decoding of the
 /// test split -> predictions, references and documents files, ROUGE/BLEU of the model and of the lead-1
 /// baseline in `test_scores.json`, and per-topic expert counts in `routing_by_label.json`.
 /// Axes: B batch, S source positions, T target positions, V vocabulary, E experts, K picks per token.
@@ -551,7 +551,7 @@ let runWithInit (opts: RunOptions) (resume: bool) (init: (EncoderDecoder -> unit
         let saved = (Checkpoint.readMeta (Checkpoint.last runDir)).Tokenizer
         if saved <> t.Tokenizer then
             invalidOp (sprintf "cannot resume %s: the tokenizer built from the data now differs from the checkpoint's (the data or tokenizer config changed)" runDir)
-    let trained = if resume then Train.resumeWith opts cfg.Train t runDir else Train.runWith opts cfg.Train t runDir
+    let trained = if resume then Train.Loop.resumeWith opts cfg.Train t runDir else Train.Loop.runWith opts cfg.Train t runDir
     let ckpt = defaultArg trained.BestCheckpoint trained.LastCheckpoint
     if trained.Stop = Cancelled then
         say (sprintf "cancelled: resume with the same config to continue from %s" trained.LastCheckpoint)
@@ -619,7 +619,7 @@ let load (runDir: string) (checkpoint: string option) (device: Native.DeviceChoi
     let dev = Native.resolveDevice device
     model.``to``(dev) |> ignore
     // decode in the precision it was trained in, as the run's own predictions were
-    Train.setPrecision meta.Train model
+    Train.Loop.setPrecision meta.Train model
     model.eval ()
     { Config = cfg; Model = model; Tokenizer = tokenizer; Checkpoint = path; Device = dev }
 
