@@ -12,7 +12,6 @@ open System.Diagnostics
 open System.IO
 open System.Text
 open System.Text.Json.Nodes
-open System.Threading
 open System.Runtime.InteropServices
 open TorchSharp
 open Moe

@@ -7,9 +7,7 @@
 module Moe.Bench.Layer
 
 open System
-open System.Diagnostics
 open System.IO
-open System.Runtime.InteropServices
 open System.Text
 open System.Text.Json
 open TorchSharp

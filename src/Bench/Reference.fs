@@ -7,11 +7,6 @@
 module Moe.Bench.Reference
 
 open System
-open System.Diagnostics
-open System.IO
-open System.Runtime.InteropServices
-open System.Text
-open System.Text.Json
 open TorchSharp
 open Moe
 open Moe.Tensors

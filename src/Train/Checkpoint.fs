@@ -10,17 +10,12 @@
 module Moe.Train.Checkpoint
 
 open System
-open System.Collections.Generic
-open System.Diagnostics
 open System.IO
 open System.Text
 open System.Text.Json.Nodes
-open System.Threading
-open System.Runtime.InteropServices
 open TorchSharp
 open Moe
 open Moe.Tensors
-open Moe.Config
 open Moe.Routing
 open Moe.Layers
 open Moe.Models

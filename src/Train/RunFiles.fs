@@ -2,13 +2,9 @@
 module Moe.Train.RunFiles
 
 open System
-open System.Collections.Generic
-open System.Diagnostics
 open System.IO
 open System.Text
 open System.Text.Json.Nodes
-open System.Threading
-open System.Runtime.InteropServices
 open TorchSharp
 open Moe
 open Moe.Tensors
