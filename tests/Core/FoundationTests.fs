@@ -145,6 +145,30 @@ let consistency =
             for (layer, claimed), (_, found) in Array.zip documented actual do
                 Expect.equal claimed found (sprintf "README uses column of %s (what its sources refer to)" layer)
 
+        testCase "README C# entry points exist under the namespace and in the folder it names" <| fun () ->
+            let readme = File.ReadAllLines(Path.Combine(Support.repoRoot, "README.md"))
+            let row = Regex(@"^\| `([^`]+)` \| `([\w.]+)` \| (.*) \|\s*$")
+            let rows =
+                readme
+                |> Array.skipWhile (fun l -> not (l.Contains "The C# entry points"))
+                |> Array.takeWhile (fun l -> not (l.StartsWith "**PEFT"))
+                |> Array.choose (fun l -> let m = row.Match l in if m.Success then Some m else None)
+            Expect.isGreaterThanOrEqual rows.Length 8 "the table has its rows"
+            let assembly = typeof<Moe.Layers.MoeApi>.Assembly
+            for m in rows do
+                let folder, ns = m.Groups[1].Value, m.Groups[2].Value
+                for entry in Regex.Matches(m.Groups[3].Value, "`([\\w.]+)`") |> Seq.map (fun e -> e.Groups[1].Value) do
+                    // C# writes a type nested in an F# module as Module.Type; the CLR names it Module+Type.
+                    let clrName = ns + "." + entry.Replace(".", "+")
+                    let t = assembly.GetType clrName
+                    Expect.isNotNull t (sprintf "%s (using %s) is the CLR type %s" entry ns clrName)
+                    Expect.isTrue (t.IsPublic || t.IsNestedPublic) (sprintf "%s is public" entry)
+                    Expect.isNonEmpty (t.GetMethods(Reflection.BindingFlags.Public ||| Reflection.BindingFlags.Static)) (sprintf "%s has static entry points" entry)
+                    let dir = Path.Combine(Support.repoRoot, (if folder = "src/" then "src" else Path.Combine("src", folder.TrimEnd '/')))
+                    let declares = Regex(@"^\s*type " + Regex.Escape(entry.Split('.') |> Array.last) + @"\b", RegexOptions.Multiline)
+                    let inFolder = Directory.GetFiles(dir, "*.fs") |> Array.exists (fun f -> declares.IsMatch(File.ReadAllText f))
+                    Expect.isTrue inFolder (sprintf "%s is declared in a file of %s" entry folder)
+
         testCase "prelude package versions equal Directory.Packages.props" <| fun () ->
             let root = Support.repoRoot
             let pinned =
