@@ -8,6 +8,10 @@ open System.Text.Json.Nodes
 open Expecto
 open Moe
 open Moe.Sweep
+open Moe.Sweep.Grid
+open Moe.Sweep.Runner
+open Moe.Sweep.Results
+open Moe.Sweep.Slurm
 open Moe.Tests.Support
 
 /// The config file the tests sweep over: a `train` section (TrainConfig) and a `moe` section (MoeConfig),
@@ -137,7 +141,7 @@ let tests =
                     let get (path: string) = nodeAt path r.Config
                     Expect.equal (get "train.Seed" |> num) (float seed) (sprintf "run %d seed" r.Index)
                     Expect.floatClose Accuracy.veryHigh (get "train.LossWeights.SwitchAux" |> num) ([| 0.0; 0.01; 0.1 |].[w]) "weight"
-                    Expect.equal (Sweep.valueLabel (get "moe.Router.Selection")) ([| "SwitchTop1"; """{"Hash":{"RandomHash":3}}""" |].[s]) "selection"
+                    Expect.equal (Grid.valueLabel (get "moe.Router.Selection")) ([| "SwitchTop1"; """{"Hash":{"RandomHash":3}}""" |].[s]) "selection"
                     Expect.equal (get "moe.ExpertHidden" |> Option.ofObj |> Option.map num) (if v = 1 then Some 256.0 else None) "variant"
                     Expect.equal (get "train.Steps" |> num) 40.0 "base kept"
                     Expect.equal r.RunDir (Path.Combine(dir, "runs", r.Name)) "run folder")
@@ -272,7 +276,7 @@ let tests =
                 let plan = loadOk dir (smallGrid dir "")
                 Directory.CreateDirectory(Path.Combine(plan.Runs[1].RunDir, "checkpoints")) |> ignore
                 File.WriteAllText(Train.Checkpoint.last plan.Runs[1].RunDir, "")
-                write plan.Runs[2].RunDir Sweep.testScoresName "{}" |> ignore
+                write plan.Runs[2].RunDir Runner.testScoresName "{}" |> ignore
                 let text = describePlan plan
                 Expect.stringStarts text "sweep small: 4 runs (" "header"
                 for r in plan.Runs do Expect.stringContains text r.Name "each run is listed"
@@ -315,7 +319,7 @@ let tests =
                     "interrupted run resumes with its own config"
                 Expect.isFalse (List.contains "--resume" (callOf runs[2])) "a new run starts from scratch"
                 let written = JsonNode.Parse(File.ReadAllText(configPath plan.Spec runs[2]))
-                Expect.equal (canonical written) (canonical runs[2].Config) "the config file is the run's resolved config"
+                Expect.equal (ConfigTree.canonical written) (ConfigTree.canonical runs[2].Config) "the config file is the run's resolved config"
                 Expect.equal (outcomes |> List.map _.ExitCode) [ None; Some 0; Some 0; Some 3 ] "outcomes"
                 Expect.isTrue (File.Exists(Path.Combine(runs[2].RunDir, completionMarker))) "success marked"
                 Expect.isFalse (File.Exists(Path.Combine(runs[3].RunDir, completionMarker))) "failure not marked"
@@ -350,7 +354,7 @@ let tests =
                 | [ [ "train"; "--config"; config; "--run-dir"; runDir ] ] ->
                     let config = Path.Combine(root, config)
                     Expect.equal (Path.GetFullPath config) (Path.GetFullPath files.Configs[1]) "task 1 gets run 1's config"
-                    Expect.equal (canonical (JsonNode.Parse(File.ReadAllText config))) (canonical plan.Runs[1].Config) "the resolved config"
+                    Expect.equal (ConfigTree.canonical (JsonNode.Parse(File.ReadAllText config))) (ConfigTree.canonical plan.Runs[1].Config) "the resolved config"
                     Expect.equal (Path.GetFullPath(Path.Combine(root, runDir))) (Path.GetFullPath plan.Runs[1].RunDir) "run 1's folder"
                 | other -> failtestf "expected one call without --resume, got %A" other
                 Expect.equal (status plan.Runs[1].RunDir) Finished "the task marks its run complete"
@@ -416,7 +420,7 @@ let tests =
                                            "Selection": { "Hash": "BalancedHash" }, "Capacity": "Dropless", "MinCapacity": 4, "Jitter": 0.0,
                                            "BiasUpdateRate": null } } } } } ],
                          "grid": { "Train.LossWeights.SwitchAux": [ 0.0, 0.01 ] }, "seeds": [ 3 ] }"""
-                match load summarizerSchema (write dir "sum.json" grid) with
+                match load Schema.summarizerSchema (write dir "sum.json" grid) with
                 | Ok plan ->
                     Expect.equal plan.Runs.Length 4 "2 variants x 2 weights x 1 seed"
                     for r in plan.Runs do
@@ -431,7 +435,7 @@ let tests =
                 let bad =
                     grid.Replace("\"Hash\": \"BalancedHash\"", "\"Hash\": \"Balanced\"")
                         .Replace("Train.LossWeights.SwitchAux", "Train.LossWeight.SwitchAux")
-                match load summarizerSchema (write dir "bad.json" bad) with
+                match load Schema.summarizerSchema (write dir "bad.json" bad) with
                 | Error es ->
                     Expect.equal es.Length 2 (String.concat "\n" es)
                     Expect.stringStarts es[1] "$.variants[1].set[\"Model.Ffn\"].Moe.Router.Selection.Hash: expected one of RandomHash|BalancedHash" "union value"
