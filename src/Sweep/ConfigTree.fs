@@ -1,5 +1,5 @@
-/// Config trees as the sweep handles them: JSON nodes set and removed by field path (keys joined by dots),
-/// shown in messages, and written in a canonical form whose hash names a run.
+/// Config trees as the sweep handles them: JSON nodes read by field path (keys joined by dots), set and
+/// removed by path, shown in messages, and written in a canonical form whose hash names a run.
 module Moe.Sweep.ConfigTree
 
 open System
@@ -69,13 +69,25 @@ let internal setNode (root: JsonObject) (path: string) (value: JsonNode) : unit 
 /// a node made by `JsonValue.Create` does not have.
 let internal parsedString (s: string) : JsonNode = JsonNode.Parse(JsonSerializer.Serialize s)
 
-/// Removes the node at `path` (keys joined by dots) from `root` if it is there.
-let internal removeNode (root: JsonObject) (path: string) : unit =
+/// The object that holds the last key of `path` in `root`, and that key; None where a node on the way is
+/// missing or not an object.
+let private parentOf (root: JsonObject) (path: string) : (JsonObject * string) option =
     let keys = path.Split '.'
     let rec go (o: JsonObject) (i: int) =
-        if i = keys.Length - 1 then o.Remove keys[i] |> ignore
+        if i = keys.Length - 1 then Some(o, keys[i])
         else
             match tryProperty o keys[i] with
             | Some(:? JsonObject as child) -> go child (i + 1)
-            | _ -> ()
+            | _ -> None
     go root 0
+
+/// The node at `path` (keys joined by dots) in `root`: None where the path leads nowhere, Some null for a
+/// JSON null.
+let internal nodeAt (root: JsonObject) (path: string) : JsonNode option =
+    parentOf root path |> Option.bind (fun (o, k) -> tryProperty o k)
+
+/// Removes the node at `path` (keys joined by dots) from `root` if it is there.
+let internal removeNode (root: JsonObject) (path: string) : unit =
+    match parentOf root path with
+    | Some(o, k) -> o.Remove k |> ignore
+    | None -> ()

@@ -9,7 +9,7 @@
 ///       "base": "configs/tiny.json",               // optional: a config file (relative to the grid file) ...
 ///       "base": { "Train": { "Steps": 200 } },     //   ... or the config tree inline; default {}
 ///       "grid": {                                  // optional: field path -> non-empty list of values
-///         "Model.Ffn": [ { "Moe": { ... } } ],
+///         "Model.Ffn.Moe.Router.K": [ 1, 2 ],      //   (a path into a case the base holds, see `Schema`)
 ///         "Train.LossWeights.SwitchAux": [ 0.0, 0.01 ]
 ///       },
 ///       "variants": [                              // optional: named bundles of overrides, one axis
@@ -185,6 +185,9 @@ let parseSpec (schema: Schema) (source: string) (baseDir: string) (root: JsonNod
             | Some other ->
                 add (sprintf "$.base: expected a config object or the path of a config file, got %s" (describeNode other))
                 JsonObject()
+        // ---- a path into a union case: the base must hold that case
+        let checkCase (where: string) (path: string) =
+            Schema.caseMismatch schema baseTree path |> Option.iter (fun e -> add (sprintf "%s: %s" where e))
         // ---- values of one field: each checked against the field's type, duplicates named
         let values (where: string) (path: string) (node: JsonNode) : JsonNode list =
             match Schema.fieldType schema path with
@@ -192,6 +195,7 @@ let parseSpec (schema: Schema) (source: string) (baseDir: string) (root: JsonNod
                 add (sprintf "%s: %s" where e)
                 []
             | Ok t ->
+                checkCase where path
                 match node with
                 | :? JsonArray as a when a.Count = 0 -> add (sprintf "%s: empty; expected at least one value" where); []
                 | :? JsonArray as a ->
@@ -261,6 +265,7 @@ let parseSpec (schema: Schema) (source: string) (baseDir: string) (root: JsonNod
                                         match Schema.fieldType schema kv.Key with
                                         | Error e -> add (sprintf "%s: %s" where e)
                                         | Ok t ->
+                                            checkCase where kv.Key
                                             Schema.checkValue problems where t kv.Value
                                             yield kv.Key, kv.Value ]
                                 | Some other ->

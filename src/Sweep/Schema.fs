@@ -3,11 +3,17 @@
 /// anything runs.
 ///
 /// Field paths are the keys of the config file joined by dots; the file is what `Json` writes for F#
-/// records: record field names as keys, unions as `"Case"` or `{"Case": fields}`.
+/// records: record field names as keys, a union case as `"Case"` or `{"Case": fields}` (one field: its
+/// value; several: an object of the fields by name). A path may step through a case name into the case's
+/// fields: `Model.Ffn.Moe.Router.K` is K inside `"Ffn": {"Moe": {...}}`, and
+/// `moe.Router.Selection.TokenChoiceTopK.renormalise` one field of a case with several. Such a path changes
+/// the case the base config holds, so the base must hold that case there; choosing the case is giving the
+/// union's own path a whole value.
 namespace Moe.Sweep
 
 open System
 open System.Collections.Generic
+open System.Text.Json
 open System.Text.Json.Nodes
 open Microsoft.FSharp.Reflection
 open Moe
@@ -104,8 +110,11 @@ module Schema =
         |> withRunFolder "RunsDir" "Name"
 
     let private isOption (t: Type) = t.IsGenericType && t.GetGenericTypeDefinition() = typedefof<option<_>>
+    let private isList (t: Type) = t.IsGenericType && t.GetGenericTypeDefinition() = typedefof<list<_>>
     let private isMap (t: Type) = t.IsGenericType && t.GetGenericTypeDefinition() = typedefof<Map<_, _>>
     let private isRecord (t: Type) = FSharpType.IsRecord(t, true)
+    /// A union a path can step into by case name (options and lists are unions to reflection, not here).
+    let private isUnion (t: Type) = FSharpType.IsUnion(t, true) && not (isOption t) && not (isList t)
     /// A JsonNode-typed field holds any JSON; paths below it are not checked.
     let private isFree (t: Type) = typeof<JsonNode>.IsAssignableFrom t
 
@@ -120,37 +129,90 @@ module Schema =
         elif isOption t then typeName (t.GetGenericArguments()[0]) + " option"
         else t.Name
 
-    /// The message for a key that is not a field of record `t`, with the likely intended name.
-    let private unknownField (where: string) (key: string) (t: Type) : string =
-        let names = FSharpType.GetRecordFields(t, true) |> Array.map (fun f -> f.Name)
+    /// The message for a key that names no `what` ("field", "case") of `owner`, with the likely intended name.
+    let private unknownName (what: string) (where: string) (key: string) (owner: string) (names: string[]) : string =
         let hint =
             match names |> Array.tryFind (fun n -> String.Equals(n, key, StringComparison.OrdinalIgnoreCase)) with
             | Some n -> sprintf " (did you mean '%s'? names are case-sensitive)" n
             | None -> ""
-        sprintf "%s: unknown field '%s' in %s%s; expected one of %s" where key t.Name hint (String.concat ", " names)
+        sprintf "%s: unknown %s '%s' in %s%s; expected one of %s" where what key owner hint (String.concat ", " names)
 
-    /// The type that `path` (keys joined by dots) leads to in the config file, or why it leads nowhere.
-    let fieldType (schema: Schema) (path: string) : Result<Type, string> =
+    let private fieldNames (fields: Reflection.PropertyInfo[]) = fields |> Array.map (fun f -> f.Name)
+
+    /// A step of a field path into a union case: the path of the union's node and the case the path names.
+    type private CaseStep = { Union: string; Case: string }
+
+    /// Walks `path` (keys joined by dots) through the config file's types: the type it leads to and the
+    /// union cases it steps into on the way, outermost first; or why it leads nowhere.
+    let private resolve (schema: Schema) (path: string) : Result<Type * CaseStep list, string> =
         let keys = if isNull path then [||] else path.Split '.'
         if keys.Length = 0 || keys |> Array.exists String.IsNullOrWhiteSpace then
             Error(sprintf "expected a field path like train.Steps (keys joined by dots), got '%s'" path)
         else
-            let rec walk (i: int) (where: string) (t: Type) : Result<Type, string> =
-                if i = keys.Length then Ok t
-                elif isFree t then Ok typeof<JsonNode>
-                elif isOption t then walk i where (t.GetGenericArguments()[0])
-                elif isMap t then walk (i + 1) (where + "." + keys[i]) (t.GetGenericArguments()[1])
+            let rec walk (i: int) (where: string) (t: Type) (steps: CaseStep list) : Result<Type * CaseStep list, string> =
+                if i = keys.Length then Ok(t, List.rev steps)
+                elif isFree t then Ok(typeof<JsonNode>, List.rev steps)
+                elif isOption t then walk i where (t.GetGenericArguments()[0]) steps
+                elif isMap t then walk (i + 1) (where + "." + keys[i]) (t.GetGenericArguments()[1]) steps
                 elif isRecord t then
-                    match FSharpType.GetRecordFields(t, true) |> Array.tryFind (fun f -> f.Name = keys[i]) with
-                    | Some f -> walk (i + 1) (where + "." + keys[i]) f.PropertyType
-                    | None -> Error(unknownField where keys[i] t)
+                    let fields = FSharpType.GetRecordFields(t, true)
+                    match fields |> Array.tryFind (fun f -> f.Name = keys[i]) with
+                    | Some f -> walk (i + 1) (where + "." + keys[i]) f.PropertyType steps
+                    | None -> Error(unknownName "field" where keys[i] t.Name (fieldNames fields))
+                elif isUnion t then
+                    let cases = FSharpType.GetUnionCases(t, true)
+                    match cases |> Array.tryFind (fun c -> c.Name = keys[i]) with
+                    | None -> Error(unknownName "case" where keys[i] t.Name (cases |> Array.map (fun c -> c.Name)))
+                    | Some c ->
+                        let inCase = where + "." + c.Name
+                        let steps = { Union = where; Case = c.Name } :: steps
+                        // The case's JSON (Json.caseFields): one field is the value itself, several an object by name.
+                        match c.GetFields() with
+                        | [||] -> Error(sprintf "%s: case %s of %s has no fields; give %s the value \"%s\"" inCase c.Name t.Name where c.Name)
+                        | [| f |] -> walk (i + 1) inCase f.PropertyType steps
+                        | fields when i + 1 = keys.Length ->
+                            Error(sprintf "%s: case %s of %s has the fields %s; name one of them, or give %s a whole value"
+                                      inCase c.Name t.Name (String.concat ", " (fieldNames fields)) where)
+                        | fields ->
+                            match fields |> Array.tryFind (fun f -> f.Name = keys[i + 1]) with
+                            | Some f -> walk (i + 2) (inCase + "." + f.Name) f.PropertyType steps
+                            | None -> Error(unknownName "field" inCase keys[i + 1] ("case " + c.Name) (fieldNames fields))
                 else
                     Error(sprintf "%s is of type %s, not a record; it has no field '%s' (give %s a whole value)" where (typeName t) keys[i] where)
             match schema.Sections |> List.tryFind (fun (name, _) -> name = keys[0]) with
-            | Some(_, t) -> walk 1 keys[0] t
+            | Some(_, t) -> walk 1 keys[0] t []
             | None ->
                 Error(sprintf "unknown section '%s'; the config file has %s" keys[0]
                           (schema.Sections |> List.map fst |> String.concat ", "))
+
+    /// The type that `path` (keys joined by dots) leads to in the config file, or why it leads nowhere.
+    let fieldType (schema: Schema) (path: string) : Result<Type, string> = resolve schema path |> Result.map fst
+
+    /// Why `path` cannot be set in `baseConfig`: a union the path steps through holds another case there than
+    /// the one the path names, or is not set (setting a field inside it would leave the case's other fields
+    /// out, and `Json` reads a case whole). None when it can be set, or when the path leads nowhere
+    /// (`fieldType` says why).
+    let internal caseMismatch (schema: Schema) (baseConfig: JsonObject) (path: string) : string option =
+        match resolve schema path with
+        | Error _ -> None
+        | Ok(_, steps) ->
+            steps
+            |> List.tryPick (fun s ->
+                let held =
+                    match ConfigTree.nodeAt baseConfig s.Union with
+                    | Some(:? JsonValue as v) when v.GetValueKind() = JsonValueKind.String -> Ok(v.GetValue<string>())
+                    | Some(:? JsonObject as o) when o.Count = 1 -> Ok (Seq.head o).Key
+                    | Some n -> Error(sprintf "holds %s there" (ConfigTree.describeNode n))
+                    | None -> Error(sprintf "does not set %s" s.Union)
+                let mismatch =
+                    match held with
+                    | Ok c when c = s.Case -> None
+                    | Ok c -> Some(sprintf "holds %s there" c)
+                    | Error what -> Some what
+                mismatch
+                |> Option.map (fun what ->
+                    sprintf "%s steps into case %s of %s, but the base config %s; a path into a case changes the case the base holds (to choose the case, give %s a whole value)"
+                        path s.Case s.Union what s.Union))
 
     /// Reads a node as a type known only at run time, through `Json.ofNode`.
     type private Reader =
@@ -175,7 +237,7 @@ module Schema =
                 for kv in o do
                     match fields |> Array.tryFind (fun f -> f.Name = kv.Key) with
                     | Some f -> checkValue problems (where + "." + kv.Key) f.PropertyType kv.Value
-                    | None -> problems.Add(unknownField where kv.Key t)
+                    | None -> problems.Add(unknownName "field" where kv.Key t.Name (fieldNames fields))
             | _ -> problems.Add(sprintf "%s: expected an object with fields of %s, got %s" where t.Name (ConfigTree.describeNode node))
         else
             for p in readProblems t node do

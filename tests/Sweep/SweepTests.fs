@@ -127,6 +127,15 @@ let private num (n: JsonNode) = n.GetValue<double>()
 let private nodeAt (path: string) (root: JsonNode) : JsonNode =
     path.Split '.' |> Array.fold (fun (n: JsonNode) k -> if isNull n then null else n.[k]) root
 
+/// The summarizer's `Model.Ffn` as an MoE with `router`, as `Json` writes it: every field of the case, since
+/// `Json` reads a union case whole and a path into a case changes the case the base holds.
+let private moeFfn (router: Config.RouterConfig) : string =
+    (Json.toNode (Models.Moe { Config.MoeConfig.defaults with Router = router })).ToJsonString()
+
+/// A grid for the summarizer's config whose base sets `Model.Ffn` to `ffn` (JSON) and a short `Train`.
+let private summarizerGrid (ffn: string) (body: string) : string =
+    sprintf """{ "name": "cases", "base": { "Model": { "Ffn": %s }, "Train": { "Steps": 20, "WarmupSteps": 2 } }, %s }""" ffn body
+
 let tests =
     testList "Sweep" [
         testCase "expansion: count and order are variants, then grid keys in file order, then seeds" <| fun () ->
@@ -520,4 +529,75 @@ let tests =
                 Expect.stringContains md "metrics.jsonl line 2: not a JSON object" "notes listed"
                 Expect.stringContains md "1 finished, 1 started, 2 not started" "status count"
                 Expect.stringEnds (md.TrimEnd()) "report note" "report note")
+
+        testCase "a grid path steps into the union case the base holds; each run's config file reads back as the trainer reads it" <| fun () ->
+            withTemp (fun dir ->
+                let router = { Config.RouterConfig.defaults with Experts = 4; Capacity = Config.Factor 1.25 }
+                let grid =
+                    summarizerGrid (moeFfn router)
+                        """ "grid": { "Model.Ffn.Moe.Router.K": [1, 2], "Model.Ffn.Moe.Router.Capacity.Factor": [1.0, 2.0],
+                                      "Model.Ffn.Moe.Router.Selection.TokenChoiceTopK.renormalise": [true, false] } """
+                match load Schema.summarizerSchema (write dir "cases.json" grid) with
+                | Error es -> failtestf "expected a valid grid, got:\n%s" (String.concat "\n" es)
+                | Ok plan ->
+                    Expect.equal plan.Runs.Length 8 "2 K x 2 factors x 2 renormalise"
+                    let files = writeConfigs plan (Path.Combine(dir, "configs"))
+                    for r, file in List.zip plan.Runs files do
+                        // mixed-radix digits of the index, the first grid key slowest
+                        let k, factor, renormalise = [| 1; 2 |].[r.Index / 4], [| 1.0; 2.0 |].[(r.Index / 2) % 2], [| true; false |].[r.Index % 2]
+                        let written = JsonNode.Parse(File.ReadAllText file)
+                        Expect.equal (written |> nodeAt "Model.Ffn.Moe.Router.K" |> num) (float k) "K inside the Moe case"
+                        Expect.floatClose Accuracy.veryHigh (written |> nodeAt "Model.Ffn.Moe.Router.Capacity.Factor" |> num) factor "inside the Factor case"
+                        // What `moe train --config FILE` does with the file.
+                        match Summarizer.SummarizerConfig.load Summarizer.SummarizerConfig.defaults (Some file) [] with
+                        | Ok cfg ->
+                            match cfg.Model.Ffn with
+                            | Models.Moe m ->
+                                Expect.equal m.Router.K k "K"
+                                match m.Router.Capacity with
+                                | Config.Factor f -> Expect.floatClose Accuracy.veryHigh f factor "capacity factor"
+                                | other -> failtestf "expected a capacity factor, got %A" other
+                                Expect.equal m.Router.Selection (Config.TokenChoiceTopK(Config.NormaliseThenTopK, renormalise)) "selection"
+                                Expect.equal m.Router.Experts 4 "the case's other fields come from the base"
+                            | other -> failtestf "expected the Moe case, got %A" other
+                        | Error es -> failtestf "the trainer's reader rejects %s: %A" file es)
+
+        testCase "a path into a union case the base does not hold is rejected, naming the path, the case it needs and the case the base holds" <| fun () ->
+            withTemp (fun dir ->
+                let problemsFor (name: string) (grid: string) =
+                    match load Schema.summarizerSchema (write dir name grid) with
+                    | Error es -> es
+                    | Ok plan -> failtestf "expected %s to be rejected, but it expanded into %d runs" name plan.Runs.Length
+                let dense = problemsFor "dense.json" (summarizerGrid """{ "Dense": 256 }""" """ "grid": { "Model.Ffn.Moe.Router.K": [1, 2] } """)
+                Expect.equal dense
+                    [ "$.grid[\"Model.Ffn.Moe.Router.K\"]: Model.Ffn.Moe.Router.K steps into case Moe of Model.Ffn, but the base config holds Dense there; a path into a case changes the case the base holds (to choose the case, give Model.Ffn a whole value)" ]
+                    "one problem, before anything runs"
+                let unset = problemsFor "unset.json" """{ "name": "unset", "variants": [ { "name": "k1", "set": { "Model.Ffn.Moe.Router.K": 1 } } ] }"""
+                Expect.stringStarts (List.exactlyOne unset)
+                    "$.variants[0].set[\"Model.Ffn.Moe.Router.K\"]: Model.Ffn.Moe.Router.K steps into case Moe of Model.Ffn, but the base config does not set Model.Ffn;"
+                    "a variant's path, and a base without the union"
+                let dropless =
+                    problemsFor "dropless.json"
+                        (summarizerGrid (moeFfn Config.RouterConfig.defaults) """ "grid": { "Model.Ffn.Moe.Router.Capacity.Factor": [1.0, 2.0] } """)
+                Expect.stringStarts (List.exactlyOne dropless)
+                    "$.grid[\"Model.Ffn.Moe.Router.Capacity.Factor\"]: Model.Ffn.Moe.Router.Capacity.Factor steps into case Factor of Model.Ffn.Moe.Router.Capacity, but the base config holds Dropless there;"
+                    "a case inside a case")
+
+        testCase "an unknown case, or an unknown field under a case, is rejected with the names there are" <| fun () ->
+            withTemp (fun dir ->
+                let grid =
+                    summarizerGrid (moeFfn Config.RouterConfig.defaults)
+                        """ "grid": { "Model.Ffn.Moe.Routr.K": [1], "Model.Ffn.Mixture.Router.K": [1], "Model.Ffn.moe.Router.K": [1],
+                                      "Model.Ffn.Moe.Router.Selection.TokenChoiceTopK.renorm": [true],
+                                      "Model.Ffn.Moe.Router.Selection.SwitchTop1.K": [1] } """
+                match load Schema.summarizerSchema (write dir "unknown.json" grid) with
+                | Ok _ -> failtest "expected the grid to be rejected"
+                | Error es ->
+                    Expect.equal es
+                        [ "$.grid[\"Model.Ffn.Moe.Routr.K\"]: Model.Ffn.Moe: unknown field 'Routr' in MoeConfig; expected one of ModelDim, ExpertHidden, Activation, Router, SharedExperts"
+                          "$.grid[\"Model.Ffn.Mixture.Router.K\"]: Model.Ffn: unknown case 'Mixture' in FfnKind; expected one of Dense, Moe, LoraMoe"
+                          "$.grid[\"Model.Ffn.moe.Router.K\"]: Model.Ffn: unknown case 'moe' in FfnKind (did you mean 'Moe'? names are case-sensitive); expected one of Dense, Moe, LoraMoe"
+                          "$.grid[\"Model.Ffn.Moe.Router.Selection.TokenChoiceTopK.renorm\"]: Model.Ffn.Moe.Router.Selection.TokenChoiceTopK: unknown field 'renorm' in case TokenChoiceTopK; expected one of order, renormalise"
+                          "$.grid[\"Model.Ffn.Moe.Router.Selection.SwitchTop1.K\"]: Model.Ffn.Moe.Router.Selection.SwitchTop1: case SwitchTop1 of Selection has no fields; give Model.Ffn.Moe.Router.Selection the value \"SwitchTop1\"" ]
+                        "one problem per path, naming the fields or cases there are")
     ]
