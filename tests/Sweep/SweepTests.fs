@@ -600,4 +600,20 @@ let tests =
                           "$.grid[\"Model.Ffn.Moe.Router.Selection.TokenChoiceTopK.renorm\"]: Model.Ffn.Moe.Router.Selection.TokenChoiceTopK: unknown field 'renorm' in case TokenChoiceTopK; expected one of order, renormalise"
                           "$.grid[\"Model.Ffn.Moe.Router.Selection.SwitchTop1.K\"]: Model.Ffn.Moe.Router.Selection.SwitchTop1: case SwitchTop1 of Selection has no fields; give Model.Ffn.Moe.Router.Selection the value \"SwitchTop1\"" ]
                         "one problem per path, naming the fields or cases there are")
+
+        testCase "the example grids in examples/sweeps parse, expand and pass every check, with their run counts" <| fun () ->
+            let folder = Path.Combine(Support.repoRoot, "examples", "sweeps")
+            let expected =
+                [ "balance-ablation.json", 8   // 2 variants (top-k, hash) x 2 SwitchAux x 2 ZLoss
+                  "routers-k.json", 8          // 4 router variants x 2 K
+                  "capacity.json", 8 ]         // 4 capacities x 2 K
+            let grids = Directory.GetFiles(folder, "*.json") |> Array.map Path.GetFileName |> Array.filter ((<>) "quick-moe.json")
+            Expect.equal (Array.sort grids |> List.ofArray) (expected |> List.map fst |> List.sort) "every example grid is counted here (quick-moe.json is their base)"
+            for file, runs in expected do
+                // What `./moe sweep FILE --dry-run` does: load (parse, expand, check every run's config), then list.
+                match load Schema.summarizerSchema (Path.Combine(folder, file)) with
+                | Ok plan ->
+                    Expect.equal plan.Runs.Length runs (sprintf "%s: runs" file)
+                    Expect.stringStarts (describePlan plan) (sprintf "sweep %s: %d runs" plan.Spec.Name runs) (sprintf "%s: listing" file)
+                | Error es -> failtestf "%s is rejected:\n%s" file (String.concat "\n" es)
     ]
