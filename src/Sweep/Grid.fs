@@ -1,5 +1,5 @@
-/// Grids: a base run config and a grid of overrides, read from a grid file, checked and expanded into
-/// named runs (`load`), before anything runs.
+/// Grids: a grid file (a base run config and a grid of overrides) read, checked against the config's
+/// `Schema` and expanded into named runs (`load`), every problem found before anything runs.
 ///
 /// The grid file (JSON; comments and trailing commas allowed; field paths as in `Schema`):
 ///

@@ -168,7 +168,8 @@ module Schema =
                         let steps = { Union = where; Case = c.Name } :: steps
                         // The case's JSON (Json.caseFields): one field is the value itself, several an object by name.
                         match c.GetFields() with
-                        | [||] -> Error(sprintf "%s: case %s of %s has no fields; give %s the value \"%s\"" inCase c.Name t.Name where c.Name)
+                        | [||] ->
+                            Error(sprintf "%s: case %s of %s has no fields; give %s the value \"%s\"" inCase c.Name t.Name where c.Name)
                         | [| f |] -> walk (i + 1) inCase f.PropertyType steps
                         | fields when i + 1 = keys.Length ->
                             Error(sprintf "%s: case %s of %s has the fields %s; name one of them, or give %s a whole value"
@@ -211,8 +212,8 @@ module Schema =
                     | Error what -> Some what
                 mismatch
                 |> Option.map (fun what ->
-                    sprintf "%s steps into case %s of %s, but the base config %s; a path into a case changes the case the base holds (to choose the case, give %s a whole value)"
-                        path s.Case s.Union what s.Union))
+                    sprintf "%s steps into case %s of %s, but the base config %s; " path s.Case s.Union what
+                    + sprintf "a path into a case changes the case the base holds (to choose the case, give %s a whole value)" s.Union))
 
     /// Reads a node as a type known only at run time, through `Json.ofNode`.
     type private Reader =
