@@ -33,7 +33,7 @@ type MoeLayerArgs =
             | Quick -> "a subset of the grid (T = 2048, E in {8, 64}, k in {1, 2}, no all-experts): under two minutes on two idle cores."
             | Json -> "print the JSON report on stdout (the table goes to stderr)."
             | Profile -> "instead of the benchmark, time the MoE layer's phases (router, sort, gather, experts, combine) at every grid point."
-            | Reps _ -> sprintf "timed interleaved rounds; the median is reported (default %d, at least %d advised)." Bench.BenchConfig.minReps Bench.BenchConfig.minReps
+            | Reps _ -> sprintf "timed interleaved rounds; the median is reported (default %d, at least %d advised)." Bench.Layer.BenchConfig.minReps Bench.Layer.BenchConfig.minReps
             | Warmup _ -> "untimed rounds before the timed ones (default 1)."
             | Tokens _ -> "token counts T (default 2048 8192)."
             | Experts _ -> "expert counts E (default 8 32 64)."
@@ -82,14 +82,14 @@ type BenchArgs =
             | Train_Step _ -> "tokens/s and model-FLOPs utilisation of a training step of the summarizer against the matmul ceiling."
 
 /// The grid the arguments ask for: `--quick` or the defaults, with any listed value overriding.
-let private configOf (args: ParseResults<MoeLayerArgs>) : Bench.BenchConfig =
-    let start = if args.Contains Quick then Bench.BenchConfig.quick else Bench.BenchConfig.defaults
+let private configOf (args: ParseResults<MoeLayerArgs>) : Bench.Layer.BenchConfig =
+    let start = if args.Contains Quick then Bench.Layer.BenchConfig.quick else Bench.Layer.BenchConfig.defaults
     let variants =
         match args.TryGetResult Variants with
         | None -> start.Variants
         | Some names ->
             [| for n in names ->
-                match Bench.Variant.parse n with
+                match Bench.Layer.Variant.parse n with
                 | Ok v -> v
                 | Error msg -> invalidArg "--variants" msg |]
     { start with
@@ -107,7 +107,7 @@ let private configOf (args: ParseResults<MoeLayerArgs>) : Bench.BenchConfig =
             match args.TryGetResult Allocator with
             | None -> start.Allocator
             | Some name ->
-                match Bench.CpuAllocator.parse name with
+                match Bench.Measure.CpuAllocator.parse name with
                 | Ok a -> a
                 | Error msg -> invalidArg "--allocator" msg }
 
@@ -126,19 +126,19 @@ let private moeLayer (args: ParseResults<MoeLayerArgs>) : int =
     let cfg = configOf args
     setThreads (args.TryGetResult MoeLayerArgs.Threads)
     if args.Contains MoeLayerArgs.Profile then
-        printfn "forward+backward medians over %d interleaved rounds; %d threads, %s allocator" cfg.Reps (torch.get_num_threads ()) (Bench.CpuAllocator.name cfg.Allocator)
-        Bench.profileGrid cfg device (fun p -> printf "%s" (Bench.profileTable p))
+        printfn "forward+backward medians over %d interleaved rounds; %d threads, %s allocator" cfg.Reps (torch.get_num_threads ()) (Bench.Measure.CpuAllocator.name cfg.Allocator)
+        Bench.Layer.profileGrid cfg device (fun p -> printf "%s" (Bench.Layer.profileTable p))
         0
     else
     let json = args.Contains Json
-    let report = Bench.run cfg device (fun line -> eprintfn "%s" line)
-    let table = Bench.toTable report
+    let report = Bench.Layer.run cfg device (fun line -> eprintfn "%s" line)
+    let table = Bench.Layer.toTable report
     if json then
         eprintf "%s" table
-        printfn "%s" (Bench.toJson report)
+        printfn "%s" (Bench.Layer.toJson report)
     else printf "%s" table
-    args.TryGetResult Json_Out |> Option.iter (fun path -> File.WriteAllText(path, Bench.toJson report + "\n"))
-    args.TryGetResult Markdown_Out |> Option.iter (fun path -> File.WriteAllText(path, Bench.toMarkdown report))
+    args.TryGetResult Json_Out |> Option.iter (fun path -> File.WriteAllText(path, Bench.Layer.toJson report + "\n"))
+    args.TryGetResult Markdown_Out |> Option.iter (fun path -> File.WriteAllText(path, Bench.Layer.toMarkdown report))
     0
 
 let private trainStep (args: ParseResults<TrainStepArgs>) : int =
@@ -163,13 +163,13 @@ let private trainStep (args: ParseResults<TrainStepArgs>) : int =
         | Some "library" -> { summarizer with Model = { summarizer.Model with Attention = Attention.Library } }
         | Some other -> invalidArg "--attention" (sprintf "expected handwritten|library, got '%s'" other)
     let cfg =
-        { Bench.TrainStepConfig.defaults with
+        { Bench.TrainStep.TrainStepConfig.defaults with
             Summarizer = summarizer
-            Warmup = args.GetResult(TrainStepArgs.Warmup, Bench.TrainStepConfig.defaults.Warmup)
-            Steps = args.GetResult(Steps, Bench.TrainStepConfig.defaults.Steps)
+            Warmup = args.GetResult(TrainStepArgs.Warmup, Bench.TrainStep.TrainStepConfig.defaults.Warmup)
+            Steps = args.GetResult(Steps, Bench.TrainStep.TrainStepConfig.defaults.Steps)
             Profile = args.Contains TrainStepArgs.Profile }
-    let report = Bench.trainStep cfg (fun line -> eprintfn "%s" line)
-    printf "%s" (Bench.trainStepTable report)
+    let report = Bench.TrainStep.trainStep cfg (fun line -> eprintfn "%s" line)
+    printf "%s" (Bench.TrainStep.trainStepTable report)
     0
 
 /// Runs a bench subcommand (bad input: `InputErrors.guard` in `Cli.main` reports it, exit code 2).

@@ -96,13 +96,13 @@ let private inspect (args: ParseResults<InspectArgs>) : int =
             if n < 1 then invalidArg "--synthetic" (sprintf "expected at least 1 example, got %d" n)
             let seed = defaultArg (args.TryGetResult Seed) Corpus.CorpusConfig.defaults.Seed
             let examples = Corpus.generateWith { Corpus.CorpusConfig.defaults with Seed = seed } 0 n
-            let report = Data.generatedReport (sprintf "synthetic corpus, seed %d" seed) n
-            Data.inspectExamples report examples
-        | Some path, None -> Data.inspect (configOf args) path
-    printf "%s" (Data.formatInspection inspection)
+            let report = DataInspection.generatedReport (sprintf "synthetic corpus, seed %d" seed) n
+            DataInspection.inspectExamples report examples
+        | Some path, None -> DataInspection.inspect (configOf args) path
+    printf "%s" (DataInspection.formatInspection inspection)
     0
 
-/// Runs `moe data ...`; bad data (a `Data.DataException` naming file and line) is reported by
+/// Runs `moe data ...`; bad data (a `TextTools.DataException` naming file and line) is reported by
 /// `InputErrors.guard` in `Cli.main`, exit code 2.
 let run (args: ParseResults<DataArgs>) : int =
     match args.GetSubCommand() with

@@ -47,10 +47,10 @@ let private draw (args: ParseResults<HumanEvalArgs>) =
     let referencesPath = required "references" (args.TryGetResult References)
     let specs = args.GetResults System |> List.map parseSystem
     if specs.IsEmpty then raise (ArgumentException "expected at least one --system NAME=PATH")
-    let documents = Metrics.readLines documentsPath
-    let references = Metrics.readLines referencesPath
-    let systems = specs |> List.map (fun (name, path) -> name, path, Metrics.readLines path)
-    Metrics.expectAligned ([ documentsPath, documents; referencesPath, references ] @ (systems |> List.map (fun (_, p, l) -> p, l)))
+    let documents = Metrics.Basics.readLines documentsPath
+    let references = Metrics.Basics.readLines referencesPath
+    let systems = specs |> List.map (fun (name, path) -> name, path, Metrics.Basics.readLines path)
+    Metrics.Basics.expectAligned ([ documentsPath, documents; referencesPath, references ] @ (systems |> List.map (fun (_, p, l) -> p, l)))
     let cfg =
         { HumanEval.defaults with
             Examples = args.GetResult(Examples, min HumanEval.defaults.Examples documents.Length)

@@ -28,11 +28,11 @@ let guard (command: unit -> int) : int =
         code
     try command ()
     with
-    // Named from `Moe.` on: under `open System` a bare `Data.DataException` is System.Data's, never thrown here.
+    // Named from `Moe.` on: under `open System` a bare `TextTools.DataException` is System.Data's, never thrown here.
     | :? FileNotFoundException as e -> report e.Message BadInput
     | :? DirectoryNotFoundException as e -> report e.Message BadInput
     | :? InvalidDataException as e -> report e.Message BadInput
-    | :? Moe.Data.DataException as e -> report e.Message BadInput
+    | :? Moe.TextTools.DataException as e -> report e.Message BadInput
     | :? Moe.RunLog.RunFileException as e -> report e.Message BadInput
     | :? ArgumentException as e -> report (withoutParameterSuffix e) BadInput
     | :? Moe.Train.TooManyBadStepsException as e -> report e.Message Failed

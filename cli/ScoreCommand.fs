@@ -30,7 +30,7 @@ type ScoreArgs =
 /// Runs the command (bad input: `InputErrors.guard` in `Cli.main` reports it, exit code 2).
 let run (args: ParseResults<ScoreArgs>) : int =
     let read path =
-        let lines = Metrics.readLines path
+        let lines = Metrics.Basics.readLines path
         match args.TryGetResult Newline_Marker with
         | Some marker when marker <> "" -> lines |> Array.map (fun l -> l.Replace(marker, "\n"))
         | _ -> lines
@@ -39,20 +39,20 @@ let run (args: ParseResults<ScoreArgs>) : int =
     let documentsPath = args.TryGetResult Documents
     let predictions = read predictionsPath
     let references = read referencesPath
-    let documents = documentsPath |> Option.map Metrics.readLines
-    Metrics.expectAligned (
+    let documents = documentsPath |> Option.map Metrics.Basics.readLines
+    Metrics.Basics.expectAligned (
         [ predictionsPath, predictions; referencesPath, references ]
         @ (match documentsPath, documents with
            | Some p, Some d -> [ p, d ]
            | _ -> []))
     let options =
-        { Metrics.defaultOptions with
+        { Metrics.Scoring.defaultOptions with
             Stem = args.Contains Stem
             Bootstrap =
                 { Metrics.Bootstrap.defaults with
                     Samples = args.GetResult(Bootstrap_Samples, Metrics.Bootstrap.defaults.Samples)
                     Seed = args.GetResult(Seed, Metrics.Bootstrap.defaults.Seed) } }
-    let report = Metrics.scoreCorpus options predictions references documents
-    if args.Contains Json then printfn "%s" (Metrics.toJson report)
-    else printf "%s" (Metrics.formatTable report)
+    let report = Metrics.Scoring.scoreCorpus options predictions references documents
+    if args.Contains Json then printfn "%s" (Metrics.Scoring.toJson report)
+    else printf "%s" (Metrics.Scoring.formatTable report)
     0

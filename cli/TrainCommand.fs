@@ -45,9 +45,9 @@ type TrainArgs =
             | Valid_File _ -> "the validation split's file."
             | Test_File _ -> "the test split's file."
             | Format _ -> sprintf "the data format, when the extension does not tell: %s." Data.Format.names
-            | Router _ -> "dense|topk|hash: dense FFNs, token-choice top-k MoE layers, or hash-routed MoE layers."
-            | Experts _ -> "experts per MoE layer (with --router topk|hash; default 4)."
-            | K _ -> "experts per token for --router topk (default 2)."
+            | Router _ -> "dense|topk|hash: dense FFNs, token-choice top-k MoE layers, or hash-routed MoE layers (default: the config's model; without --config the main job's top-2 of 4 experts)."
+            | Experts _ -> "experts per MoE layer (with --router topk|hash; alone it means --router topk; default 4)."
+            | K _ -> "experts per token for --router topk (alone it means --router topk; default 2)."
             | Steps _ -> "optimizer steps (Train.Steps)."
             | Batch_Size _ -> "examples per micro-batch (Train.BatchSize)."
             | Lr _ -> "peak learning rate (Train.LearningRate)."
@@ -104,7 +104,7 @@ let private orFailWith (flag: string) (r: Result<'a, string list>) : 'a =
 
 /// The config the flags describe: defaults, then --config, then --set, then the named flags.
 let configOf (args: ParseResults<TrainArgs>) : SummarizerConfig =
-    let cfg = SummarizerConfig.load SummarizerConfig.defaults (args.TryGetResult Config) (args.GetResults Set) |> orFailWith "--config/--set"
+    let cfg = SummarizerConfig.load SummarizerConfig.mainJob (args.TryGetResult Config) (args.GetResults Set) |> orFailWith "--config/--set"
     let cfg = match args.TryGetResult Name with Some n -> { cfg with Name = n } | None -> cfg
     let cfg = match args.TryGetResult Runs_Dir with Some d -> { cfg with RunsDir = d } | None -> cfg
     let cfg =
@@ -122,15 +122,23 @@ let configOf (args: ParseResults<TrainArgs>) : SummarizerConfig =
             | Ok fmt -> { cfg with Loader = { cfg.Loader with Format = Some fmt } }
             | Error msg -> invalidArg "--format" msg
         | None -> cfg
-    let experts = defaultArg (args.TryGetResult Experts) 4
+    let experts = defaultArg (args.TryGetResult Experts) SummarizerConfig.mainJobExperts
+    // --experts or --k alone re-sizes the top-k model rather than being ignored.
+    let router =
+        match args.TryGetResult Router, args.Contains Experts || args.Contains K with
+        | Some r, _ -> Some(r.Trim().ToLowerInvariant())
+        | None, true -> Some "topk"
+        | None, false -> None
     let cfg =
-        match args.TryGetResult Router |> Option.map (fun r -> r.Trim().ToLowerInvariant()) with
+        match router with
         | None -> cfg
+        | Some("hash" | "dense" as r) when args.Contains K -> invalidArg "--k" (sprintf "--k applies to --router topk, not %s" r)
+        | Some "dense" when args.Contains Experts -> invalidArg "--experts" "--experts applies to --router topk|hash, not dense"
         | Some "dense" ->
             match cfg.Model.Ffn with
             | Models.Moe m | Models.LoraMoe (m, _) -> { cfg with Model = { cfg.Model with Ffn = Models.Dense m.ExpertHidden } }
             | Models.Dense _ -> cfg
-        | Some "topk" -> SummarizerConfig.topK experts (defaultArg (args.TryGetResult K) 2) cfg
+        | Some "topk" -> SummarizerConfig.topK experts (defaultArg (args.TryGetResult K) SummarizerConfig.mainJobK) cfg
         | Some "hash" -> SummarizerConfig.hash experts cfg
         | Some other -> invalidArg "--router" (sprintf "expected dense|topk|hash, got '%s'" other)
     let train = cfg.Train
@@ -198,7 +206,7 @@ let generate (args: ParseResults<GenerateArgs>) : int =
     | ps -> invalidArg "generation options" (String.concat "; " ps)
     let input = defaultArg (args.TryGetResult Input) (Path.Combine(runDir, "documents.txt"))
     if not (File.Exists input) then invalidArg "--input" (sprintf "expected a documents file (one per line), but %s does not exist" input)
-    let documents = Metrics.readLines input
+    let documents = Metrics.Basics.readLines input
     eprintfn "summarizing %d documents from %s with %s" documents.Length input loaded.Checkpoint
     let summaries = summarizeTexts loaded (Some g) documents
     match args.TryGetResult Output with

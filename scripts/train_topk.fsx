@@ -11,8 +11,7 @@ open Moe
 open Moe.Summarizer
 
 let cfg =
-    { SummarizerConfig.defaults with Name = "topk" }
-    |> SummarizerConfig.topK 4 2
+    { SummarizerConfig.mainJob with Name = "topk" }
     |> fun c ->
         match fsi.CommandLineArgs |> Array.tail with
         | [| path |] -> { c with Source = Files(splitFilesOf path) }

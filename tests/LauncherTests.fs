@@ -69,6 +69,20 @@ let tests =
             badInput [ "score"; "--predictions"; Path.Combine(missing, "p.txt"); "--references"; Path.Combine(missing, "r.txt") ]
                 "expected a text file at"
             badInput [ "report"; missing ] missing
+            badInput [ "train"; "--router"; "hash"; "--k"; "2" ] "--k applies to --router topk, not hash"
+
+        testCase "train without --router is the main job's top-2 of 4 experts; --k alone resizes it" <| fun () ->
+            let ffn (args: string list) =
+                let code, out = moe ("train" :: args @ [ "--print-config" ])
+                Expect.equal code 0 out
+                let json = out.Replace(" ", "").Replace("\n", "")
+                json.Substring(json.IndexOf "\"Ffn\":")
+            let main = ffn []
+            Expect.stringStarts main "\"Ffn\":{\"Moe\":" "an MoE model by default"
+            Expect.stringContains main "\"Router\":{\"Experts\":4,\"K\":2," "top-2 of 4"
+            Expect.stringContains main "\"TokenChoiceTopK\"" "token-choice top-k"
+            Expect.stringContains (ffn [ "--k"; "1" ]) "\"Router\":{\"Experts\":4,\"K\":1," "--k alone"
+            Expect.stringStarts (ffn [ "--router"; "dense" ]) "\"Ffn\":{\"Dense\":256}" "--router dense"
 
         testCase "train --bf16 sets Train.Bf16 in the resolved config" <| fun () ->
             let code, out = moe [ "train"; "--bf16"; "--print-config" ]

@@ -417,7 +417,7 @@ let testScoresJson (systems: (string * Metrics.ScoreReport)[]) : string =
     w.WriteStartObject()
     for name, report in systems do
         w.WritePropertyName(name)
-        w.WriteRawValue(Metrics.toJson report)
+        w.WriteRawValue(Metrics.Scoring.toJson report)
         w.WriteStartObject(name + ciSuffix)
         interval "rouge1" report.Rouge1.F1
         interval "rouge2" report.Rouge2.F1

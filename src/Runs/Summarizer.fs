@@ -1,5 +1,5 @@
 /// The summarization job end to end: examples (the built-in synthetic corpus or files on disk) ->
-/// tokenizer -> length-bucketed batches -> encoder-decoder (dense or MoE) -> `Train.run` -> decoding of the
+/// tokenizer -> length-bucketed batches -> encoder-decoder (dense or MoE) -> `Train.Loop.run` -> decoding of the
 /// test split -> predictions, references and documents files, ROUGE/BLEU of the model and of the lead-1
 /// baseline in `test_scores.json`, and per-topic expert counts in `routing_by_label.json`.
 /// Axes: B batch, S source positions, T target positions, V vocabulary, E experts, K picks per token.
@@ -127,6 +127,15 @@ module SummarizerConfig =
         match c.Model.Ffn with
         | Moe m -> { c with Model = { c.Model with Ffn = Moe { m with Router = { m.Router with K = 1; Selection = Hash BalancedHash } } } }
         | Dense _ | LoraMoe _ -> c
+
+    /// Experts per MoE layer in the main job (`scripts/train_topk.fsx`, `moe train`).
+    let mainJobExperts = 4
+    /// Experts per token in the main job: top-2, as GShard and Mixtral.
+    let mainJobK = 2
+
+    /// The toolkit's main job: `defaults` with every feed-forward sublayer a token-choice top-2 MoE layer of 4
+    /// experts. `moe train` starts from it, and so does `scripts/train_topk.fsx`.
+    let mainJob : SummarizerConfig = topK mainJobExperts mainJobK defaults
 
     /// The same job with its MoE layers' experts as LoRA adapters on one shared base FFN per layer
     /// (`Models.LoraMoe`, Hu et al. 2021); routing is unchanged. Use after `topK` or `hash`.
@@ -398,8 +407,8 @@ let testScoresJson (scores: TestScores) : string =
             o[name] <- x
         o
     let root = JsonObject()
-    root["model"] <- JsonNode.Parse(Metrics.toJson scores.Model)
-    root["lead1"] <- JsonNode.Parse(Metrics.toJson scores.Lead1)
+    root["model"] <- JsonNode.Parse(Metrics.Scoring.toJson scores.Model)
+    root["lead1"] <- JsonNode.Parse(Metrics.Scoring.toJson scores.Lead1)
     root["model_ci"] <- ci scores.Model
     root["lead1_ci"] <- ci scores.Lead1
     Json.format root
@@ -417,13 +426,13 @@ let comparisonTable (scores: TestScores) : string =
 /// Scores predictions and lead-1 against the references, with the documents for the abstractiveness statistics.
 let score (cfg: SummarizerConfig) (predictions: string[]) (examples: Example[]) : TestScores =
     let opts =
-        { Metrics.defaultOptions with
+        { Metrics.Scoring.defaultOptions with
             Stem = cfg.Stem
-            Bootstrap = { Metrics.defaultOptions.Bootstrap with Samples = cfg.BootstrapSamples } }
+            Bootstrap = { Metrics.Scoring.defaultOptions.Bootstrap with Samples = cfg.BootstrapSamples } }
     let refs = examples |> Array.map (fun e -> e.Summary)
     let docs = examples |> Array.map (fun e -> e.Document)
-    { Model = Metrics.scoreCorpus opts predictions refs (Some docs)
-      Lead1 = Metrics.scoreCorpus opts (docs |> Array.map lead1) refs (Some docs) }
+    { Model = Metrics.Scoring.scoreCorpus opts predictions refs (Some docs)
+      Lead1 = Metrics.Scoring.scoreCorpus opts (docs |> Array.map lead1) refs (Some docs) }
 
 // ---------------------------------------------------------------- expert use by label
 
@@ -542,7 +551,7 @@ let runWithInit (opts: RunOptions) (resume: bool) (init: (EncoderDecoder -> unit
         let saved = (Checkpoint.readMeta (Checkpoint.last runDir)).Tokenizer
         if saved <> t.Tokenizer then
             invalidOp (sprintf "cannot resume %s: the tokenizer built from the data now differs from the checkpoint's (the data or tokenizer config changed)" runDir)
-    let trained = if resume then Train.resumeWith opts cfg.Train t runDir else Train.runWith opts cfg.Train t runDir
+    let trained = if resume then Train.Loop.resumeWith opts cfg.Train t runDir else Train.Loop.runWith opts cfg.Train t runDir
     let ckpt = defaultArg trained.BestCheckpoint trained.LastCheckpoint
     if trained.Stop = Cancelled then
         say (sprintf "cancelled: resume with the same config to continue from %s" trained.LastCheckpoint)
@@ -610,7 +619,7 @@ let load (runDir: string) (checkpoint: string option) (device: Native.DeviceChoi
     let dev = Native.resolveDevice device
     model.``to``(dev) |> ignore
     // decode in the precision it was trained in, as the run's own predictions were
-    Train.setPrecision meta.Train model
+    Train.Loop.setPrecision meta.Train model
     model.eval ()
     { Config = cfg; Model = model; Tokenizer = tokenizer; Checkpoint = path; Device = dev }
 

@@ -1,6 +1,7 @@
 /// Summarization examples from disk: one loader per published layout (Hugging Face XSum parquet, JSON
 /// Lines, CSV such as CNN/DailyMail, SAMSum JSON, the original XSum release, aligned line files), a
-/// cleaning stage every loader shares, and `inspect` for counts, lengths and problems.
+/// cleaning stage every loader shares, and a load report of everything skipped, changed or truncated
+/// (`DataInspection` turns it into counts, lengths and problems).
 ///
 /// Bad input is never turned into a silently different dataset: a missing file or column, a malformed
 /// line or invalid UTF-8 raises `DataException` naming the file and line; empty documents or summaries are
@@ -13,6 +14,7 @@ open System.IO
 open System.Text
 open System.Text.Json
 open System.Text.Unicode
+open Moe.TextTools
 
 /// One summarization example. `Label` is a topic or domain where the source has one (the synthetic corpus
 /// keeps its topic here, so expert specialisation by topic can be measured).
@@ -21,21 +23,6 @@ type Example =
       Document: string
       Summary: string
       Label: string option }
-
-/// Bad input: the message names the file and, where known, the line (1-based) or item.
-type DataException(message: string, file: string, line: int64 option) =
-    inherit Exception(message)
-    /// The file the problem is in.
-    member _.File = file
-    /// The line (or row, or item) the problem is at, when known.
-    member _.Line = line
-
-let private fail (file: string) (line: int64 option) (what: string) : 'a =
-    let where =
-        match line with
-        | Some l -> sprintf "%s:%d" file l
-        | None -> file
-    raise (DataException(sprintf "%s: %s" where what, file, line))
 
 // ---------------------------------------------------------------- formats and configuration
 
@@ -184,144 +171,6 @@ module DataConfig =
           match cfg.IdsFile with
           | Some f when not (File.Exists f) -> sprintf "IdsFile not found: %s" f
           | _ -> () ]
-
-// ---------------------------------------------------------------- text
-
-/// Strict UTF-8 reading and the text clean-ups every loader applies.
-module TextTools =
-    let private bom = [| 0xEFuy; 0xBBuy; 0xBFuy |]
-    /// Bytes read per system call by `readLines`.
-    let private readBuffer = 1 <<< 16
-
-    /// Decodes `bytes` as strict UTF-8, or fails naming the file, line and byte column of the first bad byte.
-    let decodeStrict (file: string) (line: int64) (bytes: ReadOnlySpan<byte>) : string =
-        let chars = Array.zeroCreate<char> bytes.Length
-        let mutable read = 0
-        let mutable written = 0
-        let status = Utf8.ToUtf16(bytes, Span<char>(chars), &read, &written, false, true)
-        if status <> Buffers.OperationStatus.Done then
-            let bad = bytes.Slice(read, min 4 (bytes.Length - read)).ToArray() |> Array.map (sprintf "0x%02X") |> String.concat " "
-            fail file (Some line) (sprintf "invalid UTF-8 at byte %d of the line (%s); expected UTF-8 text" (read + 1) bad)
-        String(chars, 0, written)
-
-    // One line's bytes (without its \n) to text: BOM dropped on line 1, a trailing \r dropped.
-    let private lineText (file: string) (lineNo: int64) (bytes: byte[]) (offset: int) (count: int) : string =
-        let mutable start = offset
-        let mutable n = count
-        if lineNo = 1L && n >= 3 && bytes[start] = bom[0] && bytes[start + 1] = bom[1] && bytes[start + 2] = bom[2] then
-            start <- start + 3
-            n <- n - 3
-        if n > 0 && bytes[start + n - 1] = 13uy then n <- n - 1
-        decodeStrict file lineNo (ReadOnlySpan<byte>(bytes, start, n))
-
-    /// The lines of a UTF-8 file with their 1-based numbers, read lazily and decoded strictly. Splits on
-    /// `\n` and keeps a last line that has no newline; a final `\n` does not start an empty line. A
-    /// trailing `\r` is removed (CRLF files), and so is a byte-order mark.
-    let readLines (path: string) : seq<int64 * string> =
-        seq {
-            if not (File.Exists path) then fail path None "file not found"
-            use stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, readBuffer, FileOptions.SequentialScan)
-            let buffer = Array.zeroCreate<byte> readBuffer
-            let pending = new MemoryStream()
-            let mutable lineNo = 0L
-            let mutable n = stream.Read(buffer, 0, buffer.Length)
-            while n > 0 do
-                let mutable start = 0
-                let mutable nl = Array.IndexOf(buffer, 10uy, start, n - start)
-                while nl >= 0 do
-                    lineNo <- lineNo + 1L
-                    let line =
-                        if pending.Length = 0L then lineText path lineNo buffer start (nl - start)
-                        else
-                            pending.Write(buffer, start, nl - start)
-                            let l = lineText path lineNo (pending.GetBuffer()) 0 (int pending.Length)
-                            pending.SetLength 0L
-                            l
-                    yield lineNo, line
-                    start <- nl + 1
-                    nl <- if start < n then Array.IndexOf(buffer, 10uy, start, n - start) else -1
-                pending.Write(buffer, start, n - start)
-                n <- stream.Read(buffer, 0, buffer.Length)
-            if pending.Length > 0L then
-                lineNo <- lineNo + 1L
-                yield lineNo, lineText path lineNo (pending.GetBuffer()) 0 (int pending.Length)
-        }
-
-    /// Checks a whole file is UTF-8, failing at the first bad line.
-    let checkUtf8 (path: string) : unit = readLines path |> Seq.iter ignore
-
-    /// `\r\n` and lone `\r` become `\n`.
-    let normaliseNewlines (s: string) : string =
-        if s.IndexOf '\r' < 0 then s else s.Replace("\r\n", "\n").Replace('\r', '\n')
-
-    // Windows-1252 bytes 0x80-0x9F as the characters a mis-decoding produced.
-    let private cp1252High =
-        [| '\u20AC'; '\u0081'; '\u201A'; '\u0192'; '\u201E'; '\u2026'; '\u2020'; '\u2021'
-           '\u02C6'; '\u2030'; '\u0160'; '\u2039'; '\u0152'; '\u008D'; '\u017D'; '\u008F'
-           '\u0090'; '\u2018'; '\u2019'; '\u201C'; '\u201D'; '\u2022'; '\u2013'; '\u2014'
-           '\u02DC'; '\u2122'; '\u0161'; '\u203A'; '\u0153'; '\u009D'; '\u017E'; '\u0178' |]
-
-    let private cp1252Byte (c: char) : int =
-        if c >= '\u00A0' && c <= '\u00FF' then int c
-        else
-            let i = Array.IndexOf(cp1252High, c)
-            if i >= 0 then 0x80 + i elif c >= '\u0080' && c <= '\u009F' then int c else -1
-
-    /// Undoes UTF-8 text decoded as Windows-1252/Latin-1 (`Â£` -> `£`, `â€™` -> `’`): a lead-byte
-    /// character followed by continuation-byte characters that together form valid UTF-8. Returns the
-    /// text and whether anything changed.
-    let repairMojibake (s: string) : string * bool =
-        let isLead (c: char) = c >= '\u00C2' && c <= '\u00F4'
-        if not (s |> Seq.exists isLead) then s, false
-        else
-            let out = StringBuilder(s.Length)
-            let mutable changed = false
-            let mutable i = 0
-            let strict = UTF8Encoding(false, true)
-            while i < s.Length do
-                let c = s[i]
-                let need = if c >= '\u00C2' && c <= '\u00DF' then 1 elif c >= '\u00E0' && c <= '\u00EF' then 2 elif c >= '\u00F0' && c <= '\u00F4' then 3 else 0
-                let mutable repaired = false
-                if need > 0 && i + need < s.Length then
-                    let bytes = Array.zeroCreate<byte> (need + 1)
-                    bytes[0] <- byte c
-                    let mutable ok = true
-                    for k in 1 .. need do
-                        let b = cp1252Byte s[i + k]
-                        if b < 0x80 || b > 0xBF then ok <- false else bytes[k] <- byte b
-                    if ok then
-                        try
-                            out.Append(strict.GetString bytes) |> ignore
-                            i <- i + need + 1
-                            repaired <- true
-                            changed <- true
-                        with :? DecoderFallbackException -> ()
-                if not repaired then
-                    out.Append c |> ignore
-                    i <- i + 1
-            out.ToString(), changed
-
-    /// `<t> s1 </t> <t> s2 </t>` -> `s1\ns2`; None when the text has no such tags.
-    let stripSentenceTags (s: string) : string option =
-        if s.Contains "<t>" && s.Contains "</t>" then
-            let parts =
-                s.Split([| "<t>"; "</t>" |], StringSplitOptions.RemoveEmptyEntries ||| StringSplitOptions.TrimEntries)
-            Some(String.Join("\n", parts))
-        else None
-
-    /// Cuts `s` to at most `maxChars`, at the last whitespace in the second half when there is one, never
-    /// inside a surrogate pair.
-    let truncate (maxChars: int) (s: string) : string =
-        if s.Length <= maxChars then s
-        else
-            let mutable cut = maxChars
-            if Char.IsLowSurrogate s[cut] then cut <- cut - 1
-            let space = s.LastIndexOfAny([| ' '; '\n'; '\t' |], cut - 1, cut - maxChars / 2)
-            (if space > 0 then s.Substring(0, space) else s.Substring(0, cut)).TrimEnd()
-
-    /// Whitespace-separated words.
-    let words (s: string) : int =
-        s.Split((null: char[]), StringSplitOptions.RemoveEmptyEntries).Length
 
 // ---------------------------------------------------------------- raw records
 
@@ -877,115 +726,3 @@ let writeJsonLines (path: string) (examples: seq<Example>) : unit =
                 w.WriteEndObject()
             stream.Write(newline, 0, 1)
     File.Move(tmp, path, true)
-
-// ---------------------------------------------------------------- inspection
-
-/// Nearest-rank percentiles of a length distribution.
-type Percentiles =
-    { P50: int
-      P90: int
-      P99: int
-      Max: int }
-
-/// `inspect`'s findings.
-type Inspection =
-    { Report: LoadReport
-      Count: int
-      DocumentWords: Percentiles
-      SummaryWords: Percentiles
-      /// Examples per label, most frequent first; empty when the source has none.
-      Labels: (string * int) list
-      /// Summaries that occur verbatim in their document (extractive leakage).
-      SummaryInDocument: int
-      /// Summaries with more words than their document.
-      SummaryLongerThanDocument: int
-      /// Everything that looks wrong, one line each (the report's notes included).
-      Problems: string list }
-
-/// Nearest-rank percentiles (p50, p90, p99, max) of `values`; zeros for none.
-let percentiles (values: int[]) : Percentiles =
-    if values.Length = 0 then { P50 = 0; P90 = 0; P99 = 0; Max = 0 }
-    else
-        let sorted = Array.sort values
-        let rank (p: float) = sorted[max 0 (int (ceil (p / 100.0 * float sorted.Length)) - 1)]
-        { P50 = rank 50.0; P90 = rank 90.0; P99 = rank 99.0; Max = sorted[sorted.Length - 1] }
-
-type private Tally =
-    { DocWords: int[]
-      SumWords: int[]
-      Labels: (string * int) list
-      InDocument: int
-      Longer: int }
-
-let private tally (examples: seq<Example>) : Tally =
-    let docW = ResizeArray<int>()
-    let sumW = ResizeArray<int>()
-    let labels = Dictionary<string, int>()
-    let mutable inDoc = 0
-    let mutable longer = 0
-    for e in examples do
-        let d, s = TextTools.words e.Document, TextTools.words e.Summary
-        docW.Add d
-        sumW.Add s
-        if e.Document.Contains e.Summary then inDoc <- inDoc + 1
-        if s > d then longer <- longer + 1
-        match e.Label with
-        | Some l -> labels[l] <- (match labels.TryGetValue l with | true, n -> n + 1 | _ -> 1)
-        | None -> ()
-    { DocWords = docW.ToArray(); SumWords = sumW.ToArray()
-      Labels = labels |> Seq.map (fun kv -> kv.Key, kv.Value) |> Seq.sortBy (fun (k, n) -> -n, k) |> List.ofSeq
-      InDocument = inDoc; Longer = longer }
-
-let private inspection (report: LoadReport) (t: Tally) : Inspection =
-    { Report = report
-      Count = t.DocWords.Length
-      DocumentWords = percentiles t.DocWords
-      SummaryWords = percentiles t.SumWords
-      Labels = t.Labels
-      SummaryInDocument = t.InDocument
-      SummaryLongerThanDocument = t.Longer
-      Problems =
-        [ yield! report.Notes
-          if t.DocWords.Length = 0 then "no examples"
-          if t.InDocument > 0 then sprintf "%d summaries occur verbatim in their document" t.InDocument
-          if t.Longer > 0 then sprintf "%d summaries are longer than their document" t.Longer ] }
-
-/// The report for examples made in memory rather than read (nothing skipped or changed).
-let generatedReport (source: string) (count: int) : LoadReport =
-    { Source = source; Format = None; Read = count; Kept = count; SkippedEmptyDocument = 0; SkippedEmptySummary = 0
-      SkippedMissingFile = 0; TruncatedDocuments = 0; MojibakeRepaired = 0; ReplacementCharacters = 0
-      SentenceTagsStripped = 0; DuplicateIds = 0; Notes = [] }
-
-/// Inspects examples already in memory; `report` says where they came from.
-let inspectExamples (report: LoadReport) (examples: seq<Example>) : Inspection =
-    inspection report (tally examples)
-
-/// Reads `path` once, streaming (only lengths are kept), and reports counts, length percentiles in
-/// words, labels and problems.
-let inspect (cfg: DataConfig) (path: string) : Inspection =
-    let r = ExampleReader(cfg, path)
-    let t = tally r.Examples
-    inspection r.Report t
-
-/// A plain-text rendering of an inspection, as `moe data inspect` prints it.
-let formatInspection (i: Inspection) : string =
-    let r = i.Report
-    let sb = StringBuilder()
-    let line (s: string) = sb.AppendLine s |> ignore
-    line (sprintf "source:   %s" r.Source)
-    line (sprintf "format:   %s" (match r.Format with Some f -> Format.name f | None -> "generated"))
-    line (sprintf "examples: %d kept of %d read" r.Kept r.Read)
-    line (sprintf "skipped:  %d empty document, %d empty summary, %d missing file" r.SkippedEmptyDocument r.SkippedEmptySummary r.SkippedMissingFile)
-    line (sprintf "changed:  %d truncated, %d mojibake repaired, %d sentence tags stripped" r.TruncatedDocuments r.MojibakeRepaired r.SentenceTagsStripped)
-    line "length (words)   p50     p90     p99     max"
-    let row (name: string) (p: Percentiles) = line (sprintf "  %-12s %7d %7d %7d %7d" name p.P50 p.P90 p.P99 p.Max)
-    row "document" i.DocumentWords
-    row "summary" i.SummaryWords
-    if not i.Labels.IsEmpty then
-        line "labels:"
-        for l, n in i.Labels do line (sprintf "  %-20s %d" l n)
-    if i.Problems.IsEmpty then line "problems: none"
-    else
-        line "problems:"
-        for p in i.Problems do line ("  - " + p)
-    sb.ToString()

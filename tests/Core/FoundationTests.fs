@@ -1,6 +1,8 @@
 module Moe.Tests.FoundationTests
 
+open System
 open System.IO
+open System.Text.RegularExpressions
 open Expecto
 open TorchSharp
 open Moe
@@ -59,6 +61,45 @@ let private librarySources () : string[] =
         if m.Success then Some m.Groups[1].Value else None)
     |> Array.filter (fun f -> not (f.StartsWith "../"))
 
+/// A compiled file's layer: its folder with a trailing slash, or the file itself at the root of src/.
+let private layerOf (file: string) : string =
+    match file.LastIndexOf '/' with
+    | -1 -> file
+    | i -> file.Substring(0, i + 1)
+
+/// Each layer of src/ in compile order with the layers its files refer to: a file refers to an earlier file
+/// of another layer when, outside comments and strings, it opens that file's module or namespace or writes
+/// one of its names (full, last part, or without the leading `Moe.`) followed by a dot.
+let private layerUses () : (string * Set<string>)[] =
+    let files = librarySources ()
+    let src f = File.ReadAllText(Path.Combine(Support.repoRoot, "src", f))
+    let declared = Regex(@"^(?:\[<AutoOpen>\]\s*)?(?:module|namespace)\s+([\w.]+)", RegexOptions.Multiline)
+    let code (text: string) =
+        let noBlock = Regex.Replace(text, @"\(\*.*?\*\)", "", RegexOptions.Singleline)
+        let noStrings = Regex.Replace(noBlock, "\"(?:[^\"\\\\]|\\\\.)*\"", "\"\"")
+        Regex.Replace(noStrings, "//.*", "")
+    let referrers =
+        files
+        |> Array.map (fun f ->
+            let full = declared.Match(src f).Groups[1].Value
+            let parts = full.Split '.'
+            let names = [ full; parts[parts.Length - 1]; String.Join(".", parts[1..]) ] |> List.filter ((<>) "") |> List.distinct
+            let patterns = Regex(@"\bopen\s+" + Regex.Escape full + @"\b") :: [ for n in names -> Regex(@"(?<![\w.])" + Regex.Escape n + @"\.[A-Za-z]") ]
+            f, patterns)
+    let layers = files |> Array.map layerOf |> Array.distinct
+    [| for layer in layers ->
+         let used =
+             files
+             |> Array.mapi (fun i f -> i, f)
+             |> Array.filter (fun (_, f) -> layerOf f = layer)
+             |> Array.collect (fun (i, f) ->
+                 let text = code (src f)
+                 referrers[.. i - 1]
+                 |> Array.filter (fun (g, patterns) -> layerOf g <> layer && patterns |> List.exists (fun p -> p.IsMatch text))
+                 |> Array.map (fst >> layerOf))
+             |> Set.ofArray
+         layer, used |]
+
 /// The script prelude must load the library's sources in the fsproj's compile order and pin the same
 /// package versions as Directory.Packages.props, or scripts and the compiled library drift apart.
 let consistency =
@@ -84,6 +125,25 @@ let consistency =
             let runs = compiled |> Array.map folderOf |> Array.fold (fun acc d -> match acc with h :: _ when h = d -> acc | _ -> d :: acc) [] |> List.rev
             let folders = runs |> List.filter ((<>) "")
             Expect.equal (List.distinct folders) folders (sprintf "each folder's files are adjacent in the compile order (folder runs: %A)" runs)
+
+        testCase "README layout table: each layer's uses column is what its sources refer to" <| fun () ->
+            let readme = File.ReadAllLines(Path.Combine(Support.repoRoot, "README.md"))
+            let row = Regex(@"^\s*\| `([^`]+)` \| .* \| ([^|]*) \|\s*$")
+            let documented =
+                readme
+                |> Array.skipWhile (fun l -> not (l.Contains "**Layout.**"))
+                |> Array.takeWhile (fun l -> not (l.StartsWith "- **Packages"))
+                |> Array.choose (fun l ->
+                    let m = row.Match l
+                    if not m.Success then None
+                    else
+                        let uses = m.Groups[2].Value.Trim()
+                        let used = if uses = "-" then Set.empty else uses.Split(',', StringSplitOptions.TrimEntries) |> Array.map (fun u -> u.Trim '`') |> Set.ofArray
+                        Some(m.Groups[1].Value, used))
+            let actual = layerUses ()
+            Expect.sequenceEqual (documented |> Array.map fst) (actual |> Array.map fst) "the table lists every layer, in compile order"
+            for (layer, claimed), (_, found) in Array.zip documented actual do
+                Expect.equal claimed found (sprintf "README uses column of %s (what its sources refer to)" layer)
 
         testCase "prelude package versions equal Directory.Packages.props" <| fun () ->
             let root = Support.repoRoot

@@ -156,9 +156,9 @@ let readerTests =
                 let refs = [| "the cat sat on the mat"; "a dog barked at night"; "rain fell all day long"; "markets rose on friday" |]
                 let preds = [| "the cat sat"; "a dog barked loudly at night"; "it rained"; "markets rose" |]
                 let docs = [| "the cat sat on the mat all day"; "a dog barked at night and woke us"; "rain fell all day long in the city"; "markets rose on friday after news" |]
-                let opts = { Metrics.defaultOptions with Bootstrap = { Metrics.defaultOptions.Bootstrap with Samples = 50 } }
-                let model = Metrics.scoreCorpus opts preds refs (Some docs)
-                let lead = Metrics.scoreCorpus opts docs refs None
+                let opts = { Metrics.Scoring.defaultOptions with Bootstrap = { Metrics.Scoring.defaultOptions.Bootstrap with Samples = 50 } }
+                let model = Metrics.Scoring.scoreCorpus opts preds refs (Some docs)
+                let lead = Metrics.Scoring.scoreCorpus opts docs refs None
                 let path = Path.Combine(dir, "test_scores.json")
                 writeTestScores path [| "model", model; "lead1", lead |]
                 let read = readTestScores path

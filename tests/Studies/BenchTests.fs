@@ -14,6 +14,10 @@ open Moe
 open Moe.Config
 open Moe.Routing
 open Moe.Bench
+open Moe.Bench.Measure
+open Moe.Bench.Reference
+open Moe.Bench.Layer
+open Moe.Bench.TrainStep
 open Moe.Tests.Support
 
 /// float64 references against each other: only summation order differs.

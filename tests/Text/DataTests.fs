@@ -10,6 +10,8 @@ open FsCheck.FSharp
 open TorchSharp
 open Moe
 open Moe.Data
+open Moe.DataInspection
+open Moe.TextTools
 open Moe.Tokenizers
 open Moe.Batching
 open Moe.Tests.Support

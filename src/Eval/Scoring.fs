@@ -1,0 +1,203 @@
+/// Scoring a corpus: every example's ROUGE-1/2/L/Lsum, sentence BLEU and document statistics, their means
+/// with bootstrap intervals, corpus BLEU, and the JSON and text forms `moe score` prints; `Scorer` is the C# facade.
+///
+/// Legend: N examples.
+namespace Moe.Metrics
+
+open System
+open System.IO
+open System.Text
+open System.Text.Json
+
+/// Settings for scoring a corpus.
+type ScoreOptions =
+    { /// Porter-stem tokens longer than 3 characters for ROUGE (rouge-score `use_stemmer`).
+      Stem: bool
+      /// Corpus BLEU settings; sentence BLEU uses the same with effective order.
+      Bleu: Bleu.BleuConfig
+      Bootstrap: Bootstrap.BootstrapConfig }
+
+/// A corpus mean with its bootstrap interval.
+type Estimate = { Mean: float; Low: float; Mid: float; High: float }
+
+/// Estimates of precision, recall and F1.
+type PrfEstimate = { Precision: Estimate; Recall: Estimate; F1: Estimate }
+
+/// Everything scored for one example.
+type ExampleScores =
+    { Rouge: Rouge.RougeScores
+      /// Sentence BLEU in [0, 100].
+      SentenceBleu: float
+      /// Present when documents were given.
+      Document: Abstractiveness.DocumentStats option }
+
+/// Corpus means of the document statistics.
+type DocumentReport =
+    { Compression: Estimate
+      Extractiveness: Estimate
+      /// n = 1 .. 4 [4].
+      NovelNgrams: Estimate[]
+      Coverage: Estimate
+      Density: Estimate }
+
+/// The scores of a whole corpus.
+type ScoreReport =
+    { N: int
+      /// The options the report was computed with.
+      Options: ScoreOptions
+      Rouge1: PrfEstimate
+      Rouge2: PrfEstimate
+      RougeL: PrfEstimate
+      RougeLsum: PrfEstimate
+      /// Corpus BLEU (not a mean of sentence BLEU).
+      Bleu: Bleu.BleuScore
+      /// Mean sentence BLEU with its interval.
+      SentenceBleu: Estimate
+      Document: DocumentReport option
+      Examples: ExampleScores[] }
+
+/// Corpus scoring and its printed forms, opened with `Moe.Metrics`.
+[<AutoOpen>]
+module Scoring =
+    /// No stemming, sacreBLEU's corpus defaults, rouge-score's bootstrap defaults with seed 0.
+    let defaultOptions = { Stem = false; Bleu = Bleu.corpusDefaults; Bootstrap = Bootstrap.defaults }
+
+    /// Scores N predictions against N references (and N documents when given): per-example ROUGE-1/2/L/Lsum,
+    /// sentence BLEU and document statistics, their corpus means with bootstrap intervals, and corpus BLEU.
+    /// An empty prediction is scored (0), never skipped. Raises `ArgumentException` for mismatched lengths or N = 0.
+    let scoreCorpus (opts: ScoreOptions) (predictions: string[]) (references: string[]) (documents: string[] option) : ScoreReport =
+        let n = predictions.Length
+        if n = 0 then invalidArg "predictions" "expected at least one prediction, got none"
+        if references.Length <> n then
+            invalidArg "references" (sprintf "expected one reference per prediction, got %d predictions and %d references" n references.Length)
+        match documents with
+        | Some d when d.Length <> n ->
+            invalidArg "documents" (sprintf "expected one document per prediction, got %d predictions and %d documents" n d.Length)
+        | _ -> ()
+        let sentenceCfg = { opts.Bleu with EffectiveOrder = true }
+        let stats = Array.map2 (fun p r -> Bleu.segmentStatistics opts.Bleu p [| r |]) predictions references
+        let examples =
+            Array.init n (fun i ->
+                { Rouge = Rouge.scoreAll opts.Stem references[i] predictions[i]
+                  SentenceBleu = (Bleu.fromStatistics sentenceCfg stats[i]).Score
+                  Document = documents |> Option.map (fun d -> Abstractiveness.score predictions[i] d[i]) })
+        // Every per-example measure becomes one column [N]; all columns are resampled together.
+        let columns = ResizeArray<float[]>()
+        let add (f: ExampleScores -> float) =
+            columns.Add(examples |> Array.map f)
+            columns.Count - 1
+        let addPrf (pick: Rouge.RougeScores -> Prf) =
+            add (fun e -> (pick e.Rouge).Precision), add (fun e -> (pick e.Rouge).Recall), add (fun e -> (pick e.Rouge).F1)
+        let rouge1, rouge2, rougeL, rougeLsum = addPrf _.Rouge1, addPrf _.Rouge2, addPrf _.RougeL, addPrf _.RougeLsum
+        let sentenceBleu = add _.SentenceBleu
+        let docIndices =
+            documents
+            |> Option.map (fun _ ->
+                let doc (f: Abstractiveness.DocumentStats -> float) = add (fun e -> f e.Document.Value)
+                let compression = doc _.Compression
+                let extractiveness = doc _.Extractiveness
+                let novel = Array.init Abstractiveness.novelNgramOrders (fun k -> doc (fun s -> s.NovelNgrams[k]))
+                compression, extractiveness, novel, doc _.Coverage, doc _.Density)
+        let intervals = Bootstrap.intervals opts.Bootstrap (columns.ToArray())
+        let estimate k =
+            let iv = intervals[k]
+            { Mean = Array.average columns[k]; Low = iv.Low; Mid = iv.Mid; High = iv.High }
+        let prf (p, r, f) = { Precision = estimate p; Recall = estimate r; F1 = estimate f }
+        { N = n
+          Options = opts
+          Rouge1 = prf rouge1
+          Rouge2 = prf rouge2
+          RougeL = prf rougeL
+          RougeLsum = prf rougeLsum
+          Bleu = stats |> Bleu.sumStatistics opts.Bleu.MaxOrder |> Bleu.fromStatistics opts.Bleu
+          SentenceBleu = estimate sentenceBleu
+          Document =
+            docIndices
+            |> Option.map (fun (compression, extractiveness, novel, coverage, density) ->
+                { Compression = estimate compression
+                  Extractiveness = estimate extractiveness
+                  NovelNgrams = novel |> Array.map estimate
+                  Coverage = estimate coverage
+                  Density = estimate density })
+          Examples = examples }
+
+    /// The report as the JSON object `moe score --json` prints and runs store in test_scores.json:
+    /// {"n", "rouge1"/"rouge2"/"rougeL"/"rougeLsum": {"precision", "recall", "f1"}, "bleu"} and, with documents,
+    /// "compression", "extractiveness" and "novel_ngrams": {"1" .. "4"}. ROUGE are fractions in [0, 1]: the exact
+    /// mean of the per-example scores (rouge-score's `BootstrapAggregator` reports the median of resampled means
+    /// as "mid", which differs from this mean by resampling noise; the report keeps it as `Mid`). BLEU is corpus
+    /// BLEU in [0, 100].
+    let toJson (report: ScoreReport) : string =
+        use stream = new MemoryStream()
+        let w = new Utf8JsonWriter(stream, JsonWriterOptions(Indented = false))
+        w.WriteStartObject()
+        w.WriteNumber("n", report.N)
+        let prf (name: string) (e: PrfEstimate) =
+            w.WriteStartObject(name)
+            w.WriteNumber("precision", e.Precision.Mean)
+            w.WriteNumber("recall", e.Recall.Mean)
+            w.WriteNumber("f1", e.F1.Mean)
+            w.WriteEndObject()
+        prf "rouge1" report.Rouge1
+        prf "rouge2" report.Rouge2
+        prf "rougeL" report.RougeL
+        prf "rougeLsum" report.RougeLsum
+        w.WriteNumber("bleu", report.Bleu.Score)
+        match report.Document with
+        | None -> ()
+        | Some d ->
+            w.WriteNumber("compression", d.Compression.Mean)
+            w.WriteNumber("extractiveness", d.Extractiveness.Mean)
+            w.WriteStartObject("novel_ngrams")
+            d.NovelNgrams |> Array.iteri (fun k e -> w.WriteNumber(string (k + 1), e.Mean))
+            w.WriteEndObject()
+        w.WriteEndObject()
+        w.Flush()
+        w.Dispose()
+        Encoding.UTF8.GetString(stream.ToArray())
+
+    /// A plain-text table of the report: each metric's mean and bootstrap interval (ROUGE and document statistics
+    /// as fractions, BLEU in [0, 100]).
+    let formatTable (report: ScoreReport) : string =
+        let sb = StringBuilder()
+        let line (fmt: string) = sb.AppendLine fmt |> ignore
+        let boot = report.Options.Bootstrap
+        line (sprintf "examples: %d   stemming: %s   intervals: %g%% bootstrap (%d resamples, seed %d)"
+                report.N (if report.Options.Stem then "on" else "off") (100.0 * boot.Confidence) boot.Samples boot.Seed)
+        line ""
+        line (sprintf "%-12s %-9s %8s   %-19s" "metric" "measure" "mean" "interval")
+        let row (metric: string) (measure: string) (e: Estimate) =
+            line (sprintf "%-12s %-9s %8.4f   [%.4f, %.4f]" metric measure e.Mean e.Low e.High)
+        for name, e in [ "rouge1", report.Rouge1; "rouge2", report.Rouge2; "rougeL", report.RougeL; "rougeLsum", report.RougeLsum ] do
+            row name "precision" e.Precision
+            row name "recall" e.Recall
+            row name "f1" e.F1
+        let b = report.Bleu
+        line (sprintf "%-12s %-9s %8.2f   %s (BP %.3f, hyp %d, ref %d)" "bleu" "corpus" b.Score
+                (b.Precisions |> Array.map (sprintf "%.1f") |> String.concat "/") b.BrevityPenalty b.Statistics.HypothesisLength b.Statistics.ReferenceLength)
+        line (sprintf "%-12s %-9s %8.2f   [%.2f, %.2f]" "bleu" "sentence" report.SentenceBleu.Mean report.SentenceBleu.Low report.SentenceBleu.High)
+        match report.Document with
+        | None -> ()
+        | Some d ->
+            row "compression" "mean" d.Compression
+            row "extractive" "mean" d.Extractiveness
+            d.NovelNgrams |> Array.iteri (fun k e -> row (sprintf "novel-%dgram" (k + 1)) "mean" e)
+            row "coverage" "mean" d.Coverage
+            line (sprintf "%-12s %-9s %8.3f   [%.3f, %.3f]" "density" "mean" d.Density.Mean d.Density.Low d.Density.High)
+        sb.ToString()
+
+/// A C#-friendly facade over `scoreCorpus`, `toJson` and `formatTable`.
+type Scorer =
+    /// Scores in-memory lists; `documents` may be null.
+    static member Score(predictions: string[], references: string[], documents: string[], stem: bool) : ScoreReport =
+        scoreCorpus { defaultOptions with Stem = stem } predictions references (Option.ofObj documents)
+
+    /// Scores with explicit options; `documents` may be null.
+    static member Score(options: ScoreOptions, predictions: string[], references: string[], documents: string[]) : ScoreReport =
+        scoreCorpus options predictions references (Option.ofObj documents)
+
+    /// The JSON object of `moe score --json`.
+    static member ToJson(report: ScoreReport) : string = toJson report
+
+    /// The text table of `moe score`.
+    static member ToTable(report: ScoreReport) : string = formatTable report
