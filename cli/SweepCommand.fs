@@ -1,6 +1,6 @@
 /// `moe sweep GRID.json`: expand a grid file into runs and run them one after another (finished runs
 /// skipped, interrupted ones resumed), list them (`--dry-run`), emit a Slurm job array (`--emit-slurm DIR`),
-/// or read the results from the run folders (`--collect`). The grid format is documented in `Moe.Sweep`.
+/// or read the results from the run folders (`--collect`). The grid format is documented in `Moe.Sweep.Grid`.
 module Moe.SweepCommand
 
 open System
@@ -26,7 +26,7 @@ type SweepArgs =
             | Stop_On_Failure -> "stop at the first run that fails (default: report it and go on)."
 
 /// The training command's config file, as the sweep checks field paths and values against it.
-let runConfigSchema : Sweep.Schema = Sweep.summarizerSchema
+let runConfigSchema : Sweep.Schema = Sweep.Schema.summarizerSchema
 
 /// This repository's launcher: `moe` beside Directory.Packages.props above the running program.
 let private defaultLauncher () : string =
@@ -38,18 +38,18 @@ let private defaultLauncher () : string =
         else up dir.Parent
     up (DirectoryInfo AppContext.BaseDirectory)
 
-let private writeResults (plan: Sweep.Plan) : unit =
-    let note = Sweep.writeReport plan
-    let rows = Sweep.collect plan
-    let csv, md = Sweep.writeResults plan rows note
-    printfn "%s" (Sweep.formatMarkdown plan rows note)
+let private writeResults (plan: Sweep.Grid.Plan) : unit =
+    let note = Sweep.Results.writeReport plan
+    let rows = Sweep.Results.collect plan
+    let csv, md = Sweep.Results.writeResults plan rows note
+    printfn "%s" (Sweep.Results.formatMarkdown plan rows note)
     printfn "wrote %s and %s" csv md
 
 /// Runs the command; a bad grid prints every problem and returns 2; a failed run returns 1.
 let run (args: ParseResults<SweepArgs>) : int =
     let modes = [ args.Contains Dry_Run; args.Contains Collect; args.Contains Emit_Slurm ] |> List.filter id
     let gridPath = args.GetResult Grid
-    match Sweep.load runConfigSchema gridPath with
+    match Sweep.Grid.load runConfigSchema gridPath with
     | _ when modes.Length > 1 ->
         eprintfn "error: choose one of --dry-run, --collect and --emit-slurm"
         2
@@ -59,7 +59,7 @@ let run (args: ParseResults<SweepArgs>) : int =
         2
     | Ok plan ->
         if args.Contains Dry_Run then
-            printf "%s" (Sweep.describePlan plan)
+            printf "%s" (Sweep.Runner.describePlan plan)
             0
         elif args.Contains Collect then
             writeResults plan
@@ -68,17 +68,17 @@ let run (args: ParseResults<SweepArgs>) : int =
             match args.TryGetResult Emit_Slurm with
             | Some dir ->
                 let launcher = args.TryGetResult Launcher |> Option.defaultWith defaultLauncher
-                let files = Sweep.emitSlurm plan dir (Directory.GetCurrentDirectory()) launcher
+                let files = Sweep.Slurm.emitSlurm plan dir (Directory.GetCurrentDirectory()) launcher
                 printfn "wrote %d run configs, %s and %s" files.Configs.Length files.RunList files.Script
                 printfn "submit: sbatch %s" files.Script
                 printfn "afterwards: ./moe sweep %s --collect" gridPath
                 0
             | None ->
-                let options : Sweep.SweepOptions =
+                let options : Sweep.Runner.SweepOptions =
                     { Launcher = args.TryGetResult Launcher |> Option.defaultWith defaultLauncher
                       Output = Console.Out
                       StopOnFailure = args.Contains Stop_On_Failure }
-                let outcomes = Sweep.runAll options plan
+                let outcomes = Sweep.Runner.runAll options plan
                 writeResults plan
                 let failed = outcomes |> List.filter (fun o -> match o.ExitCode with Some c -> c <> 0 | None -> false)
                 let notRun = plan.Runs.Length - outcomes.Length

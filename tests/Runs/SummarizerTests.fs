@@ -109,7 +109,7 @@ let tests =
                 let expected = { Total = counts.Total; Active = counts.Active; Trainable = loaded.Model.TrainableParameterCount() }
                 Expect.equal (RunFiles.readParameters run) (Some(Ok expected)) "parameters.json"
                 Expect.isLessThan expected.Active expected.Total "top-2 of 4 experts: fewer active than total"
-                let row = Sweep.readRow { Index = 0; Name = "topk"; Varied = []; Overrides = []; Config = JsonObject(); Hash = ""; RunDir = run }
+                let row = Sweep.Results.readRow { Index = 0; Name = "topk"; Varied = []; Overrides = []; Config = JsonObject(); Hash = ""; RunDir = run }
                 Expect.equal (row.ParametersTotal, row.ParametersActive) (Some expected.Total, Some expected.Active) "sweep results row"
                 Expect.isEmpty row.Notes "nothing unreadable"
                 let docs = lines (Path.Combine(run, "documents.txt"))

@@ -8,6 +8,10 @@ open System.Text.Json.Nodes
 open Expecto
 open Moe
 open Moe.Sweep
+open Moe.Sweep.Grid
+open Moe.Sweep.Runner
+open Moe.Sweep.Results
+open Moe.Sweep.Slurm
 open Moe.Tests.Support
 
 /// The config file the tests sweep over: a `train` section (TrainConfig) and a `moe` section (MoeConfig),
@@ -123,6 +127,15 @@ let private num (n: JsonNode) = n.GetValue<double>()
 let private nodeAt (path: string) (root: JsonNode) : JsonNode =
     path.Split '.' |> Array.fold (fun (n: JsonNode) k -> if isNull n then null else n.[k]) root
 
+/// The summarizer's `Model.Ffn` as an MoE with `router`, as `Json` writes it: every field of the case, since
+/// `Json` reads a union case whole and a path into a case changes the case the base holds.
+let private moeFfn (router: Config.RouterConfig) : string =
+    (Json.toNode (Models.Moe { Config.MoeConfig.defaults with Router = router })).ToJsonString()
+
+/// A grid for the summarizer's config whose base sets `Model.Ffn` to `ffn` (JSON) and a short `Train`.
+let private summarizerGrid (ffn: string) (body: string) : string =
+    sprintf """{ "name": "cases", "base": { "Model": { "Ffn": %s }, "Train": { "Steps": 20, "WarmupSteps": 2 } }, %s }""" ffn body
+
 let tests =
     testList "Sweep" [
         testCase "expansion: count and order are variants, then grid keys in file order, then seeds" <| fun () ->
@@ -137,7 +150,7 @@ let tests =
                     let get (path: string) = nodeAt path r.Config
                     Expect.equal (get "train.Seed" |> num) (float seed) (sprintf "run %d seed" r.Index)
                     Expect.floatClose Accuracy.veryHigh (get "train.LossWeights.SwitchAux" |> num) ([| 0.0; 0.01; 0.1 |].[w]) "weight"
-                    Expect.equal (Sweep.valueLabel (get "moe.Router.Selection")) ([| "SwitchTop1"; """{"Hash":{"RandomHash":3}}""" |].[s]) "selection"
+                    Expect.equal (Grid.valueLabel (get "moe.Router.Selection")) ([| "SwitchTop1"; """{"Hash":{"RandomHash":3}}""" |].[s]) "selection"
                     Expect.equal (get "moe.ExpertHidden" |> Option.ofObj |> Option.map num) (if v = 1 then Some 256.0 else None) "variant"
                     Expect.equal (get "train.Steps" |> num) 40.0 "base kept"
                     Expect.equal r.RunDir (Path.Combine(dir, "runs", r.Name)) "run folder")
@@ -272,7 +285,7 @@ let tests =
                 let plan = loadOk dir (smallGrid dir "")
                 Directory.CreateDirectory(Path.Combine(plan.Runs[1].RunDir, "checkpoints")) |> ignore
                 File.WriteAllText(Train.Checkpoint.last plan.Runs[1].RunDir, "")
-                write plan.Runs[2].RunDir Sweep.testScoresName "{}" |> ignore
+                write plan.Runs[2].RunDir Runner.testScoresName "{}" |> ignore
                 let text = describePlan plan
                 Expect.stringStarts text "sweep small: 4 runs (" "header"
                 for r in plan.Runs do Expect.stringContains text r.Name "each run is listed"
@@ -315,7 +328,7 @@ let tests =
                     "interrupted run resumes with its own config"
                 Expect.isFalse (List.contains "--resume" (callOf runs[2])) "a new run starts from scratch"
                 let written = JsonNode.Parse(File.ReadAllText(configPath plan.Spec runs[2]))
-                Expect.equal (canonical written) (canonical runs[2].Config) "the config file is the run's resolved config"
+                Expect.equal (ConfigTree.canonical written) (ConfigTree.canonical runs[2].Config) "the config file is the run's resolved config"
                 Expect.equal (outcomes |> List.map _.ExitCode) [ None; Some 0; Some 0; Some 3 ] "outcomes"
                 Expect.isTrue (File.Exists(Path.Combine(runs[2].RunDir, completionMarker))) "success marked"
                 Expect.isFalse (File.Exists(Path.Combine(runs[3].RunDir, completionMarker))) "failure not marked"
@@ -350,7 +363,7 @@ let tests =
                 | [ [ "train"; "--config"; config; "--run-dir"; runDir ] ] ->
                     let config = Path.Combine(root, config)
                     Expect.equal (Path.GetFullPath config) (Path.GetFullPath files.Configs[1]) "task 1 gets run 1's config"
-                    Expect.equal (canonical (JsonNode.Parse(File.ReadAllText config))) (canonical plan.Runs[1].Config) "the resolved config"
+                    Expect.equal (ConfigTree.canonical (JsonNode.Parse(File.ReadAllText config))) (ConfigTree.canonical plan.Runs[1].Config) "the resolved config"
                     Expect.equal (Path.GetFullPath(Path.Combine(root, runDir))) (Path.GetFullPath plan.Runs[1].RunDir) "run 1's folder"
                 | other -> failtestf "expected one call without --resume, got %A" other
                 Expect.equal (status plan.Runs[1].RunDir) Finished "the task marks its run complete"
@@ -416,7 +429,7 @@ let tests =
                                            "Selection": { "Hash": "BalancedHash" }, "Capacity": "Dropless", "MinCapacity": 4, "Jitter": 0.0,
                                            "BiasUpdateRate": null } } } } } ],
                          "grid": { "Train.LossWeights.SwitchAux": [ 0.0, 0.01 ] }, "seeds": [ 3 ] }"""
-                match load summarizerSchema (write dir "sum.json" grid) with
+                match load Schema.summarizerSchema (write dir "sum.json" grid) with
                 | Ok plan ->
                     Expect.equal plan.Runs.Length 4 "2 variants x 2 weights x 1 seed"
                     for r in plan.Runs do
@@ -431,7 +444,7 @@ let tests =
                 let bad =
                     grid.Replace("\"Hash\": \"BalancedHash\"", "\"Hash\": \"Balanced\"")
                         .Replace("Train.LossWeights.SwitchAux", "Train.LossWeight.SwitchAux")
-                match load summarizerSchema (write dir "bad.json" bad) with
+                match load Schema.summarizerSchema (write dir "bad.json" bad) with
                 | Error es ->
                     Expect.equal es.Length 2 (String.concat "\n" es)
                     Expect.stringStarts es[1] "$.variants[1].set[\"Model.Ffn\"].Moe.Router.Selection.Hash: expected one of RandomHash|BalancedHash" "union value"
@@ -516,4 +529,91 @@ let tests =
                 Expect.stringContains md "metrics.jsonl line 2: not a JSON object" "notes listed"
                 Expect.stringContains md "1 finished, 1 started, 2 not started" "status count"
                 Expect.stringEnds (md.TrimEnd()) "report note" "report note")
+
+        testCase "a grid path steps into the union case the base holds; each run's config file reads back as the trainer reads it" <| fun () ->
+            withTemp (fun dir ->
+                let router = { Config.RouterConfig.defaults with Experts = 4; Capacity = Config.Factor 1.25 }
+                let grid =
+                    summarizerGrid (moeFfn router)
+                        """ "grid": { "Model.Ffn.Moe.Router.K": [1, 2], "Model.Ffn.Moe.Router.Capacity.Factor": [1.0, 2.0],
+                                      "Model.Ffn.Moe.Router.Selection.TokenChoiceTopK.renormalise": [true, false] } """
+                match load Schema.summarizerSchema (write dir "cases.json" grid) with
+                | Error es -> failtestf "expected a valid grid, got:\n%s" (String.concat "\n" es)
+                | Ok plan ->
+                    Expect.equal plan.Runs.Length 8 "2 K x 2 factors x 2 renormalise"
+                    let files = writeConfigs plan (Path.Combine(dir, "configs"))
+                    for r, file in List.zip plan.Runs files do
+                        // mixed-radix digits of the index, the first grid key slowest
+                        let k, factor, renormalise = [| 1; 2 |].[r.Index / 4], [| 1.0; 2.0 |].[(r.Index / 2) % 2], [| true; false |].[r.Index % 2]
+                        let written = JsonNode.Parse(File.ReadAllText file)
+                        Expect.equal (written |> nodeAt "Model.Ffn.Moe.Router.K" |> num) (float k) "K inside the Moe case"
+                        Expect.floatClose Accuracy.veryHigh (written |> nodeAt "Model.Ffn.Moe.Router.Capacity.Factor" |> num) factor "inside the Factor case"
+                        // What `moe train --config FILE` does with the file.
+                        match Summarizer.SummarizerConfig.load Summarizer.SummarizerConfig.defaults (Some file) [] with
+                        | Ok cfg ->
+                            match cfg.Model.Ffn with
+                            | Models.Moe m ->
+                                Expect.equal m.Router.K k "K"
+                                match m.Router.Capacity with
+                                | Config.Factor f -> Expect.floatClose Accuracy.veryHigh f factor "capacity factor"
+                                | other -> failtestf "expected a capacity factor, got %A" other
+                                Expect.equal m.Router.Selection (Config.TokenChoiceTopK(Config.NormaliseThenTopK, renormalise)) "selection"
+                                Expect.equal m.Router.Experts 4 "the case's other fields come from the base"
+                            | other -> failtestf "expected the Moe case, got %A" other
+                        | Error es -> failtestf "the trainer's reader rejects %s: %A" file es)
+
+        testCase "a path into a union case the base does not hold is rejected, naming the path, the case it needs and the case the base holds" <| fun () ->
+            withTemp (fun dir ->
+                let problemsFor (name: string) (grid: string) =
+                    match load Schema.summarizerSchema (write dir name grid) with
+                    | Error es -> es
+                    | Ok plan -> failtestf "expected %s to be rejected, but it expanded into %d runs" name plan.Runs.Length
+                let dense = problemsFor "dense.json" (summarizerGrid """{ "Dense": 256 }""" """ "grid": { "Model.Ffn.Moe.Router.K": [1, 2] } """)
+                Expect.equal dense
+                    [ "$.grid[\"Model.Ffn.Moe.Router.K\"]: Model.Ffn.Moe.Router.K steps into case Moe of Model.Ffn, but the base config holds Dense there; a path into a case changes the case the base holds (to choose the case, give Model.Ffn a whole value)" ]
+                    "one problem, before anything runs"
+                let unset = problemsFor "unset.json" """{ "name": "unset", "variants": [ { "name": "k1", "set": { "Model.Ffn.Moe.Router.K": 1 } } ] }"""
+                Expect.stringStarts (List.exactlyOne unset)
+                    "$.variants[0].set[\"Model.Ffn.Moe.Router.K\"]: Model.Ffn.Moe.Router.K steps into case Moe of Model.Ffn, but the base config does not set Model.Ffn;"
+                    "a variant's path, and a base without the union"
+                let dropless =
+                    problemsFor "dropless.json"
+                        (summarizerGrid (moeFfn Config.RouterConfig.defaults) """ "grid": { "Model.Ffn.Moe.Router.Capacity.Factor": [1.0, 2.0] } """)
+                Expect.stringStarts (List.exactlyOne dropless)
+                    "$.grid[\"Model.Ffn.Moe.Router.Capacity.Factor\"]: Model.Ffn.Moe.Router.Capacity.Factor steps into case Factor of Model.Ffn.Moe.Router.Capacity, but the base config holds Dropless there;"
+                    "a case inside a case")
+
+        testCase "an unknown case, or an unknown field under a case, is rejected with the names there are" <| fun () ->
+            withTemp (fun dir ->
+                let grid =
+                    summarizerGrid (moeFfn Config.RouterConfig.defaults)
+                        """ "grid": { "Model.Ffn.Moe.Routr.K": [1], "Model.Ffn.Mixture.Router.K": [1], "Model.Ffn.moe.Router.K": [1],
+                                      "Model.Ffn.Moe.Router.Selection.TokenChoiceTopK.renorm": [true],
+                                      "Model.Ffn.Moe.Router.Selection.SwitchTop1.K": [1] } """
+                match load Schema.summarizerSchema (write dir "unknown.json" grid) with
+                | Ok _ -> failtest "expected the grid to be rejected"
+                | Error es ->
+                    Expect.equal es
+                        [ "$.grid[\"Model.Ffn.Moe.Routr.K\"]: Model.Ffn.Moe: unknown field 'Routr' in MoeConfig; expected one of ModelDim, ExpertHidden, Activation, Router, SharedExperts"
+                          "$.grid[\"Model.Ffn.Mixture.Router.K\"]: Model.Ffn: unknown case 'Mixture' in FfnKind; expected one of Dense, Moe, LoraMoe"
+                          "$.grid[\"Model.Ffn.moe.Router.K\"]: Model.Ffn: unknown case 'moe' in FfnKind (did you mean 'Moe'? names are case-sensitive); expected one of Dense, Moe, LoraMoe"
+                          "$.grid[\"Model.Ffn.Moe.Router.Selection.TokenChoiceTopK.renorm\"]: Model.Ffn.Moe.Router.Selection.TokenChoiceTopK: unknown field 'renorm' in case TokenChoiceTopK; expected one of order, renormalise"
+                          "$.grid[\"Model.Ffn.Moe.Router.Selection.SwitchTop1.K\"]: Model.Ffn.Moe.Router.Selection.SwitchTop1: case SwitchTop1 of Selection has no fields; give Model.Ffn.Moe.Router.Selection the value \"SwitchTop1\"" ]
+                        "one problem per path, naming the fields or cases there are")
+
+        testCase "the example grids in examples/sweeps parse, expand and pass every check, with their run counts" <| fun () ->
+            let folder = Path.Combine(Support.repoRoot, "examples", "sweeps")
+            let expected =
+                [ "balance-ablation.json", 8   // 2 variants (top-k, hash) x 2 SwitchAux x 2 ZLoss
+                  "routers-k.json", 8          // 4 router variants x 2 K
+                  "capacity.json", 8 ]         // 4 capacities x 2 K
+            let grids = Directory.GetFiles(folder, "*.json") |> Array.map Path.GetFileName |> Array.filter ((<>) "quick-moe.json")
+            Expect.equal (Array.sort grids |> List.ofArray) (expected |> List.map fst |> List.sort) "every example grid is counted here (quick-moe.json is their base)"
+            for file, runs in expected do
+                // What `./moe sweep FILE --dry-run` does: load (parse, expand, check every run's config), then list.
+                match load Schema.summarizerSchema (Path.Combine(folder, file)) with
+                | Ok plan ->
+                    Expect.equal plan.Runs.Length runs (sprintf "%s: runs" file)
+                    Expect.stringStarts (describePlan plan) (sprintf "sweep %s: %d runs" plan.Spec.Name runs) (sprintf "%s: listing" file)
+                | Error es -> failtestf "%s is rejected:\n%s" file (String.concat "\n" es)
     ]
