@@ -604,7 +604,7 @@ let tests =
         testCase "the example grids in examples/sweeps parse, expand and pass every check, with their run counts" <| fun () ->
             let folder = Path.Combine(Support.repoRoot, "examples", "sweeps")
             let expected =
-                [ "balance-ablation.json", 8   // 2 variants (top-k, hash) x 2 SwitchAux x 2 ZLoss
+                [ "balance-ablation.json", 8   // 2 variants (top-2, top-1) x 2 SwitchAux x 2 ZLoss
                   "routers-k.json", 8          // 4 router variants x 2 K
                   "capacity.json", 8 ]         // 4 capacities x 2 K
             let grids = Directory.GetFiles(folder, "*.json") |> Array.map Path.GetFileName |> Array.filter ((<>) "quick-moe.json")
