@@ -7,6 +7,7 @@ open System.IO
 open Expecto
 open Moe
 open Moe.Config
+open Moe.Analysis
 open Moe.Experiments
 open Moe.Tests.Support
 

@@ -18,15 +18,15 @@ open Moe.Bench.Layer
 
 /// Forward FLOPs per token of the feed-forward sublayer of layer `layer` (0-based) in a stack: a dense FFN
 /// (also between interleaved MoE layers), an MoE layer's router, configured active experts and shared experts
-/// (`Experiments.moeFlops`), or a LoRA-MoE layer's router, shared base and active adapters
-/// (`Experiments.loraMoeFlops`).
+/// (`Analysis.moeFlops`), or a LoRA-MoE layer's router, shared base and active adapters
+/// (`Analysis.loraMoeFlops`).
 let ffnForwardPerToken (cfg: Models.ModelConfig) (layer: int) : float =
     match cfg.Ffn with
     | Models.Dense hidden -> Flops.ffnForward cfg.Activation cfg.ModelDim hidden
     | Models.Moe m | Models.LoraMoe (m, _) when not (Models.ModelConfig.isMoeLayer cfg layer) ->
         Flops.ffnForward m.Activation m.ModelDim m.ExpertHidden
-    | Models.Moe m -> Experiments.moeFlops m (Experiments.configuredActiveExperts m.Router)
-    | Models.LoraMoe (m, lora) -> Experiments.loraMoeFlops m lora (Experiments.configuredActiveExperts m.Router)
+    | Models.Moe m -> Analysis.moeFlops m (Analysis.configuredActiveExperts m.Router)
+    | Models.LoraMoe (m, lora) -> Analysis.loraMoeFlops m lora (Analysis.configuredActiveExperts m.Router)
 
 /// Token counts of one encoder-decoder batch that the FLOP count reads.
 type BatchTokens =

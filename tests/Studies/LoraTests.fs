@@ -176,7 +176,7 @@ let private smoke =
                 Expect.equal (RunFiles.readParameters r.RunDir)
                     (Some(Ok { Total = r.TotalParameters; Active = r.ActiveParameters; Trainable = r.TrainableParameters }))
                     (r.Variant + ": parameters.json")
-            let probes = Experiments.probe frozen.RunDir
+            let probes = Analysis.probe frozen.RunDir
             Expect.equal (probes |> List.map (fun p -> p.Layer)) [ "enc.0"; "dec.0" ] "every LoRA-MoE layer probed"
             for p in probes do
                 Expect.isGreaterThan p.Tokens 0L (p.Layer + ": tokens routed")
