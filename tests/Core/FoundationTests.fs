@@ -100,6 +100,15 @@ let private layerUses () : (string * Set<string>)[] =
              |> Set.ofArray
          layer, used |]
 
+/// The README's table rows that `row` matches, between the line containing `startMarker` and the next line
+/// starting with `endPrefix`.
+let private readmeRows (startMarker: string) (endPrefix: string) (row: Regex) : Match[] =
+    File.ReadAllLines(Path.Combine(Support.repoRoot, "README.md"))
+    |> Array.skipWhile (fun l -> not (l.Contains startMarker))
+    |> Array.takeWhile (fun l -> not (l.StartsWith endPrefix))
+    |> Array.map row.Match
+    |> Array.filter (fun m -> m.Success)
+
 /// The script prelude must load the library's sources in the fsproj's compile order and pin the same
 /// package versions as Directory.Packages.props, or scripts and the compiled library drift apart.
 let consistency =
@@ -127,32 +136,19 @@ let consistency =
             Expect.equal (List.distinct folders) folders (sprintf "each folder's files are adjacent in the compile order (folder runs: %A)" runs)
 
         testCase "README layout table: each layer's uses column is what its sources refer to" <| fun () ->
-            let readme = File.ReadAllLines(Path.Combine(Support.repoRoot, "README.md"))
-            let row = Regex(@"^\s*\| `([^`]+)` \| .* \| ([^|]*) \|\s*$")
             let documented =
-                readme
-                |> Array.skipWhile (fun l -> not (l.Contains "**Layout.**"))
-                |> Array.takeWhile (fun l -> not (l.StartsWith "- **Packages"))
-                |> Array.choose (fun l ->
-                    let m = row.Match l
-                    if not m.Success then None
-                    else
-                        let uses = m.Groups[2].Value.Trim()
-                        let used = if uses = "-" then Set.empty else uses.Split(',', StringSplitOptions.TrimEntries) |> Array.map (fun u -> u.Trim '`') |> Set.ofArray
-                        Some(m.Groups[1].Value, used))
+                readmeRows "**Layout.**" "- **Packages" (Regex(@"^\s*\| `([^`]+)` \| .* \| ([^|]*) \|\s*$"))
+                |> Array.map (fun m ->
+                    let uses = m.Groups[2].Value.Trim()
+                    let used = if uses = "-" then Set.empty else uses.Split(',', StringSplitOptions.TrimEntries) |> Array.map (fun u -> u.Trim '`') |> Set.ofArray
+                    m.Groups[1].Value, used)
             let actual = layerUses ()
             Expect.sequenceEqual (documented |> Array.map fst) (actual |> Array.map fst) "the table lists every layer, in compile order"
             for (layer, claimed), (_, found) in Array.zip documented actual do
                 Expect.equal claimed found (sprintf "README uses column of %s (what its sources refer to)" layer)
 
         testCase "README C# entry points exist under the namespace and in the folder it names" <| fun () ->
-            let readme = File.ReadAllLines(Path.Combine(Support.repoRoot, "README.md"))
-            let row = Regex(@"^\| `([^`]+)` \| `([\w.]+)` \| (.*) \|\s*$")
-            let rows =
-                readme
-                |> Array.skipWhile (fun l -> not (l.Contains "The C# entry points"))
-                |> Array.takeWhile (fun l -> not (l.StartsWith "**PEFT"))
-                |> Array.choose (fun l -> let m = row.Match l in if m.Success then Some m else None)
+            let rows = readmeRows "The C# entry points" "**PEFT" (Regex(@"^\| `([^`]+)` \| `([\w.]+)` \| (.*) \|\s*$"))
             Expect.isGreaterThanOrEqual rows.Length 8 "the table has its rows"
             let assembly = typeof<Moe.Layers.MoeApi>.Assembly
             for m in rows do
