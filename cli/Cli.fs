@@ -34,7 +34,7 @@ type Command =
             | Train _ -> "train a summarizer (dense, top-k or hash MoE) and score it on the test split against lead-1."
             | Generate _ -> "summarize documents with a trained run's checkpoint."
             | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
-            | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop)."
+            | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop), train-step (training step: speed, kernel time, memory), data (tokenization and token cache)."
 
 let private deviceOf (text: string option) =
     match Native.parseDevice (defaultArg text "auto") with
@@ -49,11 +49,11 @@ let private info (args: ParseResults<InfoArgs>) =
 
 [<EntryPoint>]
 let main argv =
-    Native.preferPassiveOpenMpWait ()
     let parser = ArgumentParser.Create<Command>(programName = "moe")
     try
         let results = parser.ParseCommandLine(argv, raiseOnUsage = true)
         InputErrors.guard (fun () ->
+            Native.startup ()
             match results.GetSubCommand() with
             | Info a -> info a
             | Score a -> ScoreCommand.run a

@@ -48,7 +48,7 @@ module Prelude =
             NativeLibrary.Load patched |> ignore
 
 #load "../src/Core/Native.fs"
-Moe.Native.preferPassiveOpenMpWait ()
+Moe.Native.startup ()
 Prelude.loadNatives ()
 
 #load "../src/Core/Tensors.fs"
@@ -103,4 +103,5 @@ Prelude.loadNatives ()
 #load "../src/Bench/Reference.fs"
 #load "../src/Bench/Layer.fs"
 #load "../src/Bench/TrainStep.fs"
+#load "../src/Bench/DataPipeline.fs"
 #load "../src/Bench/Facade.fs"

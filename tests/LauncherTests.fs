@@ -6,6 +6,7 @@ module Moe.Tests.LauncherTests
 open System
 open System.IO
 open Expecto
+open Moe
 open Moe.Tests.Support
 
 let private launcher = Path.Combine(repoRoot, "moe")
@@ -36,6 +37,26 @@ let private badInput (args: string list) (expected: string) =
 
 let tests =
     testSequenced <| testList "Launcher" [
+        testCase "./moe runs under the retain allocator; MOE_CPU_ALLOCATOR=system turns it off; a bad value is named" <| fun () ->
+            let code, output = moe [ "info" ]
+            Expect.equal code 0 (sprintf "./moe info: %s" output)
+            Expect.stringContains output "CPU allocator retain" "the policy is in force by default"
+            let code, output = bash repoRoot [ Native.CpuAllocator.environmentVariable, "system" ] [ launcher; "info" ]
+            Expect.equal code 0 (sprintf "./moe info: %s" output)
+            Expect.stringContains output "CPU allocator system" "turned off"
+            let code, output = bash repoRoot [ Native.CpuAllocator.environmentVariable, "fast" ] [ launcher; "info" ]
+            Expect.equal code 2 "bad input"
+            Expect.stringContains output "error: MOE_CPU_ALLOCATOR: expected allocator system|retain, got 'fast'" "names the variable and the choices"
+
+        testCase "bench train-step compares allocator policies in child processes: same losses bit for bit" <| fun () ->
+            let code, output =
+                moe [ "bench"; "train-step"; "--shape"; "real"; "--allocators"; "system"; "retain"; "--steps"; "2"; "--warmup"; "0"; "--batch-size"; "2" ]
+            Expect.equal code 0 (sprintf "./moe bench train-step: %s" output)
+            Expect.stringContains output "--- the system allocator, in a child process" "one child per policy"
+            Expect.stringContains output "CPU allocator retain" "the second child ran under the policy"
+            Expect.stringContains output "retain vs system: tokens/s" "ratios to the first"
+            Expect.stringContains output "losses identical bit for bit" "the policy changes no arithmetic"
+
         testCase "the launcher is valid bash" <| fun () ->
             let code, output = bash repoRoot [] [ "-n"; launcher ]
             Expect.equal code 0 (sprintf "bash -n moe: %s" output)

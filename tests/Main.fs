@@ -27,7 +27,7 @@ let all =
 
 [<EntryPoint>]
 let main argv =
-    Moe.Native.preferPassiveOpenMpWait ()
+    Moe.Native.startup ()
     Moe.Native.initialise ()
     // CI reads a last line `N passed, N failed, N skipped`; Expecto's own summary is worded
     // differently, so the counts are captured here and printed after Expecto has finished writing.

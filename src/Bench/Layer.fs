@@ -299,8 +299,6 @@ type BenchConfig =
       /// large matmuls whose spread is small, and running it for every round would dominate the grid's time.
       /// It skips the warm-up (its memory step warms it).
       AllExpertsReps: int
-      /// Applied to the whole process when the run starts (`useCpuAllocator`).
-      Allocator: CpuAllocator
       /// Variants to time; the dense FLOP-matched FFN is always timed (it is what ratios divide by).
       Variants: Variant[]
       Seed: int
@@ -324,7 +322,6 @@ module BenchConfig =
           Warmup = 1
           Reps = minReps
           AllExpertsReps = 3
-          Allocator = SystemAllocator
           Variants = Array.ofList Variant.all
           Seed = 0
           CeilingSizes = Array.ofList ceilingSizes
@@ -371,7 +368,8 @@ type Machine =
       MatmulGflops: float
       /// libtorch intra-op threads.
       Threads: int
-      Allocator: CpuAllocator }
+      /// The process's CPU allocator policy (`Native.cpuAllocatorInForce`).
+      Allocator: Native.CpuAllocator }
 
 /// One variant at one grid point.
 type BenchRow =
@@ -491,12 +489,11 @@ let private runGroup (cfg: BenchConfig) (device: torch.Device) (candidateFor: Mo
 /// point; `progress` receives one line per phase. Measures the matmul ceiling first.
 let runWith (cfg: BenchConfig) (device: torch.Device) (candidateFor: MoeConfig -> Candidate) (progress: string -> unit) : BenchReport =
     let cfg = orFail "benchmark config" (BenchConfig.validate cfg) cfg
-    useCpuAllocator cfg.Allocator
     progress "measuring the float32 matmul ceiling"
     let machine =
         { MatmulGflops = matmulGflops device (List.ofArray cfg.CeilingSizes) cfg.CeilingReps
           Threads = torch.get_num_threads ()
-          Allocator = cfg.Allocator }
+          Allocator = Native.cpuAllocatorInForce () }
     progress (sprintf "matmul ceiling %.1f GFLOP/s on %d threads" machine.MatmulGflops machine.Threads)
     let groups = [ for t in cfg.Tokens do for e in cfg.Experts -> runGroup cfg device candidateFor progress t e ]
     { Machine = machine
@@ -636,11 +633,10 @@ let profileLayer (cfg: BenchConfig) (device: torch.Device) (shape: LayerShape) :
     { Shape = shape
       Phases = [ for (name, _), s in List.zip phases (List.ofArray samples) -> { Phase = name; MedianMs = median s; ShareOfLayer = median s / whole } ] }
 
-/// `profileLayer` at every (T, E, K) of the grid with K <= E, after applying the config's allocator;
+/// `profileLayer` at every (T, E, K) of the grid with K <= E;
 /// `report` receives each profile as it is measured.
 let profileGrid (cfg: BenchConfig) (device: torch.Device) (report: LayerProfile -> unit) : unit =
     let cfg = orFail "benchmark config" (BenchConfig.validate cfg) cfg
-    useCpuAllocator cfg.Allocator
     for t in cfg.Tokens do
         for e in cfg.Experts do
             for k in cfg.Ks do
@@ -723,7 +719,7 @@ let private caption (report: BenchReport) : string =
         | [] -> ""
     let notes = report.Notes |> List.map (fun n -> "; " + n) |> String.concat ""
     sprintf "%sforward+backward; matmul ceiling %.1f GFLOP/s (float32), %d threads, %s allocator; all_experts does not depend on k (timed once per T, E)%s"
-        dims report.Machine.MatmulGflops report.Machine.Threads (CpuAllocator.name report.Machine.Allocator) notes
+        dims report.Machine.MatmulGflops report.Machine.Threads (Native.CpuAllocator.name report.Machine.Allocator) notes
 
 /// The report as an aligned plain-text table.
 let toTable (report: BenchReport) : string =

@@ -72,14 +72,6 @@ module private Libc =
     [<DllImport("libc", EntryPoint = "malloc_trim")>]
     extern int mallocTrim(unativeint pad)
 
-    /// glibc: sets one allocator parameter; returns 1 on success.
-    [<DllImport("libc", EntryPoint = "mallopt")>]
-    extern int mallopt(int param, int value)
-
-    /// mallopt parameter numbers from glibc's malloc.h.
-    let M_TRIM_THRESHOLD = -1
-    let M_MMAP_MAX = -4
-
 let internal bytesPerMib = 1048576.0
 
 /// A `/proc/self/status` field in kB ("VmHWM:   123456 kB"), or None.
@@ -109,40 +101,6 @@ let peakExtraMb (action: unit -> unit) : float option =
         | Some before ->
             action ()
             procStatusKb "VmHWM" |> Option.map (fun peak -> float (max 0L (peak - before)) * 1024.0 / bytesPerMib)
-
-/// How libtorch's CPU tensors get their memory (glibc malloc underneath).
-type CpuAllocator =
-    /// glibc's defaults: a block above the mmap threshold (at most 32 MiB) is mapped fresh and unmapped when
-    /// freed, so every step of a large layer page-faults its big buffers (activations, a stacked weight
-    /// gradient) in again, and the kernel zeroes each page first.
-    | SystemAllocator
-    /// No mmap and no trimming (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = max): freed blocks stay in the
-    /// heap and the next step reuses them without page faults, as PyTorch's CUDA caching allocator does. The
-    /// resident set stays at its peak. Process-wide and for the rest of the process.
-    | RetainFreedMemory
-
-module CpuAllocator =
-    let name (a: CpuAllocator) : string =
-        match a with
-        | SystemAllocator -> "system"
-        | RetainFreedMemory -> "retain"
-
-    let parse (text: string) : Result<CpuAllocator, string> =
-        match text with
-        | "system" -> Ok SystemAllocator
-        | "retain" -> Ok RetainFreedMemory
-        | other -> Error(sprintf "expected allocator system|retain, got '%s'" other)
-
-/// Applies an allocator setting to this process (glibc on Linux); SystemAllocator changes nothing.
-/// Raises where RetainFreedMemory cannot be applied (not glibc), rather than silently measuring without it.
-let useCpuAllocator (allocator: CpuAllocator) : unit =
-    match allocator with
-    | SystemAllocator -> ()
-    | RetainFreedMemory ->
-        let ok =
-            try Libc.mallopt (Libc.M_MMAP_MAX, 0) = 1 && Libc.mallopt (Libc.M_TRIM_THRESHOLD, Int32.MaxValue) = 1
-            with :? EntryPointNotFoundException | :? DllNotFoundException -> false
-        if not ok then invalidOp "the retain allocator needs glibc's mallopt (Linux with glibc); use the system allocator here"
 
 /// A `/proc/meminfo` field in kB, or None (not Linux).
 let private memInfoKb (field: string) : int64 option =

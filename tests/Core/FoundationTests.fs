@@ -47,6 +47,31 @@ let tests =
                 Tensors.toFloats r
             Expect.sequenceEqual (draw ()) (draw ()) "same seed, same draws"
 
+        testCase "the CPU allocator policy the environment asks for is in force after the tests' start-up" <| fun () ->
+            let asked = Native.cpuAllocatorFromEnvironment ()
+            Expect.equal (Native.cpuAllocatorInForce ()) asked "Main ran Native.startup"
+            match asked with
+            | Native.Retain _ ->
+                // glibc maps blocks above 32 MiB on their own under its defaults; under the policy the heap serves them.
+                Expect.isTrue (Native.heapServes 40) "a 40 MiB block comes from the heap"
+            | Native.SystemAllocator | Native.UserTunables _ -> ()
+            Expect.throwsT<InvalidOperationException> (fun () -> Native.useCpuAllocator Native.SystemAllocator)
+                "glibc cannot be put back to its defaults in-process; the error says to start with MOE_CPU_ALLOCATOR=system"
+            Expect.equal (Native.CpuAllocator.parse "RETAIN") (Ok Native.CpuAllocator.retain) "case-insensitive"
+            match Native.CpuAllocator.parse "jemalloc" with
+            | Error msg -> Expect.stringContains msg "system|retain" "lists the choices"
+            | Ok a -> failtestf "jemalloc is not a policy, got %A" a
+
+        testCase "the script prelude starts the policy before it loads libtorch" <| fun () ->
+            let lines = File.ReadAllLines(Path.Combine(Support.repoRoot, "scripts", "prelude.fsx")) |> Array.map (fun l -> l.Trim())
+            let at (line: string) =
+                match Array.tryFindIndex ((=) line) lines with
+                | Some i -> i
+                | None -> failtestf "expected the line %s in scripts/prelude.fsx" line
+            let startup = at "Moe.Native.startup ()"
+            Expect.isLessThan (at "#load \"../src/Core/Native.fs\"") startup "Native is loaded first"
+            Expect.isLessThan startup (at "Prelude.loadNatives ()") "the policy is set before libtorch loads and allocates"
+
         testCase "shape errors name the expected layout" <| fun () ->
             use t = torch.zeros ([| 4L; 3L; 8L |], dtype = torch.int64)
             let ex = Expect.throwsC (fun () -> Tensors.expectFloat "logits" "[T; E]" 2 t) id

@@ -5,6 +5,7 @@
 module Moe.Tests.BenchTests
 
 open System
+open System.IO
 open System.Text.Json
 open Expecto
 open FsCheck
@@ -84,7 +85,7 @@ let private sampleReport () : BenchReport =
     let row v ms peak =
         { Shape = shape; Variant = v; MedianMs = ms; RatioToDense = ms / 100.0; TokensPerS = 2048.0 / (ms / 1000.0)
           UsefulGflops = Flops.trainPerToken shape v * 2048.0 / (ms / 1000.0) / 1e9; PeakMb = peak; SamplesMs = [| ms |] }
-    { Machine = { MatmulGflops = 123.456; Threads = 2; Allocator = SystemAllocator }
+    { Machine = { MatmulGflops = 123.456; Threads = 2; Allocator = Native.SystemAllocator }
       Rows = [ row DenseFlopMatched 100.0 (Some 10.0); row Moe 110.0 (Some 20.0); row NaiveLoop 150.0 (Some 30.0); row AllExperts 400.0 None ]
       Agreements = []
       Notes = [ "all_experts skipped at T=8192 E=64: a note" ] }
@@ -364,6 +365,71 @@ let tests =
                 Expect.isSome r.MoeProfile "an MoE model's layer is profiled"
                 Expect.isLessThan r.Parameters.Active r.Parameters.Total "top-1 of 2 experts: fewer active than total"
                 Expect.stringContains (trainStepTable r) "MFU" "table"
+
+            testCase "generated real-length tokens: repeatable, XSum-like lengths, regular ids only" <| fun () ->
+                let n, vocab = 2000, 500
+                let a = GeneratedTokens(n, vocab, LengthModel.xsum, 7) :> Batching.ITokenSource
+                let b = GeneratedTokens(n, vocab, LengthModel.xsum, 7) :> Batching.ITokenSource
+                for i in [ 0; 1; 999; 1999 ] do
+                    Expect.equal (a.Read i) (b.Read i) (sprintf "example %d is a function of (seed, index)" i)
+                    let doc, sum = a.Read i
+                    Expect.equal doc.Length (a.SourceLength i) "document length"
+                    Expect.equal sum.Length (a.TargetLength i) "summary length"
+                    Expect.all (Array.append doc sum) (fun id -> id >= Tokenizers.SpecialCount && id < vocab) "regular ids"
+                let medianOf (f: int -> int) = Measure.median (Array.init n (f >> float))
+                // The sample median of 2,000 log-normal draws is within 5% of the model's with overwhelming probability
+                // (its standard error is about 1.25 sd / sqrt n = 2% in log space at sd 0.77).
+                Expect.floatClose { absolute = 0.0; relative = 0.05 } (medianOf a.SourceLength) LengthModel.xsum.Source.Median "document median"
+                Expect.floatClose { absolute = 0.0; relative = 0.05 } (medianOf a.TargetLength) LengthModel.xsum.Target.Median "summary median"
+                let longer = Seq.init n a.SourceLength |> Seq.filter (fun l -> l > 512) |> Seq.length
+                Expect.isTrue (longer > n / 4 && longer < n / 2) (sprintf "about 35%% of documents exceed 512 tokens, got %d of %d" longer n)
+                let other = GeneratedTokens(n, vocab, LengthModel.xsum, 8) :> Batching.ITokenSource
+                Expect.notEqual (other.Read 0) (a.Read 0) "another seed, other tokens"
+
+            testCase "a real-length training step reports CPU time, padding, peak memory and its losses" <| fun () ->
+                let tiny = { Summarizer.SummarizerConfig.defaults with Train = { Summarizer.SummarizerConfig.defaults.Train with BatchSize = 2 } }
+                let cfg = TrainStepConfig.realLength { TrainStepConfig.defaults with Summarizer = tiny; Warmup = 0; Steps = 2; CeilingSizes = [| 32 |] }
+                let r = trainStep { cfg with Data = RealLengths(40, 300, LengthModel.xsum) } ignore
+                Expect.equal r.Losses.Length 2 "one loss per timed step"
+                Expect.all r.Losses (fun l -> Double.IsFinite l && l > 0.0) "finite losses"
+                Expect.isGreaterThan r.Cpu.UserS 0.0 "user time counted"
+                Expect.isGreaterThanOrEqual r.Cpu.SystemS 0.0 "system time counted"
+                Expect.isTrue (r.PaddingFraction >= 0.0 && r.PaddingFraction < 1.0) (sprintf "padding fraction in [0, 1), got %g" r.PaddingFraction)
+                Expect.isGreaterThan r.TokensPerBatch 2.0 "two documents' tokens per batch"
+                if OperatingSystem.IsLinux() then Expect.isSome r.PeakRssMb "peak RSS on Linux"
+                Expect.stringContains (trainStepTable r) "system" "the table shows the kernel's share"
+
+            testCase "allocator comparison: ratios to the first run, and whether the losses are the same bits" <| fun () ->
+                let run name ms tps user sys rss losses : StepSummary =
+                    { Allocator = name; Threads = 2; MatmulGflops = 50.0; Parameters = 10L; ActiveParameters = 8L; StepMs = ms; TokensPerS = tps
+                      Mfu = 0.1; UserS = user; SystemS = sys; PeakRssMb = Some rss; PaddingFraction = 0.05; TokensPerBatch = 1000.0; Losses = losses }
+                let system = run "system" 200.0 1000.0 10.0 8.0 1000.0 [| 2.5; 2.25 |]
+                let table = allocatorComparison [ system; run "retain (keeps ...)" 100.0 1500.0 9.0 0.5 1200.0 [| 2.5; 2.25 |] ]
+                Expect.stringContains table "retain vs system: tokens/s 1.50x, system time 0.06x, peak RSS 1.20x; losses identical bit for bit" "ratios"
+                Expect.stringContains table "80.0%" "system time as a share of user time"
+                let differ = allocatorComparison [ system; run "retain" 100.0 1500.0 9.0 0.5 1200.0 [| 2.5; 2.2500000000000004 |] ]
+                Expect.stringContains differ "losses DIFFER" "one ulp apart is a difference"
+                Expect.throwsT<ArgumentException> (fun () -> allocatorComparison [] |> ignore) "nothing to compare"
+
+            testCase "data pipeline: generated documents at their drawn word counts go through loader, tokenizer and cache" <| fun () ->
+                let folder = Path.Combine(Path.GetTempPath(), "moe-bench-data-tests", Guid.NewGuid().ToString("N"))
+                let cfg = { DataPipeline.DataBenchConfig.defaults with Documents = 300; Folder = folder }
+                let e = DataPipeline.generatedExample cfg 5
+                let lengths = GeneratedTokens(1, Tokenizers.SpecialCount + 1, cfg.Words, cfg.Seed + 5) :> Batching.ITokenSource
+                let words (s: string) = s.Split(' ', StringSplitOptions.RemoveEmptyEntries).Length
+                Expect.equal (words e.Document) (lengths.SourceLength 0) "document words as drawn"
+                Expect.equal (words e.Summary) (lengths.TargetLength 0) "summary words as drawn"
+                Expect.equal (DataPipeline.generatedExample cfg 5) e "a function of (seed, index)"
+                try
+                    let r = DataPipeline.run cfg ignore
+                    Expect.equal r.Documents 300 "every document cached"
+                    Expect.isGreaterThan r.SourceTokens (300L * 50L) "document tokens counted"
+                    Expect.isGreaterThan r.TargetTokens 300L "summary tokens counted"
+                    Expect.isGreaterThan r.CorpusMb 0.0 "corpus size"
+                    Expect.isEmpty (Directory.GetFiles folder) "corpus and cache deleted"
+                    Expect.stringContains (DataPipeline.table r) "documents/s" "table"
+                finally (try Directory.Delete(folder, true) with _ -> ())
+                Expect.isNonEmpty (DataPipeline.DataBenchConfig.validate { cfg with Documents = 0 }) "no documents is an error"
 
             testCase "config validation lists every problem" <| fun () ->
                 let bad = { BenchConfig.defaults with Tokens = [||]; Reps = 0; ModelDim = 0 }
