@@ -21,6 +21,7 @@ let all =
         SweepTests.tests
         LoraTests.tests
         BenchTests.tests
+        ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests
         PackagingTests.tests

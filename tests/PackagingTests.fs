@@ -118,14 +118,23 @@ let tests =
     testSequenced <| testList "Packaging" [
         testCase "dotnet pack; a fresh C# project and a fresh F# script use MoeToolkit from the feed; the moe tool installs and scores" <| fun () ->
             let tmp = Directory.CreateTempSubdirectory("moe-packaging-").FullName
+            // Seconds per phase, printed at the end: this is one of the suite's slowest tests.
+            let clock = Diagnostics.Stopwatch.StartNew()
+            let phases = Collections.Generic.List<string>()
+            let phase (name: string) =
+                phases.Add(sprintf "%s %.0f s" name clock.Elapsed.TotalSeconds)
+                clock.Restart()
             try
                 let feed = Path.Combine(tmp, "feed")
                 let cache = globalPackages ()
                 // A version no cache can hold: the one place's prefix and a suffix for this run.
                 let version = sprintf "%s-local.%s" (versionPrefix ()) (DateTime.UtcNow.ToString "yyyyMMddHHmmss")
                 let quiet = "--nologo -v q -nodeReuse:false -p:UseSharedCompilation=false"
+                // Debug: the suite's own build of the library, so packing does not compile it again (a release
+                // packs with -c Release, which differs only in optimisation).
                 for project in [ "src/Moe.fsproj"; "cli/Moe.Cli.fsproj" ] do
-                    run repoRoot [] ("pack " + project) (sprintf "dotnet pack %s -c Release -o '%s' -p:PackageVersion=%s %s" project feed version quiet) |> ignore
+                    run repoRoot [] ("pack " + project) (sprintf "dotnet pack %s -c Debug -o '%s' -p:PackageVersion=%s %s" project feed version quiet) |> ignore
+                phase "pack"
 
                 // The packages: metadata, the build targets and the patched shim inside the tool.
                 let lib, tool = Path.Combine(feed, sprintf "MoeToolkit.%s.nupkg" version), Path.Combine(feed, sprintf "MoeToolkit.Cli.%s.nupkg" version)
@@ -167,6 +176,7 @@ let tests =
                 if hostLacksGlibcxx then
                     Expect.isTrue (shimIsWeak binShim) "this host lacks GLIBCXX_3.4.32: the package's buildTransitive target patched the app's copy of the shim"
                 expectRouting "C# project" (run app env "run the C# project" "dotnet bin/Debug/net10.0/CsApp.dll")
+                phase "C# project"
 
                 // (b) A fresh F# script.
                 let scriptDir = Path.Combine(tmp, "script")
@@ -177,6 +187,7 @@ let tests =
                     let copy = Path.Combine(tmp, "data", "moe-toolkit", "torchsharp-0.107.0", "libLibTorchSharp.so")
                     Expect.isTrue (File.Exists copy && shimIsWeak copy) "the script ran with a patched copy of the shim in XDG_DATA_HOME"
                 Expect.equal (File.Exists cachedShim && shimIsWeak cachedShim) cachedShimWeak "the NuGet cache's shim is left as it was"
+                phase "F# script"
 
                 // (c) The tool.
                 let tools = Path.Combine(tmp, "tools")
@@ -191,6 +202,8 @@ let tests =
                 let json = run tmp env "moe score" (sprintf "'%s' score -p pred.txt -r ref.txt --json" moe)
                 let expected = Moe.Metrics.Scorer.ToJson(Moe.Metrics.Scorer.Score(predictions, references, null, false))
                 Expect.equal (json.Trim()) (expected.Trim()) "moe score --json from the installed tool = the library's scores of the same lines"
+                phase "tool"
+                printfn "packaging test: %s" (String.Join(", ", phases))
             finally
                 try Directory.Delete(tmp, true) with _ -> ()
     ]
