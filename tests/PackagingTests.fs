@@ -130,10 +130,11 @@ let tests =
                 // A version no cache can hold: the one place's prefix and a suffix for this run.
                 let version = sprintf "%s-local.%s" (versionPrefix ()) (DateTime.UtcNow.ToString "yyyyMMddHHmmss")
                 let quiet = "--nologo -v q -nodeReuse:false -p:UseSharedCompilation=false"
-                // Debug: the suite's own build of the library, so packing does not compile it again (a release
-                // packs with -c Release, which differs only in optimisation).
+                // Release, as a release is packed. Never Debug: that build's Moe.dll is hard-linked into the running
+                // test binary's folder, and a rebuild (a source edited during the run) would rewrite it in place.
+                // The launcher tests before this one leave the Release build up to date.
                 for project in [ "src/Moe.fsproj"; "cli/Moe.Cli.fsproj" ] do
-                    run repoRoot [] ("pack " + project) (sprintf "dotnet pack %s -c Debug -o '%s' -p:PackageVersion=%s %s" project feed version quiet) |> ignore
+                    run repoRoot [] ("pack " + project) (sprintf "dotnet pack %s -c Release -o '%s' -p:PackageVersion=%s %s" project feed version quiet) |> ignore
                 phase "pack"
 
                 // The packages: metadata, the build targets and the patched shim inside the tool.

@@ -228,12 +228,14 @@ type RoutingResult internal (routing: Routing.Routing) =
 [<AbstractClass; Sealed>]
 type Router =
     /// Routes T tokens: logits [T; E] float32; tokenIds [T] int64 for hash routing, else null; training turns
-    /// on Switch jitter and NoisyTopK noise (a noisy router's noise scale comes from its layer, so here 0).
+    /// on Switch jitter and NoisyTopK noise, whose scale noiseStd [T; E] (softplus(x W_noise), Shazeer et al.
+    /// 2017 eq. 4) a noisy router in training needs, else null.
     static member Route(options: RouterOptions, logits: torch.Tensor,
                         [<Optional; DefaultParameterValue(null: torch.Tensor)>] tokenIds: torch.Tensor,
-                        [<Optional; DefaultParameterValue(false)>] training: bool) : RoutingResult =
+                        [<Optional; DefaultParameterValue(false)>] training: bool,
+                        [<Optional; DefaultParameterValue(null: torch.Tensor)>] noiseStd: torch.Tensor) : RoutingResult =
         if isNull options then invalidArg "options" "expected router options, got null"
-        new RoutingResult(Routing.Routers.Route(options.ToConfig(), logits, tokenIds = tokenIds, training = training))
+        new RoutingResult(Routing.Routers.Route(options.ToConfig(), logits, noiseStd = noiseStd, tokenIds = tokenIds, training = training))
 
 /// A sparse MoE layer (`Layers.MoeLayer`): a router, E expert FFNs and optional shared experts.
 /// `Module` is the TorchSharp module, to register in your own model.
