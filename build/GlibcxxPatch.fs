@@ -2,7 +2,8 @@
 /// (Debian 12, Ubuntu 22.04). TorchSharp 0.107's libLibTorchSharp.so lists GLIBCXX_3.4.32 in its
 /// version needs, but no relocation uses the one symbol that requires it, so marking that need weak
 /// (VER_FLG_WEAK in its Vernaux entry) lets the dynamic loader accept an older libstdc++.
-/// Shared by the MSBuild target (through build/patch-glibcxx.fsx) and the script prelude.
+/// Shared by the MSBuild targets (build/MoeToolkit.targets, through build/patch-glibcxx.fsx; the MoeToolkit
+/// package ships all three) and the library's start-up (`Startup.initialise`).
 /// Files are rewritten through a temporary file and a rename, so a hard link into the NuGet cache
 /// is replaced, never modified.
 module GlibcxxPatch
@@ -94,11 +95,16 @@ let hostHasVersion (version: string) : bool =
     | [] -> false
     | first :: _ -> (File.ReadAllBytes first).AsSpan().IndexOf(ReadOnlySpan needle) >= 0
 
-/// Patches every libLibTorchSharp.so below `dir` when the host lacks GLIBCXX_3.4.32.
-/// Returns (path, outcome) for each file seen.
-let patchTree (dir: string) : (string * PatchOutcome) list =
-    if not (OperatingSystem.IsLinux()) || hostHasVersion NeededVersion || not (Directory.Exists dir) then []
+/// Patches every libLibTorchSharp.so below `dir`, whatever the host (for a folder that may run elsewhere:
+/// a published app or a tool package). Returns (path, outcome) for each file seen.
+let patchTreeAlways (dir: string) : (string * PatchOutcome) list =
+    if not (Directory.Exists dir) then []
     else
         Directory.GetFiles(dir, "libLibTorchSharp.so", SearchOption.AllDirectories)
         |> Array.map (fun f -> f, patchFile f)
         |> List.ofArray
+
+/// Patches every libLibTorchSharp.so below `dir` when the host lacks GLIBCXX_3.4.32.
+/// Returns (path, outcome) for each file seen.
+let patchTree (dir: string) : (string * PatchOutcome) list =
+    if not (OperatingSystem.IsLinux()) || hostHasVersion NeededVersion then [] else patchTreeAlways dir

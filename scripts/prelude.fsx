@@ -1,9 +1,8 @@
 // Loads the toolkit into `dotnet fsi` with no build step: package references, native libraries
 // by absolute path, then the library's sources in their compile order.
 //
-// Why natives by hand: fsi has no deps.json, so TorchSharp would look libtorch up by name and may
-// pick a system copy. Loading libc10, libtorch_cpu, libtorch and a GLIBCXX-patched copy of
-// libLibTorchSharp first makes every later lookup by name resolve to these.
+// Natives: fsi has no deps.json and no build step, so `Startup.initialise` loads libtorch from the
+// referenced package and a GLIBCXX-patched copy of libLibTorchSharp (see src/Core/Startup.fs).
 #r "nuget: TorchSharp, 0.107.0"
 #r "nuget: libtorch-cpu-linux-x64, 2.10.0"
 #r "nuget: Microsoft.ML.Tokenizers, 2.0.1"
@@ -12,44 +11,9 @@
 #r "nuget: CsvHelper, 34.0.0"
 #r "nuget: Plotly.NET, 6.0.0"
 #load "../build/GlibcxxPatch.fs"
-
-module Prelude =
-    open System
-    open System.IO
-    open System.Runtime.InteropServices
-
-    let private packages =
-        match Environment.GetEnvironmentVariable "NUGET_PACKAGES" with
-        | null | "" -> Path.Combine(Environment.GetFolderPath Environment.SpecialFolder.UserProfile, ".nuget", "packages")
-        | p -> p
-
-    let private nativeDir package version =
-        let dir = Path.Combine(packages, package, version, "runtimes", "linux-x64", "native")
-        if not (Directory.Exists dir) then
-            failwithf "expected the NuGet package %s %s at %s (the #r lines above restore it; check NUGET_PACKAGES)" package version dir
-        dir
-
-    /// Loads libtorch and the patched shim; on non-Linux hosts TorchSharp's own loader is used as is.
-    let loadNatives () =
-        if OperatingSystem.IsLinux() then
-            let torchDir = nativeDir "libtorch-cpu-linux-x64" "2.10.0"
-            for lib in [ "libc10.so"; "libtorch_cpu.so"; "libtorch.so" ] do
-                NativeLibrary.Load(Path.Combine(torchDir, lib)) |> ignore
-            let shim = Path.Combine(nativeDir "torchsharp" "0.107.0", "libLibTorchSharp.so")
-            let cache = Path.Combine(Environment.GetFolderPath Environment.SpecialFolder.LocalApplicationData, "moe-toolkit", "torchsharp-0.107.0")
-            let patched = Path.Combine(cache, "libLibTorchSharp.so")
-            if not (File.Exists patched) || File.GetLastWriteTimeUtc patched <> File.GetLastWriteTimeUtc shim then
-                Directory.CreateDirectory cache |> ignore
-                let tmp = patched + ".copy"
-                File.Copy(shim, tmp, true)
-                File.SetLastWriteTimeUtc(tmp, File.GetLastWriteTimeUtc shim)
-                File.Move(tmp, patched, true)
-            if not (GlibcxxPatch.hostHasVersion GlibcxxPatch.NeededVersion) then GlibcxxPatch.patchFile patched |> ignore
-            NativeLibrary.Load patched |> ignore
-
 #load "../src/Core/Native.fs"
-Moe.Native.startup ()
-Prelude.loadNatives ()
+#load "../src/Core/Startup.fs"
+Moe.Startup.initialise ()
 
 #load "../src/Core/Tensors.fs"
 #load "../src/Core/Config.fs"
@@ -105,3 +69,4 @@ Prelude.loadNatives ()
 #load "../src/Bench/TrainStep.fs"
 #load "../src/Bench/DataPipeline.fs"
 #load "../src/Bench/Facade.fs"
+#load "../src/Api/Toolkit.fs"

@@ -21,8 +21,10 @@ let all =
         SweepTests.tests
         LoraTests.tests
         BenchTests.tests
+        ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests
+        PackagingTests.tests
     ]
 
 [<EntryPoint>]

@@ -1,7 +1,7 @@
 // Builds a sparse MoE layer from C#, runs one forward and backward pass, and prints the routing statistics.
-using Moe;
+// Uses only the C# API (namespace MoeToolkit) and TorchSharp.
+using MoeToolkit;
 using TorchSharp;
-using static Moe.Layers;
 
 namespace MoeExample;
 
@@ -25,29 +25,36 @@ public static class Program
     /// <summary>Runs the example, writing its report to <paramref name="output"/>.</summary>
     public static void Run(TextWriter output)
     {
-        Native.initialise();
-        Native.seedAll(Seed);
+        MoeRuntime.Initialize();
+        MoeRuntime.Seed(Seed);
         using var scope = torch.NewDisposeScope();
 
-        using var layer = MoeApi.CreateLayer(ModelDim, ExpertHidden, Experts, K,
-                                             activation: "swiglu", capacityFactor: CapacityFactor);
-        layer.train();
+        using var layer = new MoeLayer(new MoeLayerOptions
+        {
+            ModelDim = ModelDim,
+            ExpertHidden = ExpertHidden,
+            Activation = ExpertActivation.SwiGlu,
+            Router = new RouterOptions { Experts = Experts, TopK = K, CapacityFactor = CapacityFactor },
+        });
+        layer.Train();
         var x = torch.randn(Tokens, ModelDim);
         var target = torch.randn(Tokens, ModelDim);
 
-        MoeForwardResult result = MoeApi.Forward(layer, x);
-        var loss = torch.nn.functional.mse_loss(result.Output, target) + MoeApi.WeightedAux(result.Aux);
+        using var result = layer.Forward(x);
+        var loss = torch.nn.functional.mse_loss(result.Output, target) + result.AuxLoss();
         loss.backward();
 
-        var tokensPerExpert = string.Join(" ", result.TokensPerExpert.Select(f => f.ToString("F3")));
+        var stats = result.Statistics;
+        var aux = result.AuxLosses;
         output.WriteLine($"MoE layer: {Experts} experts, top-{K}, d = {ModelDim}, expert hidden = {ExpertHidden}, {Tokens} tokens");
-        output.WriteLine($"tokens per expert: {tokensPerExpert}");
-        output.WriteLine($"dropped fraction: {result.DroppedFraction:F4}");
-        output.WriteLine($"router entropy: {result.RouterEntropy:F4} nats");
-        output.WriteLine($"aux losses: switch {result.Aux.SwitchAux.item<float>():F4}, importance {result.Aux.Importance.item<float>():F4}, " +
-                         $"load {result.Aux.Load.item<float>():F4}, z {result.Aux.ZLoss.item<float>():F4}");
+        output.WriteLine($"tokens per expert: {string.Join(" ", stats.TokensPerExpert.Select(f => f.ToString("F3")))}");
+        output.WriteLine($"load CV: {stats.LoadCv:F4}");
+        output.WriteLine($"dropped fraction: {stats.DroppedFraction:F4}");
+        output.WriteLine($"router entropy: {stats.RouterEntropy:F4} nats");
+        output.WriteLine($"aux losses: switch {aux.SwitchAux.item<float>():F4}, importance {aux.Importance.item<float>():F4}, " +
+                         $"load {aux.Load.item<float>():F4}, z {aux.ZLoss.item<float>():F4}");
         output.WriteLine($"loss: {loss.item<float>():F4}");
-        foreach (var (name, p) in layer.named_parameters())
+        foreach (var (name, p) in layer.NamedParameters())
             output.WriteLine($"grad norm {name}: {p.grad!.norm().item<float>():F6}");
     }
 }

@@ -62,15 +62,22 @@ let tests =
             | Error msg -> Expect.stringContains msg "system|retain" "lists the choices"
             | Ok a -> failtestf "jemalloc is not a policy, got %A" a
 
-        testCase "the script prelude starts the policy before it loads libtorch" <| fun () ->
+        testCase "the script prelude and Startup.initialise start the policy before libtorch loads" <| fun () ->
             let lines = File.ReadAllLines(Path.Combine(Support.repoRoot, "scripts", "prelude.fsx")) |> Array.map (fun l -> l.Trim())
             let at (line: string) =
                 match Array.tryFindIndex ((=) line) lines with
                 | Some i -> i
                 | None -> failtestf "expected the line %s in scripts/prelude.fsx" line
-            let startup = at "Moe.Native.startup ()"
-            Expect.isLessThan (at "#load \"../src/Core/Native.fs\"") startup "Native is loaded first"
-            Expect.isLessThan startup (at "Prelude.loadNatives ()") "the policy is set before libtorch loads and allocates"
+            let start = at "Moe.Startup.initialise ()"
+            Expect.isLessThan (at "#load \"../src/Core/Startup.fs\"") start "Startup is loaded first"
+            Expect.isLessThan start (at "#load \"../src/Core/Tensors.fs\"") "before any other source"
+            // Startup.initialise runs Native.startup before it loads libtorch; here (libtorch already loaded) it
+            // is idempotent and leaves the policy the environment asks for in force.
+            Startup.initialise ()
+            Expect.equal (Native.cpuAllocatorInForce ()) (Native.cpuAllocatorFromEnvironment ()) "policy in force after Startup.initialise"
+            let body = File.ReadAllText(Path.Combine(Support.repoRoot, "src", "Core", "Startup.fs"))
+            let initialise = body.Substring(body.IndexOf "let initialise () : unit =")
+            Expect.isLessThan (initialise.IndexOf "Native.startup ()") (initialise.IndexOf "loadNatives ()") "the policy is set before the natives load"
 
         testCase "shape errors name the expected layout" <| fun () ->
             use t = torch.zeros ([| 4L; 3L; 8L |], dtype = torch.int64)
