@@ -1,6 +1,6 @@
 /// The BiLSTM host model: padding never reaches the router (routing statistics, balancing losses and outputs
 /// are the same with and without extra padding), the one-expert baseline equals an MoE with one expert and
-/// k = 1, parameters are registered, and best-span decoding on hand-made logits.
+/// k = 1, parameters are registered, no tensor leaks per step, and best-span decoding on hand-made logits.
 module Moe.Tests.RecurrentTests
 
 open System
@@ -92,6 +92,21 @@ let tests =
             Expect.equal (scalar (model.Embedding.weight[7L, 3L])) 7.0 "vectors copied"
             Expect.throwsT<ArgumentException> (fun () -> model.forward (padded rows 5 0L, [| 5L; 0L; 4L |]) |> ignore) "a zero length is refused"
         }
+        sequencedCase "20 training steps keep the live tensor count flat" (fun () ->
+            Native.seedAll 11
+            use model = new BiLstmMoe("m", small (moeOf NoisyTopK 4 2) SpanExtraction)
+            model.train ()
+            let ids = padded rows 5 0L
+            let step () =
+                use _ = torch.NewDisposeScope()
+                model.zero_grad ()
+                let out = model.forward (ids, lengths)
+                let report = (List.exactlyOne out.Moe).Report
+                (out.Logits.square().mean () + report.Aux.Load + report.Aux.Importance).backward ()
+            step ()
+            let before = liveTensors ()
+            for _ in 1 .. 20 do step ()
+            Expect.isLessThanOrEqual (liveTensors () - before) 0L "no tensor leaks per step")
         test "best span: the highest start + end with start <= end < start + maxLength, inside the allowed positions" {
             let logits (xs: float32[]) = torch.tensor(xs).unsqueeze 0L
             let all = torch.ones([| 1L; 4L |], dtype = torch.ScalarType.Bool)
