@@ -353,6 +353,13 @@ let private runVariants (opts: LstmMoeOptions) (dataset: string) (trainOne: int 
 /// Where the data of each run came from (config.json's "data" section).
 type DataSection = { Train: string; Valid: string; Test: string; Glove: string; VocabSize: int; MaxContext: int }
 
+/// A data path as the tables show it: its last two parts (`conll2003-sample/eng.train`), so that tables written
+/// on one machine read the same on another.
+let private shown (path: string) : string =
+    let full = Path.TrimEndingDirectorySeparator(Path.GetFullPath path)
+    let parent = Path.GetFileName(Path.GetDirectoryName full)
+    if String.IsNullOrEmpty parent then Path.GetFileName full else parent + "/" + Path.GetFileName full
+
 /// The NER half: reads CoNLL (eng.train / eng.testa / eng.testb), builds the GloVe vocabulary over all three
 /// splits, trains the six models and returns their outcomes and notes on the data.
 let private conllRuns (opts: LstmMoeOptions) : RunOutcome list * string list =
@@ -399,9 +406,9 @@ let private conllRuns (opts: LstmMoeOptions) : RunOutcome list * string list =
             loss (box data) evaluate
     let notes =
         [ sprintf "CoNLL-2003: train %d sentences (%s), valid %d (%s), test %d (%s); %d tags (IOB1 read and converted to IOB2: %d tags changed); entities scored with conlleval's chunk rules."
-              train.Length trainPath valid.Length validPath test.Length testPath tags.Length (trainFile.ConvertedTags + validFile.ConvertedTags + testFile.ConvertedTags)
+              train.Length (shown trainPath) valid.Length (shown validPath) test.Length (shown testPath) tags.Length (trainFile.ConvertedTags + validFile.ConvertedTags + testFile.ConvertedTags)
           sprintf "GloVe (%s): %d of %d lower-cased word types have a vector (%.1f%% of tokens); the rest share the learned unknown vector."
-              opts.Glove vocab.CoveredTypes vocab.Types (100.0 * float vocab.CoveredTokens / float (max 1L vocab.Tokens)) ]
+              (shown opts.Glove) vocab.CoveredTypes vocab.Types (100.0 * float vocab.CoveredTokens / float (max 1L vocab.Tokens)) ]
     runVariants opts "conll" trainOne, notes
 
 /// The SQuAD file of a folder whose name contains `part` (train or dev).
@@ -463,16 +470,16 @@ let private squadRuns (opts: LstmMoeOptions) : RunOutcome list * string list =
             loss (box data) evaluate
     let notes =
         [ sprintf "SQuAD 1.1: train %d questions (%s without its last %d article(s)), valid %d (those articles), test %d (%s, %d gold answers)."
-              train.Length trainPath validTitles.Count valid.Length test.Length devPath (test |> Array.sumBy (fun q -> q.Answers.Length))
+              train.Length (shown trainPath) validTitles.Count valid.Length test.Length (shown devPath) (test |> Array.sumBy (fun q -> q.Answers.Length))
           sprintf "Layout: context (first %d tokens) <sep> question (first %d tokens); start/end logits over the context, best span with end >= start within %d tokens."
               s.MaxContext s.MaxQuestion s.MaxAnswer
           sprintf "Answers that do not align with the tokens (an end inside a token): %d of %d in %s, %d of %d in %s; questions trained on: %d of %d (the rest have no aligned answer, or it lies past the first %d context tokens: %d)."
-              trainFile.Misaligned trainFile.AnswerCount trainPath devFile.Misaligned devFile.AnswerCount devPath
+              trainFile.Misaligned trainFile.AnswerCount (shown trainPath) devFile.Misaligned devFile.AnswerCount (shown devPath)
               trainable.Length train.Length s.MaxContext trainSet.Truncated
           sprintf "Every test question is scored (SQuAD's official normalisation, max over gold answers), aligned or not; %d have their first aligned answer cut off with the context."
               testSet.Truncated
           sprintf "GloVe (%s): %d of %d lower-cased word types have a vector (%.1f%% of tokens)."
-              opts.Glove vocab.CoveredTypes vocab.Types (100.0 * float vocab.CoveredTokens / float (max 1L vocab.Tokens)) ]
+              (shown opts.Glove) vocab.CoveredTypes vocab.Types (100.0 * float vocab.CoveredTokens / float (max 1L vocab.Tokens)) ]
     runVariants opts "squad" trainOne, notes
 
 // ---------------------------------------------------------------- the study
@@ -529,7 +536,7 @@ let run (opts: LstmMoeOptions) : ExperimentResult =
     let experimentOpts =
         { ExperimentOptions.defaults with
             Scale = opts.Scale
-            DataPath = Some(sprintf "CoNLL %s, SQuAD %s, GloVe %s" opts.Conll opts.Squad opts.Glove)
+            DataPath = Some(sprintf "CoNLL %s, SQuAD %s, GloVe %s" (shown opts.Conll) (shown opts.Squad) (shown opts.Glove))
             RunsDir = opts.RunsDir; ReportsDir = opts.ReportsDir; Verbose = opts.Verbose; Screenshot = opts.Screenshot }
     finish experimentOpts experiment "BiLSTM + MoE on named-entity recognition and extractive question answering" notes
         [ nerTable; qaTable ] ((ner @ qa) |> List.map (fun r -> r.RunDir)) figure
