@@ -7,8 +7,9 @@
 // per model) goes to reports/lstm_moe-figure.html and, where Chromium is installed, reports/lstm_moe.png;
 // runs go to runs/lstm_moe/.
 //
-//   dotnet fsi scripts/lstm_moe.fsx                 # quick settings on the samples in ../shared/data: minutes on 2 CPU cores
+//   dotnet fsi scripts/lstm_moe.fsx                 # quick settings on the samples in ../shared/data (about 12 CPU-minutes)
 //   dotnet fsi scripts/lstm_moe.fsx --smoke         # a handful of steps on a few examples
+//   dotnet fsi scripts/lstm_moe.fsx --train-embeddings   # fine-tune the GloVe vectors (frozen by default)
 //   dotnet fsi scripts/lstm_moe.fsx --full --conll CONLL_DIR --squad SQUAD_DIR --glove glove.6B.50d.txt
 //                                                   # whole data sets: eng.train/testa/testb; *train*.json and *dev*.json
 #load "prelude.fsx"

@@ -34,13 +34,15 @@ type LstmMoeOptions =
       /// Runs go to `RunsDir/lstm_moe/<data set>-<model>`.
       RunsDir: string
       ReportsDir: string
+      /// Train the GloVe vectors too (`--train-embeddings`); frozen by default.
+      TrainEmbeddings: bool
       Verbose: bool
       Screenshot: bool }
 
 module LstmMoeOptions =
-    let usage = "arguments: [--smoke | --full] [--verbose] [--conll DIR] [--squad DIR] [--glove FILE_OR_DIR]"
+    let usage = "arguments: [--smoke | --full] [--verbose] [--train-embeddings] [--conll DIR] [--squad DIR] [--glove FILE_OR_DIR]"
 
-    /// Options from script arguments: `--smoke`, `--full`, `--verbose`, and `--conll`, `--squad`, `--glove`
+    /// Options from script arguments: `--smoke`, `--full`, `--verbose`, `--train-embeddings`, and `--conll`, `--squad`, `--glove`
     /// paths, which default to the samples in `sharedData` (conll2003-sample, squad-v1.1-sample,
     /// glove-6b-50d-subset). Returns every problem at once, missing data included.
     let parse (sharedData: string) (args: string[]) : Result<LstmMoeOptions, string list> =
@@ -55,7 +57,7 @@ module LstmMoeOptions =
                     paths[flag] <- args[i + 1]
                     i <- i + 1
                 else problems.Add(sprintf "%s needs a path (%s)" flag usage)
-            | "--smoke" | "--full" | "--verbose" as flag -> flags.Add flag |> ignore
+            | "--smoke" | "--full" | "--verbose" | "--train-embeddings" as flag -> flags.Add flag |> ignore
             | other -> problems.Add(sprintf "unknown argument %s (%s)" other usage)
             i <- i + 1
         if flags.Contains "--smoke" && flags.Contains "--full" then problems.Add "--smoke and --full exclude each other"
@@ -71,7 +73,8 @@ module LstmMoeOptions =
         else
             Ok { Scale = (if flags.Contains "--smoke" then Smoke elif flags.Contains "--full" then Full else Quick)
                  Conll = conll; Squad = squad; Glove = glove
-                 RunsDir = "runs"; ReportsDir = "reports"; Verbose = flags.Contains "--verbose"; Screenshot = true }
+                 RunsDir = "runs"; ReportsDir = "reports"; Verbose = flags.Contains "--verbose"; Screenshot = true
+                 TrainEmbeddings = flags.Contains "--train-embeddings" }
 
     /// `parse`, raising one ArgumentException that lists every problem.
     let parseOrFail (sharedData: string) (args: string[]) : LstmMoeOptions =
@@ -380,7 +383,8 @@ let private conllRuns (opts: LstmMoeOptions) : RunOutcome list * string list =
     let modelCfg =
         { RecurrentConfig.defaults with
             VocabSize = vocab.Words.Length; EmbeddingDim = vocab.Vectors[0].Length; SpecialTokens = Glove.specialTokens.Length
-            Hidden = lstmHidden; ExpertHidden = expertHidden; ExpertDropout = expertDropout; Head = TokenClassification tags.Length }
+            Hidden = lstmHidden; ExpertHidden = expertHidden; ExpertDropout = expertDropout; Head = TokenClassification tags.Length
+            FreezeEmbeddings = not opts.TrainEmbeddings }
     let data = { Train = trainPath; Valid = validPath; Test = testPath; Glove = opts.Glove; VocabSize = vocab.Words.Length; MaxContext = 0 }
     let loss (model: BiLstmMoe) (phase: Phase) (batch: int[]) =
         let set = if phase = Training then trainSet else validSet
@@ -407,8 +411,8 @@ let private conllRuns (opts: LstmMoeOptions) : RunOutcome list * string list =
     let notes =
         [ sprintf "CoNLL-2003: train %d sentences (%s), valid %d (%s), test %d (%s); %d tags (IOB1 read and converted to IOB2: %d tags changed); entities scored with conlleval's chunk rules."
               train.Length (shown trainPath) valid.Length (shown validPath) test.Length (shown testPath) tags.Length (trainFile.ConvertedTags + validFile.ConvertedTags + testFile.ConvertedTags)
-          sprintf "GloVe (%s): %d of %d lower-cased word types have a vector (%.1f%% of tokens); the rest share the learned unknown vector."
-              (shown opts.Glove) vocab.CoveredTypes vocab.Types (100.0 * float vocab.CoveredTokens / float (max 1L vocab.Tokens)) ]
+          sprintf "GloVe (%s, %s): %d of %d lower-cased word types have a vector (%.1f%% of tokens); the rest share the learned unknown vector."
+              (shown opts.Glove) (if opts.TrainEmbeddings then "trained" else "frozen") vocab.CoveredTypes vocab.Types (100.0 * float vocab.CoveredTokens / float (max 1L vocab.Tokens)) ]
     runVariants opts "conll" trainOne, notes
 
 /// The SQuAD file of a folder whose name contains `part` (train or dev).
@@ -441,7 +445,8 @@ let private squadRuns (opts: LstmMoeOptions) : RunOutcome list * string list =
     let modelCfg =
         { RecurrentConfig.defaults with
             VocabSize = vocab.Words.Length; EmbeddingDim = vocab.Vectors[0].Length; SpecialTokens = Glove.specialTokens.Length
-            Hidden = lstmHidden; ExpertHidden = expertHidden; ExpertDropout = expertDropout; Head = SpanExtraction }
+            Hidden = lstmHidden; ExpertHidden = expertHidden; ExpertDropout = expertDropout; Head = SpanExtraction
+            FreezeEmbeddings = not opts.TrainEmbeddings }
     let data = { Train = trainPath; Valid = trainPath + " (last articles)"; Test = devPath; Glove = opts.Glove; VocabSize = vocab.Words.Length; MaxContext = s.MaxContext }
     let loss (model: BiLstmMoe) (phase: Phase) (batch: int[]) =
         let set = if phase = Training then trainSet else validSet

@@ -87,6 +87,8 @@ let tests =
             Expect.exists names (fun n -> n.StartsWith "lstm1.") "first LSTM"
             Expect.exists names (fun n -> n.StartsWith "lstm2.") "second LSTM"
             Expect.isFalse model.Embedding.weight.requires_grad "frozen GloVe table"
+            use trainable = new BiLstmMoe("m", { small SingleExpert SpanExtraction with FreezeEmbeddings = false })
+            Expect.isTrue trainable.Embedding.weight.requires_grad "trainable GloVe table"
             Expect.isLessThan model.ActiveParameters (parameterCount model) "two of four experts active"
             model.SetEmbeddings(Array.init 20 (fun i -> Array.create 6 (float32 i)))
             Expect.equal (scalar (model.Embedding.weight[7L, 3L])) 7.0 "vectors copied"

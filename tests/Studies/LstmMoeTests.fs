@@ -47,8 +47,8 @@ let tests =
                 let o = LstmMoeOptions.parseOrFail dir [| "--smoke" |]
                 Expect.equal (o.Scale, o.Conll) (Smoke, Path.Combine(dir, "conll2003-sample")) "smoke on the shared sample"
                 Expect.equal (LstmMoeOptions.parseOrFail dir [||]).Scale Quick "quick by default"
-                let full = LstmMoeOptions.parseOrFail dir [| "--full"; "--glove"; dir |]
-                Expect.equal (full.Scale, full.Glove) (Full, dir) "full with a GloVe path"
+                let full = LstmMoeOptions.parseOrFail dir [| "--full"; "--glove"; dir; "--train-embeddings" |]
+                Expect.equal (full.Scale, full.Glove, full.TrainEmbeddings) (Full, dir, true) "full with a GloVe path, vectors trained"
                 match LstmMoeOptions.parse "/no/shared" [| "--smoke"; "--full"; "--fast"; "--conll" |] with
                 | Ok o -> failtestf "expected errors, got %A" o
                 | Error ps ->
