@@ -12,15 +12,19 @@ let all =
         LayersTests.tests
         ModelsTests.tests
         UpcycleTests.tests
+        RecurrentTests.tests
         Gpt2Tests.tests
         DataTests.tests
+        TaggingDataTests.tests
         MetricsTests.tests
+        TaggingTests.tests
         TrainTests.tests
         SummarizerTests.tests
         PlotsTests.tests
         SweepTests.tests
         LoraTests.tests
         BenchTests.tests
+        LstmMoeTests.tests
         ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests
