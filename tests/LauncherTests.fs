@@ -57,6 +57,21 @@ let tests =
             Expect.stringContains output "retain vs system: tokens/s" "ratios to the first"
             Expect.stringContains output "losses identical bit for bit" "the policy changes no arithmetic"
 
+        testCase "a script that #loads the prelude starts libtorch under the allocator policy" <| fun () ->
+            // Every script #loads prelude.fsx; fsi then resolves native names only for the outer script's packages,
+            // so this is the path the main job takes, and the only place the prelude itself runs in the suite.
+            let dir = Path.Combine(Path.GetTempPath(), "moe-prelude-tests", Guid.NewGuid().ToString("N"))
+            Directory.CreateDirectory dir |> ignore
+            try
+                let script = Path.Combine(dir, "probe.fsx")
+                let prelude = Path.Combine(repoRoot, "scripts", "prelude.fsx").Replace("\\", "/")
+                File.WriteAllText(script, sprintf "#load \"%s\"\nprintfn \"runtime: %%s\" (Moe.Native.describeRuntime ())\nprintfn \"heap serves 40 MiB: %%b\" (Moe.Native.heapServes 40)\n" prelude)
+                let code, output = bash dir [] [ "-c"; sprintf "dotnet fsi --quiet %s" script ]
+                Expect.equal code 0 (sprintf "dotnet fsi probe.fsx: %s" output)
+                Expect.stringContains output "CPU allocator retain" "the prelude applied the policy"
+                Expect.stringContains output "heap serves 40 MiB: true" "and glibc follows it"
+            finally (try Directory.Delete(dir, true) with _ -> ())
+
         testCase "the launcher is valid bash" <| fun () ->
             let code, output = bash repoRoot [] [ "-n"; launcher ]
             Expect.equal code 0 (sprintf "bash -n moe: %s" output)

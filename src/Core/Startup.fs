@@ -22,6 +22,21 @@ let ShimFile = "libLibTorchSharp.so"
 /// The libtorch libraries the shim links against, in dependency order (names as TorchSharp looks them up).
 let private libtorchNames = [ "c10"; "torch_cpu"; "torch" ]
 
+/// The libtorch CPU package the toolkit is built against (Directory.Packages.props; a test keeps them equal).
+[<Literal>]
+let LibtorchCpuVersion = "2.10.0"
+
+/// `name`'s file in the libtorch CPU package beside TorchSharp's in the same package folder
+/// (`<packages>/libtorch-cpu-linux-x64/<LibtorchCpuVersion>/runtimes/linux-x64/native/lib<name>.so`), where it
+/// exists. fsi resolves native names only for the packages of the script being run, so a script that
+/// `#load`s another script that references the packages (as every script here `#load`s prelude.fsx) finds
+/// libtorch only this way.
+let private besideTorchSharp (shim: string) (name: string) : string option =
+    // shim = <packages>/torchsharp/<version>/runtimes/linux-x64/native/libLibTorchSharp.so
+    let packages = DirectoryInfo(Path.GetDirectoryName shim).Parent.Parent.Parent.Parent.Parent.FullName
+    let file = Path.Combine(packages, "libtorch-cpu-linux-x64", LibtorchCpuVersion, "runtimes", "linux-x64", "native", sprintf "lib%s.so" name)
+    if File.Exists file then Some file else None
+
 /// The shim inside TorchSharp's NuGet package folder when TorchSharp.dll was loaded from one
 /// (`<package>/<version>/lib/<tfm>/TorchSharp.dll`: `dotnet fsi`, `#r "nuget: ..."`); None in a built app,
 /// whose TorchSharp.dll sits in its output folder.
@@ -70,9 +85,13 @@ let loadNatives () : unit =
                 match NativeLibrary.TryLoad(name, torchAssembly, Nullable()) with
                 | true, _ -> ()
                 | false, _ ->
-                    invalidOp (
-                        sprintf "could not load libtorch's %s: reference a libtorch package next to MoeToolkit " name
-                        + "(it brings libtorch-cpu-linux-x64; for CUDA, TorchSharp-cuda-linux), e.g. #r \"nuget: libtorch-cpu-linux-x64\"")
+                    match besideTorchSharp shim name with
+                    | Some file -> NativeLibrary.Load file |> ignore
+                    | None ->
+                        invalidOp (
+                            sprintf "could not load libtorch's %s by name nor from libtorch-cpu-linux-x64 %s beside TorchSharp's package: " name LibtorchCpuVersion
+                            + "reference a libtorch package next to MoeToolkit (it brings libtorch-cpu-linux-x64; for CUDA, TorchSharp-cuda-linux), "
+                            + "e.g. #r \"nuget: libtorch-cpu-linux-x64\"")
             NativeLibrary.Load(patchedShimCopy (shimCacheDir shim) shim) |> ignore
 
 /// The one call before any tensor: OpenMP's passive wait and the CPU allocator policy (`Native.startup`), the

@@ -212,4 +212,5 @@ let consistency =
             Expect.isNonEmpty refs "prelude references packages"
             for name, version in refs do
                 Expect.equal (Map.tryFind (name.ToLowerInvariant()) pinned) (Some version) (sprintf "%s version in prelude vs Directory.Packages.props" name)
+            Expect.equal (Map.tryFind "libtorch-cpu-linux-x64" pinned) (Some Startup.LibtorchCpuVersion) "Startup.LibtorchCpuVersion vs Directory.Packages.props"
     ]
