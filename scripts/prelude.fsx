@@ -83,6 +83,7 @@ Prelude.loadNatives ()
 #load "../src/Train/State.fs"
 #load "../src/Train/Checkpoint.fs"
 #load "../src/Train/RunFiles.fs"
+#load "../src/Train/RunFolder.fs"
 #load "../src/Train.fs"
 #load "../src/Runs/Summarizer.fs"
 #load "../src/Runs/RunLog.fs"

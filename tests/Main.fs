@@ -23,6 +23,7 @@ let all =
         BenchTests.tests
         ScriptsTests.tests
         LauncherTests.tests
+        ReliabilityTests.tests
     ]
 
 [<EntryPoint>]
