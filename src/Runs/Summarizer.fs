@@ -226,14 +226,9 @@ let private loaderFor (cfg: SummarizerConfig) (path: string) (split: string) : D
 /// (an XSum release folder or split file, one file) is used for all three splits.
 let splitFilesOf (path: string) : SplitFiles =
     if Directory.Exists path then
-        let files = Directory.GetFiles path |> Array.sort
-        let named (prefixes: string list) =
-            files |> Array.tryFind (fun f ->
-                let n = (Path.GetFileName f).ToLowerInvariant()
-                prefixes |> List.exists (fun p -> n.StartsWith(p + ".") || n.StartsWith(p + "-") || n.StartsWith(p + "_")))
-        match named [ "train" ], named [ "validation"; "valid"; "val"; "dev" ], named [ "test" ] with
-        | Some tr, Some va, Some te -> { Train = tr; Valid = va; Test = te }
-        | _ -> { Train = path; Valid = path; Test = path }
+        match Data.splitFolder path with
+        | Some(tr, va, te) -> { Train = tr; Valid = va; Test = te }
+        | None -> { Train = path; Valid = path; Test = path }
     elif File.Exists path then { Train = path; Valid = path; Test = path }
     else invalidArg "path" (sprintf "expected a data file or folder, but %s does not exist" path)
 
