@@ -79,6 +79,7 @@ Prelude.loadNatives ()
 #load "../src/Eval/Scoring.fs"
 #load "../src/Eval/HumanEval.fs"
 #load "../src/Train/Config.fs"
+#load "../src/Train/Optimizer.fs"
 #load "../src/Train/Task.fs"
 #load "../src/Train/State.fs"
 #load "../src/Train/Checkpoint.fs"

@@ -133,7 +133,8 @@ module Loop =
         interface IDisposable with
             member _.Dispose() = if not (isNull items) then items.Dispose()
 
-    /// AdamW over two groups: rank >= 2 parameters decay, biases and norm gains do not (nanoGPT).
+    /// AdamW over two groups: rank >= 2 parameters decay, biases and norm gains do not (nanoGPT). The
+    /// toolkit's `SafeAdamW`: TorchSharp's AdamW with a step that keeps its scalars alive.
     let makeOptimizer (cfg: TrainConfig) (model: torch.nn.Module) : Modules.AdamW =
         let trainable = model.parameters () |> Seq.filter (fun p -> p.requires_grad) |> Seq.toArray
         if trainable.Length = 0 then invalidArg "model" "expected a model with trainable parameters, got none"
@@ -143,7 +144,7 @@ module Loop =
         let groups =
             [| if decay.Length > 0 then group decay cfg.WeightDecay
                if noDecay.Length > 0 then group noDecay 0.0 |]
-        torch.optim.AdamW(groups, cfg.LearningRate, cfg.Beta1, cfg.Beta2, cfg.Eps, cfg.WeightDecay, false, false)
+        new SafeAdamW(groups, cfg.LearningRate, cfg.Beta1, cfg.Beta2, cfg.Eps, cfg.WeightDecay) :> Modules.AdamW
 
     /// The config fields that shape the trajectory; a resume must not change them.
     let private trajectoryDifferences (saved: TrainConfig) (now: TrainConfig) : string list =

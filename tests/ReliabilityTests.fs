@@ -120,6 +120,105 @@ let private signalThenResume (sig': string) (exitCode: int) (at: int) =
         Expect.stringContains output (sprintf "resumed at step %d" stopped.Step) "from the stop"
         expectSameCurve reference.Value (trainLosses runs "run") (sprintf "SIG%s at step %d" sig' at))
 
+
+// ---------------------------------------------------------------- TorchSharp scalars
+
+/// Reads method bodies for the calls they make (call, callvirt, newobj), resolving tokens in the method's module.
+module private IlCalls =
+    open System.Reflection
+
+    let private flags = BindingFlags.Instance ||| BindingFlags.Static ||| BindingFlags.Public ||| BindingFlags.NonPublic ||| BindingFlags.DeclaredOnly
+
+    /// The methods `m` calls.
+    let callees (m: MethodBase) : MethodBase list =
+        let body = try m.GetMethodBody() with _ -> null
+        if isNull body then []
+        else
+            let il = body.GetILAsByteArray()
+            let typeArgs = if m.DeclaringType.IsGenericType then m.DeclaringType.GetGenericArguments() else null
+            let methodArgs = if m.IsGenericMethod then m.GetGenericArguments() else null
+            // Opcode bytes of call, callvirt and newobj, each followed by a 4-byte method token; a byte that merely
+            // looks like one resolves to nothing or to an unrelated method, which can only add callees.
+            [ for i in 0 .. il.Length - 5 do
+                if il[i] = 0x28uy || il[i] = 0x6Fuy || il[i] = 0x73uy then
+                    match (try m.Module.ResolveMethod(BitConverter.ToInt32(il, i + 1), typeArgs, methodArgs) with _ -> null) with
+                    | null -> ()
+                    | c -> yield c ]
+
+    /// Every method and constructor declared in `a`.
+    let methodsOf (a: Assembly) : MethodBase list =
+        let types = try a.GetTypes() with :? ReflectionTypeLoadException as e -> e.Types |> Array.filter (isNull >> not)
+        [ for t in types do
+            for m in t.GetMethods flags do yield m :> MethodBase
+            for c in t.GetConstructors flags do yield c :> MethodBase ]
+
+/// Scalar's implicit conversion from a .NET number: the Scalar made on the fly that a finalizer may free mid-call.
+let private isImplicitScalar (m: Reflection.MethodBase) = m.DeclaringType = typeof<TorchSharp.Scalar> && m.Name = "op_Implicit"
+
+/// TorchSharp methods that make a Scalar on the fly, directly or through one TorchSharp call that does
+/// (`a + b` is `add(b, 1)`; `arange(n)` converts n).
+let private scalarMakers =
+    lazy (
+        let methods = IlCalls.methodsOf typeof<TorchSharp.Scalar>.Assembly
+        let direct = Collections.Generic.HashSet<Reflection.MethodBase>(methods |> List.filter (IlCalls.callees >> List.exists isImplicitScalar))
+        let viaOne = methods |> List.filter (fun m -> not (direct.Contains m) && IlCalls.callees m |> List.exists direct.Contains)
+        Collections.Generic.HashSet<Reflection.MethodBase>(Seq.append direct viaOne))
+
+let scalarTests =
+    testList "scalars" [
+        testCase "the library makes no TorchSharp Scalar on the fly: an IL scan of Moe.dll" <| fun () ->
+            let makers = scalarMakers.Value
+            Expect.isGreaterThan makers.Count 50 "the scan finds TorchSharp's scalar-making methods (Tensor.add, torch.arange, ...)"
+            let offenders =
+                [ for m in IlCalls.methodsOf typeof<Routing.Routing>.Assembly do
+                    let bad =
+                        IlCalls.callees m
+                        |> List.filter (fun c -> isImplicitScalar c || makers.Contains c)
+                        |> List.map (fun c -> sprintf "%s.%s" c.DeclaringType.Name c.Name)
+                        |> List.distinct
+                    if not bad.IsEmpty then sprintf "%s.%s calls %s" m.DeclaringType.FullName m.Name (String.concat ", " bad) ]
+            Expect.isEmpty offenders
+                (sprintf "keep Scalars alive (Tensors.withScalar, plus, arange, mulScalar, ...) instead of implicit conversions or TorchSharp calls that make them:\n  %s"
+                     (String.concat "\n  " offenders))
+
+        testCase "training uses the toolkit's AdamW, whose step keeps its scalars alive, not TorchSharp's" <| fun () ->
+            use model = TorchSharp.torch.nn.Linear(3L, 2L)
+            use optimizer = Train.Loop.makeOptimizer Train.TrainConfig.defaults model
+            Expect.equal (optimizer.GetType()) typeof<Train.SafeAdamW> "makeOptimizer's optimizer"
+            let step = typeof<Train.SafeAdamW>.GetMethod("step")
+            Expect.equal step.DeclaringType typeof<Train.SafeAdamW> "step is the toolkit's override"
+
+        testCase "the toolkit's AdamW updates equal TorchSharp's over 20 steps with two groups, decay and warmup" <| fun () ->
+            let build () =
+                Native.seedAll 3
+                TorchSharp.torch.nn.Linear(6L, 4L)
+            use a = build ()
+            use b = build ()
+            let cfg = { Train.TrainConfig.defaults with LearningRate = 1e-2; WeightDecay = 0.1; Beta2 = 0.95; Steps = 20; WarmupSteps = 5 }
+            let groups (m: TorchSharp.torch.nn.Module) =
+                let ps = m.parameters () |> Seq.toArray
+                let decay, noDecay = ps |> Array.partition (fun p -> p.Dimensions >= 2L)
+                [| TorchSharp.Modules.AdamW.ParamGroup(decay, cfg.LearningRate, cfg.Beta1, cfg.Beta2, cfg.Eps, cfg.WeightDecay, false, false)
+                   TorchSharp.Modules.AdamW.ParamGroup(noDecay, cfg.LearningRate, cfg.Beta1, cfg.Beta2, cfg.Eps, 0.0, false, false) |]
+            use ours = Train.Loop.makeOptimizer cfg a
+            use theirs = TorchSharp.torch.optim.AdamW(groups b, cfg.LearningRate, cfg.Beta1, cfg.Beta2, cfg.Eps, cfg.WeightDecay, false, false)
+            let g = new TorchSharp.torch.Generator(11UL)
+            for step in 0 .. cfg.Steps - 1 do
+                use x = TorchSharp.torch.randn([| 8L; 6L |], generator = g)
+                for m, opt in [ (a :> TorchSharp.torch.nn.Module), (ours :> TorchSharp.Modules.OptimizerHelper); (b :> TorchSharp.torch.nn.Module), (theirs :> TorchSharp.Modules.OptimizerHelper) ] do
+                    for group in opt.ParamGroups do group.LearningRate <- Train.LearningRate.learningRate cfg step
+                    opt.zero_grad ()
+                    use y = (m :?> TorchSharp.Modules.Linear).forward x
+                    use loss = (Tensors.square y).mean ()
+                    loss.backward ()
+                    opt.step () |> ignore
+            let flat (m: TorchSharp.torch.nn.Module) = m.parameters () |> Seq.collect Tensors.toFloats |> Array.ofSeq
+            let pa, pb = flat a, flat b
+            Expect.isGreaterThan (Array.map2 (fun (x: float32) y -> abs (x - y)) pa (flat (build ())) |> Array.max) 1e-3f "the weights moved"
+            let worst = Array.map2 (fun (x: float32) y -> abs (x - y)) pa pb |> Array.max
+            Expect.isLessThan (float worst) 1e-6 (sprintf "largest difference from TorchSharp's AdamW after %d steps: %g" cfg.Steps worst)
+    ]
+
 let tests =
     testSequenced <| testList "Reliability" [
         testCase "SIGTERM mid-run: checkpoint at the next step, exit 143, --resume gives the uninterrupted curve" <| fun () ->
@@ -172,4 +271,6 @@ let tests =
                 Expect.stringContains output "started " "and when it started"
                 Expect.equal firstCode 143 (sprintf "the first ran on undisturbed and stopped on SIGTERM; output:\n%s" firstOutput)
                 Expect.isTrue (File.Exists(Train.Checkpoint.last (Path.Combine(runs, "run")))) "with its checkpoint")
+
+        scalarTests
     ]
