@@ -45,7 +45,8 @@ let main argv =
     // --gc-stress: a background thread forces full collections and runs finalizers continuously, so a
     // TorchSharp Scalar made on the fly and finalized mid-call fails a test here instead of once in many runs.
     use stopCollecting = new Threading.CancellationTokenSource()
-    if argv |> Array.contains "--gc-stress" then
+    let stress = argv |> Array.contains "--gc-stress"
+    if stress then
         let collect () =
             while not stopCollecting.IsCancellationRequested do
                 GC.Collect()
@@ -55,6 +56,7 @@ let main argv =
     let argv = argv |> Array.filter (fun a -> a <> "--parallel" && a <> "--gc-stress")
     let code = runTestsWithCLIArgs (Append_Summary_Handler capture :: quiet @ sequenced) argv all
     stopCollecting.Cancel()
+    if stress then eprintfn "gc-stress: %d full collections during the run" (GC.CollectionCount 2)
     Console.Out.Flush()
     // Written to the raw stream: Expecto's console writer pads lines it did not start.
     use stdout = Console.OpenStandardOutput()
