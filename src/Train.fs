@@ -24,14 +24,19 @@ open Moe.Models
 /// The loop, opened with `Moe.Train`.
 [<AutoOpen>]
 module Loop =
-    /// Appends lines to a file, flushing each, so a crash leaves whole lines only.
+    /// Appends lines to a file, flushing each, so a crash leaves whole lines only; a failed append (disk
+    /// full) raises `Checkpoint.WriteFailedException` naming the file.
     type private LineLog(path: string) =
         let w = new StreamWriter(path, true, UTF8Encoding(false))
         member _.Write(line: string) =
-            w.WriteLine line
-            w.Flush()
+            try
+                w.WriteLine line
+                w.Flush()
+            with :? IOException as e when not (e :? Checkpoint.WriteFailedException) ->
+                raise (Checkpoint.WriteFailedException(sprintf "could not append to %s (%s); the lines before are whole" path e.Message, path, e))
         interface IDisposable with
-            member _.Dispose() = w.Dispose()
+            // A line that could not be flushed stays in the buffer; disposing must not raise over the first error.
+            member _.Dispose() = try w.Dispose() with :? IOException -> ()
 
 
     type private Reporter(mode: ProgressMode, out: TextWriter, total: int, firstStep: int) =

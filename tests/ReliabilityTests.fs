@@ -272,5 +272,36 @@ let tests =
                 Expect.equal firstCode 143 (sprintf "the first ran on undisturbed and stopped on SIGTERM; output:\n%s" firstOutput)
                 Expect.isTrue (File.Exists(Train.Checkpoint.last (Path.Combine(runs, "run")))) "with its checkpoint")
 
+        testCase "a disk that fills up mid-run (a 1000 KiB tmpfs): exit 1 naming the file, earlier checkpoints whole, --resume elsewhere continues" <| fun () ->
+            // A real ENOSPC: a small tmpfs mounted in a user namespace (unshare -rm), where the runner allows one.
+            let canMount, why = bash repoRoot [] [ "-c"; "unshare -rm bash -c 'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs \"$d\" && umount \"$d\"; rmdir \"$d\"'" ]
+            if canMount <> 0 then skiptestf "needs unshare -rm and a tmpfs mount in a user namespace (unavailable here: %s)" why
+            withRuns (fun dir ->
+                let small, kept = Path.Combine(dir, "small"), Path.Combine(dir, "kept")
+                Directory.CreateDirectory small |> ignore
+                Directory.CreateDirectory kept |> ignore
+                // Inside the namespace: mount, train until the disk is full, copy what is left out before the mount goes.
+                let script =
+                    "mount -t tmpfs -o size=1000k tmpfs \"$1\" && shift && runs=\"$1\" && kept=\"$2\" && shift 2 && "
+                    + "\"$@\" --runs-dir \"$runs\" --name run; code=$?; cp -r \"$runs/run\" \"$kept/\"; exit $code"
+                let code, output =
+                    bash repoRoot [] ([ "-c"; sprintf "unshare -rm bash -c '%s' bash \"$@\"" script; "bash"; small; small; kept; launcher; "train" ] @ tiny)
+                Expect.equal code 1 (sprintf "a failed write ends the run with exit code 1; output:\n%s" output)
+                Expect.stringContains output "error: could not " "a clear error"
+                Expect.stringContains output "No space left on device" "with the cause"
+                let run = Path.Combine(kept, "run")
+                Expect.isEmpty (Directory.GetFiles(run, ".*.tmp-*", SearchOption.AllDirectories)) "no temporary left"
+                let checkpoints = Directory.GetFiles(Train.Checkpoint.folder run, "*.ckpt")
+                Expect.isNonEmpty checkpoints "the checkpoints written before the disk filled"
+                for f in checkpoints do
+                    Expect.isTrue (Train.Checkpoint.tryReadMeta f |> Result.isOk) (sprintf "%s loads" f)
+                // On a disk with room: resume continues to the end, on the uninterrupted curve.
+                let moved = Path.Combine(dir, "roomy")
+                Directory.CreateDirectory moved |> ignore
+                Directory.Move(run, Path.Combine(moved, "run"))
+                let code, output = train moved "run" [ "--resume" ]
+                Expect.equal code 0 (sprintf "resumed; output:\n%s" output)
+                expectSameCurve reference.Value (trainLosses moved "run") "resumed after a full disk")
+
         scalarTests
     ]
