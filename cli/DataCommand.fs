@@ -27,7 +27,7 @@ type InspectArgs =
     interface IArgParserTemplate with
         member a.Usage =
             match a with
-            | Path _ -> "a data file or folder (format from the extension or contents)."
+            | Path _ -> "a data file or folder, as moe train --data takes it (format from the extension or contents; a folder of train*/validation*/test* files is inspected split by split)."
             | Format _ -> sprintf "override the format: %s." Data.Format.names
             | Document_Column _ -> "document column/field (default: per format, e.g. article for CSV, dialogue for SAMSum)."
             | Summary_Column _ -> "summary column/field (default: per format, e.g. highlights for CSV)."
@@ -88,18 +88,23 @@ let configOf (args: ParseResults<InspectArgs>) : Data.DataConfig =
     | problems -> invalidArg "data options" (String.Join("; ", problems))
 
 let private inspect (args: ParseResults<InspectArgs>) : int =
-    let inspection =
-        match args.TryGetResult Path, args.TryGetResult Synthetic with
-        | Some _, Some _ -> invalidArg "PATH" "give a PATH or --synthetic N, not both"
-        | None, None -> invalidArg "PATH" "expected a data file or folder (or --synthetic N)"
-        | None, Some n ->
+    let paths = args.GetResults Path
+    InputErrors.rejectUnknownFlags<InspectArgs> paths
+    let inspections =
+        match paths, args.TryGetResult Synthetic with
+        | _ :: _, Some _ -> invalidArg "PATH" "give a PATH or --synthetic N, not both"
+        | [], None -> invalidArg "PATH" "expected a data file or folder (or --synthetic N)"
+        | [], Some n ->
             if n < 1 then invalidArg "--synthetic" (sprintf "expected at least 1 example, got %d" n)
             let seed = defaultArg (args.TryGetResult Seed) Corpus.CorpusConfig.defaults.Seed
             let examples = Corpus.generateWith { Corpus.CorpusConfig.defaults with Seed = seed } 0 n
             let report = DataInspection.generatedReport (sprintf "synthetic corpus, seed %d" seed) n
-            DataInspection.inspectExamples report examples
-        | Some path, None -> DataInspection.inspect (configOf args) path
-    printf "%s" (DataInspection.formatInspection inspection)
+            [ "", DataInspection.inspectExamples report examples ]
+        | [ path ], None -> DataInspection.inspectPath (configOf args) path
+        | many, None -> invalidArg "PATH" (sprintf "expected one data file or folder, got %d: %s" many.Length (String.concat ", " many))
+    for split, inspection in inspections do
+        if split <> "" then printfn "== %s ==" split
+        printf "%s" (DataInspection.formatInspection inspection)
     0
 
 /// Runs `moe data ...`; bad data (a `TextTools.DataException` naming file and line) is reported by

@@ -19,6 +19,7 @@ type ReportArgs =
 /// by `InputErrors.guard` in `Cli.main`, exit code 2.
 let run (args: ParseResults<ReportArgs>) : int =
     let dirs = args.GetResult Runs
+    InputErrors.rejectUnknownFlags<ReportArgs> dirs
     if dirs.IsEmpty then invalidArg "RUN_DIR" "expected at least one run folder"
     let options = { Report.defaults with Samples = args.GetResult(Samples, Report.defaults.Samples) }
     let path = Report.write options (args.GetResult(Out, Report.defaultOut)) dirs

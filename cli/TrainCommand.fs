@@ -4,6 +4,7 @@ module Moe.TrainCommand
 
 open System
 open System.IO
+open System.Runtime.InteropServices
 open System.Threading
 open Argu
 open Moe
@@ -30,6 +31,9 @@ type TrainArgs =
     | Device of device: string
     | Bf16
     | Resume
+    | Resume_From of path: string
+    | Overwrite
+    | Keep_Checkpoints of count: int
     | Print_Config
     | Plain
     | Threads of count: int
@@ -54,7 +58,10 @@ type TrainArgs =
             | Max_Train _ -> "keep at most this many training examples (MaxTrain)."
             | Device _ -> "auto|cpu|cuda (Train.Device; default auto)."
             | Bf16 -> "bf16 mixed precision (Train.Bf16): bfloat16 matmuls, float32 master weights, norms, softmax and loss."
-            | Resume -> "continue the run's last checkpoint (same config) instead of starting over."
+            | Resume -> "continue the run from its newest loadable checkpoint (same config); unusable ones are skipped, each with the reason."
+            | Resume_From _ -> "continue the run from this checkpoint file (same config) instead of the newest."
+            | Overwrite -> "replace the run already in the run folder (without it, or --resume, such a folder is refused)."
+            | Keep_Checkpoints _ -> sprintf "checkpoints kept besides best.ckpt: last.ckpt and older step-N.ckpt files (default %d)." Train.RunOptions.Defaults.KeepCheckpoints
             | Print_Config -> "print the resolved config as JSON and exit (a starting point for --config)."
             | Plain -> "plain progress lines instead of a progress bar."
             | Threads _ -> "CPU threads libtorch uses (default: its own choice; 1 can be much faster on a busy machine)."
@@ -153,7 +160,23 @@ let configOf (args: ParseResults<TrainArgs>) : SummarizerConfig =
     | [] -> cfg
     | problems -> invalidArg "config" (String.concat "\n  - " ("invalid config:" :: problems))
 
-/// Runs `moe train`: Ctrl+C stops after the current step with a checkpoint (resume with --resume).
+/// SIGUSR1's number: 10 on Linux, 30 on macOS and the BSDs (.NET registers raw numbers cast to PosixSignal).
+let private sigusr1 : int option =
+    if OperatingSystem.IsLinux() then Some 10
+    elif OperatingSystem.IsMacOS() || OperatingSystem.IsFreeBSD() then Some 30
+    else None
+
+/// The signals that stop training at the next step boundary with a checkpoint: (name, number, .NET signal).
+let stopSignals : (string * int * PosixSignal) list =
+    [ yield "SIGINT", 2, PosixSignal.SIGINT
+      yield "SIGTERM", 15, PosixSignal.SIGTERM
+      match sigusr1 with
+      | Some n -> yield "SIGUSR1", n, enum<PosixSignal> n
+      | None -> () ]
+
+/// Runs `moe train`. SIGINT (Ctrl+C), SIGTERM and SIGUSR1 stop training after the current step with a checkpoint;
+/// the command then exits with 128 + the signal's number (130, 143, 138 on Linux) and `--resume` continues. A
+/// second signal ends the process at once (the checkpoints already written stay loadable).
 let train (args: ParseResults<TrainArgs>) : int =
     let cfg = configOf args
     if args.Contains Print_Config then
@@ -162,29 +185,44 @@ let train (args: ParseResults<TrainArgs>) : int =
     else
         Native.initialise ()
         setThreads (args.TryGetResult TrainArgs.Threads)
+        let keep = defaultArg (args.TryGetResult Keep_Checkpoints) Train.RunOptions.Defaults.KeepCheckpoints
+        if keep < 1 then invalidArg "--keep-checkpoints" (sprintf "expected at least 1, got %d" keep)
+        if args.Contains Overwrite && (args.Contains Resume || args.Contains Resume_From) then
+            invalidArg "--overwrite" "--overwrite starts the run again; it cannot be combined with --resume or --resume-from"
         use cancel = new CancellationTokenSource()
-        let handler =
-            ConsoleCancelEventHandler(fun _ e ->
-                if not cancel.IsCancellationRequested then
-                    e.Cancel <- true
-                    eprintfn "\nstopping after this step (Ctrl+C again to kill)..."
-                    cancel.Cancel())
-        Console.CancelKeyPress.AddHandler handler
+        let mutable received : (string * int) option = None
+        let registrations =
+            [ for name, number, signal in stopSignals ->
+                PosixSignalRegistration.Create(signal, fun context ->
+                    lock cancel (fun () ->
+                        match received with
+                        | None ->
+                            received <- Some(name, number)
+                            context.Cancel <- true
+                            eprintfn "\n%s: stopping after this step with a checkpoint (a second signal ends the process now)..." name
+                            cancel.Cancel()
+                        | Some _ -> ())) ]
         try
             let opts =
                 { Train.RunOptions.Defaults with
                     Progress = (if args.Contains Plain then Train.Lines else Train.Auto)
-                    Cancel = cancel.Token }
+                    Cancel = cancel.Token
+                    Overwrite = args.Contains Overwrite
+                    KeepCheckpoints = keep
+                    ResumeFrom = args.TryGetResult Resume_From }
             let r = runWith opts (args.Contains Resume) cfg
-            match r.Scores with
-            | None ->
-                printfn "stopped at step %d; continue with: ./moe train <same flags> --resume" r.Train.Steps
-                130
-            | Some _ ->
+            let signalled = lock cancel (fun () -> received)
+            match r.Scores, signalled with
+            | None, _ ->
+                printfn "stopped at step %d with a checkpoint; continue with: ./moe train <same flags> --resume" r.Train.Steps
+                match signalled with
+                | Some(_, number) -> 128 + number
+                | None -> 128 + 2
+            | Some _, _ ->
                 printfn "run folder: %s" r.RunDir
                 0
         finally
-            Console.CancelKeyPress.RemoveHandler handler
+            for r in registrations do r.Dispose()
 
 /// Runs `moe generate`.
 let generate (args: ParseResults<GenerateArgs>) : int =

@@ -1,6 +1,6 @@
 // The main job with token-choice top-k routing: trains a small MoE summarizer (every feed-forward sublayer
 // an MoE layer of 4 experts, 2 per token), decodes the test split, and prints the model against lead-1.
-// Writes runs/topk/ (config.json, metrics.jsonl, routing.jsonl, checkpoints, predictions, test_scores.json) and the
+// Writes runs/topk/, replacing an earlier run there (config.json, metrics.jsonl, routing.jsonl, checkpoints, predictions, test_scores.json) and the
 // figure of expert usage over training, reports/train_topk-figure.html and, where Chromium is installed, reports/train_topk.png.
 //
 //   dotnet fsi scripts/train_topk.fsx               # the built-in synthetic corpus
@@ -18,5 +18,5 @@ let cfg =
         | _ -> c
 
 Native.initialise ()
-let result = Summarizer.run cfg
+let result = Summarizer.runWith { Train.RunOptions.Defaults with Overwrite = true } false cfg
 Experiments.runFigure true "reports" "train_topk" result.RunDir |> ignore

@@ -616,10 +616,10 @@ type LoraExpertFfn(name: string, experts: int, modelDim: int, hidden: int, act: 
                     torch.cat ([| for i in present -> chunks[i].mm(az[i]).mm (bz[i]) |], 0L) // [N; out]
                 let perToken (w: Tensor) = xs.mm(cast w).index_select (0L, token) // [N; H]
                 let rows = xs.index_select(0L, token).split (counts, 0L) // E x [N_e; D]
-                let pre = perToken w1 + lowRank a1 b1 rows * s // [N; H]
+                let pre = plus (perToken w1) (lowRank a1 b1 rows * s) // [N; H]
                 let hid = activate act pre // [N; H]
-                let hid = if swiglu then hid * (perToken w3 + lowRank a3 b3 rows * s) else hid // [N; H]
-                hid.mm (cast w2) + lowRank a2 b2 (hid.split (counts, 0L)) * s // [N; D]
+                let hid = if swiglu then hid * plus (perToken w3) (lowRank a3 b3 rows * s) else hid // [N; H]
+                plus (hid.mm (cast w2)) (lowRank a2 b2 (hid.split (counts, 0L)) * s) // [N; D]
         y.MoveToOuterDisposeScope()
 
 /// An MoE layer whose experts are LoRA adapters on one shared FFN (`LoraExpertFfn`; Hu et al. 2021 applied
@@ -660,7 +660,7 @@ type LoraMoeLayer(name: string, cfg: MoeConfig, lora: LoraConfig) as this =
         let outputs = experts.Forward(h, order.Token, order.Counts) // [N; D]
         let w = routing.Weights.reshape(-1L).index_select(0L, order.Slot).to_type(h.dtype).unsqueeze 1L // [N; 1]
         let routed = withScalar 1.0 (fun one -> torch.zeros_like(h).index_add (0L, order.Token, outputs * w, one)) // [T; D]
-        let y = if isNull shared then routed else routed + (shared.forward h).Output // [T; D]
+        let y = if isNull shared then routed else plus routed (shared.forward h).Output // [T; D]
         if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
         { Output = y.reshape(x.shape).MoveToOuterDisposeScope()
           Moe = Some(moveReportOut { Aux = auxLosses routing; Stats = routing.Stats }) }

@@ -145,7 +145,7 @@ let sparsemax (z: Tensor) : Tensor =
         use _ = torch.no_grad ()
         let struct (sorted, _) = z.sort (-1L, descending = true) // [..; E]
         let cumulative = sorted.cumsum (-1L) // [..; E]
-        let ranks = torch.arange (1L, e + 1L, dtype = z.dtype, device = z.device) // [E]
+        let ranks = arange 1L (e + 1L) z.dtype z.device // [E]
         let inSupport = (addScalar 1.0 (ranks * sorted)).gt cumulative // [..; E], true on a prefix (eq. 4)
         let size = inSupport.sum (-1L, keepdim = true, ``type`` = z.dtype) // [..; 1]
         let cumulativeAtSize = cumulative.gather (-1L, (subScalar 1.0 size).to_type torch.ScalarType.Int64) // [..; 1]
@@ -292,8 +292,8 @@ let private keepWithinCapacity (c: int) (numExperts: int) (experts: Tensor) : Te
     let t, k = experts.shape[0], experts.shape[1]
     let n = t * k
     let slotMajor = experts.t().reshape n // [K*T], entry j = slot * T + token
-    let order = torch.arange (n, dtype = torch.ScalarType.Int64, device = experts.device) // [K*T]
-    let perm = (slotMajor * n + order).argsort () // by expert, then priority
+    let order = arange 0L n torch.ScalarType.Int64 experts.device // [K*T]
+    let perm = (plus (mulInt64 n slotMajor) order).argsort () // by expert, then priority
     let counts = torch.bincount (slotMajor, minlength = int64 numExperts) // [E]
     let starts = counts.cumsum 0L - counts // [E], first sorted position of each expert
     let sortedExperts = slotMajor.index_select (0L, perm) // [K*T]
@@ -389,7 +389,7 @@ let private noisyTopK (normaliser: Normaliser) (k: int) (training: bool) (genera
 let private allExperts (normaliser: Normaliser) (logits: Tensor) : Proposal =
     let t, e = logits.shape[0], logits.shape[1]
     let probs = normalise normaliser logits // [T; E]
-    let experts = torch.arange(e, dtype = torch.ScalarType.Int64, device = logits.device).expand(t, e).contiguous () // [T; E]
+    let experts = (arange 0L e torch.ScalarType.Int64 logits.device).expand(t, e).contiguous () // [T; E]
     { PExperts = experts; PGates = probs; PProbs = Some probs; PLogits = Some logits; PLoad = None; PChosen = None }
 
 /// Expert-choice routing (Zhou et al. 2022, eq. 1): S = softmax(logits) [T; E]; each expert e takes the C
@@ -400,7 +400,7 @@ let private expertChoice (c: int) (logits: Tensor) : Proposal =
     let probs = normalise Softmax logits // [T; E]
     let struct (_, chosenTokens) = probs.detach().topk (c, dim = 0) // [C; E]
     let chosen = torch.zeros([| t; e |], dtype = torch.ScalarType.Bool, device = logits.device).scatter (0L, chosenTokens, torch.ones_like (chosenTokens, dtype = torch.ScalarType.Bool)) // [T; E]
-    let experts = torch.arange(e, dtype = torch.ScalarType.Int64, device = logits.device).expand(t, e).contiguous () // [T; E]
+    let experts = (arange 0L e torch.ScalarType.Int64 logits.device).expand(t, e).contiguous () // [T; E]
     { PExperts = experts; PGates = probs * chosen.to_type probs.dtype; PProbs = Some probs; PLogits = Some logits
       PLoad = None; PChosen = Some chosen }
 

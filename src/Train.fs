@@ -24,14 +24,19 @@ open Moe.Models
 /// The loop, opened with `Moe.Train`.
 [<AutoOpen>]
 module Loop =
-    /// Appends lines to a file, flushing each, so a crash leaves whole lines only.
+    /// Appends lines to a file, flushing each, so a crash leaves whole lines only; a failed append (disk
+    /// full) raises `Checkpoint.WriteFailedException` naming the file.
     type private LineLog(path: string) =
         let w = new StreamWriter(path, true, UTF8Encoding(false))
         member _.Write(line: string) =
-            w.WriteLine line
-            w.Flush()
+            try
+                w.WriteLine line
+                w.Flush()
+            with :? IOException as e when not (e :? Checkpoint.WriteFailedException) ->
+                raise (Checkpoint.WriteFailedException(sprintf "could not append to %s (%s); the lines before are whole" path e.Message, path, e))
         interface IDisposable with
-            member _.Dispose() = w.Dispose()
+            // A line that could not be flushed stays in the buffer; disposing must not raise over the first error.
+            member _.Dispose() = try w.Dispose() with :? IOException -> ()
 
 
     type private Reporter(mode: ProgressMode, out: TextWriter, total: int, firstStep: int) =
@@ -133,7 +138,8 @@ module Loop =
         interface IDisposable with
             member _.Dispose() = if not (isNull items) then items.Dispose()
 
-    /// AdamW over two groups: rank >= 2 parameters decay, biases and norm gains do not (nanoGPT).
+    /// AdamW over two groups: rank >= 2 parameters decay, biases and norm gains do not (nanoGPT). The
+    /// toolkit's `SafeAdamW`: TorchSharp's AdamW with a step that keeps its scalars alive.
     let makeOptimizer (cfg: TrainConfig) (model: torch.nn.Module) : Modules.AdamW =
         let trainable = model.parameters () |> Seq.filter (fun p -> p.requires_grad) |> Seq.toArray
         if trainable.Length = 0 then invalidArg "model" "expected a model with trainable parameters, got none"
@@ -143,7 +149,7 @@ module Loop =
         let groups =
             [| if decay.Length > 0 then group decay cfg.WeightDecay
                if noDecay.Length > 0 then group noDecay 0.0 |]
-        torch.optim.AdamW(groups, cfg.LearningRate, cfg.Beta1, cfg.Beta2, cfg.Eps, cfg.WeightDecay, false, false)
+        new SafeAdamW(groups, cfg.LearningRate, cfg.Beta1, cfg.Beta2, cfg.Eps, cfg.WeightDecay) :> Modules.AdamW
 
     /// The config fields that shape the trajectory; a resume must not change them.
     let private trajectoryDifferences (saved: TrainConfig) (now: TrainConfig) : string list =
@@ -177,9 +183,14 @@ module Loop =
         | [] -> torch.zeros([||], dtype = torch.float32, device = device)
         | _ -> torch.stack(xs |> List.map (fun t -> t.detach().to_type(torch.float32).reshape([||]))).mean()
 
-    let private runCore (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batch>) (runDir: string) (resumeFrom: string option) : TrainResult =
+    /// Where a resume starts: the checkpoints to try in order, and those already found unusable (with why).
+    type private ResumePlan = { Candidates: string list; Skipped: (string * string) list }
+
+    let private runCore (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batch>) (runDir: string) (resumeFrom: ResumePlan option) : TrainResult =
         Config.orFail "TrainConfig" (TrainConfig.validate cfg) cfg |> ignore
         if isNull (box task.Model) then invalidArg "task" "expected a task with a model, got null"
+        if opts.KeepCheckpoints < 1 then invalidArg "opts" (sprintf "expected KeepCheckpoints >= 1, got %d" opts.KeepCheckpoints)
+        use _lock = RunFolder.acquire "training" runDir
         let device = Native.resolveDevice cfg.Device
         task.Model.``to``(device) |> ignore
         setPrecision cfg task.Model
@@ -193,29 +204,41 @@ module Loop =
         let routingPath = Path.Combine(runDir, RunFiles.routingName)
         let configNode = configJson cfg task.Config
 
-        let start =
+        let start, resumedFrom, skipped =
             match resumeFrom with
             | None ->
-                for p in [ metricsPath; routingPath; Checkpoint.last runDir; Checkpoint.best runDir ] do
+                RunFolder.startFresh opts.Overwrite runDir
+                for p in [ metricsPath; routingPath ] do
                     if File.Exists p then File.Delete p
                 Native.seedAll cfg.Seed
                 { Step = 0; Epoch = 0; BatchInEpoch = 0; BadSteps = 0; BestValidLoss = None; EvalsSinceBest = 0
-                  ElapsedSeconds = 0.0; Window = LogWindow.empty; LastLoss = None; Stopped = None }
-            | Some path ->
-                let meta = Checkpoint.restore path task.Model optimizer
+                  ElapsedSeconds = 0.0; Window = LogWindow.empty; LastLoss = None; Stopped = None }, None, []
+            | Some plan ->
+                // The newest checkpoint that restores; one that fails part-way is overwritten by the next.
+                let rec restoreFirst (candidates: string list) (skipped: (string * string) list) =
+                    match candidates with
+                    | [] ->
+                        invalidOp (sprintf "cannot resume %s: no checkpoint could be loaded%s" runDir
+                                       (skipped |> List.rev |> List.map (fun (f, why) -> sprintf "\n  - %s: %s" f why) |> String.concat ""))
+                    | path :: rest ->
+                        try Checkpoint.restore path task.Model optimizer, path, List.rev skipped
+                        with e when not (e :? OutOfMemoryException) -> restoreFirst rest ((path, e.Message) :: skipped)
+                let meta, path, skipped = restoreFirst plan.Candidates (List.rev plan.Skipped)
                 match trajectoryDifferences meta.Train cfg with
                 | [] -> ()
                 | ds -> invalidArg "cfg" (sprintf "cannot resume %s with a different schedule:\n  - %s" path (String.concat "\n  - " ds))
+                Checkpoint.setAsideAfter meta.State.Step runDir |> ignore
                 RunFiles.truncateAfter meta.State.Step metricsPath
                 RunFiles.truncateAfter meta.State.Step routingPath
-                meta.State
+                meta.State, Some path, skipped
         Checkpoint.writeAtomic (Path.Combine(runDir, RunFiles.configName)) (fun fs ->
             let bytes = Encoding.UTF8.GetBytes(Json.format configNode)
             fs.Write(bytes, 0, bytes.Length))
 
         let reporter = Reporter(opts.Progress, (if isNull opts.Output then Console.Out else opts.Output), cfg.Steps, start.Step)
+        for path, why in skipped do reporter.Message(sprintf "resume: skipped %s: %s" path why)
         reporter.Message(sprintf "training %d steps on %O (%s)%s" cfg.Steps device (Native.describeRuntime ())
-                             (match resumeFrom with Some p -> sprintf ", resumed at step %d from %s" start.Step p | None -> ""))
+                             (match resumedFrom with Some p -> sprintf ", resumed at step %d from %s" start.Step p | None -> ""))
         if cfg.Bf16 then reporter.Message "bf16 mixed precision: bfloat16 matmuls, float32 master weights, norms, softmax and loss"
         if rngResume = Native.ReseedEachStep then
             reporter.Message(sprintf "%O generator re-seeded every step from (Seed %d, step): resumed runs draw the same dropout masks" device cfg.Seed)
@@ -227,9 +250,12 @@ module Loop =
         let session = Stopwatch.StartNew()
         let elapsedAtStart = state.ElapsedSeconds
         let elapsed () = elapsedAtStart + session.Elapsed.TotalSeconds
-        let saveTo path =
+        let saveBest () =
             state <- { state with ElapsedSeconds = elapsed () }
-            Checkpoint.save path task.Model optimizer (meta ())
+            Checkpoint.save (Checkpoint.best runDir) task.Model optimizer (meta ())
+        let saveLast () =
+            state <- { state with ElapsedSeconds = elapsed () }
+            Checkpoint.saveLast opts.KeepCheckpoints runDir task.Model optimizer (meta ())
 
         let validate () : float option =
             task.Model.eval ()
@@ -368,7 +394,7 @@ module Loop =
                             EvalsSinceBest = (if improved then 0 else state.EvalsSinceBest + 1) }
                     metrics.Write(RunFiles.validLine stepNo v (defaultArg state.BestValidLoss nan))
                     reporter.Message(sprintf "step %d: valid loss %.4f%s" stepNo v (if improved then " (best)" else ""))
-                    if improved then saveTo (Checkpoint.best runDir)
+                    if improved then saveBest ()
                     if cfg.Patience > 0 && state.EvalsSinceBest >= cfg.Patience then
                         reporter.Message(sprintf "early stopping at step %d: no better validation loss in %d passes (best %.4f)"
                                              stepNo cfg.Patience (defaultArg state.BestValidLoss nan))
@@ -380,12 +406,12 @@ module Loop =
             let finished = stop.IsSome || stepNo = cfg.Steps
             if finished then
                 state <- { state with Stopped = Some(defaultArg stop Completed) }
-                saveTo (Checkpoint.last runDir)
+                saveLast ()
             elif cfg.CheckpointEvery > 0 && stepNo % cfg.CheckpointEvery = 0 then
-                saveTo (Checkpoint.last runDir)
+                saveLast ()
         reporter.Finish()
         let reason = defaultArg state.Stopped Completed
-        if not (File.Exists(Checkpoint.last runDir)) then saveTo (Checkpoint.last runDir)
+        if not (File.Exists(Checkpoint.last runDir)) then saveLast ()
         reporter.Message(sprintf "done: %d steps (%A), %d bad, last loss %s, best valid %s, %.1f s"
                              state.Step reason state.BadSteps
                              (match state.LastLoss with Some l -> sprintf "%.4f" l | None -> "-")
@@ -401,20 +427,31 @@ module Loop =
           ElapsedSeconds = elapsed () }
 
     /// Trains `task` from scratch into `runDir` (config.json, metrics.jsonl, routing.jsonl, checkpoints/),
-    /// replacing the logs and checkpoints of an earlier run there.
+    /// holding the folder's lock (`RunFolder`) throughout. A folder that already holds a run is refused unless
+    /// `opts.Overwrite`, which replaces that run's logs and checkpoints.
     let runWith (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batch>) (runDir: string) : TrainResult =
         runCore opts cfg task runDir None
 
-    /// Continues the run in `runDir` from checkpoints/last.ckpt: model, optimizer, schedule, step, data position
+    /// Continues the run in `runDir` from its newest loadable checkpoint (`Checkpoint.resumeCandidates`: last.ckpt,
+    /// else the kept step-N.ckpt or best.ckpt with the highest step; each one skipped is reported with why), or from
+    /// `opts.ResumeFrom` when given: model, optimizer, schedule, step, data position
     /// and the libtorch CPU generator (a CUDA generator is re-seeded per step instead), so the loss curve is the
     /// one an uninterrupted run would have drawn (exactly on the CPU; on CUDA the random draws repeat, but
     /// kernels with nondeterministic reductions need not). The config may change logging, evaluation and checkpoint cadence,
     /// patience and the bad-step limit, nothing that shapes the trajectory. `task.Model` must be built as before.
+    /// Checkpoints written after the one resumed from are moved to `checkpoints/after-step-N-TIME/`.
     let resumeWith (opts: RunOptions) (cfg: TrainConfig) (task: TrainTask<'batch>) (runDir: string) : TrainResult =
-        let path = Checkpoint.last runDir
-        if not (File.Exists path) then
-            invalidArg "runDir" (sprintf "expected a checkpoint to resume from at %s, found none (start with run instead)" path)
-        runCore opts cfg task runDir (Some path)
+        let plan =
+            match opts.ResumeFrom with
+            | Some path ->
+                if not (File.Exists path) then invalidArg "opts" (sprintf "expected a checkpoint file to resume from, but %s does not exist" path)
+                { Candidates = [ path ]; Skipped = [] }
+            | None ->
+                match Checkpoint.resumeCandidates runDir with
+                | [], [] ->
+                    invalidArg "runDir" (sprintf "expected a checkpoint to resume from in %s, found none (start with run instead)" (Checkpoint.folder runDir))
+                | candidates, skipped -> { Candidates = candidates; Skipped = skipped }
+        runCore opts cfg task runDir (Some plan)
 
     /// `runWith` with default options (progress on the console).
     let run (cfg: TrainConfig) (task: TrainTask<'batch>) (runDir: string) : TrainResult = runWith RunOptions.Defaults cfg task runDir

@@ -107,6 +107,37 @@ let tests =
             badInput [ "report"; missing ] missing
             badInput [ "train"; "--router"; "hash"; "--k"; "2" ] "--k applies to --router topk, not hash"
 
+        testCase "an unknown flag is an error naming it, also where a command takes paths" <| fun () ->
+            let dir = Path.Combine(Path.GetTempPath(), "moe-launcher-tests", Guid.NewGuid().ToString("N"))
+            Directory.CreateDirectory dir |> ignore
+            try
+                badInput [ "report"; dir; "--output"; "x.html" ] "unknown flag --output; expected a path or one of --out, --samples"
+                badInput [ "data"; "inspect"; dir; "--bogus" ] "unknown flag --bogus"
+                badInput [ "data"; "inspect"; "--bogus"; dir ] "unknown flag --bogus"
+                for command in [ [ "train" ]; [ "sweep"; Path.Combine(dir, "grid.json") ]; [ "info" ]; [ "generate"; "--run"; dir ] ] do
+                    let code, output = moe (command @ [ "--bogus" ])
+                    Expect.equal code 2 (sprintf "./moe %s --bogus: exit code 2; output:\n%s" (String.concat " " command) output)
+                    Expect.stringContains output "unrecognized argument: '--bogus'" "Argu names it"
+            finally Directory.Delete(dir, true)
+
+        testCase "data inspect reads what train --data reads: a split folder split by split, --format on it" <| fun () ->
+            let dir = Path.Combine(Path.GetTempPath(), "moe-launcher-tests", Guid.NewGuid().ToString("N"))
+            Directory.CreateDirectory dir |> ignore
+            try
+                let line (i: int) = sprintf "{\"id\": \"%d\", \"document\": \"Document %d has words.\", \"summary\": \"Summary %d.\"}" i i i
+                for split, n in [ "train", 3; "validation", 2; "test", 1 ] do
+                    File.WriteAllLines(Path.Combine(dir, split + ".jsonl"), [ for i in 1 .. n -> line i ])
+                for extra in [ []; [ "--format"; "jsonl" ] ] do
+                    let code, output = moe ([ "data"; "inspect"; dir ] @ extra)
+                    Expect.equal code 0 (sprintf "data inspect %A; output:\n%s" extra output)
+                    for split, n in [ "train", 3; "validation", 2; "test", 1 ] do
+                        Expect.stringContains output (sprintf "== %s ==\nsource:   %s" split (Path.Combine(dir, split + ".jsonl"))) (sprintf "%s inspected" split)
+                        Expect.stringContains output (sprintf "examples: %d kept of %d read" n n) (sprintf "%s counted" split)
+                File.Delete(Path.Combine(dir, "test.jsonl"))
+                badInput [ "data"; "inspect"; dir ] (dir + ": cannot tell the format of this folder: expected train*/validation*/test* files (a split folder")
+                badInput [ "data"; "inspect"; dir; "--format"; "jsonl" ] (dir + ": expected a jsonl file, but this is a folder; a folder holds train*/validation*/test* files")
+            finally Directory.Delete(dir, true)
+
         testCase "train without --router is the main job's top-2 of 4 experts; --k alone resizes it" <| fun () ->
             let ffn (args: string list) =
                 let code, out = moe ("train" :: args @ [ "--print-config" ])

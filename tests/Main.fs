@@ -29,6 +29,7 @@ let all =
         ScriptsTests.tests
         LauncherTests.tests
         PackagingTests.tests
+        ReliabilityTests.tests
     ]
 
 [<EntryPoint>]
@@ -47,8 +48,21 @@ let main argv =
     // GC.KeepAlive (dotnet/TorchSharp#1434, #1496), so a GC triggered by another test's thread can free one
     // mid-call. One test thread closes that window; libtorch still uses both cores inside each op.
     let sequenced = if argv |> Array.contains "--parallel" then [] else [ Sequenced ]
-    let argv = argv |> Array.filter ((<>) "--parallel")
+    // --gc-stress: a background thread forces full collections and runs finalizers continuously, so a
+    // TorchSharp Scalar made on the fly and finalized mid-call fails a test here instead of once in many runs.
+    use stopCollecting = new Threading.CancellationTokenSource()
+    let stress = argv |> Array.contains "--gc-stress"
+    if stress then
+        let collect () =
+            while not stopCollecting.IsCancellationRequested do
+                GC.Collect()
+                GC.WaitForPendingFinalizers()
+                Threading.Thread.Sleep 1
+        Threading.Thread(collect, IsBackground = true, Name = "gc-stress").Start()
+    let argv = argv |> Array.filter (fun a -> a <> "--parallel" && a <> "--gc-stress")
     let code = runTestsWithCLIArgs (Append_Summary_Handler capture :: quiet @ sequenced) argv all
+    stopCollecting.Cancel()
+    if stress then eprintfn "gc-stress: %d full collections during the run" (GC.CollectionCount 2)
     Console.Out.Flush()
     // Written to the raw stream: Expecto's console writer pads lines it did not start.
     use stdout = Console.OpenStandardOutput()

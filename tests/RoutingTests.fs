@@ -497,8 +497,152 @@ let badInputs =
         throwsWith [ "expected tokensPerExpert [E] with E = 4" ] (fun () -> updateBias 0.1 (torch.zeros 4L) (torch.zeros 3L) |> ignore)
     ]
 
+// ---------------------------------------------------------------- known answers
+
+/// Known answers: each router and balancing loss on a small example worked by hand from its paper's equation
+/// (the fractions are written out; `recipe` comments show the arithmetic). Inputs are float64, so the
+/// routing math runs in float64 and the answers hold to round-off.
+let private exact = { absolute = 1e-9; relative = 1e-9 }
+
+/// Router probabilities of 4 tokens over 4 experts, no ties among any top-2: softmax(ln p + c_t) = p.
+let private knownProbs =
+    [| [| 0.5; 0.25; 0.125; 0.125 |]
+       [| 0.1; 0.6; 0.2; 0.1 |]
+       [| 0.3; 0.2; 0.4; 0.1 |]
+       [| 0.7; 0.15; 0.1; 0.05 |] |]
+
+/// Per-token shifts c_t of the logits: softmax ignores them, logsumexp(logits_t) = c_t (z-loss).
+let private knownShifts = [| 1.0; -2.0; 0.5; 3.0 |]
+
+/// logits[t, e] = ln p[t, e] + c_t. // [4; 4] float64
+let private knownLogits () =
+    torch.tensor(Array.concat [| for t in 0 .. 3 -> knownProbs[t] |> Array.map (fun p -> log p + knownShifts[t]) |], dtype = f64).reshape(4L, 4L)
+
+/// Mean router probability per expert, P_e = (1/T) sum_t p[t, e]: column sums 1.6, 1.2, 0.825, 0.375 over 4.
+let private knownMeanProbs = [| 0.4; 0.3; 0.20625; 0.09375 |]
+
+let private closeAll (what: string) (expected: float[]) (actual: torch.Tensor) =
+    let got = actual.to_type(f64).data<float>().ToArray()
+    Expect.equal got.Length expected.Length (sprintf "%s: length" what)
+    Array.iteri2 (fun i e g -> Expect.floatClose exact g e (sprintf "%s[%d]" what i)) expected got
+
+/// Population CV^2 = var / mean^2 of a plain array (Shazeer et al. 2017 eq. 7), the hand formula.
+let private cv2 (xs: float[]) =
+    let m = Array.average xs
+    (xs |> Array.averageBy (fun x -> (x - m) * (x - m))) / (m * m + 1e-10)
+
+let private knownAnswers =
+    let cfg k selection = { RouterConfig.defaults with Experts = 4; K = k; Selection = selection; Capacity = Dropless; Jitter = 0.0 }
+    let topK k renorm = cfg k (TokenChoiceTopK(NormaliseThenTopK, renorm))
+    [ testCase "top-1 (Switch eq. 2): argmax expert, gate p_i(x)" <| fun () ->
+        let r = routeLogits (cfg 1 SwitchTop1) (knownLogits ())
+        Expect.equal (rowsOf r.Experts) [| [| 0L |]; [| 1L |]; [| 2L |]; [| 0L |] |] "argmax per token"
+        closeAll "gates" [| 0.5; 0.6; 0.4; 0.7 |] r.Weights
+      testCase "top-2 normalise-then-top-k: the two best, renormalised over the pair, or raw (naive top-k)" <| fun () ->
+        let r = routeLogits (topK 2 true) (knownLogits ())
+        Expect.equal (rowsOf r.Experts) [| [| 0L; 1L |]; [| 1L; 2L |]; [| 2L; 0L |]; [| 0L; 1L |] |] "best first"
+        // 0.5/0.75, 0.25/0.75 | 0.6/0.8, 0.2/0.8 | 0.4/0.7, 0.3/0.7 | 0.7/0.85, 0.15/0.85
+        closeAll "renormalised gates" [| 2.0 / 3.0; 1.0 / 3.0; 0.75; 0.25; 4.0 / 7.0; 3.0 / 7.0; 14.0 / 17.0; 3.0 / 17.0 |] r.Weights
+        let naive = routeLogits (topK 2 false) (knownLogits ())
+        closeAll "naive gates" [| 0.5; 0.25; 0.6; 0.2; 0.4; 0.3; 0.7; 0.15 |] naive.Weights
+      testCase "top-2 top-k-then-normalise (Megatron): softmax over the two picked logits" <| fun () ->
+        let r = routeLogits (cfg 2 (TokenChoiceTopK(TopKThenNormalise, true))) (knownLogits ())
+        // softmax(ln a + c, ln b + c) = (a, b) / (a + b): the same numbers as renormalising
+        closeAll "gates" [| 2.0 / 3.0; 1.0 / 3.0; 0.75; 0.25; 4.0 / 7.0; 3.0 / 7.0; 14.0 / 17.0; 3.0 / 17.0 |] r.Weights
+      testCase "all experts (soft mixing): weights are the probabilities" <| fun () ->
+        let r = routeLogits (cfg 4 AllExperts) (knownLogits ())
+        closeAll "weights" (Array.concat knownProbs) r.Weights
+      testCase "noisy top-k in evaluation (Shazeer eq. 3-5 without noise): top-k then softmax" <| fun () ->
+        let inputs = { RouterInputs.OfLogits(knownLogits ()) with NoiseStd = Some(torch.ones([| 4L; 4L |], dtype = f64)) }
+        let r = route (cfg 2 NoisyTopK) inputs
+        Expect.equal (rowsOf r.Experts) [| [| 0L; 1L |]; [| 1L; 2L |]; [| 2L; 0L |]; [| 0L; 1L |] |] "top-2 of the clean logits"
+        closeAll "gates" [| 2.0 / 3.0; 1.0 / 3.0; 0.75; 0.25; 4.0 / 7.0; 3.0 / 7.0; 14.0 / 17.0; 3.0 / 17.0 |] r.Weights
+      testCase "expert choice (Zhou et al. eq. 1): each expert takes its C best tokens, weighted S[t, e]" <| fun () ->
+        // C = min(T, max(1, ceil(1.0 * 4 / 4))) = 1: e0 takes t3 (0.7), e1 t1 (0.6), e2 t2 (0.4), e3 t0 (0.125)
+        let r = routeLogits { cfg 4 ExpertChoice with Capacity = Factor 1.0; MinCapacity = 1 } (knownLogits ())
+        Expect.equal r.Capacity (Some 1) "C = 1"
+        closeAll "weights" [| 0.0; 0.0; 0.0; 0.125; 0.0; 0.6; 0.0; 0.0; 0.0; 0.0; 0.4; 0.0; 0.7; 0.0; 0.0; 0.0 |] r.Weights
+        closeAll "dropped (tokens no expert chose)" [| 0.0 |] (r.Stats.DroppedFraction.reshape 1L)
+      testCase "capacity (Switch eq. 3; Zhou et al. sec. 3.1): ceil, floored at MinCapacity, expert choice capped at T" <| fun () ->
+        let tc = { topK 2 true with Capacity = Factor 1.25; MinCapacity = 4 }
+        Expect.equal (capacity tc 10) (Some 7) "ceil(1.25 * 10 * 2 / 4) = ceil(6.25) = 7"
+        Expect.equal (capacity tc 4) (Some 4) "ceil(1.25 * 4 * 2 / 4) = 3, floored at MinCapacity 4"
+        Expect.equal (capacity { tc with MinCapacity = 1 } 9) (Some 6) "ceil(1.25 * 9 * 2 / 4) = ceil(5.625) = 6"
+        let ec = { cfg 4 ExpertChoice with Capacity = Factor 2.0; MinCapacity = 1 }
+        Expect.equal (capacity ec 10) (Some 5) "ceil(2 * 10 / 4) = 5"
+        Expect.equal (capacity { ec with Capacity = Factor 3.0 } 3) (Some 3) "ceil(3 * 3 / 4) = 3 = T"
+        Expect.equal (capacity { ec with Capacity = Factor 8.0 } 3) (Some 3) "ceil(8 * 3 / 4) = 6, capped at T = 3"
+        Expect.equal (capacity (topK 2 true) 10) None "dropless"
+      testCase "capacity drops first-come in slot-major order (Switch/GShard)" <| fun () ->
+        // slot 0: t0->e0, t1->e1, t2->e2, t3->e0 (e0 full: dropped); every slot-1 pick finds its expert full
+        let r = routeLogits { topK 2 true with Capacity = Factor 0.5; MinCapacity = 1 } (knownLogits ())
+        Expect.equal r.Capacity (Some 1) "ceil(0.5 * 4 * 2 / 4) = 1"
+        Expect.equal (Tensors.toFloats (r.Kept.to_type torch.float32)) [| 1.0f; 0.0f; 1.0f; 0.0f; 1.0f; 0.0f; 0.0f; 0.0f |] "kept slots"
+        closeAll "dropped fraction" [| 5.0 / 8.0 |] (r.Stats.DroppedFraction.reshape 1L)
+      testCase "sparsemax (Martins & Astudillo eq. 2-4): support, threshold tau and projection" <| fun () ->
+        // z = (1, 0.8, 0.1, -1): support k = 2 (1 + 2 * 0.8 > 1.8; 1 + 3 * 0.1 < 1.9), tau = (1.8 - 1) / 2 = 0.4
+        closeAll "two in the support" [| 0.6; 0.4; 0.0; 0.0 |] (sparsemax (torch.tensor([| 1.0; 0.8; 0.1; -1.0 |], dtype = f64)))
+        // z = (0.5, 0.4, 0.3, -0.5): support k = 3 (1 + 3 * 0.3 > 1.2), tau = (1.2 - 1) / 3
+        closeAll "three in the support" [| 0.5 - 0.2 / 3.0; 0.4 - 0.2 / 3.0; 0.3 - 0.2 / 3.0; 0.0 |]
+            (sparsemax (torch.tensor([| 0.5; 0.4; 0.3; -0.5 |], dtype = f64)))
+      testCase "Switch aux loss (Fedus et al. eq. 4-6): E * sum_e f_e P_e, top-1 and top-2" <| fun () ->
+        // top-1: f = (2, 1, 1, 0) / 4
+        let top1 = 4.0 * (0.5 * knownMeanProbs[0] + 0.25 * knownMeanProbs[1] + 0.25 * knownMeanProbs[2])
+        closeAll "top-1" [| top1 |] ((switchAuxLoss (routeLogits (cfg 1 SwitchTop1) (knownLogits ()))).reshape 1L)
+        Expect.floatClose exact top1 1.30625 "by hand: 4 * (0.2 + 0.075 + 0.0515625)"
+        // top-2: f over the T * K = 8 proposed assignments = (3, 3, 2, 0) / 8
+        let top2 = 4.0 * (0.375 * knownMeanProbs[0] + 0.375 * knownMeanProbs[1] + 0.25 * knownMeanProbs[2])
+        closeAll "top-2" [| top2 |] ((switchAuxLoss (routeLogits (topK 2 true) (knownLogits ()))).reshape 1L)
+      testCase "importance loss (Shazeer et al. eq. 6-7): CV^2 of the summed gate values" <| fun () ->
+        // Importance_e = sum_t G(x_t)_e over the renormalised top-2 gates
+        let importance = [| 2.0 / 3.0 + 3.0 / 7.0 + 14.0 / 17.0; 1.0 / 3.0 + 0.75 + 3.0 / 17.0; 0.25 + 4.0 / 7.0; 0.0 |]
+        let r = routeLogits (topK 2 true) (knownLogits ())
+        closeAll "CV^2" [| cv2 importance |] ((importanceLoss r).reshape 1L)
+        Expect.floatClose { absolute = 1e-12; relative = 1e-12 } (cv2 importance) 0.48587989112356705 "the hand formula's value"
+      testCase "load probability (Shazeer et al. eq. 9): Phi((clean - threshold) / std), the threshold excluding the expert" <| fun () ->
+        // k = 1, noisy = (1.2, 0.5, -2): expert 0 is in the top-1, its threshold is the 2nd noisy value 0.5;
+        // experts 1 and 2 are out, theirs is the 1st, 1.2. Phi(x) = (1 + erf(x / sqrt 2)) / 2.
+        let clean = torch.tensor([| 1.0; 0.0; -1.0 |], dtype = f64).reshape(1L, 3L)
+        let noisy = torch.tensor([| 1.2; 0.5; -2.0 |], dtype = f64).reshape(1L, 3L)
+        let std = torch.tensor([| 0.5; 2.0; 1.0 |], dtype = f64).reshape(1L, 3L)
+        // Phi((1 - 0.5) / 0.5) = Phi(1), Phi((0 - 1.2) / 2) = Phi(-0.6), Phi((-1 - 1.2) / 1) = Phi(-2.2)
+        closeAll "P" [| 0.8413447460685429; 0.2742531177500736; 0.01390344751349859 |] (loadProbability 1 clean noisy std)
+      testCase "load loss (Shazeer et al. eq. 8-10): CV^2 of the summed load probabilities" <| fun () ->
+        // evaluation: noisy = clean. t0 clean (1, 0, -1), std (0.5, 2, 1): P = Phi(2), Phi(-0.5), Phi(-2);
+        // t1 clean (0.2, 0.5, -0.4), std 1: P = Phi(-0.3), Phi(0.3), Phi(-0.9)
+        let logits = torch.tensor([| 1.0; 0.0; -1.0; 0.2; 0.5; -0.4 |], dtype = f64).reshape(2L, 3L)
+        let std = torch.tensor([| 0.5; 2.0; 1.0; 1.0; 1.0; 1.0 |], dtype = f64).reshape(2L, 3L)
+        let r = route { cfg 1 NoisyTopK with Experts = 3 } { RouterInputs.OfLogits logits with NoiseStd = Some std }
+        closeAll "P" [| 0.9772498680518208; 0.3085375387259869; 0.02275013194817921; 0.3820885778110474; 0.6179114221889526; 0.18406012534675953 |]
+            r.LoadProbability.Value
+        let load = [| 0.9772498680518208 + 0.3820885778110474; 0.3085375387259869 + 0.6179114221889526; 0.02275013194817921 + 0.18406012534675953 |]
+        closeAll "CV^2" [| cv2 load |] ((loadLoss r).reshape 1L)
+        Expect.floatClose { absolute = 1e-12; relative = 1e-12 } (cv2 load) 0.32731052359593876 "the hand formula's value"
+      testCase "router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2" <| fun () ->
+        // logsumexp(ln p_t + c_t) = c_t: (1 + 4 + 0.25 + 9) / 4
+        closeAll "z-loss" [| 3.5625 |] ((routerZLoss (routeLogits (topK 2 true) (knownLogits ()))).reshape 1L)
+      testCase "hash routing (Roller et al.): the universal hash and the balanced table" <| fun () ->
+        // seed 7: SplitMix64 gives a = 1751225710, b = 1880445814; ((a * id + b) mod (2^31 - 1)) mod 5
+        // for ids 0, 1, 2, 1000, 123456789 (worked with big integers, as in the recipe above).
+        Expect.equal (Tensors.toInt64s (randomHash 7 5 (torch.tensor [| 0L; 1L; 2L; 1000L; 123456789L |]))) [| 4L; 2L; 0L; 2L; 3L |] "random hash"
+        // counts (10, 1, 5, 5, 0, 3), 2 experts, most frequent first to the lighter expert (ties: fewer ids, then lower
+        // index): id0 -> e0 (10); id2 -> e1 (5); id3 -> e1 (10); id5: tie 10/10, e0 has fewer ids -> e0 (13);
+        // id1 -> e1 (11); id4 -> e1 (11 < 13)
+        Expect.equal (balancedHashTable 2 [| 10L; 1L; 5L; 5L; 0L; 3L |]) [| 0L; 1L; 1L; 1L; 1L; 0L |] "balanced table"
+        let r = route (cfg 1 (Hash BalancedHash)) { RouterInputs.OfTokenIds(torch.tensor [| 3L; 0L; 5L |]) with HashTable = Some(torch.tensor [| 0L; 1L; 1L; 1L; 1L; 0L |]) }
+        Expect.equal (rowsOf r.Experts) [| [| 1L |]; [| 0L |]; [| 0L |] |] "route reads the table"
+        closeAll "weight 1" [| 1.0; 1.0; 1.0 |] r.Weights
+      testCase "bias update (DeepSeek-V3 sec. 2.1.2): b + u * sign(mean load - load)" <| fun () ->
+        let b = updateBias 0.01 (torch.tensor([| 0.0; 0.1; 0.0 |], dtype = f64)) (torch.tensor([| 3.0; 1.0; 2.0 |], dtype = f64))
+        closeAll "bias" [| -0.01; 0.11; 0.0 |] b
+      testCase "attention router logits (Vaswani et al. eq. 1): q . m_e / sqrt(R)" <| fun () ->
+        let q = torch.tensor([| 1.0; 2.0 |], dtype = f64).reshape(1L, 2L)
+        let m = torch.tensor([| 1.0; 0.0; 0.0; 1.0; 1.0; 1.0 |], dtype = f64).reshape(3L, 2L)
+        closeAll "logits" [| 1.0 / sqrt 2.0; 2.0 / sqrt 2.0; 3.0 / sqrt 2.0 |] (attentionLogits q m) ]
+
 let tests =
     testList "Routing" [
+        testList "known answers" knownAnswers
         testList "properties" properties
         testList "oracles" oracles
         testList "gradients" gradients

@@ -190,6 +190,144 @@ let private parameters (m: torch.nn.Module) : float32[] =
 /// Losses computed in float32 repeat exactly on one CPU thread layout; this allows for summation order.
 let private resumeTol = Tol.f32
 
+// ---------------------------------------------------------------- run folders and checkpoints
+
+/// A stream that fails like a full disk once `limit` bytes have been written.
+type private FullDisk(inner: Stream, limit: int64) =
+    inherit Stream()
+    let mutable written = 0L
+    override _.CanRead = false
+    override _.CanSeek = inner.CanSeek
+    override _.CanWrite = true
+    override _.Length = inner.Length
+    override _.Position with get () = inner.Position and set v = inner.Position <- v
+    override _.Flush() = inner.Flush()
+    override _.Read(_, _, _) = raise (NotSupportedException())
+    override _.Seek(o, origin) = inner.Seek(o, origin)
+    override _.SetLength v = inner.SetLength v
+    override _.Write(buffer: byte[], offset: int, count: int) =
+        if written + int64 count > limit then raise (IOException "No space left on device")
+        written <- written + int64 count
+        inner.Write(buffer, offset, count)
+    override _.Dispose(disposing: bool) =
+        if disposing then inner.Dispose()
+        base.Dispose disposing
+
+/// The checkpoint files of a run folder, by name.
+let private checkpointNames (dir: string) =
+    Directory.GetFiles(Checkpoint.folder dir) |> Array.map Path.GetFileName |> Array.sort |> List.ofArray
+
+let private reliability =
+    testList "reliability" [
+        testCase "the last KeepCheckpoints checkpoints are kept, older ones under their step, best apart" <| fun () ->
+            for keep, expected in [ 1, [ "best.ckpt"; "last.ckpt" ]
+                                    2, [ "best.ckpt"; "last.ckpt"; "step-00000008.ckpt" ]
+                                    3, [ "best.ckpt"; "last.ckpt"; "step-00000004.ckpt"; "step-00000008.ckpt" ] ] do
+                withRunDir (fun dir ->
+                    let t = toyTask 1 1 epochOrder
+                    runWith { quiet with KeepCheckpoints = keep } cfg t.Task dir |> ignore
+                    Expect.equal (checkpointNames dir) expected (sprintf "KeepCheckpoints = %d" keep)
+                    for f in Directory.GetFiles(Checkpoint.folder dir, "step-*.ckpt") do
+                        let step = (Checkpoint.readMeta f).State.Step
+                        Expect.equal (Checkpoint.stepName step) (Path.GetFileName f) "named by the step it holds")
+
+        testCase "a truncated newest checkpoint: resume falls back to the previous one, says why, same curve" <| fun () ->
+            withRunDir (fun whole ->
+            withRunDir (fun broken ->
+                runWith quiet cfg (toyTask 1 1 epochOrder).Task whole |> ignore
+                use stop = new Threading.CancellationTokenSource()
+                let t = toyTask 1 1 epochOrder
+                runWith { quiet with OnStep = (fun r -> if r.Step = 10 then stop.Cancel()); Cancel = stop.Token } cfg t.Task broken |> ignore
+                let last = Checkpoint.last broken
+                Expect.equal ((Checkpoint.readMeta last).State.Step) 10 "stopped at step 10"
+                let bytes = File.ReadAllBytes last
+                File.WriteAllBytes(last, bytes[.. bytes.Length / 2])
+                let said = new StringWriter()
+                let r = resumeWith { quiet with Progress = Lines; Output = said } cfg (toyTask 99 1 epochOrder).Task broken
+                Expect.equal r.Steps 12 "finished"
+                let text = said.ToString()
+                Expect.stringContains text (sprintf "resume: skipped %s" last) "names the skipped file"
+                Expect.stringContains text "truncated" "and why"
+                Expect.stringContains text ("resumed at step 8 from " + Path.Combine(Checkpoint.folder broken, Checkpoint.stepName 8)) "from the step-8 checkpoint"
+                let la, lb = trainLosses whole, trainLosses broken
+                Expect.equal (Array.map fst lb) (Array.map fst la) "same steps logged"
+                for (s, x), (_, y) in Array.zip la lb do
+                    Expect.floatClose { absolute = resumeTol; relative = resumeTol } y x (sprintf "train loss at step %d" s)))
+
+        testCase "every checkpoint unusable: resume says so, naming each file and why" <| fun () ->
+            withRunDir (fun dir ->
+                runWith quiet { cfg with Steps = 8 } (toyTask 1 1 epochOrder).Task dir |> ignore
+                for f in Directory.GetFiles(Checkpoint.folder dir, "*.ckpt") do File.WriteAllBytes(f, "MOECKPT1 cut"B)
+                Expect.throwsC (fun () -> resumeWith quiet { cfg with Steps = 8 } (toyTask 1 1 epochOrder).Task dir |> ignore)
+                    (fun e ->
+                        Expect.stringContains e.Message "no checkpoint could be loaded" "says so"
+                        for f in Directory.GetFiles(Checkpoint.folder dir, "*.ckpt") do
+                            Expect.stringContains e.Message f "names each file"
+                        Expect.stringContains e.Message "truncated" "and why"))
+
+        testCase "ResumeFrom restarts from an explicit checkpoint; later ones are set aside" <| fun () ->
+            withRunDir (fun whole ->
+            withRunDir (fun dir ->
+                runWith quiet cfg (toyTask 1 1 epochOrder).Task whole |> ignore
+                runWith { quiet with KeepCheckpoints = 3 } cfg (toyTask 1 1 epochOrder).Task dir |> ignore
+                let at4 = Path.Combine(Checkpoint.folder dir, Checkpoint.stepName 4)
+                let r = resumeWith { quiet with ResumeFrom = Some at4 } cfg (toyTask 99 1 epochOrder).Task dir
+                Expect.equal r.Steps 12 "finished again"
+                let aside = Directory.GetDirectories(Checkpoint.folder dir, "after-step-4-*")
+                Expect.equal aside.Length 1 "one folder of set-aside checkpoints"
+                Expect.equal (Directory.GetFiles aside[0] |> Array.map Path.GetFileName |> Array.sort)
+                    [| "best.ckpt"; "last.ckpt"; "step-00000008.ckpt" |] "the checkpoints after step 4"
+                for (s, x), (_, y) in Array.zip (trainLosses whole) (trainLosses dir) do
+                    Expect.floatClose { absolute = resumeTol; relative = resumeTol } y x (sprintf "train loss at step %d" s)))
+
+        testCase "a write failure mid-checkpoint: clear error, the previous checkpoints whole, no temporary left" <| fun () ->
+            withRunDir (fun dir ->
+                let t = toyTask 1 1 epochOrder
+                runWith quiet { cfg with Steps = 8 } t.Task dir |> ignore
+                let files = Directory.GetFiles(Checkpoint.folder dir) |> Array.sort
+                let before = files |> Array.map File.ReadAllBytes
+                let last = Checkpoint.last dir
+                let meta = Checkpoint.readMeta last
+                use optimizer = makeOptimizer cfg t.Model
+                let fullDisk (tmp: string) = new FullDisk(Checkpoint.openTemporary tmp, int64 before[1].Length / 2L) :> Stream
+                Expect.throwsC (fun () ->
+                    Checkpoint.saveLastVia fullDisk 2 dir t.Model optimizer { meta with State = { meta.State with Step = 9 } })
+                    (fun e ->
+                        Expect.isTrue (e :? Checkpoint.WriteFailedException) (sprintf "a WriteFailedException, got %s" (e.GetType().Name))
+                        Expect.stringContains e.Message (sprintf "could not write %s (No space left on device)" last) "names the file and the cause"
+                        Expect.stringContains e.Message "unchanged" "says the old file stands")
+                Expect.equal (Directory.GetFiles(Checkpoint.folder dir) |> Array.sort) files "no file added, none removed"
+                Array.iter2 (fun f (b: byte[]) -> Expect.sequenceEqual (File.ReadAllBytes f) b (sprintf "%s unchanged" f)) files before
+                Expect.equal (Checkpoint.readMeta last).State.Step 8 "last.ckpt still loads"
+                // A run file's write fails the same way.
+                let metricsBefore = File.ReadAllBytes(Path.Combine(dir, RunFiles.metricsName))
+                Expect.throwsT<Checkpoint.WriteFailedException> (fun () ->
+                    Checkpoint.writeAtomicVia (fun tmp -> new FullDisk(Checkpoint.openTemporary tmp, 10L) :> Stream)
+                        (Path.Combine(dir, RunFiles.metricsName)) (fun fs -> fs.Write(metricsBefore, 0, metricsBefore.Length)))
+                    "a run file's failed write raises the same error"
+                Expect.sequenceEqual (File.ReadAllBytes(Path.Combine(dir, RunFiles.metricsName))) metricsBefore "metrics.jsonl unchanged"
+                Expect.isEmpty (Directory.GetFiles(dir, ".*.tmp-*", SearchOption.AllDirectories)) "no temporary left")
+
+        testCase "a fresh run refuses a folder holding a run unless Overwrite; the folder is locked while it runs" <| fun () ->
+            withRunDir (fun dir ->
+                let heldDuring = ref false
+                let opts = { quiet with OnStep = fun _ -> heldDuring.Value <- RunFolder.isHeld dir }
+                runWith opts { cfg with Steps = 4 } (toyTask 1 1 epochOrder).Task dir |> ignore
+                Expect.isTrue heldDuring.Value "locked while training"
+                Expect.isFalse (RunFolder.isHeld dir) "released at the end"
+                let before = File.ReadAllBytes(Checkpoint.last dir)
+                Expect.throwsC (fun () -> runWith quiet { cfg with Steps = 4 } (toyTask 2 1 epochOrder).Task dir |> ignore)
+                    (fun e ->
+                        Expect.isTrue (e :? ArgumentException) "bad input"
+                        Expect.stringContains e.Message "already holds a run (checkpoints/best.ckpt, checkpoints/last.ckpt, metrics.jsonl)" "names what it found"
+                        Expect.stringContains e.Message "Overwrite" "and the way to replace it")
+                Expect.sequenceEqual (File.ReadAllBytes(Checkpoint.last dir)) before "the run is untouched"
+                Expect.isFalse (RunFolder.isHeld dir) "released after the refusal"
+                let r = runWith { quiet with Overwrite = true } { cfg with Steps = 4 } (toyTask 2 1 epochOrder).Task dir
+                Expect.equal r.Steps 4 "Overwrite trains from scratch"
+                Expect.equal (trainLosses dir |> Array.map fst) [| 1; 2; 3; 4 |] "a fresh log")
+    ]
+
 // ---------------------------------------------------------------- tests
 
 /// Sequenced: these tests seed and draw from libtorch's global generator and count live tensors, and
@@ -356,7 +494,7 @@ let tests =
                 let last = Checkpoint.last dir
                 let before = File.ReadAllBytes last
                 // A write that dies halfway: the temporary file is left behind, the checkpoint untouched.
-                Expect.throwsT<IOException> (fun () ->
+                Expect.throwsT<Checkpoint.WriteFailedException> (fun () ->
                     Checkpoint.writeAtomic last (fun fs ->
                         fs.Write(before, 0, before.Length / 2)
                         raise (IOException "disk pulled"))) "the failure propagates"
@@ -489,10 +627,10 @@ let tests =
                 Expect.stringContains text "ETA" "with an ETA"
                 Expect.isFalse (text.Contains "\r") "no carriage returns in plain lines"
                 let bar = new StringWriter()
-                runWith { quiet with Progress = Bar; Output = bar } c t.Task dir |> ignore
+                runWith { quiet with Progress = Bar; Output = bar; Overwrite = true } c t.Task dir |> ignore
                 Expect.stringContains (bar.ToString()) "\rstep 6/6 [########################]" "the bar redraws in place"
                 let silent = new StringWriter()
-                runWith { quiet with Output = silent } c t.Task dir |> ignore
+                runWith { quiet with Output = silent; Overwrite = true } c t.Task dir |> ignore
                 Expect.equal (silent.ToString()) "" "silent is silent")
 
         testCase "Bf16 trains an encoder-decoder in mixed precision: loss falls, float32 checkpoint, exact resume" <| fun () ->
@@ -554,4 +692,6 @@ let tests =
                 runWith opts { cfg with Steps = 10; EvalEvery = 0; CheckpointEvery = 0 } t.Task dir |> ignore
                 // Step 1 creates the optimizer's moment buffers; from step 2 on nothing may accumulate.
                 Expect.equal counts[counts.Count - 1] counts[1] (sprintf "live tensors per step: %A" (List.ofSeq counts)))
+
+        reliability
     ]

@@ -614,7 +614,7 @@ let profileLayer (cfg: BenchConfig) (device: torch.Device) (shape: LayerShape) :
           "router", phase [ x ] [ layer.Router.Weight ] (fun () ->
               let r = layer.Router.Route(x, None)
               let aux = auxLosses r
-              ((r.Weights * gradWeights).sum () + aux.SwitchAux + aux.ZLoss + aux.Importance + aux.Load).backward ())
+              (List.reduce plus [ (r.Weights * gradWeights).sum (); aux.SwitchAux; aux.ZLoss; aux.Importance; aux.Load ]).backward ())
           "sort", phase [] [] (fun () -> sortSlots () |> ignore)
           "dispatch (as shipped)", phase [ x; weights ] expertParams (dispatchWith None)
           "dispatch (autograd path)", phase [ x; weights ] expertParams (dispatchWith (Some Autograd))
@@ -625,7 +625,7 @@ let profileLayer (cfg: BenchConfig) (device: torch.Device) (shape: LayerShape) :
           "gather alone", phase [ x ] [] (fun () -> x.index_select(0L, token).backward ([| gradRows |]))
           "combine alone", phase [ outputs; weights ] [] (fun () ->
               let w = weights.reshape(-1L).index_select(0L, slot).unsqueeze 1L // [N; 1]
-              torch.zeros_like(x).index_add(0L, token, outputs * w, 1.0).backward ([| gradOut |])) ]
+              (withScalar 1.0 (fun one -> torch.zeros_like(x).index_add(0L, token, outputs * w, one))).backward ([| gradOut |])) ]
     for l in [ candidate.Layer; dense ] do prepareGradients l
     for _, a in phases do a () // warm-up, and gradients allocated once as in training
     let samples = interleaved (stopwatchClock ()) cfg.Warmup cfg.Reps [| for _, a in phases -> a |]

@@ -49,7 +49,7 @@ let naiveDispatch (act: Activation) (experts: ExpertWeights[]) (routing: Routing
             let rows = x.index_select (0L, tokens) // [N; D]
             let weight = routing.Weights.index([| tokens; slots |]).to_type x.dtype // [N]
             let y = expertForward act experts[e] rows * weight.unsqueeze 1L // [N; D]
-            out.index_add_ (0L, tokens, y, 1.0) |> ignore
+            withScalar 1.0 (fun one -> out.index_add_ (0L, tokens, y, one)) |> ignore
     out.MoveToOuterDisposeScope()
 
 /// The dense all-experts mixture y = sum_e p_e(x) FFN_e(x), with p the router's normaliser over all E (soft

@@ -149,3 +149,16 @@ let softplus (t: Tensor) : Tensor =
 
 /// `a + b` with a rooted alpha, where TorchSharp's `a + b` would make one on the fly.
 let plus (a: Tensor) (b: Tensor) : Tensor = a.add (b, unitAlpha)
+
+/// In-place `a += b` with a rooted alpha (TorchSharp's `add_(b)` makes one on the fly); returns `a`.
+let plus_ (a: Tensor) (b: Tensor) : Tensor = a.add_ (b, unitAlpha)
+
+/// `torch.arange(start, stop)` with step 1 and its Scalars kept alive (TorchSharp's integer overloads make
+/// them on the fly). // [stop - start]
+let arange (start: int64) (stop: int64) (dtype: torch.ScalarType) (device: torch.Device) : Tensor =
+    use first = start.ToScalar()
+    use last = stop.ToScalar()
+    torch.arange (first, last, unitAlpha, dtype = dtype, device = device)
+
+/// `t * value` for an integer `value` with the Scalar kept alive.
+let mulInt64 (value: int64) (t: Tensor) : Tensor = withInt64Scalar value (fun s -> t.mul s)

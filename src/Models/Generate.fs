@@ -168,7 +168,7 @@ let beamSearchNBest (cfg: GenerateConfig) (model: EncoderDecoder) (src: Tensor) 
         let v = int64 model.Config.VocabSize
         let encoded = model.Encode(src, srcValid)
         // Row r = source r / K, beam r % K.
-        use sourceOfRow = torch.arange(int64 b, dtype = torch.ScalarType.Int64, device = src.device).repeat_interleave(int64 k)  // [N]
+        use sourceOfRow = (arange 0L (int64 b) torch.ScalarType.Int64 src.device).repeat_interleave(int64 k)  // [N]
         let memory = encoded.Memory.index_select(0L, sourceOfRow)             // [N; S; D]
         let memoryValid = if isNull srcValid then null else srcValid.index_select(0L, sourceOfRow)  // [N; S]
         use cache = model.NewCache()
@@ -187,7 +187,7 @@ let beamSearchNBest (cfg: GenerateConfig) (model: EncoderDecoder) (src: Tensor) 
             let out = model.Decode(memory, memoryValid, input, null, cache)
             let lp = constrainedLogProbs cfg (out.Logits.select(1L, -1L)) (histories |> Array.map (fun h -> h :> IReadOnlyList<int>))  // [N; V]
             use running = torch.tensor(scores |> Array.map float32, device = src.device).unsqueeze(1L)  // [N; 1]
-            let candidates = (lp + running).view(int64 b, int64 k * v)             // [B; K*V]
+            let candidates = (plus lp running).view(int64 b, int64 k * v)             // [B; K*V]
             let picks = min (2 * k) (int (int64 k * v))
             let struct (topScores, topIndices) = candidates.topk(picks, 1, true, true)  // [B; 2K]
             let topScores, topIndices = toFloats topScores, toInt64s topIndices

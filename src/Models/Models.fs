@@ -404,8 +404,11 @@ let sinusoidBase = 10000.0
 let sinusoidalPositions (device: torch.Device) (offset: int64) (length: int64) (modelDim: int) : Tensor =
     if modelDim % 2 <> 0 then invalidArg "modelDim" (sprintf "expected an even model width, got %d" modelDim)
     use _ = torch.NewDisposeScope()
-    let pos = torch.arange(offset, offset + length, dtype = torch.ScalarType.Float32, device = device).unsqueeze(1L)  // [S; 1]
-    let twoI = torch.arange(0L, int64 modelDim, 2L, dtype = torch.ScalarType.Float32, device = device)              // [D/2]
+    let pos = (arange offset (offset + length) torch.ScalarType.Float32 device).unsqueeze(1L)  // [S; 1]
+    use zero = (0L).ToScalar() // Scalars held until the native call returns (see Tensors.withScalar)
+    use width = (int64 modelDim).ToScalar()
+    use two = (2L).ToScalar()
+    let twoI = torch.arange(zero, width, two, dtype = torch.ScalarType.Float32, device = device)                   // [D/2]
     let inverseWavelength = (mulScalar (-Math.Log sinusoidBase / float modelDim) twoI).exp_()                   // [D/2]
     let angles = pos * inverseWavelength.unsqueeze(0L)                                                              // [S; D/2]
     torch.stack([| angles.sin(); angles.cos() |], 2L).reshape(length, int64 modelDim).MoveToOuterDisposeScope()   // [S; D]
@@ -432,7 +435,7 @@ type Positions(name: string, cfg: ModelConfig) as this =
             invalidArg "length" (sprintf "expected positions within MaxLength %d, got positions %d .. %d" cfg.MaxLength offset (offset + length - 1L))
         if isNull table then sinusoidalPositions device offset length cfg.ModelDim
         else
-            use ids = torch.arange(offset, offset + length, dtype = torch.ScalarType.Int64, device = device)
+            use ids = arange offset (offset + length) torch.ScalarType.Int64 device
             table.forward ids
 
 // ---------------------------------------------------------------- models

@@ -153,7 +153,7 @@ type BiLstmMoe(name: string, cfg: RecurrentConfig) as this =
         use scope = torch.NewDisposeScope()
         let device = ids.device
         let lengthsCpu = torch.tensor lengths // [B], on the CPU as pack_padded_sequence needs
-        let valid = torch.arange(s, device = device).unsqueeze(0L).lt (lengthsCpu.``to``(device).unsqueeze 1L) // [B; S]
+        let valid = (arange 0L s torch.int64 device).unsqueeze(0L).lt (lengthsCpu.``to``(device).unsqueeze 1L) // [B; S]
         let isSpecial = withInt64Scalar (int64 cfg.SpecialTokens) (fun n -> ids.lt n) // [B; S]
         let specialIds = withInt64Scalar (int64 cfg.SpecialTokens - 1L) (fun n -> ids.clamp_max n) // [B; S]
         let x = torch.where(isSpecial.unsqueeze -1L, special.forward specialIds, embedding.forward ids) // [B; S; De]
@@ -188,7 +188,7 @@ let bestSpans (maxLength: int) (startLogits: Tensor) (endLogits: Tensor) (allowe
     use scope = torch.NewDisposeScope()
     let b, s = startLogits.shape[0], startLogits.shape[1]
     if (allowed.any(1L).logical_not().any ()).item<bool> () then invalidArg "allowed" "expected at least one allowed position in every row"
-    let scores = startLogits.to_type(torch.float64).unsqueeze(2L) + endLogits.to_type(torch.float64).unsqueeze 1L // [B; S; S]: (start, end)
+    let scores = plus (startLogits.to_type(torch.float64).unsqueeze 2L) (endLogits.to_type(torch.float64).unsqueeze 1L) // [B; S; S]: (start, end)
     let ones = torch.ones([| s; s |], dtype = torch.ScalarType.Bool, device = startLogits.device)
     let ordered = ones.triu(0L).logical_and (ones.triu(int64 maxLength).logical_not ()) // [S; S]: start <= end < start + maxLength
     let both = allowed.unsqueeze(2L).logical_and (allowed.unsqueeze 1L) // [B; S; S]

@@ -117,7 +117,7 @@ type Conv1D(name: string, inputs: int, outputs: int) as this =
         if merged then invalidOp (sprintf "%s: adapter already merged" name)
         use _ = torch.no_grad ()
         use delta = lora_A.mm lora_B |> mulScalar scale // [in; out]
-        weight.add_ delta |> ignore
+        plus_ weight delta |> ignore
         merged <- true
 
     /// x [.., in] -> [.., out].
@@ -224,7 +224,7 @@ type Gpt2Model(cfg: Gpt2Config) as this =
             let lo, hi = scalar (ids.min ()), scalar (ids.max ())
             if lo < 0.0 || hi >= float cfg.VocabSize then
                 invalidArg "ids" (sprintf "expected token ids in [0, %d), got values in [%g, %g]" cfg.VocabSize lo hi)
-        let pos = torch.arange(ids.shape[1], dtype = torch.ScalarType.Int64, device = ids.device) // [S]
+        let pos = arange 0L ids.shape[1] torch.ScalarType.Int64 ids.device // [S]
         let mutable x = plus (wte.forward ids) (wpe.forward pos) // [B; S; D]
         for b in h do x <- b.forward x
         let x = ln_f.forward x // [B; S; D]

@@ -226,14 +226,9 @@ let private loaderFor (cfg: SummarizerConfig) (path: string) (split: string) : D
 /// (an XSum release folder or split file, one file) is used for all three splits.
 let splitFilesOf (path: string) : SplitFiles =
     if Directory.Exists path then
-        let files = Directory.GetFiles path |> Array.sort
-        let named (prefixes: string list) =
-            files |> Array.tryFind (fun f ->
-                let n = (Path.GetFileName f).ToLowerInvariant()
-                prefixes |> List.exists (fun p -> n.StartsWith(p + ".") || n.StartsWith(p + "-") || n.StartsWith(p + "_")))
-        match named [ "train" ], named [ "validation"; "valid"; "val"; "dev" ], named [ "test" ] with
-        | Some tr, Some va, Some te -> { Train = tr; Valid = va; Test = te }
-        | _ -> { Train = path; Valid = path; Test = path }
+        match Data.splitFolder path with
+        | Some(tr, va, te) -> { Train = tr; Valid = va; Test = te }
+        | None -> { Train = path; Valid = path; Test = path }
     elif File.Exists path then { Train = path; Valid = path; Test = path }
     else invalidArg "path" (sprintf "expected a data file or folder, but %s does not exist" path)
 
@@ -527,8 +522,12 @@ let private writeText (path: string) (text: string) =
 let runWithInit (opts: RunOptions) (resume: bool) (init: (EncoderDecoder -> unit) option) (cfg: SummarizerConfig) : SummaryResult =
     orFail "summarizer config" (SummarizerConfig.validate cfg) cfg |> ignore
     let say (text: string) = if opts.Progress <> Silent then (if isNull opts.Output then Console.Out else opts.Output).WriteLine text
+    let resume = resume || opts.ResumeFrom.IsSome
     let runDir = Path.Combine(cfg.RunsDir, cfg.Name)
-    Directory.CreateDirectory runDir |> ignore
+    use _lock = RunFolder.acquire (sprintf "summarizer run %s" cfg.Name) runDir
+    // Refused or cleared before the data is read, so a mistaken rerun fails at once.
+    if not resume then RunFolder.startFresh opts.Overwrite runDir
+    let opts = { opts with Overwrite = false }
     use prepared = prepare cfg
     let cfg = SummarizerConfig.resolve (prepared.Tokenizer :> ITokenizer).VocabSize cfg
     say (sprintf "data: %d train, %d validation, %d test examples; tokenizer %s"
@@ -548,7 +547,12 @@ let runWithInit (opts: RunOptions) (resume: bool) (init: (EncoderDecoder -> unit
     RunFiles.writeParameters runDir { Total = p.Total; Active = p.Active; Trainable = model.TrainableParameterCount() }
     let t = task cfg prepared model device
     if resume then
-        let saved = (Checkpoint.readMeta (Checkpoint.last runDir)).Tokenizer
+        let newest =
+            match opts.ResumeFrom, Checkpoint.resumeCandidates runDir with
+            | Some path, _ -> path
+            | None, (path :: _, _) -> path
+            | None, ([], _) -> Checkpoint.last runDir
+        let saved = if File.Exists newest then (Checkpoint.readMeta newest).Tokenizer else t.Tokenizer
         if saved <> t.Tokenizer then
             invalidOp (sprintf "cannot resume %s: the tokenizer built from the data now differs from the checkpoint's (the data or tokenizer config changed)" runDir)
     let trained = if resume then Train.Loop.resumeWith opts cfg.Train t runDir else Train.Loop.runWith opts cfg.Train t runDir
@@ -574,7 +578,8 @@ let runWithInit (opts: RunOptions) (resume: bool) (init: (EncoderDecoder -> unit
         say (comparisonTable scores)
         { RunDir = runDir; Train = trained; Scores = Some scores; Checkpoint = ckpt; Notes = prepared.Notes }
 
-/// Trains (or, with `resume`, continues) the run `cfg.RunsDir/cfg.Name`, decodes the test split with the
+/// Trains (or, with `resume`, continues) the run `cfg.RunsDir/cfg.Name` holding the folder's lock (a folder
+/// that already holds a run is refused unless `opts.Overwrite`; see `RunFolder`), decodes the test split with the
 /// best-validation checkpoint, and writes predictions.txt, references.txt, documents.txt, ids.txt,
 /// test_scores.json (model and lead-1) and routing_by_label.json beside the trainer's files.
 let runWith (opts: RunOptions) (resume: bool) (cfg: SummarizerConfig) : SummaryResult = runWithInit opts resume None cfg

@@ -154,13 +154,14 @@ let withLosses (weights: LossWeights) (cfg: SummarizerConfig) : SummarizerConfig
 
 // ---------------------------------------------------------------- running
 
-/// Trains, decodes and scores each config in turn (its run folder is `RunsDir/Name`), saying one line per run.
+/// Trains, decodes and scores each config in turn (its run folder is `RunsDir/Name`, an earlier run there
+/// replaced), saying one line per run.
 let runAll (opts: ExperimentOptions) (configs: SummarizerConfig list) : SummaryResult list =
     let n = configs.Length
     configs
     |> List.mapi (fun i cfg ->
         printfn "[%d/%d] %s ..." (i + 1) n cfg.Name
-        let runOpts = { RunOptions.Defaults with Progress = (if opts.Verbose then Lines else Silent) }
+        let runOpts = { RunOptions.Defaults with Progress = (if opts.Verbose then Lines else Silent); Overwrite = true }
         let r = Summarizer.runWith runOpts false cfg
         printfn "[%d/%d] %s: %d steps in %.0f s" (i + 1) n cfg.Name r.Train.Steps r.Train.ElapsedSeconds
         r)
@@ -686,7 +687,7 @@ let upcycling (opts: ExperimentOptions) : ExperimentResult =
     let withSteps (steps: int) (cfg: SummarizerConfig) = { cfg with Train = { cfg.Train with Steps = steps } }
     let n = stepsOf (base' "dense")
     let m = n
-    let runOpts = { RunOptions.Defaults with Progress = (if opts.Verbose then Lines else Silent) }
+    let runOpts = { RunOptions.Defaults with Progress = (if opts.Verbose then Lines else Silent); Overwrite = true }
     let runOne (i: int) (init: (EncoderDecoder -> unit) option) (cfg: SummarizerConfig) =
         printfn "[%d/4] %s ..." i cfg.Name
         let r = Summarizer.runWithInit runOpts false init cfg

@@ -211,7 +211,7 @@ let private nerForward (model: BiLstmMoe) (set: NerSet) (batch: int[]) =
     let device = deviceOf model
     let ids, lengths = padIds device (batch |> Array.map (fun i -> set.Ids[i]))
     let targets, _ = padIds device (batch |> Array.map (fun i -> set.Tags[i]))
-    let valid = torch.arange(ids.shape[1], device = device).unsqueeze(0L).lt (torch.tensor(lengths, device = device).unsqueeze 1L)
+    let valid = (Tensors.arange 0L ids.shape[1] torch.int64 device).unsqueeze(0L).lt (torch.tensor(lengths, device = device).unsqueeze 1L)
     let targets = Tensors.withInt64Scalar ignoreTag (fun v -> targets.masked_fill (valid.logical_not (), v))
     model.forward (ids, lengths), targets
 
@@ -264,7 +264,7 @@ let private qaForward (model: BiLstmMoe) (set: QaSet) (batch: int[]) =
     let rows = batch |> Array.map (fun i -> set.Examples[i])
     let ids, lengths = padIds device (rows |> Array.map (fun e -> e.Ids))
     let contexts = torch.tensor(rows |> Array.map (fun e -> int64 e.ContextLength), device = device)
-    let allowed = torch.arange(ids.shape[1], device = device).unsqueeze(0L).lt (contexts.unsqueeze 1L) // [B; S]
+    let allowed = (Tensors.arange 0L ids.shape[1] torch.int64 device).unsqueeze(0L).lt (contexts.unsqueeze 1L) // [B; S]
     let out = model.forward (ids, lengths)
     let startLogits = maskSpanLogits allowed (out.Logits.select (2L, 0L)) // [B; S]
     let endLogits = maskSpanLogits allowed (out.Logits.select (2L, 1L)) // [B; S]

@@ -3,10 +3,12 @@
 ///
 /// Runs are started with the grid's `command` (placeholders: `{moe}` the launcher, `{config}` the run's
 /// config file, `{run_dir}`, `{name}`, and `{resume}`, a whole item that becomes `--resume` for an
-/// interrupted run and nothing otherwise), the same command line a Slurm task runs (`Slurm`), so a sweep
-/// behaves alike on a laptop and on a cluster. A run is finished when its folder holds test_scores.json or
-/// the completion marker the sweep writes when the command exits with 0, and interrupted when it holds
-/// checkpoints/last.ckpt.
+/// interrupted run, `--overwrite` for a started one that left files but no checkpoint, and nothing
+/// otherwise), the same command line a Slurm task runs (`Slurm`), so a sweep behaves alike on a laptop and
+/// on a cluster. A run is finished when its folder holds test_scores.json or the completion marker the
+/// sweep writes when the command exits with 0, and interrupted when it holds a checkpoint (checkpoints/*.ckpt).
+/// The sweep holds the lock of its output folder while it runs (`Train.RunFolder`): a second `moe sweep`
+/// of the same grid is refused; each run's own folder is locked by its `moe train`.
 module Moe.Sweep.Runner
 
 open System
@@ -30,14 +32,14 @@ type RunStatus =
     | Finished
 
 /// Written in a run folder when its command exits with 0, by the sweep or by the Slurm task.
-let completionMarker = "sweep-complete.json"
+let completionMarker = Train.RunFolder.completionMarker
 /// The evaluation's output; a run that has it is finished.
 let testScoresName = "test_scores.json"
 
 /// The status of the run folder `runDir`.
 let status (runDir: string) : RunStatus =
     if File.Exists(Path.Combine(runDir, testScoresName)) || File.Exists(Path.Combine(runDir, completionMarker)) then Finished
-    elif File.Exists(Train.Checkpoint.last runDir) then Interrupted
+    elif Directory.Exists(Train.Checkpoint.folder runDir) && Directory.GetFiles(Train.Checkpoint.folder runDir, "*.ckpt").Length > 0 then Interrupted
     elif Directory.Exists runDir then Started
     else NotStarted
 
@@ -60,12 +62,20 @@ let writeConfigs (plan: Plan) (dir: string) : string list =
         File.WriteAllText(path, r.Config.ToJsonString indented + "\n")
         yield path ]
 
+/// What {resume} becomes for a run found in `status`: `--resume` when interrupted, `--overwrite` when
+/// started without a checkpoint but with run files (a start that failed early), nothing otherwise.
+let resumeFlags (status: RunStatus) (runDir: string) : string list =
+    match status with
+    | Interrupted -> [ "--resume" ]
+    | Started when not (Train.RunFolder.existingRun runDir).IsEmpty -> [ "--overwrite" ]
+    | _ -> []
+
 /// The command line of `run` with its placeholders filled: `launcher` for {moe}, `config` for {config},
-/// and `--resume` for {resume} when `resume` is true.
-let commandLine (spec: SweepSpec) (launcher: string) (config: string) (run: Run) (resume: bool) : string list =
+/// and `resume` (see `resumeFlags`) for {resume}.
+let commandLine (spec: SweepSpec) (launcher: string) (config: string) (run: Run) (resume: string list) : string list =
     spec.Command
     |> List.collect (fun token ->
-        if token = "{resume}" then (if resume then [ "--resume" ] else [])
+        if token = "{resume}" then resume
         else
             [ token.Replace("{moe}", launcher).Replace("{config}", config).Replace("{run_dir}", run.RunDir).Replace("{name}", run.Name) ])
 
@@ -147,6 +157,7 @@ let private runProcess (argv: string list) (out: TextWriter) (logPath: string) :
 /// marker. A failed run is reported and the sweep goes on (unless `StopOnFailure`).
 let runAll (opts: SweepOptions) (plan: Plan) : Outcome list =
     let spec = plan.Spec
+    use _lock = Train.RunFolder.acquire (sprintf "moe sweep %s" spec.Name) spec.OutputDir
     let configs = writeConfigs plan (Path.Combine(spec.OutputDir, "configs"))
     let total = plan.Runs.Length
     let mutable stop = false
@@ -161,9 +172,9 @@ let runAll (opts: SweepOptions) (plan: Plan) : Outcome list =
                 say "finished, skipped"
                 yield { Run = run; Before = before; ExitCode = None; Seconds = 0.0; Message = "finished, skipped" }
             | _ ->
-                let resume = (before = Interrupted)
+                let resume = resumeFlags before run.RunDir
                 let argv = commandLine spec opts.Launcher (Path.GetFullPath config) run resume
-                say (sprintf "%s: %s" (if resume then "resuming" else "starting") (String.concat " " argv))
+                say (sprintf "%s: %s" (if before = Interrupted then "resuming" else "starting") (String.concat " " argv))
                 let clock = Stopwatch.StartNew()
                 let code, message =
                     try

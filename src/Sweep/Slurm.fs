@@ -44,11 +44,22 @@ type SlurmFiles =
       /// index, name, config, run folder: one line per run, tab-separated.
       RunList: string }
 
+/// Seconds before the time limit at which Slurm sends the batch shell SIGUSR1 (`--signal=B:USR1@N`): time
+/// for the step in flight, a checkpoint write and the requeue.
+let warningSeconds = 300
+
 /// Writes into `dir` one config file per run (`configs/<run>.json`), `runs.tsv`, a `logs/` folder and
 /// `<name>.sbatch`: a Slurm job array (`--array=0-(n-1)`) whose task i `cd`s to `workDir` (or $MOE_ROOT),
 /// the folder relative paths of the sweep mean the same from, skips run i when it is finished, adds
 /// `--resume` when it has a checkpoint, runs the sweep's command with `{moe}` = `$MOE` or `launcher`, and
 /// writes the completion marker when the command succeeds. `./moe sweep GRID --collect` reads the results.
+///
+/// Preemption: the script asks for `--requeue`, `--open-mode=append` (a requeued task appends to its log)
+/// and `--signal=B:USR1@warningSeconds`. It runs the command in the background and forwards SIGUSR1,
+/// SIGTERM and SIGINT to it (so `scancel`, `scancel --batch`, preemption and the time limit reach the
+/// trainer, which checkpoints at its next step boundary and exits); after SIGUSR1, the time-limit warning,
+/// it requeues its own task (`scontrol requeue $SLURM_JOB_ID`), and the requeued task resumes from the
+/// checkpoint by itself (`--resume` when the run folder holds one).
 let emitSlurm (plan: Plan) (dir: string) (workDir: string) (launcher: string) : SlurmFiles =
     let spec = plan.Spec
     let root = Path.GetFullPath workDir
@@ -73,6 +84,9 @@ let emitSlurm (plan: Plan) (dir: string) (workDir: string) (launcher: string) : 
           sprintf "#SBATCH --job-name=moe-%s" spec.Name
           sprintf "#SBATCH --array=0-%d" (n - 1)
           sprintf "#SBATCH --output=%s/%%x-%%A_%%a.out" logs
+          "#SBATCH --open-mode=append"
+          "#SBATCH --requeue"
+          sprintf "#SBATCH --signal=B:USR1@%d" warningSeconds
           for o in spec.SlurmOptions do sprintf "#SBATCH %s" o
           "set -euo pipefail"
           // Unquoted ${..:-'word'} in an assignment: no splitting, and the single-quoted default stays literal.
@@ -94,10 +108,37 @@ let emitSlurm (plan: Plan) (dir: string) (workDir: string) (launcher: string) : 
           "  echo \"moe sweep: $name is finished; nothing to do\""
           "  exit 0"
           "fi"
+          "# As Runner.resumeFlags: --resume with a checkpoint, --overwrite for a start that failed before its first one."
           "resume=()"
-          sprintf "if [ -f \"$run_dir/checkpoints/%s\" ]; then resume=(--resume); fi" Train.Checkpoint.lastName
-          "echo \"moe sweep: task $task runs $name\""
-          spec.Command |> List.map bashWord |> String.concat " "
+          "if compgen -G \"$run_dir/checkpoints/*.ckpt\" > /dev/null; then resume=(--resume)"
+          sprintf "elif [ -s \"$run_dir/%s\" ] || [ -s \"$run_dir/predictions.txt\" ]; then resume=(--overwrite); fi" Train.RunFiles.metricsName
+          "echo \"moe sweep: task $task runs $name ${resume[*]+${resume[*]}} (attempt ${SLURM_RESTART_COUNT:-0})\""
+          "# Signals reach the trainer: Slurm signals this shell (B:USR1 before the time limit, TERM on scancel --batch),"
+          "# so the command runs in the background and each signal is forwarded; the trainer checkpoints and exits."
+          "got=''"
+          "child=''"
+          "forward() { got=\"$1\"; if [ -n \"$child\" ]; then kill -s \"$1\" \"$child\" 2>/dev/null || true; fi; }"
+          "trap 'forward USR1' USR1"
+          "trap 'forward TERM' TERM"
+          "# A background command of a script ignores SIGINT, so an interrupt is forwarded as SIGTERM."
+          "trap 'forward TERM' INT"
+          "set +e"
+          (spec.Command |> List.map bashWord |> String.concat " ") + " &"
+          "child=$!"
+          "# wait returns early when a trapped signal arrives; wait again until the trainer has exited."
+          "while kill -0 \"$child\" 2>/dev/null; do wait \"$child\"; done"
+          "wait \"$child\""
+          "status=$?"
+          "set -e"
+          "if [ \"$got\" = USR1 ]; then"
+          "  echo \"moe sweep: $name stopped before the time limit (exit $status); requeueing task $task\""
+          "  if [ -n \"${SLURM_JOB_ID:-}\" ]; then scontrol requeue \"$SLURM_JOB_ID\"; fi"
+          "  exit 0"
+          "fi"
+          "if [ \"$status\" -ne 0 ]; then"
+          "  echo \"moe sweep: $name exited with $status${got:+ after SIG$got}\" >&2"
+          "  exit \"$status\""
+          "fi"
           "mkdir -p \"$run_dir\""
           sprintf "printf '{\"run\":\"%%s\",\"exit_code\":0,\"finished_utc\":\"%%s\"}\\n' \"$name\" \"$(date -u +%%Y-%%m-%%dT%%H:%%M:%%SZ)\" > \"$run_dir/%s\"" completionMarker ]
         |> String.concat "\n"

@@ -517,6 +517,26 @@ let private readAligned (path: string) (cfg: DataConfig) (notes: Notes) : seq<Ra
                       Document = doc; Summary = snd r.Current; Label = None }
     }
 
+/// The train, validation and test files of a split folder: files named train*, validation*/valid*/val*/dev*
+/// and test* (the word, then `.`, `-` or `_`: Hugging Face's `train-00000-of-00001.parquet`, `train.jsonl`);
+/// None when `path` is not a folder holding all three.
+let splitFolder (path: string) : (string * string * string) option =
+    if not (Directory.Exists path) then None
+    else
+        let files = Directory.GetFiles path |> Array.sort
+        let named (prefixes: string list) =
+            files |> Array.tryFind (fun f ->
+                let n = (Path.GetFileName f).ToLowerInvariant()
+                prefixes |> List.exists (fun p -> n.StartsWith(p + ".") || n.StartsWith(p + "-") || n.StartsWith(p + "_")))
+        match named [ "train" ], named [ "validation"; "valid"; "val"; "dev" ], named [ "test" ] with
+        | Some tr, Some va, Some te -> Some(tr, va, te)
+        | _ -> None
+
+/// The folder layouts the loaders read, for messages about a folder they cannot.
+let folderLayouts =
+    sprintf "train*/validation*/test* files (a split folder, read split by split), %s/ (an XSum release) or documents.txt + references.txt (aligned lines)"
+        XsumSummaryDirName
+
 /// The format a path implies: by extension for files, by the files a folder holds.
 let detectFormat (path: string) : Format =
     if Directory.Exists path then
@@ -524,8 +544,8 @@ let detectFormat (path: string) : Format =
            || Directory.Exists(Path.Combine(path, XsumSummaryDirName)) then XsumRaw
         elif File.Exists(Path.Combine(path, "documents.txt")) && File.Exists(Path.Combine(path, "references.txt")) then AlignedLines
         else
-            fail path None (sprintf "cannot tell the format of this folder: expected %s/ (XSum release) or documents.txt + references.txt (aligned lines); pass --format %s"
-                                XsumSummaryDirName Format.names)
+            fail path None (sprintf "cannot tell the format of this folder: expected %s; or pass --format %s"
+                                folderLayouts Format.names)
     elif not (File.Exists path) then fail path None "file or folder not found"
     else
         match Path.GetExtension(path).ToLowerInvariant() with
@@ -594,6 +614,9 @@ type ExampleReader(cfg: DataConfig, path: string) =
         | [] -> ()
         | problems -> invalidArg "cfg" ("invalid data config: " + String.Join("; ", problems))
     let format = match cfg.Format with Some f -> f | None -> detectFormat path
+    do
+        if Directory.Exists path && format <> XsumRaw && format <> AlignedLines then
+            fail path None (sprintf "expected a %s file, but this is a folder; a folder holds %s" (Format.name format) folderLayouts)
     let mutable counts = Counts()
     let mutable notes = Notes()
     let missing = ref 0

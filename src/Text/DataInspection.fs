@@ -94,6 +94,13 @@ let inspect (cfg: DataConfig) (path: string) : Inspection =
     let t = tally r.Examples
     inspection r.Report t
 
+/// Inspects a data path as `moe train --data` reads it: a split folder (`Data.splitFolder`) gives one
+/// inspection per split, named train, validation and test; any other path one, named "".
+let inspectPath (cfg: DataConfig) (path: string) : (string * Inspection) list =
+    match splitFolder path with
+    | Some(train, valid, test) -> [ "train", inspect cfg train; "validation", inspect cfg valid; "test", inspect cfg test ]
+    | None -> [ "", inspect cfg path ]
+
 /// A plain-text rendering of an inspection, as `moe data inspect` prints it.
 let formatInspection (i: Inspection) : string =
     let r = i.Report

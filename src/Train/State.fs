@@ -83,17 +83,27 @@ type RunOptions =
       /// Called after every optimizer step.
       OnStep: StepReport -> unit
       /// Stops after the current step, writing a checkpoint.
-      Cancel: CancellationToken }
+      Cancel: CancellationToken
+      /// A fresh run replaces a run already in its folder (otherwise it refuses; see `RunFolder.startFresh`).
+      Overwrite: bool
+      /// Checkpoints kept besides best.ckpt: last.ckpt and the `KeepCheckpoints - 1` before it (step-N.ckpt).
+      KeepCheckpoints: int
+      /// A resume starts from this checkpoint file instead of the newest loadable one of the run folder.
+      ResumeFrom: string option }
 
     static member Defaults =
-        { Progress = Auto; Output = Console.Out; OnStep = ignore; Cancel = CancellationToken.None }
+        { Progress = Auto; Output = Console.Out; OnStep = ignore; Cancel = CancellationToken.None
+          Overwrite = false; KeepCheckpoints = 2; ResumeFrom = None }
 
     /// Options from .NET delegates (for C#); a null writer or callback takes the default.
     static member Create(progress: ProgressMode, output: TextWriter, onStep: Action<StepReport>, cancel: CancellationToken) =
         { Progress = progress
           Output = (if isNull output then Console.Out else output)
           OnStep = (if isNull onStep then ignore else fun r -> onStep.Invoke r)
-          Cancel = cancel }
+          Cancel = cancel
+          Overwrite = false
+          KeepCheckpoints = RunOptions.Defaults.KeepCheckpoints
+          ResumeFrom = None }
 
 /// The outcome of `run` / `resume`.
 type TrainResult =

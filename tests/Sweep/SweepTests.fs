@@ -389,6 +389,72 @@ let tests =
                 Expect.equal tsv.Length 5 "header and one line per run"
                 Expect.stringStarts tsv[2] ("1\t" + plan.Runs[1].Name + "\t") "run list")
 
+        testCase "a Slurm task forwards SIGUSR1 to the trainer and requeues itself, forwards SIGTERM without; the requeued task resumes" <| fun () ->
+            withTemp (fun dir ->
+                let root = Path.Combine(dir, "repo")
+                Directory.CreateDirectory root |> ignore
+                let plan = loadOk dir (smallGrid root "")
+                let files = emitSlurm plan (Path.Combine(root, "slurm")) root (Path.Combine(root, "moe"))
+                let script = File.ReadAllText files.Script
+                for line in [ "#SBATCH --requeue"; "#SBATCH --open-mode=append"; sprintf "#SBATCH --signal=B:USR1@%d" warningSeconds
+                              "trap 'forward USR1' USR1"; "trap 'forward TERM' TERM"; "scontrol requeue \"$SLURM_JOB_ID\"" ] do
+                    Expect.stringContains script line (sprintf "the script has %s" line)
+                // A stand-in trainer: records its arguments; a --resume call finishes, any other waits for a
+                // signal, then writes a checkpoint and exits with 128 + the signal's number, as moe train does.
+                let trainer =
+                    write dir "trainer.sh" (String.concat "\n" [
+                        "#!/usr/bin/env bash"
+                        sprintf "echo \"$*\" >> '%s/calls'" dir
+                        "run_dir=\"${@: -1}\""
+                        "if [ \"$run_dir\" = --resume ]; then exit 0; fi"
+                        "stop() { echo \"$1\" >> \"" + dir + "/signals\"; mkdir -p \"$run_dir/checkpoints\"; echo ckpt > \"$run_dir/checkpoints/last.ckpt\"; exit \"$2\"; }"
+                        "trap 'stop USR1 138' USR1"
+                        "trap 'stop TERM 143' TERM"
+                        sprintf "touch '%s/started'" dir
+                        "while :; do sleep 0.05; done" ])
+                let bin = Path.Combine(dir, "bin")
+                Directory.CreateDirectory bin |> ignore
+                let scontrol = write bin "scontrol" (sprintf "#!/usr/bin/env bash\necho \"$*\" >> '%s/scontrol'\n" dir)
+                for f in [ trainer; scontrol ] do File.SetUnixFileMode(f, File.GetUnixFileMode f ||| UnixFileMode.UserExecute)
+                let lines (name: string) = let p = Path.Combine(dir, name) in if File.Exists p then File.ReadAllLines p |> List.ofArray else []
+                let task (index: int) (signal: string option) =
+                    File.Delete(Path.Combine(dir, "started"))
+                    let psi = Diagnostics.ProcessStartInfo("bash", UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true)
+                    psi.ArgumentList.Add files.Script
+                    for k, v in [ "SLURM_ARRAY_TASK_ID", string index; "SLURM_JOB_ID", "4242"; "MOE", trainer; "MOE_ROOT", root
+                                  "PATH", bin + ":" + Environment.GetEnvironmentVariable "PATH" ] do
+                        psi.Environment[k] <- v
+                    use p = Diagnostics.Process.Start psi
+                    let out = p.StandardOutput.ReadToEndAsync()
+                    let err = p.StandardError.ReadToEndAsync()
+                    match signal with
+                    | Some name ->
+                        let clock = Diagnostics.Stopwatch.StartNew()
+                        while not (File.Exists(Path.Combine(dir, "started"))) && clock.Elapsed.TotalSeconds < 30.0 do Threading.Thread.Sleep 10
+                        let rc, o = bash dir [] [ "-c"; sprintf "kill -s %s %d" name p.Id ]
+                        Expect.equal rc 0 o
+                    | None -> ()
+                    if not (p.WaitForExit 30_000) then (p.Kill true; failtest "the task did not exit")
+                    p.ExitCode, out.Result + err.Result
+                // The time-limit warning: forwarded, checkpointed, requeued, no completion marker.
+                let rc, out = task 0 (Some "USR1")
+                Expect.equal rc 0 (sprintf "a requeued task exits 0; output:\n%s" out)
+                Expect.equal (lines "signals") [ "USR1" ] "the trainer got SIGUSR1"
+                Expect.equal (lines "scontrol") [ "requeue 4242" ] "the task requeued itself"
+                Expect.stringContains out "requeueing task 0" "and said so"
+                Expect.equal (status plan.Runs[0].RunDir) Interrupted "interrupted, with its checkpoint"
+                // The requeued task resumes by itself and completes.
+                let rc, out = task 0 None
+                Expect.equal rc 0 out
+                Expect.equal (lines "calls" |> List.last |> fun c -> c.EndsWith "--resume") true "the second attempt resumes"
+                Expect.equal (status plan.Runs[0].RunDir) Finished "and completes"
+                // scancel: SIGTERM is forwarded, the task ends with the trainer's code and is not requeued.
+                let rc, out = task 1 (Some "TERM")
+                Expect.equal rc 143 (sprintf "exit code of the stopped trainer; output:\n%s" out)
+                Expect.equal (lines "signals") [ "USR1"; "TERM" ] "the trainer got SIGTERM"
+                Expect.equal (lines "scontrol") [ "requeue 4242" ] "no requeue after SIGTERM"
+                Expect.equal (status plan.Runs[1].RunDir) Interrupted "resumable later")
+
         testCase "a config that names its run folder gets each run's name and runs_dir; the sweep alone sets them" <| fun () ->
             withTemp (fun dir ->
                 let runs = Path.Combine(dir, "runs")
