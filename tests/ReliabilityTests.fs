@@ -36,10 +36,12 @@ let private withRuns (body: string -> unit) =
     finally (try Directory.Delete(dir, true) with _ -> ())
 
 /// `./moe train` of the tiny run `name` under `runs`, with `extra` flags, started in the background; the
-/// launcher execs dotnet, so the process id is the trainer's.
+/// launcher execs dotnet, so the process id is the trainer's. SIGINT's disposition is reset to the default
+/// first (coreutils `env --default-signal`): a test run started as a background job of a non-interactive
+/// shell inherits SIGINT ignored, and .NET leaves a signal ignored at start-up ignored.
 let private startTrain (runs: string) (name: string) (extra: string list) : Process =
-    let psi = ProcessStartInfo("bash", UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = repoRoot)
-    for a in [ launcher; "train" ] @ tiny @ [ "--runs-dir"; runs; "--name"; name ] @ extra do psi.ArgumentList.Add a
+    let psi = ProcessStartInfo("env", UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = repoRoot)
+    for a in [ "--default-signal=INT"; "bash"; launcher; "train" ] @ tiny @ [ "--runs-dir"; runs; "--name"; name ] @ extra do psi.ArgumentList.Add a
     Process.Start psi
 
 /// Waits for `p` to exit; its exit code and output (stdout then stderr).
