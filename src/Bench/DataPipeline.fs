@@ -57,13 +57,13 @@ let private text (corpus: Corpus.CorpusConfig) (index: int) (words: int) : strin
     String.Join(" ", taken)
 
 /// Example `index` of the generated corpus: a document and a summary whose word counts are drawn from
-/// `cfg.Words` (lengths as `GeneratedTokens` draws them), made on demand from (seed, index).
+/// `cfg.Words` (`LengthModel.draw`, as `GeneratedTokens` draws token lengths), made on demand from (seed, index).
 let generatedExample (cfg: DataBenchConfig) (index: int) : Example =
-    let lengths = GeneratedTokens(1, Tokenizers.SpecialCount + 1, cfg.Words, cfg.Seed + index) :> ITokenSource
+    let documentWords, summaryWords = LengthModel.draw cfg.Words cfg.Seed index
     let corpus = { Corpus.CorpusConfig.defaults with Seed = cfg.Seed }
     { Id = sprintf "generated-%d" index
-      Document = text corpus (2 * index) (lengths.SourceLength 0)
-      Summary = text corpus (2 * index + 1) (lengths.TargetLength 0)
+      Document = text corpus (2 * index) documentWords
+      Summary = text corpus (2 * index + 1) summaryWords
       Label = None }
 
 /// What the pipeline cost.

@@ -80,6 +80,11 @@ let private procStatusKb (field: string) : int64 option =
     |> Array.tryFind (fun l -> l.StartsWith(field + ":"))
     |> Option.map (fun l -> l.Substring(field.Length + 1).Trim().Split(' ')[0] |> int64)
 
+/// This process's peak resident set so far in MiB (VmHWM), or None off Linux.
+let peakRssMb () : float option =
+    if not (File.Exists "/proc/self/status") then None
+    else procStatusKb "VmHWM" |> Option.map (fun kb -> float kb * 1024.0 / bytesPerMib)
+
 /// True where the kernel lets a process reset its resident high-water mark (Linux, /proc/self/clear_refs).
 let canMeasurePeakRss () : bool =
     OperatingSystem.IsLinux() && File.Exists "/proc/self/clear_refs" && File.Exists "/proc/self/status"

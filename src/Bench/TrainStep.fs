@@ -7,7 +7,6 @@ module Moe.Bench.TrainStep
 
 open System
 open System.Diagnostics
-open System.IO
 open TorchSharp
 open Moe
 open Moe.Tensors
@@ -80,6 +79,21 @@ module LengthModel =
     /// fit: median 364, log sd 0.77); summaries median 26 (fit: median 25, log sd 0.26).
     let xsum = { Source = { Median = 364.0; LogSd = 0.77 }; Target = { Median = 25.0; LogSd = 0.26 } }
 
+    /// The generator of stream `stream` of example `index`: seeded from a fixed mix of (seed, index, stream),
+    /// never HashCode (randomised per process), so every process draws the same.
+    let rngFor (seed: int) (index: int) (stream: int) : Random =
+        Random(int (Native.stepSeed seed (index * 2 + stream) &&& 0x7FFFFFFFL))
+
+    /// The (document, summary) lengths of example `index`, at least 1 each.
+    let draw (model: LengthModel) (seed: int) (index: int) : int * int =
+        let rng = rngFor seed index 0
+        let one (d: LogNormal) =
+            // Box-Muller: one standard normal from two uniforms.
+            let z = sqrt (-2.0 * log (1.0 - rng.NextDouble())) * cos (2.0 * Math.PI * rng.NextDouble())
+            max 1 (int (Math.Round(d.Median * exp (d.LogSd * z))))
+        let source = one model.Source
+        source, one model.Target
+
 /// `count` tokenized examples with lengths drawn from `lengths` and ids uniform over the regular ids of a
 /// `vocabSize` vocabulary: the shapes of a real corpus without its text. Lengths are drawn once (two ints per
 /// example); ids are made on each read from (seed, index), so the same seed gives the same batches in every
@@ -89,14 +103,7 @@ type GeneratedTokens(count: int, vocabSize: int, lengths: LengthModel, seed: int
         if count < 1 then invalidArg "count" (sprintf "expected count >= 1, got %d" count)
         if vocabSize <= Tokenizers.SpecialCount then
             invalidArg "vocabSize" (sprintf "expected a vocabulary larger than the %d special ids, got %d" Tokenizers.SpecialCount vocabSize)
-    // Seeds per (seed, index, stream) from a fixed mix, never HashCode (randomised per process).
-    let rngFor (index: int) (stream: int) = Random(int (Native.stepSeed seed (index * 2 + stream) &&& 0x7FFFFFFFL))
-    let draw (rng: Random) (d: LogNormal) =
-        // Box-Muller: one standard normal from two uniforms.
-        let z = sqrt (-2.0 * log (1.0 - rng.NextDouble())) * cos (2.0 * Math.PI * rng.NextDouble())
-        max 1 (int (Math.Round(d.Median * exp (d.LogSd * z))))
-    let sourceLengths, targetLengths =
-        Array.init count (fun i -> let rng = rngFor i 0 in draw rng lengths.Source, draw rng lengths.Target) |> Array.unzip
+    let sourceLengths, targetLengths = Array.init count (LengthModel.draw lengths seed) |> Array.unzip
     member _.VocabSize = vocabSize
     interface Batching.ITokenSource with
         member _.Count = count
@@ -104,7 +111,7 @@ type GeneratedTokens(count: int, vocabSize: int, lengths: LengthModel, seed: int
         member _.SourceLength i = sourceLengths[i]
         member _.TargetLength i = targetLengths[i]
         member _.Read i =
-            let rng = rngFor i 1
+            let rng = LengthModel.rngFor seed i 1
             let ids n = Array.init n (fun _ -> rng.Next(Tokenizers.SpecialCount, vocabSize))
             let doc = ids sourceLengths[i]
             doc, ids targetLengths[i]
@@ -194,14 +201,6 @@ type CpuTimes = { UserS: float; SystemS: float }
 let cpuTimes () : CpuTimes =
     use p = Process.GetCurrentProcess()
     { UserS = p.UserProcessorTime.TotalSeconds; SystemS = p.PrivilegedProcessorTime.TotalSeconds }
-
-/// This process's peak resident set so far in MiB (VmHWM), or None off Linux.
-let peakRssMb () : float option =
-    if not (File.Exists "/proc/self/status") then None
-    else
-        File.ReadAllLines "/proc/self/status"
-        |> Array.tryFind (fun l -> l.StartsWith "VmHWM:")
-        |> Option.map (fun l -> float (l.Substring(6).Trim().Split(' ')[0] |> int64) / 1024.0)
 
 /// What one training step costs.
 type TrainStepReport =

@@ -415,10 +415,10 @@ let tests =
                 let folder = Path.Combine(Path.GetTempPath(), "moe-bench-data-tests", Guid.NewGuid().ToString("N"))
                 let cfg = { DataPipeline.DataBenchConfig.defaults with Documents = 300; Folder = folder }
                 let e = DataPipeline.generatedExample cfg 5
-                let lengths = GeneratedTokens(1, Tokenizers.SpecialCount + 1, cfg.Words, cfg.Seed + 5) :> Batching.ITokenSource
+                let documentWords, summaryWords = LengthModel.draw cfg.Words cfg.Seed 5
                 let words (s: string) = s.Split(' ', StringSplitOptions.RemoveEmptyEntries).Length
-                Expect.equal (words e.Document) (lengths.SourceLength 0) "document words as drawn"
-                Expect.equal (words e.Summary) (lengths.TargetLength 0) "summary words as drawn"
+                Expect.equal (words e.Document) documentWords "document words as drawn"
+                Expect.equal (words e.Summary) summaryWords "summary words as drawn"
                 Expect.equal (DataPipeline.generatedExample cfg 5) e "a function of (seed, index)"
                 try
                     let r = DataPipeline.run cfg ignore
