@@ -24,6 +24,7 @@ Moe.Startup.initialise ()
 #load "../src/Models/Attention.fs"
 #load "../src/Models/Models.fs"
 #load "../src/Models/Upcycle.fs"
+#load "../src/Models/Seq2Seq.fs"
 #load "../src/Models/Generate.fs"
 #load "../src/Models/Recurrent.fs"
 #load "../src/Pretrained/Safetensors.fs"
