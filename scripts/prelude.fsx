@@ -18,6 +18,7 @@ Moe.Startup.initialise ()
 #load "../src/Core/Tensors.fs"
 #load "../src/Core/Config.fs"
 #load "../src/Core/Json.fs"
+#load "../src/Core/HfConfig.fs"
 #load "../src/Core/FusedExperts.fs"
 #load "../src/Routing.fs"
 #load "../src/Layers.fs"
