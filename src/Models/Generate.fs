@@ -377,21 +377,25 @@ module GenerationConfig =
               "decoder_start_token_id or bos_token_id has to be defined for encoder-decoder generation"
           for id in cfg.EosTokenId do yield! inVocab "eos_token_id" id
           yield! cfg.PadTokenId |> Option.map (inVocab "pad_token_id") |> Option.defaultValue []
-          if cfg.NumBeams > 1 && (cfg.EosTokenId.IsEmpty || (cfg.PadTokenId.IsNone && cfg.EosTokenId.IsEmpty)) then
-              "beam search needs eos_token_id"
           if not (cfg.RepetitionPenalty > 0.0) then sprintf "repetition_penalty must be > 0, got %g" cfg.RepetitionPenalty
-          if not (cfg.Temperature > 0.0) then sprintf "temperature must be > 0, got %g" cfg.Temperature
-          if cfg.TopK < 0 then sprintf "top_k must be >= 0, got %d" cfg.TopK
-          if not (cfg.TopP >= 0.0 && cfg.TopP <= 1.0) then sprintf "top_p must be in [0, 1], got %g" cfg.TopP
+          // transformers checks the sampling settings only when it samples
+          if cfg.DoSample && not (cfg.Temperature > 0.0) then sprintf "temperature must be > 0 when sampling, got %g" cfg.Temperature
+          if cfg.DoSample && cfg.TopK < 0 then sprintf "top_k must be >= 0, got %d" cfg.TopK
+          if cfg.DoSample && not (cfg.TopP >= 0.0 && cfg.TopP <= 1.0) then sprintf "top_p must be in [0, 1], got %g" cfg.TopP
           if cfg.DoSample && cfg.NumBeams > 1 then
               "do_sample with num_beams > 1 (beam sampling) is not implemented: use num_beams = 1 or do_sample = false"
           if cfg.NumReturnSequences < 1 then sprintf "num_return_sequences must be >= 1, got %d" cfg.NumReturnSequences
           elif cfg.NumBeams = 1 && not cfg.DoSample && cfg.NumReturnSequences > 1 then
               "greedy search (num_beams = 1, do_sample = false) does not support num_return_sequences > 1"
           elif cfg.NumBeams > 1 && cfg.NumReturnSequences > cfg.NumBeams then
-              sprintf "num_return_sequences (%d) must be <= num_beams (%d)" cfg.NumReturnSequences cfg.NumBeams
-          if cfg.EarlyStopping = EarlyStopping.Never && cfg.NumBeams > 1 && cfg.LengthPenalty > 0.0 && effectiveMaxLength cfg <= 1 then
-              "early_stopping \"never\" with length_penalty > 0 needs max_length > 1" ]
+              sprintf "num_return_sequences (%d) must be <= num_beams (%d)" cfg.NumReturnSequences cfg.NumBeams ]
+
+    /// Plain greedy search with `cfg`'s token ids and lengths: one beam, no sampling, no min length, no
+    /// forced tokens, no n-gram blocking, no repetition penalty; stops at EOS or max_length / max_new_tokens.
+    let greedyOf (cfg: GenerationConfig) : GenerationConfig =
+        { cfg with
+            NumBeams = 1; DoSample = false; NumReturnSequences = 1; MinLength = 0; MinNewTokens = None
+            ForcedBosTokenId = None; ForcedEosTokenId = []; NoRepeatNgramSize = 0; RepetitionPenalty = 1.0 }
 
     // ------------------------------------------------------------ names, values, files
 

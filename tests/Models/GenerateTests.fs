@@ -282,6 +282,15 @@ let tests =
                 Expect.throws (fun () -> GenerationConfig.set "NumBeams=two" set |> ignore) "bad value"
                 File.WriteAllText(Path.Combine(dir, "generation_config.json"), """{"num_beam_groups": 2, "decoder_start_token_id": 0}""")
                 Expect.throws (fun () -> GenerationConfig.load dir |> ignore) "unsupported field refused"
+                File.WriteAllText(Path.Combine(dir, "config.json"),
+                    """{"model_type": "t5", "decoder_start_token_id": 0, "task_specific_params": {"summarization":
+                        {"early_stopping": true, "length_penalty": 2.0, "max_length": 200, "min_length": 30, "num_beams": 4, "prefix": "summarize: "}}}""")
+                let t5 = GenerationConfig.ofModelConfigFile (Path.Combine(dir, "config.json"))
+                Expect.equal (t5.NumBeams, t5.MaxLength, t5.EosTokenId, t5.PadTokenId) (1, 20, [ 1 ], Some 0) "generate ignores task_specific_params"
+                let summarize, prefix = GenerationConfig.withTaskParams (Path.Combine(dir, "config.json")) "summarization" t5
+                Expect.equal (summarize.NumBeams, summarize.LengthPenalty, summarize.MinLength, summarize.MaxLength, summarize.EarlyStopping, prefix)
+                    (4, 2.0, 30, 200, EarlyStopping.Eager, Some "summarize: ") "the summarization pipeline's settings"
+                Expect.throws (fun () -> GenerationConfig.withTaskParams (Path.Combine(dir, "config.json")) "translation" t5 |> ignore) "absent task"
                 let problems = GenerationConfig.validate vocab { baseConfig with NumBeams = 0; TopP = 2.0; DoSample = true; NumReturnSequences = 0 }
                 Expect.equal problems.Length 3 (sprintf "every problem at once: %A" problems)
             finally
