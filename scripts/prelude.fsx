@@ -30,6 +30,8 @@ Moe.Startup.initialise ()
 #load "../src/Models/Recurrent.fs"
 #load "../src/Pretrained/Safetensors.fs"
 #load "../src/Pretrained/Gpt2.fs"
+#load "../src/Pretrained/Bart.fs"
+#load "../src/Pretrained/Pegasus.fs"
 #load "../src/Text/Tokenizers.fs"
 #load "../src/Text/TextTools.fs"
 #load "../src/Text/Data.fs"
