@@ -12,6 +12,8 @@ open TorchSharp
 open TorchSharp.Modules
 open type TorchSharp.torch.nn
 open Moe.Tensors
+open Moe.Config
+open Moe.Layers
 open Moe.Attention
 open Moe.Models
 open Moe.Seq2Seq
@@ -78,7 +80,10 @@ type BartConfig =
       /// The first decoder input (shift_tokens_right puts it before the labels).
       DecoderStartTokenId: int
       /// Standard deviation of freshly initialised weights (init_std).
-      InitStd: float }
+      InitStd: float
+      /// The router of the MoE layers that replace every feed-forward sublayer after sparse upcycling
+      /// (`upcycle`); None for the dense model a checkpoint holds.
+      Moe: RouterConfig option }
 
 /// LayerNorm epsilon: nn.LayerNorm's default, which both families use (no config field).
 let layerNormEps = 1e-5
@@ -165,7 +170,8 @@ module BartConfig =
               ScaleEmbedding = r.BoolOr("scale_embedding", false)
               PadTokenId = r.IntOr("pad_token_id", pad)
               DecoderStartTokenId = r.IntOr("decoder_start_token_id", start)
-              InitStd = r.FloatOr("init_std", 0.02) }
+              InitStd = r.FloatOr("init_std", 0.02)
+              Moe = None }
         if not (List.contains cfg.Activation supportedActivations) then
             r.Unsupported("activation_function", String.Join(", ", supportedActivations))
         for field, expected in legacyLayoutFields layout do
@@ -246,9 +252,34 @@ type BartAttention(name: string, dModel: int, heads: int, dropout: float) as thi
         let mask = if isNull memoryValid then None else Some(keyPaddingMask memoryValid)
         (attendProject mask q k v).MoveToOuterDisposeScope()
 
+/// The value of the constant hidden unit that carries fc2's bias through an upcycled expert (see
+/// `moeConfig`): a power of two that relu and gelu both return exactly in float32 (gelu(16) = 16 Phi(16) = 16),
+/// so bias / 16 * 16 is the bias bit for bit.
+let private biasUnitInput = 16.0
+
+/// The toolkit's expert activation for a transformers activation name, for upcycling.
+let private expertActivation (name: string) : Activation =
+    match name with
+    | "gelu" -> GELU
+    | "relu" -> ReLU
+    | other -> invalidArg "name" (sprintf "upcycling needs an activation the toolkit's experts have (gelu, relu); activation_function is %s" other)
+
+/// The MoE layer that replaces a feed-forward sublayer of width F after upcycling. The toolkit's experts
+/// have no biases, so fc1's and fc2's ride on one extra input coordinate fixed at 1: experts see (x, 1)
+/// (D + 1 wide, so the router also gets a per-expert bias), W1 [D + 1; F + 1] holds fc1's bias in its last
+/// row, and the extra hidden unit, fed only by that coordinate with weight `biasUnitInput`, carries fc2's
+/// bias through the last row of W2 [F + 1; D + 1]. The extra output coordinate is dropped.
+let moeConfig (cfg: BartConfig) (isDecoder: bool) (router: RouterConfig) : MoeConfig =
+    { ModelDim = cfg.DModel + 1
+      ExpertHidden = (if isDecoder then cfg.DecoderFfnDim else cfg.EncoderFfnDim) + 1
+      Activation = expertActivation cfg.Activation
+      Router = router
+      SharedExperts = 0 }
+
 /// One encoder layer (self-attention, feed-forward) or decoder layer (causal self-attention, cross-attention,
 /// feed-forward), named as transformers' BartEncoderLayer / BartDecoderLayer. Each sublayer is wrapped as the
-/// layout says: post-LN LN(x + drop(f x)) (BART) or pre-LN x + drop(f (LN x)) (Pegasus).
+/// layout says: post-LN LN(x + drop(f x)) (BART) or pre-LN x + drop(f (LN x)) (Pegasus). After upcycling the
+/// feed-forward sublayer is the toolkit's MoE layer `moe` instead of fc1 and fc2.
 type BartLayer(name: string, cfg: BartConfig, isDecoder: bool) as this =
     inherit torch.nn.Module(name)
     let d = int64 cfg.DModel
@@ -258,8 +289,10 @@ type BartLayer(name: string, cfg: BartConfig, isDecoder: bool) as this =
     let self_attn_layer_norm = LayerNorm(d, eps = layerNormEps)
     let encoder_attn = if isDecoder then new BartAttention("encoder_attn", cfg.DModel, heads, cfg.AttentionDropout) else null
     let encoder_attn_layer_norm = if isDecoder then LayerNorm(d, eps = layerNormEps) else null
-    let fc1 = Linear(d, ffnDim)
-    let fc2 = Linear(ffnDim, d)
+    let moeFfn = cfg.Moe |> Option.map (fun router -> FeedForward.moe (moeConfig cfg isDecoder router))
+    let fc1 = if moeFfn.IsNone then Linear(d, ffnDim) else null
+    let fc2 = if moeFfn.IsNone then Linear(ffnDim, d) else null
+    let moe = match moeFfn with Some f -> f.Module | None -> null
     let final_layer_norm = LayerNorm(d, eps = layerNormEps)
     let act = activation cfg.Activation
     do this.RegisterComponents()
@@ -272,22 +305,44 @@ type BartLayer(name: string, cfg: BartConfig, isDecoder: bool) as this =
     let feedForward (x: Tensor) : Tensor =
         fc2.forward (dropIn this.training cfg.ActivationDropout (act (fc1.forward x)))
 
+    /// The upcycled sublayer on (x, 1) with the tokens' ids (hash routers) and valid [N; T] (padding is not
+    /// routed; null = all). x [N; T; D] -> [N; T; D] and the MoE report.
+    let moeForward (ids: Tensor) (valid: Tensor) (x: Tensor) : Tensor * MoeReport option =
+        use _ = torch.NewDisposeScope()
+        let one = torch.ones([| x.shape[0]; x.shape[1]; 1L |], dtype = x.dtype, device = x.device)
+        let r = FeedForward.run moeFfn.Value (torch.cat([| x; one |], 2L)) ids valid   // [N; T; D + 1]
+        r.Moe |> Option.iter moveReportOut
+        r.Output.narrow(2L, 0L, d).MoveToOuterDisposeScope(), r.Moe
+
     member _.SelfAttention = self_attn
     /// Cross-attention; null in encoder layers.
     member _.EncoderAttention = encoder_attn
+    /// The dense feed-forward projections; null after upcycling.
     member _.Fc1 = fc1
     member _.Fc2 = fc2
+    /// The MoE layer of an upcycled model; None in the dense model.
+    member _.Moe : MoeLayer option = match moe with :? MoeLayer as m -> Some m | _ -> None
 
-    /// x [N; T; D]; valid [N; T] bool masks encoder keys (null = all; decoder layers are causal instead);
-    /// memory [N; S; D] and memoryValid [N; S] for cross-attention; cache for incremental decoding (null = none).
-    member _.Forward(x: Tensor, valid: Tensor, memory: Tensor, memoryValid: Tensor, cache: LayerCache) : Tensor =
+    /// x [N; T; D] of token ids [N; T]; valid [N; T] bool masks encoder keys (null = all; decoder layers are
+    /// causal instead); memory [N; S; D] and memoryValid [N; S] for cross-attention; cache for incremental
+    /// decoding (null = none). Returns the new x and, after upcycling, the MoE layer's report.
+    member _.Forward(x: Tensor, ids: Tensor, valid: Tensor, memory: Tensor, memoryValid: Tensor, cache: LayerCache) : Tensor * MoeReport option =
         use _ = torch.NewDisposeScope()
         let selfCache, crossCache = if isNull cache then null, null else cache.Self, cache.Cross
         let x = sublayer self_attn_layer_norm (fun h -> self_attn.SelfAttend(h, (if isDecoder then null else valid), isDecoder, selfCache)) x
         let x =
             if isDecoder then sublayer encoder_attn_layer_norm (fun h -> encoder_attn.CrossAttend(h, memory, memoryValid, crossCache)) x
             else x
-        (sublayer final_layer_norm feedForward x).MoveToOuterDisposeScope()
+        let mutable report = None
+        let ffn (h: Tensor) =
+            if isNull moe then feedForward h
+            else
+                let out, r = moeForward ids (if isDecoder then null else valid) h
+                report <- r
+                out
+        let x = sublayer final_layer_norm ffn x
+        report |> Option.iter moveReportOut
+        x.MoveToOuterDisposeScope(), report
 
 /// transformers' sinusoidal table (`PegasusSinusoidalPositionalEmbedding._init_weight`): row p holds
 /// sin(p / 10000^(2k/D)) at column k for k < ceil(D/2) and cos(p / 10000^(2k/D)) at column ceil(D/2) + k,
@@ -312,6 +367,8 @@ type BartStack(name: string, cfg: BartConfig, isDecoder: bool, embedTokens: Tens
     let embed_positions = Embedding(int64 cfg.MaxPositions + offset, d)
     let layerCount = if isDecoder then cfg.DecoderLayers else cfg.EncoderLayers
     let layerDrop = if isDecoder then cfg.DecoderLayerDrop else cfg.EncoderLayerDrop
+    /// MoE reports are named by place as the toolkit's own models name them ("enc.1", "dec.0").
+    let stackName = if isDecoder then "dec" else "enc"
     let layers = new ModuleList<BartLayer>([| for i in 0 .. layerCount - 1 -> new BartLayer(string i, cfg, isDecoder) |])
     /// LayerDrop (Fan et al. 2019): whether to skip a layer this training step, drawn from libtorch's RNG.
     let dropLayer () =
@@ -335,7 +392,7 @@ type BartStack(name: string, cfg: BartConfig, isDecoder: bool, embedTokens: Tens
     /// Token ids [N; T] int64 whose positions start at `start` (a decoder continuing a cache) -> states [N; T; D].
     /// valid [N; T] bool masks encoder padding (null = all); memory and memoryValid feed cross-attention; cache
     /// (null = none) holds each decoder layer's keys and values.
-    member _.Forward(ids: Tensor, start: int64, valid: Tensor, memory: Tensor, memoryValid: Tensor, cache: DecoderCache) : Tensor =
+    member _.Forward(ids: Tensor, start: int64, valid: Tensor, memory: Tensor, memoryValid: Tensor, cache: DecoderCache) : Tensor * LayerReport list =
         let t = ids.shape[1]
         if start + t > int64 cfg.MaxPositions then
             invalidArg "ids" (sprintf "expected at most max_position_embeddings = %d positions, got positions %d .. %d" cfg.MaxPositions start (start + t - 1L))
@@ -346,12 +403,16 @@ type BartStack(name: string, cfg: BartConfig, isDecoder: bool, embedTokens: Tens
         let x = plus (embedTokens ids) positions                                      // [N; T; D]
         let x = if isNull layernorm_embedding then x else layernorm_embedding.forward x
         let mutable x = dropIn this.training cfg.Dropout x
+        let reports = ResizeArray<LayerReport>()
         for i in 0 .. layers.Count - 1 do
             if not (this.training && layerDrop > 0.0 && dropLayer ()) then
                 let layerCache = if isNull (box cache) then null else cache.Layers[i]
-                x <- layers[i].Forward(x, valid, memory, memoryValid, layerCache)
+                let next, report = layers[i].Forward(x, ids, valid, memory, memoryValid, layerCache)
+                x <- next
+                report |> Option.iter (fun r -> reports.Add { Layer = sprintf "%s.%d" stackName i; Report = r })
         let x = if isNull layer_norm then x else layer_norm.forward x
-        x.MoveToOuterDisposeScope()
+        for r in reports do moveReportOut r.Report
+        x.MoveToOuterDisposeScope(), List.ofSeq reports
 
 /// transformers' BartModel / PegasusModel: the `shared` token embedding [V; D] (scaled by sqrt D when
 /// scale_embedding) and the two stacks.
@@ -375,7 +436,9 @@ type Seq2SeqLMOutput =
     { /// [N; T; V] float32.
       Logits: Tensor
       /// Mean cross-entropy over labels that are not -100 (transformers' CrossEntropyLoss). Scalar.
-      Loss: Tensor }
+      Loss: Tensor
+      /// MoE layers' reports (aux losses, routing statistics), encoder first; empty for the dense model.
+      Moe: LayerReport list }
 
 /// transformers' shift_tokens_right: decoder inputs are the labels moved one step right behind the decoder
 /// start token, with -100 replaced by the padding id. labels [N; T] int64 -> [N; T] int64.
@@ -430,55 +493,68 @@ type BartForConditionalGeneration(cfg: BartConfig, name: string) as this =
     member _.Config = cfg
     member _.Model = model
 
-    /// Encoder states [N; S; D] of inputIds [N; S] int64 with attentionMask [N; S] bool (true = real; null = all).
-    member _.EncoderStates(inputIds: Tensor, attentionMask: Tensor) : Tensor =
+    /// The name given at construction ("BartForConditionalGeneration", "PegasusForConditionalGeneration").
+    member _.ModelName = name
+
+    /// Encodes inputIds [N; S] int64 with attentionMask [N; S] bool (true = real; null = all): the encoder
+    /// states [N; S; D] and, after upcycling, the encoder's MoE reports.
+    member _.Encode(inputIds: Tensor, attentionMask: Tensor) : EncoderOutput =
         checkIds "inputIds" inputIds
         checkMask "attentionMask" inputIds attentionMask
-        model.Encoder.Forward(inputIds, 0L, attentionMask, null, null, Unchecked.defaultof<DecoderCache>)
+        let memory, reports = model.Encoder.Forward(inputIds, 0L, attentionMask, null, null, Unchecked.defaultof<DecoderCache>)
+        { Memory = memory; Moe = reports }
 
-    /// Logits [N; T; V] of decoderIds [N; T] int64 continuing `cache` (null = the whole prefix) against encoder
-    /// states [N; S; D] (null once the cache holds the cross-attention keys) with attentionMask [N; S] bool.
-    member _.DecoderLogits(decoderIds: Tensor, encoderStates: Tensor, attentionMask: Tensor, cache: DecoderCache) : Tensor =
+    /// Logits [N; T; V] of decoderIds [N; T] int64 continuing `cache` (null = the whole prefix from the decoder
+    /// start token) against encoder states [N; S; D] (null once the cache holds the cross-attention keys) with
+    /// attentionMask [N; S] bool, and, after upcycling, the decoder's MoE reports.
+    member _.Decode(decoderIds: Tensor, encoderStates: Tensor, attentionMask: Tensor, cache: DecoderCache) : ModelOutput =
         checkIds "decoderIds" decoderIds
         let hasCache = not (isNull (box cache))
         if hasCache && cache.Layers.Length <> cfg.DecoderLayers then
             invalidArg "cache" (sprintf "expected a cache of %d decoder layers (from NewCache), got %d" cfg.DecoderLayers cache.Layers.Length)
         use _ = torch.NewDisposeScope()
         let start = if hasCache then cache.Length else 0L
-        let h = model.Decoder.Forward(decoderIds, start, null, encoderStates, attentionMask, cache)  // [N; T; D]
-        let logits = plus (functional.linear(h, model.Shared.weight)) final_logits_bias             // [N; T; V]
-        logits.MoveToOuterDisposeScope()
+        let h, reports = model.Decoder.Forward(decoderIds, start, null, encoderStates, attentionMask, cache)  // [N; T; D]
+        let logits = plus (functional.linear(h, model.Shared.weight)) final_logits_bias                       // [N; T; V]
+        for r in reports do moveReportOut r.Report
+        { Logits = logits.MoveToOuterDisposeScope(); Moe = reports }
 
-    /// Teacher-forced logits [N; T; V] for inputIds [N; S], attentionMask [N; S] bool (null = all), decoderInputIds [N; T].
-    member this.Logits(inputIds: Tensor, attentionMask: Tensor, decoderInputIds: Tensor) : Tensor =
+    /// Teacher-forced pass for inputIds [N; S], attentionMask [N; S] bool (null = all) and decoderInputIds
+    /// [N; T]: logits [N; T; V] and every MoE report, encoder first.
+    member this.Logits(inputIds: Tensor, attentionMask: Tensor, decoderInputIds: Tensor) : ModelOutput =
         use _ = torch.NewDisposeScope()
-        let memory = this.EncoderStates(inputIds, attentionMask)
-        this.DecoderLogits(decoderInputIds, memory, attentionMask, Unchecked.defaultof<DecoderCache>).MoveToOuterDisposeScope()
+        let encoded = this.Encode(inputIds, attentionMask)
+        let out = this.Decode(decoderInputIds, encoded.Memory, attentionMask, Unchecked.defaultof<DecoderCache>)
+        let reports = encoded.Moe @ out.Moe
+        for r in reports do moveReportOut r.Report
+        { Logits = out.Logits.MoveToOuterDisposeScope(); Moe = reports }
 
     /// transformers' forward with labels: decoder inputs = shift_tokens_right(labels, pad, decoder start), logits
-    /// [N; T; V] and the mean cross-entropy over labels [N; T] int64 that are not -100.
+    /// [N; T; V] and the mean cross-entropy over labels [N; T] int64 that are not -100 (MoE balancing losses,
+    /// after upcycling, are in the reports for the caller to weight).
     member this.Forward(inputIds: Tensor, attentionMask: Tensor, labels: Tensor) : Seq2SeqLMOutput =
         expectIndex "labels" "[N; T]" 2 labels
         if labels.shape[0] <> inputIds.shape[0] then
             invalidArg "labels" (sprintf "expected labels with %d rows like inputIds, got %s" inputIds.shape[0] (describe labels))
         use _ = torch.NewDisposeScope()
         let decoderInput = shiftTokensRight cfg.PadTokenId cfg.DecoderStartTokenId labels     // [N; T]
-        let logits = this.Logits(inputIds, attentionMask, decoderInput)                        // [N; T; V]
-        let loss = functional.cross_entropy(logits.reshape(-1L, int64 cfg.VocabSize), labels.reshape(-1L), ignore_index = ignoreIndex)
-        { Logits = logits.MoveToOuterDisposeScope(); Loss = loss.MoveToOuterDisposeScope() }
+        let out = this.Logits(inputIds, attentionMask, decoderInput)                           // [N; T; V]
+        let loss = functional.cross_entropy(out.Logits.reshape(-1L, int64 cfg.VocabSize), labels.reshape(-1L), ignore_index = ignoreIndex)
+        for r in out.Moe do moveReportOut r.Report
+        { Logits = out.Logits.MoveToOuterDisposeScope(); Loss = loss.MoveToOuterDisposeScope(); Moe = out.Moe }
 
     /// Parameters and buffers under the names a transformers safetensors save writes: the tied lm_head and
-    /// embed_tokens are left out (they are model.shared.weight), final_logits_bias is included.
+    /// embed_tokens are left out (they are model.shared.weight), final_logits_bias is included. (An upcycled
+    /// model's MoE layers add their own names.)
     member this.StateDict() : (string * Tensor) list =
         [ for struct (n, p) in this.named_parameters () -> n, (p :> Tensor)
-          yield "final_logits_bias", final_logits_bias ]
+          for struct (n, b) in this.named_buffers () -> n, b ]
 
     interface ISeq2SeqModel with
         member _.VocabSize = cfg.VocabSize
         member _.NewCache() = new DecoderCache(cfg.DecoderLayers)
-        member this.Encode(inputIds, attentionMask) = { Memory = this.EncoderStates(inputIds, attentionMask); Moe = [] }
-        member this.Decode(decoderIds, encoderStates, attentionMask, cache) =
-            { Logits = this.DecoderLogits(decoderIds, encoderStates, attentionMask, cache); Moe = [] }
+        member this.Encode(inputIds, attentionMask) = this.Encode(inputIds, attentionMask)
+        member this.Decode(decoderIds, encoderStates, attentionMask, cache) = this.Decode(decoderIds, encoderStates, attentionMask, cache)
 
 // ---------------------------------------------------------------- loading and export
 
@@ -546,3 +622,38 @@ let fromFolder (dir: string) : BartForConditionalGeneration =
 
 /// The state dict as transformers saves it (see `StateDict`).
 let stateDict (model: BartForConditionalGeneration) : (string * Tensor) list = model.StateDict()
+
+// ---------------------------------------------------------------- sparse upcycling
+
+/// Sparse upcycling (Komatsuzaki et al. 2023, sec. 2) of a pretrained BART or Pegasus: a new model whose every
+/// feed-forward sublayer is the toolkit's MoE layer with `router` (any of the toolkit's routers), each expert
+/// a copy of that layer's fc1/fc2 (with their biases, see `moeConfig`), the routers fresh, everything else
+/// copied. With a router whose kept weights sum to 1 (token-choice top-k renormalised, all experts) it computes
+/// what the dense model computes until training moves the experts apart. In training mode.
+let upcycle (router: RouterConfig) (dense: BartForConditionalGeneration) : BartForConditionalGeneration =
+    if dense.Config.Moe.IsSome then invalidArg "dense" "expected a dense model (its config already has MoE layers)"
+    let cfg = { dense.Config with Moe = Some router }
+    // fail before building anything when the activation has no expert counterpart
+    moeConfig cfg false router |> ignore
+    let target = new BartForConditionalGeneration(cfg, dense.ModelName)
+    use _ = torch.no_grad ()
+    let denseTensors = dict (dense.StateDict())
+    let moeTensors =
+        [ for l in target.Model.Encoder.Layers @ target.Model.Decoder.Layers do
+            for struct (_, p) in l.Moe.Value.named_parameters () -> (p :> Tensor).Handle
+            for struct (_, b) in l.Moe.Value.named_buffers () -> b.Handle ] |> set
+    for n, t in target.StateDict() do
+        if not (moeTensors.Contains t.Handle) then t.copy_(denseTensors[n]) |> ignore
+    for source, layer in List.zip (dense.Model.Encoder.Layers @ dense.Model.Decoder.Layers) (target.Model.Encoder.Layers @ target.Model.Decoder.Layers) do
+        let experts = layer.Moe.Value.Experts
+        let e, d, f = int64 experts.Experts, source.Fc1.weight.shape[1], source.Fc1.weight.shape[0]
+        let w1 = torch.zeros([| d + 1L; f + 1L |])                               // [D + 1; F + 1]
+        w1.narrow(0L, 0L, d).narrow(1L, 0L, f).copy_(source.Fc1.weight.t ()) |> ignore
+        w1[d].narrow(0L, 0L, f).copy_(source.Fc1.bias) |> ignore
+        w1[d, f] <- torch.tensor(biasUnitInput, dtype = torch.ScalarType.Float32)
+        let w2 = torch.zeros([| f + 1L; d + 1L |])                               // [F + 1; D + 1]
+        w2.narrow(0L, 0L, f).narrow(1L, 0L, d).copy_(source.Fc2.weight.t ()) |> ignore
+        w2[f].narrow(0L, 0L, d).copy_(divScalar biasUnitInput source.Fc2.bias) |> ignore
+        experts.W1.copy_(w1.unsqueeze(0L).expand(e, d + 1L, f + 1L)) |> ignore
+        experts.W2.copy_(w2.unsqueeze(0L).expand(e, f + 1L, d + 1L)) |> ignore
+    target

@@ -111,7 +111,7 @@ let private familyTests (name: string) (load: string -> BartForConditionalGenera
             use m = load dir
             use _ = torch.no_grad ()
             let ids, mask, _, decoderInput = doc0 (sample dir)
-            let full = m.Logits(ids, mask, decoderInput)                                    // [1; T; V]
+            let full = m.Logits(ids, mask, decoderInput).Logits                                    // [1; T; V]
             let seq = m :> ISeq2SeqModel
             let memory = seq.Encode(ids, mask).Memory
             use cache = seq.NewCache()
@@ -136,9 +136,9 @@ let private familyTests (name: string) (load: string -> BartForConditionalGenera
             let shortMask = torch.cat([| torch.ones([| 1L; shortLength |], dtype = torch.ScalarType.Bool); torch.zeros([| 1L; s - shortLength |], dtype = torch.ScalarType.Bool) |], 1L)
             let batchMask = torch.cat([| mask; shortMask |], 0L)
             let batchDecoder = torch.cat([| decoderInput; decoderInput |], 0L)
-            let batch = m.Logits(batchIds, batchMask, batchDecoder)                                                          // [2; T; V]
-            let alone0 = m.Logits(ids, mask, decoderInput)
-            let alone1 = m.Logits(short, null, decoderInput)
+            let batch = m.Logits(batchIds, batchMask, batchDecoder).Logits                                                          // [2; T; V]
+            let alone0 = m.Logits(ids, mask, decoderInput).Logits
+            let alone1 = m.Logits(short, null, decoderInput).Logits
             let d0, d1 = maxDiff (batch.narrow(0L, 0L, 1L)) alone0, maxDiff (batch.narrow(0L, 1L, 1L)) alone1
             Expect.isLessThan d0 exact (sprintf "full row within %g (max difference %g)" exact d0)
             Expect.isLessThan d1 exact (sprintf "padded row within %g (max difference %g)" exact d1)
@@ -224,16 +224,16 @@ let private randomModelTests =
             m.eval () |> ignore
             let ids, dec = tinyInputs ()
             use _ = torch.no_grad ()
-            let expected = m.Logits(ids, null, dec)
+            let expected = m.Logits(ids, null, dec).Logits
             withFolder (tinyConfig ignore) (stateDict m) (fun dir ->
                 use back = Bart.fromFolder dir
-                Expect.equal (maxDiff (back.Logits(ids, null, dec)) expected) 0.0 "identical logits")
+                Expect.equal (maxDiff (back.Logits(ids, null, dec).Logits) expected) 0.0 "identical logits")
             // pytorch_model.bin-style: the shared table under its tied names only
             let shared = stateDict m |> List.find (fun (n, _) -> n = "model.shared.weight") |> snd
             let tied = (stateDict m |> List.filter (fun (n, _) -> n <> "model.shared.weight")) @ [ for a in tiedAliases -> a, shared ]
             withFolder (tinyConfig ignore) tied (fun dir ->
                 use back = Bart.fromFolder dir
-                Expect.equal (maxDiff (back.Logits(ids, null, dec)) expected) 0.0 "identical logits from the tied names")
+                Expect.equal (maxDiff (back.Logits(ids, null, dec).Logits) expected) 0.0 "identical logits from the tied names")
 
         testCase "a missing tensor and a shape mismatch name the file and the tensor" <| fun () ->
             use m = tinyModel ()
@@ -264,10 +264,10 @@ let private randomModelTests =
             let ids, dec = tinyInputs ()
             use _ = torch.no_grad ()
             m.eval () |> ignore
-            let a, b = m.Logits(ids, null, dec), m.Logits(ids, null, dec)
+            let a, b = m.Logits(ids, null, dec).Logits, m.Logits(ids, null, dec).Logits
             Expect.equal (maxDiff a b) 0.0 "evaluation is deterministic"
             m.train () |> ignore
-            Expect.isGreaterThan (maxDiff (m.Logits(ids, null, dec)) a) 0.0 "dropout 0.1 changes the training forward"
+            Expect.isGreaterThan (maxDiff (m.Logits(ids, null, dec).Logits) a) 0.0 "dropout 0.1 changes the training forward"
             // known answers: 0.5 (1 + erf(1 / sqrt 2)) and 0.5 (1 + tanh(sqrt(2 / pi) 1.044715))
             use one = torch.ones([| 1L |])
             Expect.floatClose Accuracy.medium (Tensors.scalar ((activation "gelu") one)) 0.8413447460685429 "gelu(1) is the exact erf form"
@@ -288,5 +288,49 @@ let private pegasusTests =
             Expect.isFalse m.Model.Encoder.PositionTable.weight.requires_grad "the table is frozen"
     ]
 
+let private upcycleTests =
+    testList "upcycling" [
+        for name, _ in families do
+            testWithShared (sprintf "%s: with every expert a copy of fc1/fc2, the upcycled model computes the dense one's logits" name) <| fun data ->
+                let dir = modelDir data name
+                let load = families |> List.find (fun (n, _) -> n = name) |> snd
+                use dense = load dir
+                torch.manual_seed 5L |> ignore
+                // top-2 of 4, renormalised: the kept weights sum to 1, so equal experts give the dense output
+                let router = { Config.RouterConfig.defaults with Experts = 4; K = 2 }
+                use moe = Bart.upcycle router dense
+                moe.eval () |> ignore
+                use _ = torch.no_grad ()
+                let ids, mask, labels, _ = doc0 (sample dir)
+                let expected = dense.Forward(ids, mask, labels)
+                let got = moe.Forward(ids, mask, labels)
+                let d = maxDiff got.Logits expected.Logits
+                Expect.isLessThan d 1e-5 (sprintf "logits within 1e-5 (max difference %g)" d)
+                Expect.floatClose Accuracy.medium (Tensors.scalar got.Loss) (Tensors.scalar expected.Loss) "loss"
+                let layers = moe.Config.EncoderLayers + moe.Config.DecoderLayers
+                Expect.equal (got.Moe |> List.map (fun r -> r.Layer)) [ for i in 0 .. moe.Config.EncoderLayers - 1 -> sprintf "enc.%d" i
+                                                                        for i in 0 .. moe.Config.DecoderLayers - 1 -> sprintf "dec.%d" i ] "one report per layer, named by place"
+                Expect.equal got.Moe.Length layers "every FFN is an MoE layer"
+                let names = [ for struct (n, _) in moe.named_parameters () -> n ]
+                Expect.isFalse (names |> List.exists (fun n -> n.Contains ".fc1.")) "no dense fc1 left"
+                Expect.contains names "model.decoder.layers.0.moe.router.weight" "a router per layer"
+                // greedy through the cache agrees too
+                let seq = moe :> ISeq2SeqModel
+                let start = int64 moe.Config.DecoderStartTokenId
+                Expect.sequenceEqual (greedy seq ids mask start -1L 6) (greedy (dense :> ISeq2SeqModel) ids mask start -1L 6) "greedy ids"
+
+        testWithShared "an upcycled BART trains: the router and the experts get gradients" <| fun data ->
+            use dense = Bart.fromFolder (modelDir data "bart-tiny")
+            torch.manual_seed 5L |> ignore
+            use moe = Bart.upcycle { Config.RouterConfig.defaults with Experts = 2; K = 1 } dense
+            let ids, mask, labels, _ = doc0 (sample (modelDir data "bart-tiny"))
+            let out = moe.Forward(ids, mask, labels)
+            let aux = out.Moe |> List.map (fun r -> Layers.weightedAux Config.LossWeights.defaults r.Report.Aux) |> List.reduce (+)
+            (out.Loss + aux).backward ()
+            let layer = moe.Model.Encoder.Layers[0].Moe.Value
+            Expect.isGreaterThan (Tensors.scalar (layer.Router.Weight.grad.abs().sum ())) 0.0 "router gradient"
+            Expect.isGreaterThan (Tensors.scalar (layer.Experts.W1.grad.abs().sum ())) 0.0 "expert gradient"
+    ]
+
 let tests =
-    testList "Bart" ([ for name, load in families -> familyTests name load ] @ [ randomModelTests; pegasusTests ])
+    testList "Bart" ([ for name, load in families -> familyTests name load ] @ [ randomModelTests; pegasusTests; upcycleTests ])
