@@ -13,6 +13,7 @@ let all =
         ModelsTests.tests
         UpcycleTests.tests
         RecurrentTests.tests
+        HfCheckpointTests.tests
         Gpt2Tests.tests
         BartTests.tests
         DataTests.tests
