@@ -562,49 +562,27 @@ type BartForConditionalGeneration(cfg: BartConfig, name: string) as this =
 /// (pytorch_model.bin keeps them; a safetensors save drops them).
 let tiedAliases = [ "model.encoder.embed_tokens.weight"; "model.decoder.embed_tokens.weight"; "lm_head.weight" ]
 
-/// Names transformers skips when loading (fairseq's version markers).
-let private ignoredOnLoad = [ "model.encoder.version"; "model.decoder.version" ]
+/// How a checkpoint maps onto the model: every name may also appear without the `model.` prefix (BartModel /
+/// PegasusModel checkpoints); model.shared.weight may come from its tied copies, which are otherwise unused;
+/// final_logits_bias may be absent (zeros, as transformers' _keys_to_ignore_on_load_missing), and so may
+/// sinusoidal position tables (computed); fairseq's version markers are skipped as transformers skips them.
+let loadOptions (model: BartForConditionalGeneration) : HfCheckpoint.LoadOptions =
+    let unprefixed (n: string) = if n.StartsWith "model." then [ n.Substring "model.".Length ] else []
+    let shared = "model.shared.weight"
+    { Aliases =
+        Map [ for n, _ in model.StateDict() ->
+                n, (if n = shared then unprefixed n @ tiedAliases @ List.collect unprefixed tiedAliases else unprefixed n) ]
+      MayBeAbsent =
+        [ yield "^final_logits_bias$"
+          if model.Config.Layout.Positions = Sinusoidal then yield @"^model\.(encoder|decoder)\.embed_positions\.weight$" ]
+      MayBeUnexpected =
+        [ @"^(model\.)?(encoder|decoder)\.embed_tokens\.weight$"; @"^lm_head\.weight$"; @"^(model\.)?(encoder|decoder)\.version$" ] }
 
-/// Copies a checkpoint's tensors (named as transformers names them, with or without BartModel's missing
-/// `model.` prefix) into the model. A missing tensor, a shape mismatch or an unexpected name fails naming `file`
-/// and the tensor. final_logits_bias may be absent (zeros, as in transformers), and so may sinusoidal
-/// position tables (recomputed).
-let private copyTensors (file: string) (model: #BartForConditionalGeneration) (tensors: (string * Tensor) list) =
-    let hasPrefix = tensors |> List.exists (fun (n, _) -> n.StartsWith "model.")
-    let named =
-        tensors
-        |> List.map (fun (n, t) -> (if hasPrefix || n = "final_logits_bias" || n = "lm_head.weight" then n else "model." + n), t)
-        |> dict
-    let own = [ for n, t in model.StateDict() -> n, t ]
-    let optional (n: string) =
-        n = "final_logits_bias" || (model.Config.Layout.Positions = Sinusoidal && n.EndsWith ".embed_positions.weight")
-    use _ = torch.no_grad ()
-    for n, target in own do
-        let source =
-            match named.TryGetValue n with
-            | true, t -> Some t
-            | _ when n = "model.shared.weight" -> tiedAliases |> List.tryPick (fun a -> match named.TryGetValue a with | true, t -> Some t | _ -> None)
-            | _ -> None
-        match source with
-        | Some t ->
-            if t.shape <> target.shape then
-                failwithf "%s: tensor %s has shape [%s], the model (from config.json) expects [%s]" file n
-                    (String.Join("; ", t.shape)) (String.Join("; ", target.shape))
-            target.copy_(t) |> ignore
-        | None when optional n -> ()
-        | None -> failwithf "%s: missing tensor %s (shape [%s])" file n (String.Join("; ", target.shape))
-    let known = set (List.map fst own @ tiedAliases @ ignoredOnLoad)
-    match [ for k in named.Keys do if not (known.Contains k) then k ] with
-    | [] -> ()
-    | extra -> failwithf "%s: unexpected tensor(s) %s: the model built from config.json has no such parameter" file (String.Join(", ", List.truncate 10 extra))
-
-/// Reads the weights of a checkpoint folder into the model (`model.safetensors`).
-let private loadWeights (dir: string) (model: #BartForConditionalGeneration) : unit =
-    let file = Path.Combine(dir, "model.safetensors")
-    if not (File.Exists file) then failwithf "%s: not found (expected the checkpoint's weights in model.safetensors)" file
-    let tensors = Safetensors.read file
-    try copyTensors file model tensors
-    finally for _, t in tensors do t.Dispose()
+/// Reads the weights of a checkpoint folder (model.safetensors, its shards or pytorch_model.bin) into the
+/// model, one tensor at a time; errors name the folder, the file and the tensor.
+let loadWeights (dir: string) (model: #BartForConditionalGeneration) : unit =
+    use weights = HfCheckpoint.openWeights dir
+    HfCheckpoint.loadInto weights model (loadOptions (model :> BartForConditionalGeneration)) |> ignore
 
 /// A model of the given layout built by `build` from `dir/config.json` and loaded from its weights, in
 /// evaluation mode.

@@ -11,6 +11,7 @@ open TorchSharp
 open Moe
 open Moe.Bart
 open Moe.Seq2Seq
+open Moe.Tensors
 open Moe.Tests.Support
 
 /// transformers' logits and loss are matched to this (float32 through a few layers and a softmax).
@@ -207,7 +208,10 @@ let private tinyBartConfig () =
 let private tinyModel () =
     let cfg = tinyBartConfig ()
     torch.manual_seed 3L |> ignore
-    new BartForConditionalGeneration(cfg, "BartForConditionalGeneration")
+    let m = new BartForConditionalGeneration(cfg, "BartForConditionalGeneration")
+    // a non-zero final_logits_bias, so that export and loading are seen to carry it
+    using (torch.no_grad ()) (fun _ -> m.FinalLogitsBias.normal_(0.0, 0.1) |> ignore)
+    m
 
 let private tinyInputs () =
     let g = new torch.Generator(11UL, torch.CPU)
@@ -234,18 +238,25 @@ let private randomModelTests =
             withFolder (tinyConfig ignore) tied (fun dir ->
                 use back = Bart.fromFolder dir
                 Expect.equal (maxDiff (back.Logits(ids, null, dec).Logits) expected) 0.0 "identical logits from the tied names")
+            // BartModel-style names (no `model.` prefix) with every tied duplicate, and no final_logits_bias
+            let bare = [ for n, t in stateDict m do if n <> "final_logits_bias" then yield n.Replace("model.", ""), t
+                         yield "lm_head.weight", shared ]
+            withFolder (tinyConfig ignore) bare (fun dir ->
+                use back = Bart.fromFolder dir
+                let bias = m.FinalLogitsBias.unsqueeze(0L)
+                Expect.equal (maxDiff (plus (back.Logits(ids, null, dec).Logits) bias) expected) 0.0 "identical logits up to the absent (zero) final_logits_bias")
 
         testCase "a missing tensor and a shape mismatch name the file and the tensor" <| fun () ->
             use m = tinyModel ()
             let name = "model.decoder.layers.1.fc1.weight"
             withFolder (tinyConfig ignore) (stateDict m |> List.filter (fun (n, _) -> n <> name)) (fun dir ->
-                expectFailure [ Path.Combine(dir, "model.safetensors"); name; "missing" ] (fun () -> Bart.fromFolder dir |> ignore))
+                expectFailure [ dir; "model.safetensors"; name; "lacks" ] (fun () -> Bart.fromFolder dir |> ignore))
             let wrong = stateDict m |> List.map (fun (n, t) -> if n = name then n, torch.zeros([| 3L; 16L |]) else n, t)
             withFolder (tinyConfig ignore) wrong (fun dir ->
-                expectFailure [ Path.Combine(dir, "model.safetensors"); name; "[3; 16]"; "[20; 16]" ] (fun () -> Bart.fromFolder dir |> ignore))
+                expectFailure [ dir; "model.safetensors"; name; "[3; 16]"; "[20; 16]" ] (fun () -> Bart.fromFolder dir |> ignore))
             let extra = stateDict m @ [ "model.encoder.layers.5.fc1.weight", torch.zeros([| 2L |]) ]
             withFolder (tinyConfig ignore) extra (fun dir ->
-                expectFailure [ "model.encoder.layers.5.fc1.weight"; "unexpected" ] (fun () -> Bart.fromFolder dir |> ignore))
+                expectFailure [ "model.encoder.layers.5.fc1.weight"; "does not use" ] (fun () -> Bart.fromFolder dir |> ignore))
 
         testCase "unsupported config values are refused naming the field" <| fun () ->
             use m = tinyModel ()
