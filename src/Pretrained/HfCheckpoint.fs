@@ -44,10 +44,11 @@ let private isFloatingType (t: torch.ScalarType) =
     | _ -> false
 
 /// A checkpoint's weights, indexed but not read: each tensor's name, shape, dtype and file are known, and
-/// `Load` reads one tensor when asked. Dispose it to close a `pytorch_model.bin` archive (safetensors
-/// files are opened per tensor and hold nothing between loads).
+/// `Load` reads one tensor when asked. `fill` reads a tensor's stored bytes into a contiguous CPU tensor
+/// of its stored dtype and shape. Dispose it to close a `pytorch_model.bin` archive (safetensors files are
+/// opened per tensor and hold nothing between loads).
 [<Sealed>]
-type WeightSource internal (folder: string, files: string list, tensors: TensorInfo list, read: TensorInfo -> Tensor, release: unit -> unit) =
+type WeightSource internal (folder: string, files: string list, tensors: TensorInfo list, fill: TensorInfo -> Tensor -> unit, release: unit -> unit) =
     let byName = Collections.Generic.Dictionary<string, TensorInfo>()
     do for t in tensors do byName[t.Name] <- t
 
@@ -72,11 +73,29 @@ type WeightSource internal (folder: string, files: string list, tensors: TensorI
         let info = this.Info name
         if info.Dtype <> dtype && not (isFloatingType info.Dtype && isFloatingType dtype) then
             invalidArg "dtype" (sprintf "%s: tensor %s is %A; it cannot be loaded as %A" info.File name info.Dtype dtype)
-        let t = read info
+        let t = torch.empty (info.Shape, dtype = info.Dtype)
+        try fill info t
+        with _ ->
+            t.Dispose()
+            reraise ()
         if t.dtype = dtype then t
         else
             use stored = t
             stored.to_type dtype
+    /// Reads one tensor into `target` (same shape; converted to its dtype, moved to its device): straight
+    /// into its memory when it is a contiguous CPU tensor of the stored dtype, through one temporary tensor
+    /// otherwise.
+    member this.CopyInto(name: string, target: Tensor) : unit =
+        let info = this.Info name
+        if info.Shape <> target.shape then
+            invalidArg "target" (sprintf "%s: tensor %s has shape %s, the target %s" info.File name (shapeText info.Shape) (describe target))
+        use _ = torch.no_grad ()
+        if info.Dtype = target.dtype && target.device_type = DeviceType.CPU && target.is_contiguous () then
+            use alias = target.detach ()
+            fill info alias
+        else
+            use loaded = this.Load(name, target.dtype)
+            target.copy_ loaded |> ignore
     interface IDisposable with
         member _.Dispose() = release ()
 
@@ -89,7 +108,7 @@ let private safetensorsSource (folder: string) (files: string list) (entries: (S
         [ for h, e in entries ->
             located[e.Name] <- (h, e)
             { Name = e.Name; Shape = e.Shape; Dtype = Safetensors.storedType e.Dtype; File = h.Path } ]
-    new WeightSource(folder, files, infos, (fun info -> let h, e = located[info.Name] in Safetensors.readTensor h e), ignore)
+    new WeightSource(folder, files, infos, (fun info target -> let h, e = located[info.Name] in Safetensors.fillTensor h e target), ignore)
 
 // ---------------------------------------------------------------- pytorch_model.bin
 
@@ -130,14 +149,14 @@ let private contiguousStrides (shape: int64[]) : int64[] =
     for i in shape.Length - 2 .. -1 .. 0 do s[i] <- s[i + 1] * shape[i + 1]
     s
 
-/// Reads one tensor from an open archive: skips to its storage offset, then reads its bytes (a strided
-/// view reads the storage span it covers and copies it out contiguously).
-let private readPickled (archive: ZipArchive) (t: PickledTensor) : Tensor =
+/// Reads one tensor from an open archive into `target` (contiguous, CPU, its dtype and shape): skips to
+/// its storage offset, then reads its bytes (a strided view reads the storage span it covers and copies it).
+let private fillPickled (archive: ZipArchive) (t: PickledTensor) (target: Tensor) : unit =
     let info = t.Info
     let bad (msg: string) = invalidArg "path" (sprintf "PyTorch checkpoint %s: tensor %s: %s" info.File info.Name msg)
     let entry = archive.Entries[t.Entry]
     let numel = Array.fold (*) 1L info.Shape
-    let elementSize = torch.empty ([| 0L |], dtype = info.Dtype) |> fun e -> (use e = e in e.ElementSize)
+    let elementSize = target.ElementSize
     let contiguous = Array.forall2 (fun (n: int64) (a, b) -> n = 1L || a = b) info.Shape (Array.zip t.Stride (contiguousStrides info.Shape))
     let extent = if numel = 0L then 0L elif contiguous then numel else 1L + Array.fold2 (fun acc n s -> acc + (n - 1L) * s) 0L info.Shape t.Stride
     if (t.Offset + extent) * elementSize > entry.Length then
@@ -149,15 +168,12 @@ let private readPickled (archive: ZipArchive) (t: PickledTensor) : Tensor =
         let n = int (min skip (int64 scratch.Length))
         s.ReadExactly(scratch, 0, n)
         skip <- skip - int64 n
-    if contiguous then
-        let out = torch.empty (info.Shape, dtype = info.Dtype)
-        Safetensors.readBytesInto s out
-        out
+    if contiguous then Safetensors.readBytesInto s target
     else
         use storage = torch.empty ([| extent |], dtype = info.Dtype)
         Safetensors.readBytesInto s storage
         use view = storage.as_strided (info.Shape, t.Stride, 0L)
-        view.contiguous ()
+        target.copy_ view |> ignore
 
 /// The tensors of PyTorch archives, each archive kept open (one file handle per archive) until disposed.
 let private pickledSource (folder: string) (indexFiles: string list) (archives: string list) (pick: (string * PickledTensor) list -> (string * PickledTensor) list) : WeightSource =
@@ -169,7 +185,7 @@ let private pickledSource (folder: string) (indexFiles: string list) (archives: 
         let all = [ for path in archives do for t in indexPickled path -> path, t ] |> pick
         let byName = Collections.Generic.Dictionary<string, PickledTensor>()
         for _, t in all do byName[t.Info.Name] <- t
-        let read (info: TensorInfo) =
+        let fill (info: TensorInfo) (target: Tensor) =
             let archive =
                 match opened.TryGetValue info.File with
                 | true, a -> a
@@ -177,8 +193,8 @@ let private pickledSource (folder: string) (indexFiles: string list) (archives: 
                     let a = new ZipArchive(new FileStream(info.File, FileMode.Open, FileAccess.Read, FileShare.Read), ZipArchiveMode.Read, false)
                     opened[info.File] <- a
                     a
-            readPickled archive byName[info.Name]
-        new WeightSource(folder, indexFiles @ archives, [ for _, t in all -> t.Info ], read, release)
+            fillPickled archive byName[info.Name] target
+        new WeightSource(folder, indexFiles @ archives, [ for _, t in all -> t.Info ], fill, release)
     with _ ->
         release ()
         reraise ()
@@ -274,8 +290,9 @@ let private matchesAny (patterns: string list) (name: string) = patterns |> List
 
 /// Copies every parameter and persistent buffer of `model` from the checkpoint, by name (the model's
 /// `named_parameters()`/`named_buffers()` keys are the checkpoint's names), under no_grad, converting each
-/// tensor to the parameter's dtype and moving it to its device. Everything is checked before anything is
-/// copied, so a refused checkpoint leaves the model untouched: one error lists every missing tensor, one
+/// tensor to the parameter's dtype and moving it to its device (`WeightSource.CopyInto`: a float32 CPU
+/// parameter is read straight into its memory, so loading holds no second copy of the weights, not even of
+/// one tensor). Everything is checked before anything is copied, so a refused checkpoint leaves the model untouched: one error lists every missing tensor, one
 /// every shape mismatch (expected vs got, with the file), one every unexpected tensor.
 let loadInto (weights: WeightSource) (model: torch.nn.Module) (options: LoadOptions) : LoadReport =
     let targets =
@@ -301,10 +318,7 @@ let loadInto (weights: WeightSource) (model: torch.nn.Module) (options: LoadOpti
     let unexpected = unused |> List.filter (fun n -> not (matchesAny options.MayBeUnexpected n))
     if not unexpected.IsEmpty then
         invalidArg "weights" (sprintf "%s has %d tensor(s) the model does not use: %s" where unexpected.Length (String.concat ", " unexpected))
-    use _ = torch.no_grad ()
-    for _, t, s in pairs do
-        use loaded = weights.Load(s, t.dtype)
-        t.copy_ loaded |> ignore
+    for _, t, s in pairs do weights.CopyInto(s, t)
     { Loaded = [ for n, _, s in pairs -> n, s ]
       Absent = [ for n, _, src in found do if src.IsNone then yield n ]
       Unused = unused }

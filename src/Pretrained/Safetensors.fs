@@ -151,16 +151,32 @@ let internal writeBytesOf (stream: Stream) (t: Tensor) : unit =
         stream.Write(Span.op_Implicit part.bytes)
         start <- start + step
 
+/// Reads one entry's bytes from an open stream of its file into `target`, a contiguous CPU tensor of the
+/// entry's stored dtype (`storedType`) and shape.
+let private fillFrom (stream: Stream) (h: Header) (e: Entry) (target: Tensor) : unit =
+    if target.dtype <> storedType e.Dtype || target.shape <> e.Shape || target.device_type <> DeviceType.CPU || not (target.is_contiguous ()) then
+        invalidArg "target" (sprintf "safetensors %s: tensor %s is %s %A; cannot read it into %s" h.Path e.Name e.Dtype e.Shape (describe target))
+    try
+        stream.Seek(h.DataStart + e.Begin, SeekOrigin.Begin) |> ignore
+        readBytesInto stream target
+    with :? EndOfStreamException ->
+        fail h.Path (sprintf "tensor %s: file ends inside its data [%d, %d] (truncated file?)" e.Name e.Begin e.End)
+
 /// Reads one entry from an open stream of its file, in its stored dtype (`storedType`).
 let private readFrom (stream: Stream) (h: Header) (e: Entry) : Tensor =
     let t = torch.empty (e.Shape, dtype = storedType e.Dtype)
     try
-        stream.Seek(h.DataStart + e.Begin, SeekOrigin.Begin) |> ignore
-        readBytesInto stream t
+        fillFrom stream h e t
         t
-    with :? EndOfStreamException ->
+    with _ ->
         t.Dispose()
-        fail h.Path (sprintf "tensor %s: file ends inside its data [%d, %d] (truncated file?)" e.Name e.Begin e.End)
+        reraise ()
+
+/// Reads one tensor of a file whose header was read by `openHeader` straight into `target`'s memory (a
+/// contiguous CPU tensor of the stored dtype and shape): seeks to its bytes and reads only them.
+let fillTensor (h: Header) (e: Entry) (target: Tensor) : unit =
+    use f = new FileStream(h.Path, FileMode.Open, FileAccess.Read, FileShare.Read)
+    fillFrom f h e target
 
 /// Reads one tensor of a file whose header was read by `openHeader`, in its stored dtype (F32 float32,
 /// F16 float16, BF16 bfloat16, I64 int64): seeks to its bytes and reads only them.

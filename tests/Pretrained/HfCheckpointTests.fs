@@ -6,6 +6,7 @@ module Moe.Tests.HfCheckpointTests
 open System
 open System.Collections
 open System.IO
+open System.IO.Compression
 open System.Text.Json.Nodes
 open Expecto
 open TorchSharp
@@ -201,6 +202,37 @@ let private formatTests =
                     let bs = dict [ for struct (n, p) in b.named_parameters () -> n, (p :> Tensor)
                                     for struct (n, t) in b.named_buffers () -> n, t ]
                     for struct (n, p) in a.named_parameters () do expectIdentical n p bs[n]
+
+        testCase "pytorch_model.bin views (strides, storage offsets) read through their strides from their storage" <| fun () ->
+            use _ = torch.NewDisposeScope()
+            // TorchSharp.PyBridge writes contiguous tensors only; PyTorch also stores views (a tied transposed
+            // matrix, a slice of a larger storage). Such files are made here by editing the pickled view of a
+            // [3; 4] tensor (offset 0, shape (3, 4), stride (4, 1)): BININT1 opcodes K, TUPLE2 0x86, memo q.
+            let storage = torch.arange(12L, dtype = f32).reshape (3L, 4L)
+            let original = [| 'K'B; 0uy; 'K'B; 3uy; 'K'B; 4uy; 0x86uy; 'q'B; 7uy; 'K'B; 4uy; 'K'B; 1uy; 0x86uy |]
+            let view (offset: byte) (shape: byte * byte) (stride: byte * byte) =
+                [| 'K'B; offset; 'K'B; fst shape; 'K'B; snd shape; 0x86uy; 'q'B; 7uy; 'K'B; fst stride; 'K'B; snd stride; 0x86uy |]
+            for what, patch, expected in
+                [ "transposed", view 0uy (4uy, 3uy) (1uy, 4uy), storage.t().contiguous ()
+                  "offset 4", view 4uy (2uy, 4uy) (4uy, 1uy), storage.narrow(0L, 1L, 2L).contiguous () ] do
+                withFolder <| fun dir ->
+                    Directory.CreateDirectory dir |> ignore
+                    let path = Path.Combine(dir, "pytorch_model.bin")
+                    let table = Hashtable()
+                    table["w"] <- storage
+                    TorchSharp.PyBridge.PyTorchPickler.PickleStateDict(path, table)
+                    (use zip = ZipFile.Open(path, ZipArchiveMode.Update)
+                     let entry = zip.Entries |> Seq.find (fun e -> e.Name = "data.pkl")
+                     let name = entry.FullName
+                     let bytes = (use s = entry.Open() in use ms = new MemoryStream() in s.CopyTo ms; ms.ToArray())
+                     let at = Seq.windowed original.Length bytes |> Seq.findIndex (fun w -> w = original)
+                     Array.blit patch 0 bytes at patch.Length
+                     entry.Delete()
+                     use s = zip.CreateEntry(name, CompressionLevel.NoCompression).Open()
+                     s.Write(bytes, 0, bytes.Length))
+                    use weights = openWeights dir
+                    Expect.sequenceEqual (weights.Info "w").Shape expected.shape (what + ": shape")
+                    expectIdentical what (weights.Load("w", f32)) expected
 
         testCase "sharded pytorch_model.bin.index.json loads every shard's tensors" <| fun () ->
             use _ = torch.NewDisposeScope()
