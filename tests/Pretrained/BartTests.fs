@@ -287,6 +287,18 @@ let private randomModelTests =
 
 let private pegasusTests =
     testList "Pegasus layout" [
+        testWithShared "a checkpoint without the position tables gets them computed: same logits" <| fun data ->
+            let dir = modelDir data "pegasus-tiny"
+            use m = Pegasus.fromFolder dir
+            let ids, mask, _, decoderInput = doc0 (sample dir)
+            use _ = torch.no_grad ()
+            let expected = m.Logits(ids, mask, decoderInput).Logits
+            let kept = Safetensors.read (Path.Combine(dir, "model.safetensors")) |> List.filter (fun (n, _) -> not (n.EndsWith "embed_positions.weight"))
+            withFolder (File.ReadAllText(Path.Combine(dir, "config.json"))) kept (fun stripped ->
+                use back = Pegasus.fromFolder stripped
+                let d = maxDiff (back.Logits(ids, mask, decoderInput).Logits) expected
+                Expect.isLessThan d 1e-5 (sprintf "within 1e-5 (max difference %g)" d))
+
         testWithShared "the checkpoint's position tables are transformers' sinusoids (sines first, then cosines)" <| fun data ->
             let dir = modelDir data "pegasus-tiny"
             let stored = Safetensors.read (Path.Combine(dir, "model.safetensors")) |> List.filter (fun (n, _) -> n.EndsWith "embed_positions.weight")
@@ -297,6 +309,32 @@ let private pegasusTests =
                 Expect.isLessThan d 1e-6 (sprintf "%s within 1e-6 of the computed table (max difference %g)" n d)
             use m = Pegasus.fromFolder dir
             Expect.isFalse m.Model.Encoder.PositionTable.weight.requires_grad "the table is frozen"
+    ]
+
+let private memoryTests =
+    testList "memory" [
+        testSequenced <| testCase "teacher-forced passes and cached decoding leave no live tensors behind" (fun () ->
+            use m = tinyModel ()
+            m.eval () |> ignore
+            let ids, dec = tinyInputs ()
+            let labels = dec
+            use _ = torch.no_grad ()
+            let pass () =
+                let out = m.Forward(ids, null, labels)
+                out.Logits.Dispose()
+                out.Loss.Dispose()
+                let seq = m :> ISeq2SeqModel
+                let encoded = seq.Encode(ids, null)
+                use cache = seq.NewCache()
+                for i in 0L .. dec.shape[1] - 1L do
+                    use step = dec.narrow(1L, i, 1L)
+                    seq.Decode(step, encoded.Memory, null, cache).Logits.Dispose()
+                encoded.Memory.Dispose()
+            pass ()
+            let before = Tensors.liveTensors ()
+            pass ()
+            pass ()
+            Expect.equal (Tensors.liveTensors ()) before "live tensors after two more passes")
     ]
 
 let private upcycleTests =
@@ -344,4 +382,4 @@ let private upcycleTests =
     ]
 
 let tests =
-    testList "Bart" ([ for name, load in families -> familyTests name load ] @ [ randomModelTests; pegasusTests; upcycleTests ])
+    testList "Bart" ([ for name, load in families -> familyTests name load ] @ [ randomModelTests; pegasusTests; memoryTests; upcycleTests ])
