@@ -127,13 +127,16 @@ module BartConfig =
     /// Fields of older BART/Pegasus configs that transformers 4.45.1 no longer reads; the layout fixes what they
     /// described, so a value other than the layout's is refused rather than silently computed differently.
     let private legacyLayoutFields (layout: Layout) : (string * string) list =
-        let offset = match layout.Positions with Learned o -> o | Sinusoidal -> 0
         [ "normalize_before", (if layout.PreLayerNorm then "true" else "false")
           "add_final_layer_norm", (if layout.FinalLayerNorm then "true" else "false")
           "normalize_embedding", (if layout.EmbeddingLayerNorm then "true" else "false")
           "static_position_embeddings", (if layout.Positions = Sinusoidal then "true" else "false")
-          "extra_pos_embeddings", string offset
-          "add_bias_logits", "false" ]
+          "add_bias_logits", "false"
+          "do_blenderbot_90_layernorm", "false" ]
+        // the learned table's offset; sinusoidal tables never read it (transformers 3.x ignored it there too)
+        @ (match layout.Positions with
+           | Learned offset -> [ "extra_pos_embeddings", string offset ]
+           | Sinusoidal -> [])
 
     /// Fields that cannot change the conditional-generation model's output: the classification head's
     /// dropout and label count, distillation and bookkeeping leftovers of older configs, and the pre-4.x
@@ -179,6 +182,7 @@ module BartConfig =
             | Some v when v.GetRawText() <> expected ->
                 r.Unsupported(field, sprintf "%s, which is what %s computes" expected layout.ModelType)
             | _ -> ()
+        if layout.Positions = Sinusoidal then r.Ignore [ "extra_pos_embeddings" ]
         r.Ignore noEffectFields
         r.Ignore HfConfig.bookkeepingFields
         r.Finish()

@@ -270,6 +270,39 @@ let private randomModelTests =
             refused "some_new_field" (fun o -> o["some_new_field"] <- JsonValue.Create 1)
             refused "model_type" (fun o -> o["model_type"] <- JsonValue.Create "pegasus")
 
+        testCase "older configs' legacy fields are accepted where they agree with the family" <| fun () ->
+            let parses (layout: Layout) (edit: JsonObject -> unit) =
+                let path = Path.Combine(Path.GetTempPath(), sprintf "moe-bart-legacy-%s.json" (Guid.NewGuid().ToString "N"))
+                try
+                    File.WriteAllText(path, tinyConfig edit)
+                    BartConfig.parse layout path
+                finally File.Delete path
+            let legacy (o: JsonObject) =
+                o["output_past"] <- JsonValue.Create true
+                o["eos_token_ids"] <- JsonArray(JsonValue.Create 2)
+                o["force_bos_token_to_be_generated"] <- JsonValue.Create false
+                o["classif_dropout"] <- JsonValue.Create 0.0
+                o["_num_labels"] <- JsonValue.Create 3
+                o["student_encoder_layers"] <- null
+                o["add_bias_logits"] <- JsonValue.Create false
+            let bart =
+                parses Layout.bart (fun o ->
+                    legacy o
+                    o["add_final_layer_norm"] <- JsonValue.Create false
+                    o["normalize_embedding"] <- JsonValue.Create true
+                    o["static_position_embeddings"] <- JsonValue.Create false)
+            Expect.equal bart.Layout Layout.bart "BART layout"
+            let pegasus =
+                parses Layout.pegasus (fun o ->
+                    legacy o
+                    o["model_type"] <- JsonValue.Create "pegasus"
+                    o["normalize_before"] <- JsonValue.Create true
+                    o["add_final_layer_norm"] <- JsonValue.Create true
+                    o["normalize_embedding"] <- JsonValue.Create false
+                    o["static_position_embeddings"] <- JsonValue.Create true
+                    o["extra_pos_embeddings"] <- JsonValue.Create 1)
+            Expect.equal pegasus.Layout Layout.pegasus "Pegasus layout"
+
         testCase "dropout acts in training only, and each family's activation is transformers'" <| fun () ->
             use m = tinyModel ()
             let ids, dec = tinyInputs ()
