@@ -114,7 +114,6 @@ module BartConfig =
           if cfg.EncoderLayers < 0 || cfg.DecoderLayers < 0 then sprintf "layer counts must be >= 0, got %d and %d" cfg.EncoderLayers cfg.DecoderLayers
           for name, heads in [ "encoder_attention_heads", cfg.EncoderHeads; "decoder_attention_heads", cfg.DecoderHeads ] do
               if heads >= 1 && cfg.DModel % heads <> 0 then sprintf "%s (%d) must divide d_model (%d)" name heads cfg.DModel
-          if cfg.Layout.Positions = Sinusoidal && cfg.DModel % 2 <> 0 then sprintf "sinusoidal positions need an even d_model, got %d" cfg.DModel
           if not (List.contains cfg.Activation supportedActivations) then
               sprintf "activation_function %s is not supported (supported: %s)" cfg.Activation (String.Join(", ", supportedActivations))
           for name, p in [ "dropout", cfg.Dropout; "attention_dropout", cfg.AttentionDropout; "activation_dropout", cfg.ActivationDropout

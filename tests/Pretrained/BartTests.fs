@@ -320,6 +320,12 @@ let private randomModelTests =
 
 let private pegasusTests =
     testList "Pegasus layout" [
+        testCase "sinusoid table: ceil(D/2) sines, then floor(D/2) cosines of the same frequencies (odd D too)" <| fun () ->
+            use table = sinusoidTable 3 5                                                 // [3; 5]
+            let f k = 2.0 / Math.Pow(10000.0, float (2 * k) / 5.0)
+            let expected = [| sin (f 0); sin (f 1); sin (f 2); cos (f 0); cos (f 1) |]
+            let got = Tensors.toFloats table[2L] |> Array.map float
+            for c in 0 .. 4 do Expect.floatClose Accuracy.medium got[c] expected[c] (sprintf "row 2, column %d" c)
         testWithShared "a checkpoint without the position tables gets them computed: same logits" <| fun data ->
             let dir = modelDir data "pegasus-tiny"
             use m = Pegasus.fromFolder dir
