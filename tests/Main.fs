@@ -14,7 +14,9 @@ let all =
         UpcycleTests.tests
         RecurrentTests.tests
         GenerateTests.tests
+        HfCheckpointTests.tests
         Gpt2Tests.tests
+        BartTests.tests
         DataTests.tests
         TaggingDataTests.tests
         MetricsTests.tests
