@@ -34,6 +34,7 @@ Moe.Startup.initialise ()
 #load "../src/Pretrained/Gpt2.fs"
 #load "../src/Pretrained/Bart.fs"
 #load "../src/Pretrained/Pegasus.fs"
+#load "../src/Pretrained/HfSeq2Seq.fs"
 #load "../src/Text/Tokenizers.fs"
 #load "../src/Text/TextTools.fs"
 #load "../src/Text/Data.fs"
