@@ -51,6 +51,17 @@ type MoeLayerArgs =
             | Json_Out _ -> "also write the JSON report to this file."
             | Markdown_Out _ -> "also write the table as Markdown to this file."
 
+type LoadArgs =
+    | Shape of name: string
+    | Folder of path: string
+    | Seed of seed: int
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Shape _ -> "bart-large|tiny: the checkpoint's tensor names and shapes (default bart-large: 406M parameters, a 1.6 GB file)."
+            | Folder _ -> "where the random checkpoint is written, then deleted (default: a folder under the system's temp folder)."
+            | Seed _ -> "seed of the random weights (default 0)."
+
 type TrainStepArgs =
     | Shape of name: string
     | Allocators of names: string list
@@ -95,12 +106,14 @@ type BenchArgs =
     | [<CliPrefix(CliPrefix.None)>] Moe_Layer of ParseResults<MoeLayerArgs>
     | [<CliPrefix(CliPrefix.None)>] Train_Step of ParseResults<TrainStepArgs>
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
+    | [<CliPrefix(CliPrefix.None)>] Load of ParseResults<LoadArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
             | Moe_Layer _ -> "forward+backward time of the MoE layer against the FLOP-matched dense FFN, the naive loop and all-experts."
             | Train_Step _ -> "tokens/s, model-FLOPs utilisation, kernel CPU time and peak memory of a training step of the summarizer, on the built-in corpus or at real article lengths."
             | Data _ -> "an XSum-sized generated corpus through the JSON Lines loader, tokenization and the on-disk token cache: time and peak memory."
+            | Load _ -> "a BART-shaped model.safetensors with random weights loaded into fresh parameters: time and peak resident memory against the file size."
 
 /// The grid the arguments ask for: `--quick` or the defaults, with any listed value overriding.
 let private configOf (args: ParseResults<MoeLayerArgs>) : Bench.Layer.BenchConfig =
@@ -255,9 +268,20 @@ let private data (args: ParseResults<DataArgs>) : int =
     printf "%s" (Bench.DataPipeline.table report)
     0
 
+let private load (args: ParseResults<LoadArgs>) : int =
+    let shape =
+        match Bench.CheckpointLoad.BartShape.parse (args.GetResult(LoadArgs.Shape, "bart-large")) with
+        | Ok s -> s
+        | Error e -> invalidArg "--shape" e
+    let folder = args.GetResult(LoadArgs.Folder, Path.Combine(Path.GetTempPath(), sprintf "moe-bench-load-%d" (Environment.ProcessId)))
+    let report = Bench.CheckpointLoad.run shape folder (args.GetResult(LoadArgs.Seed, 0)) (fun line -> eprintfn "%s" line)
+    printf "%s" (Bench.CheckpointLoad.table report)
+    0
+
 /// Runs a bench subcommand (bad input: `InputErrors.guard` in `Cli.main` reports it, exit code 2).
 let run (args: ParseResults<BenchArgs>) : int =
     match args.GetSubCommand() with
     | Moe_Layer a -> moeLayer a
     | Train_Step a -> trainStep a
     | Data a -> data a
+    | Load a -> load a

@@ -83,5 +83,6 @@ Moe.Startup.initialise ()
 #load "../src/Bench/Layer.fs"
 #load "../src/Bench/TrainStep.fs"
 #load "../src/Bench/DataPipeline.fs"
+#load "../src/Bench/CheckpointLoad.fs"
 #load "../src/Bench/Facade.fs"
 #load "../src/Api/Toolkit.fs"

@@ -123,9 +123,7 @@ let private indexPickled (path: string) : PickledTensor list =
     use stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read)
     let table : Hashtable =
         try TorchSharp.PyBridge.PyTorchUnpickler.UnpickleStateDict(stream, true, true)
-        with
-        | :? ArgumentException as e -> raise e
-        | e -> bad (sprintf "cannot read it as a PyTorch state dict (torch.save of a state_dict, zip format): %s: %s" (e.GetType().Name) e.Message)
+        with e -> bad (sprintf "cannot read it as a PyTorch state dict (torch.save of a state_dict, zip format): %s: %s" (e.GetType().Name) e.Message)
     [ for key in table.Keys do
         let name = string key
         let record = table[key]

@@ -167,6 +167,13 @@ let private formatTests =
                 expectMessage "empty" [ dir; "model.safetensors"; "model.safetensors.index.json"; "pytorch_model.bin"; "pytorch_model.bin.index.json" ] (fun () -> openWeights dir |> ignore)
                 expectMessage "no folder" [ Path.Combine(dir, "nope") ] (fun () -> openWeights (Path.Combine(dir, "nope")) |> ignore)
 
+        testCase "a pytorch_model.bin that is not a PyTorch zip archive is refused, naming the file" <| fun () ->
+            withFolder <| fun dir ->
+                Directory.CreateDirectory dir |> ignore
+                let path = Path.Combine(dir, "pytorch_model.bin")
+                File.WriteAllBytes(path, [| 0x80uy; 2uy; 'N'B; '.'B |])
+                expectMessage "not a zip" [ path; "PyTorch state dict" ] (fun () -> openWeights dir |> ignore)
+
         testCase "a truncated model.safetensors is refused, naming the file" <| fun () ->
             use _ = torch.NewDisposeScope()
             withFolder <| fun dir ->

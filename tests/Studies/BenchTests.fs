@@ -411,6 +411,24 @@ let tests =
                 Expect.stringContains differ "losses DIFFER" "one ulp apart is a difference"
                 Expect.throwsT<ArgumentException> (fun () -> allocatorComparison [] |> ignore) "nothing to compare"
 
+            testCase "checkpoint load: the tiny BART shape is written, loaded, verified and measured" <| fun () ->
+                let folder = Path.Combine(Path.GetTempPath(), "moe-bench-load-tests", Guid.NewGuid().ToString("N"))
+                let names = CheckpointLoad.bartTensors CheckpointLoad.BartShape.tiny |> List.map fst
+                Expect.contains names "model.decoder.layers.0.encoder_attn.out_proj.bias" "cross-attention in the decoder"
+                Expect.isFalse (List.contains "lm_head.weight" names) "tied embeddings stored once"
+                let large = CheckpointLoad.bartTensors CheckpointLoad.BartShape.bartLarge
+                // bart-large: 406,291,456 parameters (BartForConditionalGeneration.num_parameters()) plus the
+                // final_logits_bias buffer's 50,265 values.
+                Expect.equal (large |> List.sumBy (snd >> Array.fold (*) 1L)) (406291456L + 50265L) "bart-large stored values"
+                let r = CheckpointLoad.run CheckpointLoad.BartShape.tiny folder 3 ignore
+                Expect.isTrue r.Verified "loaded values equal the written ones"
+                Expect.equal r.Tensors names.Length "every tensor loaded"
+                Expect.isFalse (Directory.Exists folder) "checkpoint deleted"
+                if canMeasurePeakRss () then
+                    Expect.equal r.PeakResetWorks (Some true) "clear_refs resets the high-water mark here"
+                    Expect.isSome r.PeakRssMb "peak measured"
+                Expect.stringContains (CheckpointLoad.table r) "peak / file size" "table"
+
             testCase "data pipeline: generated documents at their drawn word counts go through loader, tokenizer and cache" <| fun () ->
                 let folder = Path.Combine(Path.GetTempPath(), "moe-bench-data-tests", Guid.NewGuid().ToString("N"))
                 let cfg = { DataPipeline.DataBenchConfig.defaults with Documents = 300; Folder = folder }
