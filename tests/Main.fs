@@ -15,6 +15,7 @@ let all =
         RecurrentTests.tests
         Gpt2Tests.tests
         DataTests.tests
+        HfTokenizerTests.tests
         TaggingDataTests.tests
         MetricsTests.tests
         TaggingTests.tests
