@@ -638,6 +638,44 @@ type PaddingSide =
     | PadRight
     | PadLeft
 
+/// One piece of a post-processor's template for a pair of texts.
+type private PairPiece =
+    | FirstText
+    | SecondText
+    | SpecialIds of int[]
+
+/// The pair layout of a tokenizer.json's post-processor (TemplateProcessing's `pair`, RobertaProcessing's
+/// `cls A sep sep B sep`, BertProcessing's `cls A sep B sep`; none and ByteLevel add nothing).
+let rec private pairTemplate (source: string) (post: JsonNode) : PairPiece list =
+    let str (n: JsonNode) = n.GetValue<string>()
+    let tokenId (n: JsonNode) = SpecialIds [| n.AsArray().[1].GetValue<int>() |]
+    match post with
+    | null -> [ FirstText; SecondText ]
+    | post ->
+        let o = post.AsObject()
+        match str o.["type"] with
+        | "ByteLevel" -> [ FirstText; SecondText ]
+        | "RobertaProcessing" -> [ tokenId o.["cls"]; FirstText; tokenId o.["sep"]; tokenId o.["sep"]; SecondText; tokenId o.["sep"] ]
+        | "BertProcessing" -> [ tokenId o.["cls"]; FirstText; tokenId o.["sep"]; SecondText; tokenId o.["sep"] ]
+        | "TemplateProcessing" ->
+            let specials = o.["special_tokens"].AsObject()
+            [ for piece in o.["pair"].AsArray() do
+                  let p = piece.AsObject()
+                  if p.ContainsKey "Sequence" then (if str p.["Sequence"].["id"] = "A" then FirstText else SecondText)
+                  else
+                      let name = str p.["SpecialToken"].["id"]
+                      SpecialIds(specials.[name].["ids"].AsArray() |> Seq.map (fun i -> i.GetValue<int>()) |> Array.ofSeq) ]
+        | "Sequence" ->
+            let templates =
+                [ for p in o.["processors"].AsArray() do
+                      let t = pairTemplate source p
+                      if t <> [ FirstText; SecondText ] then t ]
+            match templates with
+            | [] -> [ FirstText; SecondText ]
+            | [ t ] -> t
+            | _ -> failwithf "%s: more than one post-processor adds special tokens; expected at most one" source
+        | other -> failwithf "%s: post-processor %s is not supported for pairs of texts" source other
+
 /// The files a folder's tokenizer is read from, in order of preference.
 let lookedFor = "tokenizer.json, vocab.json + merges.txt, spiece.model"
 
@@ -690,6 +728,7 @@ type HfTokenizer(source: string, doc: JsonObject, settings: Settings) =
     let unk = roleId "unk_token"
     let mask = roleId "mask_token"
     let maxId = Seq.max idToToken.Keys
+    let pairLayout = pairTemplate source doc.["post_processor"]
     let toIds (ids: uint32[]) = ids |> Array.map int
     let checkIds (ids: int[]) =
         for id in ids do
@@ -731,6 +770,35 @@ type HfTokenizer(source: string, doc: JsonObject, settings: Settings) =
         match at with
         | Some k -> full.[.. k - 1], inner, full.[k + n ..]
         | None -> failwithf "%s: the post-processor does not keep the text's ids together for %A; cannot truncate it" source text
+
+    /// `transformers`' `tokenizer(first, second)["input_ids"]` for a pair of texts (MNLI premise and
+    /// hypothesis): the post-processor's pair layout, and with `maxLength` the fast tokenizers' `longest_first`
+    /// truncation of the texts' ends (special tokens kept).
+    member _.EncodePair(first: string, second: string, addSpecialTokens: bool, ?maxLength: int) : int[] =
+        let a = plain.Encode first |> toIds
+        let b = plain.Encode second |> toIds
+        let layout = if addSpecialTokens then pairLayout else [ FirstText; SecondText ]
+        let specials = layout |> List.sumBy (function SpecialIds ids -> ids.Length | _ -> 0)
+        let keepA, keepB =
+            match maxLength with
+            | Some m when a.Length + b.Length + specials > m ->
+                let budget = m - specials
+                if budget < 0 then invalidArg "maxLength" (sprintf "maxLength %d is shorter than the %d special tokens of a pair" m specials)
+                // The Rust library's LongestFirst (utils/truncation.rs): the shorter text (the first on a tie)
+                // is kept whole when the longer fits beside it; otherwise the shorter gets budget / 2 and the
+                // longer the rest.
+                let firstIsShorter = a.Length <= b.Length
+                let n1 = min a.Length b.Length
+                let n2 = if n1 > budget then n1 else max n1 (budget - n1)
+                let n1, n2 = if n1 + n2 > budget then budget / 2, budget / 2 + budget % 2 else n1, n2
+                if firstIsShorter then n1, n2 else n2, n1
+            | _ -> a.Length, b.Length
+        let keepA, keepB = min keepA a.Length, min keepB b.Length
+        [| for piece in layout do
+               match piece with
+               | FirstText -> yield! a.[.. keepA - 1]
+               | SecondText -> yield! b.[.. keepB - 1]
+               | SpecialIds ids -> yield! ids |]
 
     /// Token strings of ids (as `convert_ids_to_tokens`).
     member _.IdToToken(id: int) : string =

@@ -121,6 +121,13 @@ let private sampleTests =
                       Expect.equal (tok.Encode(target, true)) (ints ((src.GetProperty "labels").[0])) (label + ": src0_alone labels")
                       checkedSections <- checkedSections + 1
                   | None -> ()
+                  match prop "pair0_alone" s with
+                  | Some pair ->
+                      // MNLI: premise docs[0], hypothesis refs[0], truncated longest-first to the recorded length.
+                      let recorded = ints (pair.GetProperty "input_ids")
+                      Expect.equal (tok.EncodePair(doc0, (references data).[0], true, recorded.Length)) recorded (label + ": pair0_alone input_ids")
+                      checkedSections <- checkedSections + 1
+                  | None -> ()
                   match prop "seq_doc0_alone" s |> Option.bind (prop "input_ids") with
                   | Some inputIds ->
                       let recorded = ints (inputIds.[0])
@@ -238,6 +245,29 @@ let private behaviourTests =
           checkAgainst 32128 tok
           throwsWith (fun () -> checkAgainst 4000 tok) [ Path.Combine(dir, "tokenizer.json"); "does not match the vocabulary size"; "4000"; "4099" ] "t5-tiny against 4000 ids"
           throwsWith (fun () -> checkAgainst 4000 (slowTokenizer dir)) [ Path.Combine(dir, "spiece.model") ] "from spiece.model")
+
+      testWithShared "EncodePair: each family's pair layout and longest-first truncation" (fun data ->
+          let m = modelsDir data
+          let t5 = folderTokenizer (Path.Combine(m, "t5-tiny"))
+          let a, b = t5.Encode("first text", false), t5.Encode("second", false)
+          Expect.equal (t5.EncodePair("first text", "second", true)) (Array.concat [ a; [| 1 |]; b; [| 1 |] ]) "T5: A </s> B </s>"
+          let pegasus = folderTokenizer (Path.Combine(m, "pegasus-tiny"))
+          let a, b = pegasus.Encode("first text", false), pegasus.Encode("second", false)
+          Expect.equal (pegasus.EncodePair("first text", "second", true)) (Array.concat [ a; b; [| 1 |] ]) "Pegasus: A B </s>"
+          let llama = folderTokenizer (Path.Combine(m, "llama3-tokenizer-tiny"))
+          let a, b = llama.Encode("first text", false), llama.Encode("second", false)
+          Expect.equal (llama.EncodePair("first text", "second", true)) (Array.concat [ [| 50256 |]; a; [| 50256 |]; b ]) "Llama-3: bos A bos B"
+          let bart = folderTokenizer (Path.Combine(m, "bart-tiny"))
+          let long = String.replicate 30 "word "
+          let cut = bart.EncodePair(long, long, true, 21)
+          Expect.equal cut.Length 21 "fits maxLength"
+          Expect.equal (cut |> Array.filter (fun id -> id = 2) |> Array.length) 3 "RoBERTa layout keeps its three </s>"
+          Expect.equal (Array.IndexOf(cut, 2)) 9 "two equally long texts share the budget of 17: 8 for the first, 9 for the second"
+          let short = "a few words"
+          let s = bart.Encode(short, false)
+          let cut = bart.EncodePair(long, short, true, 21)
+          Expect.equal cut.[cut.Length - 1 - s.Length ..] (Array.append s [| 2 |]) "a short second text is kept whole"
+          Expect.equal (Array.IndexOf(cut, 2)) (1 + 17 - s.Length) "the long first text gets the rest")
 
       testCase "missing tokenizer files: the error names the folder and the files looked for" (fun () ->
           withTemp (fun dir ->
