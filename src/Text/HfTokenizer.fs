@@ -200,6 +200,8 @@ type Settings =
       AddedTokensFile: (string * int) list
       AddPrefixSpace: bool option
       AddBosToken: bool option
+      /// T5Tokenizer's `legacy`: false makes the SentencePiece conversion prepend "▁" to the first word only.
+      Legacy: bool option
       ModelMaxLength: int option
       CleanUpTokenizationSpaces: bool
       /// T5: the number of `<extra_id_N>` tokens (tokenizer_config's `extra_ids`, 100 by default).
@@ -363,6 +365,7 @@ let readSettings (dir: string) : Settings =
           AddedTokensFile = addedFileTokens
           AddPrefixSpace = config |> Option.bind (boolField configFile "add_prefix_space")
           AddBosToken = config |> Option.bind (boolField configFile "add_bos_token")
+          Legacy = config |> Option.bind (boolField configFile "legacy")
           ModelMaxLength = config |> Option.bind (intField configFile "model_max_length")
           CleanUpTokenizationSpaces =
             // transformers v4.45.1 defaults it to False unless the class or the file says otherwise.
@@ -604,7 +607,13 @@ let sentencePieceDocument (modelFile: string) (s: Settings) : JsonObject =
               if seen.Add t.Content then t ]
     let eos = s.Specials.TryFind "eos_token" |> Option.defaultValue "</s>"
     let eosId = vocabId eos |> Option.defaultWith (fun () -> failwithf "%s: the eos token %s is not in the vocabulary" modelFile eos)
-    let metaspace = obj [ "type", jstr "Metaspace"; "replacement", jstr "▁"; "prepend_scheme", jstr "always"; "split", jbool true ]
+    // convert_slow_tokenizer._get_prepend_scheme: add_prefix_space (true by default) prepends "▁" to every word;
+    // T5Tokenizer with legacy=false only to the first.
+    let prependScheme =
+        match family, s.Legacy with
+        | T5, Some false -> "first"
+        | _ -> if defaultArg s.AddPrefixSpace true then "always" else "never"
+    let metaspace = obj [ "type", jstr "Metaspace"; "replacement", jstr "▁"; "prepend_scheme", jstr prependScheme; "split", jbool true ]
     let normalizer =
         let tail =
             [ obj [ "type", jstr "Strip"; "strip_left", jbool false; "strip_right", jbool true ] :> JsonNode

@@ -158,7 +158,7 @@ let private agreementTests =
                       let ids = tok.Encode(text, false)
                       Expect.all ids (fun id -> id >= 0 && id <= tok.MaxId) (sprintf "ids of %A within the vocabulary" text)) ]
 
-let private withTemp (body: string -> unit) =
+let private withTemp (body: string -> 'a) : 'a =
     let dir = Path.Combine(Path.GetTempPath(), "moe-hftok-" + Guid.NewGuid().ToString("N"))
     Directory.CreateDirectory dir |> ignore
     try body dir
@@ -268,6 +268,20 @@ let private behaviourTests =
           let cut = bart.EncodePair(long, short, true, 21)
           Expect.equal cut.[cut.Length - 1 - s.Length ..] (Array.append s [| 2 |]) "a short second text is kept whole"
           Expect.equal (Array.IndexOf(cut, 2)) (1 + 17 - s.Length) "the long first text gets the rest")
+
+      testWithShared "spiece.model: T5's legacy=false and add_prefix_space=false choose the converters' prepend scheme" (fun data ->
+          let spiece = Path.Combine(modelsDir data, "t5-tiny", "spiece.model")
+          let schemeWith (config: string) =
+              withTemp (fun dir ->
+                  File.Copy(spiece, Path.Combine(dir, "spiece.model"))
+                  File.WriteAllText(Path.Combine(dir, "tokenizer_config.json"), config)
+                  use tok = fromFolder dir
+                  Expect.equal (tok.Encode("Hello world", true)) [| 131; 53; 205; 241; 1 |] "same ids for one plain sentence"
+                  let scheme = tok.Document.["pre_tokenizer"].["prepend_scheme"].GetValue<string>()
+                  Expect.equal (tok.Document.["decoder"].["prepend_scheme"].GetValue<string>()) scheme "the decoder's scheme follows"
+                  scheme)
+          Expect.equal (schemeWith """{"tokenizer_class": "T5Tokenizer"}""") "always" "legacy (the default): every word"
+          Expect.equal (schemeWith """{"tokenizer_class": "T5Tokenizer", "legacy": false}""") "first" "legacy=false: the first word only")
 
       testCase "missing tokenizer files: the error names the folder and the files looked for" (fun () ->
           withTemp (fun dir ->
