@@ -932,6 +932,22 @@ let fromSlowFiles (dir: string) : HfTokenizer =
         new HfTokenizer(file "spiece.model", sentencePieceDocument (file "spiece.model") settings, settings)
     else failwithf "no slow tokenizer files in %s: looked for vocab.json + merges.txt, spiece.model" dir
 
+/// The files of a tokenizer folder besides tokenizer.json that `save` carries over.
+let private companionFiles =
+    [ "tokenizer_config.json"; "special_tokens_map.json"; "added_tokens.json"; "vocab.json"; "merges.txt"; "spiece.model" ]
+
+/// Writes the tokenizer into `dir` as `transformers` reads it: the tokenizer.json it runs (the folder's, or the
+/// one built from its slow files) and the source folder's settings and slow files, so an exported checkpoint
+/// folder tokenizes as the one it came from. Files already in `dir` with those names are replaced.
+let save (dir: string) (tokenizer: HfTokenizer) : unit =
+    let sourceDir = Path.GetDirectoryName(Path.GetFullPath tokenizer.Source)
+    Directory.CreateDirectory dir |> ignore
+    if Path.GetFullPath dir <> sourceDir then
+        for name in companionFiles do
+            let from = Path.Combine(sourceDir, name)
+            if File.Exists from then File.Copy(from, Path.Combine(dir, name), true)
+        File.WriteAllText(Path.Combine(dir, "tokenizer.json"), tokenizer.Document.ToJsonString(JsonSerializerOptions(WriteIndented = true)))
+
 /// Fails when the tokenizer can produce ids the model has no embedding for (`modelVocabSize`, config.json's
 /// `vocab_size`): a tokenizer file that does not match the vocabulary size.
 let checkAgainst (modelVocabSize: int) (tokenizer: HfTokenizer) : unit =

@@ -283,6 +283,20 @@ let private behaviourTests =
           Expect.equal (schemeWith """{"tokenizer_class": "T5Tokenizer"}""") "always" "legacy (the default): every word"
           Expect.equal (schemeWith """{"tokenizer_class": "T5Tokenizer", "legacy": false}""") "first" "legacy=false: the first word only")
 
+      testWithShared "save: a folder written from slow files reloads through tokenizer.json with the same ids and text" (fun data ->
+          for name in [ "roberta-tiny"; "pegasus-tiny" ] do
+              let tok = slowTokenizer (Path.Combine(modelsDir data, name))
+              withTemp (fun dir ->
+                  save dir tok
+                  Expect.isTrue (File.Exists(Path.Combine(dir, "tokenizer.json"))) (name + ": tokenizer.json written")
+                  use back = fromFolder dir
+                  Expect.stringEnds back.Source "tokenizer.json" (name + ": reloads from tokenizer.json")
+                  Expect.equal (back.EosId, back.PadId, back.VocabSize) (tok.EosId, tok.PadId, tok.VocabSize) (name + ": specials and size")
+                  for text in sentences data |> Array.truncate 40 do
+                      let ids = tok.Encode(text, true)
+                      Expect.equal (back.Encode(text, true)) ids (sprintf "%s: ids of %A" name text)
+                      Expect.equal (back.Decode(ids, false)) (tok.Decode(ids, false)) (sprintf "%s: text of %A" name text)))
+
       testCase "missing tokenizer files: the error names the folder and the files looked for" (fun () ->
           withTemp (fun dir ->
               throwsWith (fun () -> fromFolder dir |> ignore) [ dir; "tokenizer.json"; "vocab.json + merges.txt"; "spiece.model" ] "empty folder"
