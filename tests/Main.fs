@@ -18,6 +18,7 @@ let all =
         Gpt2Tests.tests
         BartTests.tests
         DataTests.tests
+        HfTokenizerTests.tests
         TaggingDataTests.tests
         MetricsTests.tests
         TaggingTests.tests

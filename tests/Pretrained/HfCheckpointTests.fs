@@ -308,4 +308,4 @@ let private saveTests =
                 for n, t in state 8 do expectIdentical n (weights.Load(n, t.dtype)) t
     ]
 
-let tests = testList "Moe.Pretrained.HfCheckpoint" [ sharedTests; loadTests; formatTests; saveTests ]
+let tests = testList "HfCheckpoint" [ sharedTests; loadTests; formatTests; saveTests ]
