@@ -197,7 +197,8 @@ let private dropIn (training: bool) (p: float) (x: Tensor) : Tensor =
 
 /// Multi-head attention with biased projections named as transformers' `BartAttention` (q_proj, k_proj, v_proj,
 /// out_proj); softmax(q k^T / sqrt Dh) v itself is the toolkit's `Attention.attend` (Vaswani et al. 2017 eq. 1),
-/// and keys/values are kept in the toolkit's `KvCache`.
+/// and keys/values are kept in the toolkit's `KvCache`. The projections (and the FFN's fc1/fc2) run through
+/// `call`, not `forward`, so forward hooks fire: `Finetune`'s LoRA adapters hook onto these Linear modules.
 [<AllowNullLiteral>]
 type BartAttention(name: string, dModel: int, heads: int, dropout: float) as this =
     inherit torch.nn.Module(name)
@@ -217,7 +218,7 @@ type BartAttention(name: string, dModel: int, heads: int, dropout: float) as thi
     let attendProject (mask: Tensor option) (q: Tensor) (k: Tensor) (v: Tensor) : Tensor =
         use _ = torch.NewDisposeScope()
         let o = attend Handwritten (if this.training then dropout else 0.0) mask q k v    // [N; H; T; Dh]
-        (out_proj.forward (o.transpose(1L, 2L).reshape(q.shape[0], q.shape[2], d))).MoveToOuterDisposeScope()
+        (out_proj.call (o.transpose(1L, 2L).reshape(q.shape[0], q.shape[2], d))).MoveToOuterDisposeScope()
 
     member _.QProj = q_proj
     member _.KProj = k_proj
@@ -228,8 +229,8 @@ type BartAttention(name: string, dModel: int, heads: int, dropout: float) as thi
     /// a non-null cache receives this call's keys and supplies the earlier ones. Returns [N; T; D].
     member _.SelfAttend(x: Tensor, keyValid: Tensor, causal: bool, cache: KvCache) : Tensor =
         use _ = torch.NewDisposeScope()
-        let q = split (q_proj.forward x)                                           // [N; H; T; Dh]
-        let kNew, vNew = split (k_proj.forward x), split (v_proj.forward x)        // [N; H; T; Dh]
+        let q = split (q_proj.call x)                                           // [N; H; T; Dh]
+        let kNew, vNew = split (k_proj.call x), split (v_proj.call x)        // [N; H; T; Dh]
         let k, v =
             if isNull cache then kNew, vNew
             else
@@ -244,12 +245,12 @@ type BartAttention(name: string, dModel: int, heads: int, dropout: float) as thi
     /// null). Returns [N; T; D].
     member _.CrossAttend(x: Tensor, memory: Tensor, memoryValid: Tensor, cache: KvCache) : Tensor =
         use _ = torch.NewDisposeScope()
-        let q = split (q_proj.forward x)                                           // [N; H; T; Dh]
+        let q = split (q_proj.call x)                                           // [N; H; T; Dh]
         let k, v =
             if not (isNull cache) && not cache.IsEmpty then cache.Keys, cache.Values
             else
                 if isNull memory then invalidArg "memory" "expected encoder states [N; S; D] (only a filled cache lets them be null)"
-                let k, v = split (k_proj.forward memory), split (v_proj.forward memory)  // [N; H; S; Dh]
+                let k, v = split (k_proj.call memory), split (v_proj.call memory)  // [N; H; S; Dh]
                 if not (isNull cache) then cache.Set(k, v)
                 k, v
         let mask = if isNull memoryValid then None else Some(keyPaddingMask memoryValid)
@@ -306,7 +307,7 @@ type BartLayer(name: string, cfg: BartConfig, isDecoder: bool) as this =
 
     /// fc2(drop(act(fc1 x))). x [N; T; D] -> [N; T; D].
     let feedForward (x: Tensor) : Tensor =
-        fc2.forward (dropIn this.training cfg.ActivationDropout (act (fc1.forward x)))
+        fc2.call (dropIn this.training cfg.ActivationDropout (act (fc1.call x)))
 
     /// The upcycled sublayer on (x, 1) with the tokens' ids (hash routers) and valid [N; T] (padding is not
     /// routed; null = all). x [N; T; D] -> [N; T; D] and the MoE report.

@@ -34,7 +34,14 @@ type HfSeq2Seq =
         member this.Dispose() = this.Module.Dispose()
 
 /// The model_type values this module loads.
-let supportedModelTypes = [ "bart"; "pegasus"; "t5"; "switch_transformers" ]
+let supportedModelTypes = [ "bart"; "pegasus"; "t5"; "switch_transformers"; "moe_summarizer" ]
+
+/// The model_type of the toolkit's own from-scratch summarizer exported in Hugging Face layout
+/// (`Finetune.exportRun`).
+let moeSummarizerType = "moe_summarizer"
+
+/// The config.json field holding the exported summarizer's `Models.ModelConfig` (the toolkit's JSON of it).
+let moeConfigField = "moe_config"
 
 /// config.json's model_type in `dir`; errors name the file.
 let modelType (dir: string) : string =
@@ -54,6 +61,56 @@ let private ofBart (dir: string) (modelType: string) (model: Bart.BartForConditi
       Loss = fun ids mask labels -> let out = model.Forward(ids, mask, labels) in out.Logits.Dispose(); out.Loss, out.Moe
       StateDict = fun () -> model.StateDict() }
 
+/// Parameters and persistent buffers by their module names, as `exportRun` writes and `HfCheckpoint.loadInto` reads them.
+let private moduleState (m: torch.nn.Module) : (string * Tensor) list =
+    [ for struct (n, p) in m.named_parameters () -> n, (p :> Tensor)
+      for struct (n, b) in m.named_buffers (include_nonpersistent = false) -> n, b ]
+
+/// The toolkit's EncoderDecoder from an exported folder: `moe_config` rebuilds it, the weights load by the
+/// module's own names with nothing missing or left over. Labels are the target ids followed by EOS (-100
+/// ignored); the decoder reads them shifted right behind the start token, as the run trained it.
+let private ofMoeSummarizer (dir: string) : HfSeq2Seq =
+    let path = Path.Combine(dir, "config.json")
+    let r = HfConfig.ConfigReader.Open path
+    let cfg =
+        match r.Element moeConfigField with
+        | None -> failwithf "%s: missing field \"%s\" (the toolkit's model config of a moe_summarizer export)" path moeConfigField
+        | Some e ->
+            match Json.parse (e.GetRawText()) |> Result.mapError List.singleton |> Result.bind Json.ofNode<ModelConfig> with
+            | Ok c -> c
+            | Error ps -> failwithf "%s: field \"%s\" is not a model config:\n  - %s" path moeConfigField (String.concat "\n  - " ps)
+    let vocab = r.Int "vocab_size"
+    if vocab <> cfg.VocabSize then failwithf "%s: vocab_size %d differs from %s.VocabSize %d" path vocab moeConfigField cfg.VocabSize
+    let pad = r.Int "pad_token_id"
+    let start = r.Int "decoder_start_token_id"
+    r.Ignore [ "model_type"; "bos_token_id"; "eos_token_id"; "is_encoder_decoder" ]
+    r.Finish()
+    let model = new EncoderDecoder(cfg)
+    try
+        use weights = HfCheckpoint.openWeights dir
+        HfCheckpoint.loadInto weights model HfCheckpoint.LoadOptions.Strict |> ignore
+    with _ ->
+        model.Dispose()
+        reraise ()
+    model.eval ()
+    let loss (ids: Tensor) (mask: Tensor) (labels: Tensor) =
+        use _ = torch.NewDisposeScope()
+        let decoderInput = Bart.shiftTokensRight pad start labels                  // [N; T]
+        let valid = Tensors.withInt64Scalar Bart.ignoreIndex (fun s -> labels.ne s) // [N; T]
+        let out = model.Forward(ids, decoderInput, mask, valid)
+        let v = out.Logits.shape[out.Logits.shape.Length - 1]
+        let ce = torch.nn.functional.cross_entropy(out.Logits.reshape(-1L, v).to_type torch.float32, labels.reshape(-1L), ignore_index = Bart.ignoreIndex)
+        for rep in out.Moe do moveReportOut rep.Report
+        ce.MoveToOuterDisposeScope(), out.Moe
+    { Folder = dir
+      ModelType = moeSummarizerType
+      Module = model
+      Model = Seq2Seq.ofModel model
+      PadTokenId = pad
+      DecoderStartTokenId = start
+      Loss = loss
+      StateDict = fun () -> moduleState model }
+
 /// Loads the encoder-decoder in `dir` (config.json and its weights) in evaluation mode, dispatching on
 /// model_type; an unknown model_type is refused naming the file and the supported ones.
 let load (dir: string) : HfSeq2Seq =
@@ -61,6 +118,7 @@ let load (dir: string) : HfSeq2Seq =
     match modelType dir with
     | "bart" -> Bart.fromFolder dir |> ofBart dir "bart"
     | "pegasus" -> Pegasus.fromFolder dir |> ofBart dir "pegasus"
+    | t when t = moeSummarizerType -> ofMoeSummarizer dir
     | other ->
         failwithf "%s: model_type \"%s\" is not an encoder-decoder this toolkit loads (supported: %s)"
             (Path.Combine(dir, "config.json")) other (String.Join(", ", supportedModelTypes))
