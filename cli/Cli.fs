@@ -23,6 +23,8 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<TrainCommand.GenerateArgs>
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.SweepArgs>
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCommand.BenchArgs>
+    | [<CliPrefix(CliPrefix.None)>] Finetune of ParseResults<FinetuneCommand.FinetuneArgs>
+    | [<CliPrefix(CliPrefix.None)>] Export_Hf of ParseResults<FinetuneCommand.ExportHfArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -34,6 +36,8 @@ type Command =
             | Train _ -> "train a summarizer (dense, top-k or hash MoE) and score it on the test split against lead-1."
             | Generate _ -> "summarize documents with a trained run's checkpoint."
             | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
+            | Finetune _ -> "fine-tune a pretrained encoder-decoder (BART, Pegasus, T5, Switch) on a summarization data set, fully or with LoRA; writes the run folder and hf/ in Hugging Face layout."
+            | Export_Hf _ -> "write a from-scratch run folder in Hugging Face layout (model_type moe_summarizer, safetensors, tokenizer, model card); --model OUT loads it back."
             | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop), train-step (training step: speed, kernel time, memory), data (tokenization and token cache), load (checkpoint loading: time and peak memory)."
 
 let private deviceOf (text: string option) =
@@ -63,7 +67,9 @@ let main argv =
             | Train a -> TrainCommand.train a
             | Generate a -> TrainCommand.generate a
             | Sweep a -> SweepCommand.run a
-            | Bench a -> BenchCommand.run a)
+            | Bench a -> BenchCommand.run a
+            | Finetune a -> FinetuneCommand.finetune a
+            | Export_Hf a -> FinetuneCommand.exportHf a)
     with :? ArguParseException as e ->
         eprintfn "%s" e.Message
         if e.ErrorCode = ErrorCode.HelpText then 0 else InputErrors.BadInput
