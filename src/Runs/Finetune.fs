@@ -69,7 +69,10 @@ type LoraAdapter =
       Linear: Modules.Linear
       A: Modules.Linear
       B: Modules.Linear
-      Scale: float }
+      Scale: float
+      /// How many times the hook has run: a model that calls this Linear's `forward` directly bypasses hooks,
+      /// which `checkAdaptersRun` catches.
+      Calls: int ref }
 
 /// Whether `name` ends one of PEFT's target module names: equal to it or ending with "." + it.
 let private targeted (targets: string list) (name: string) =
@@ -107,11 +110,31 @@ let applyLora (s: LoraSettings) (targets: string list) (root: torch.nn.Module) :
         l.register_module ("lora_A", a)
         l.register_module ("lora_B", b)
         let dropout = s.lora_dropout
+        let calls = ref 0
         l.register_forward_hook (Func<torch.nn.Module<Tensor, Tensor>, Tensor, Tensor, Tensor>(fun m x y ->
+            calls.Value <- calls.Value + 1
             let h = if m.training && dropout > 0.0 then torch.nn.functional.dropout(x, dropout, true) else x  // [..; I]
             plus y (mulScalar scale (b.call (a.call h)))))                                                    // [..; O]
         |> ignore
-        { Module = name; Linear = l; A = a; B = b; Scale = scale } ]
+        { Module = name; Linear = l; A = a; B = b; Scale = scale; Calls = calls } ]
+
+/// Runs the model's loss once on a two-token batch and fails, naming them, when some adapters' hooks did not
+/// run: their Linear is called through `forward` (which skips hooks) and LoRA would silently do nothing.
+let checkAdaptersRun (model: HfSeq2Seq.HfSeq2Seq) (adapters: LoraAdapter list) : unit =
+    if not adapters.IsEmpty then
+        for a in adapters do a.Calls.Value <- 0
+        do
+            use _ = torch.no_grad ()
+            use _ = torch.NewDisposeScope()
+            let device = adapters.Head.Linear.weight.device
+            let ids = torch.tensor([| int64 model.DecoderStartTokenId; int64 model.PadTokenId |], ReadOnlySpan<int64> [| 1L; 2L |], device = device)
+            let mask = torch.ones([| 1L; 2L |], dtype = torch.ScalarType.Bool, device = device)
+            model.Loss ids mask ids |> ignore
+        match adapters |> List.filter (fun a -> a.Calls.Value = 0) with
+        | [] -> ()
+        | silent ->
+            invalidOp (sprintf "LoRA cannot attach to %d of %d targeted modules of %s (%s): the model calls them with `forward`, which skips forward hooks; its family must call these Linear modules with `call`"
+                           silent.Length adapters.Length model.ModelType (silent |> List.truncate 4 |> List.map (fun a -> a.Module) |> String.concat ", "))
 
 /// The state dict to export for a model carrying `adapters`: adapter tensors left out and each adapted weight
 /// replaced by W + scale B A (the merged model computes what the adapted one does). New tensors are made in
@@ -195,6 +218,7 @@ let loadWithAdapter (baseDir: string) (adapterDir: string) : HfSeq2Seq.HfSeq2Seq
     let model = HfSeq2Seq.load baseDir
     try
         let adapters = applyLora s s.target_modules model.Module
+        checkAdaptersRun model adapters
         let wanted = adapterState adapters |> dict
         let stored = Safetensors.read file
         try
@@ -218,6 +242,10 @@ let loadWithAdapter (baseDir: string) (adapterDir: string) : HfSeq2Seq.HfSeq2Seq
         reraise ()
 
 // ---------------------------------------------------------------- configuration
+
+/// Families whose loss (transformers' forward with labels) already adds their router losses, weighted by their
+/// config (Switch Transformers' router_z_loss_coef and router_aux_loss_coef).
+let lossIncludesRouterLosses (modelType: string) = modelType = "switch_transformers"
 
 /// A fine-tuning run.
 type FinetuneConfig =
@@ -511,8 +539,18 @@ let runWith (opts: RunOptions) (resume: bool) (cfg: FinetuneConfig) : FinetuneRe
     let targets = cfg.Lora |> Option.map (LoraSettings.targetsFor model.ModelType)
     let adapters =
         match cfg.Lora, targets with
-        | Some l, Some ts -> applyLora l ts model.Module
+        | Some l, Some ts ->
+            let adapters = applyLora l ts model.Module
+            checkAdaptersRun model adapters
+            adapters
         | _ -> []
+    // transformers' Switch loss already holds its router losses, weighted by its config; the trainer must not
+    // add them again.
+    let cfg =
+        if lossIncludesRouterLosses model.ModelType && cfg.Train.LossWeights <> LossWeights.none then
+            say (sprintf "%s: the model's loss already includes its weighted router losses; Train.LossWeights set to zero" model.ModelType)
+            { cfg with Train = { cfg.Train with LossWeights = LossWeights.none } }
+        else cfg
     let prepared = prepare cfg tokenizer
     say (sprintf "data: %d train, %d validation, %d test examples; source prefix %s" prepared.Train.Length prepared.Valid.Length
              prepared.Test.Length (if prepared.Prefix = "" then "(none)" else sprintf "\"%s\"" prepared.Prefix))

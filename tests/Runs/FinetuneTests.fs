@@ -175,7 +175,11 @@ let tests =
                 // The family's loss: the mean cross-entropy of the labels.
                 let labels = torch.tensor([| 5L; 6L; 2L; 7L; -100L; -100L |], ReadOnlySpan<int64> [| 2L; 3L |])
                 let loss, _ = exported.Loss ids mask labels
-                Expect.isTrue (Double.IsFinite(loss.item<float32> () |> float)) "a finite loss"))
+                Expect.isTrue (Double.IsFinite(loss.item<float32> () |> float)) "a finite loss"
+                // The toolkit's attention multiplies by its Linear weights directly: LoRA hooks would never run there.
+                let adapters = applyLora { LoraSettings.defaults with r = 2 } [ "wq" ] exported.Module
+                Expect.throwsC (fun () -> checkAdaptersRun exported adapters)
+                    (fun e -> Expect.stringContains e.Message "skips forward hooks" "a LoRA that would do nothing is refused, saying why")))
 
         testWithShared "scripts/finetune_t5.fsx --smoke: losses before/after and the table against lead-1" <| fun data ->
             withDir (fun dir ->
