@@ -14,6 +14,7 @@ let all =
         UpcycleTests.tests
         RecurrentTests.tests
         Gpt2Tests.tests
+        T5Tests.tests
         DataTests.tests
         TaggingDataTests.tests
         MetricsTests.tests
