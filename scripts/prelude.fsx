@@ -31,6 +31,7 @@ Moe.Startup.initialise ()
 #load "../src/Pretrained/Safetensors.fs"
 #load "../src/Pretrained/Gpt2.fs"
 #load "../src/Pretrained/T5.fs"
+#load "../src/Pretrained/Switch.fs"
 #load "../src/Text/Tokenizers.fs"
 #load "../src/Text/TextTools.fs"
 #load "../src/Text/Data.fs"

@@ -434,16 +434,19 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
     /// Learned routers take tokenIds = null.
     member this.forward(x: Tensor, tokenIds: Tensor) : FfnResult = this.Run(x, tokenIds, None, false) |> fst
 
-    /// The layer with an absolute capacity per group, as Switch Transformers define it (Fedus et al. 2022;
-    /// transformers' `SwitchTransformersTop1Router`): x [G; S; D] is G groups (the rows of a batch) of S tokens,
-    /// and each expert keeps at most `groupCapacity` assignments per group, first come in token order
+    /// The layer returning its routing too (router logits, kept assignments), from which a checkpoint's own
+    /// losses can be computed. With `groupCapacity` = Some c, the capacity of Switch Transformers (Fedus et al.
+    /// 2022; transformers' `SwitchTransformersTop1Router`): x [G; S; D] is G groups (the rows of a batch) of S
+    /// tokens, and each expert keeps at most c assignments per group, first come in token order
     /// (`Routing.limitPerGroup`), on top of the router's own capacity; a dropped token's MoE output is zero.
-    /// tokenIds [G; S] int64 for hash routers, null otherwise. Returns the result and the routing itself
-    /// (router logits, kept assignments), from which a checkpoint's own losses can be computed.
-    member this.ForwardGroups(x: Tensor, tokenIds: Tensor, groupCapacity: int) : FfnResult * Routing =
-        expect "x" (sprintf "[G; S; %d] floating point" cfg.ModelDim) (fun t -> t.Dimensions = 3L) x
-        if groupCapacity < 0 then invalidArg "groupCapacity" (sprintf "expected groupCapacity >= 0, got %d" groupCapacity)
-        match this.Run(x, tokenIds, Some groupCapacity, true) with
+    /// With None, exactly `forward`. tokenIds like x's leading shape for hash routers, null otherwise.
+    member this.ForwardWithRouting(x: Tensor, tokenIds: Tensor, groupCapacity: int option) : FfnResult * Routing =
+        match groupCapacity with
+        | Some c ->
+            expect "x" (sprintf "[G; S; %d] floating point (groups of tokens)" cfg.ModelDim) (fun t -> t.Dimensions = 3L) x
+            if c < 0 then invalidArg "groupCapacity" (sprintf "expected groupCapacity >= 0, got %d" c)
+        | None -> ()
+        match this.Run(x, tokenIds, groupCapacity, true) with
         | result, Some routing -> result, routing
         | _, None -> failwith "unreachable: the routing is kept when asked for"
 

@@ -15,6 +15,7 @@ let all =
         RecurrentTests.tests
         Gpt2Tests.tests
         T5Tests.tests
+        SwitchTests.tests
         DataTests.tests
         TaggingDataTests.tests
         MetricsTests.tests
