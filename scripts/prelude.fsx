@@ -4,6 +4,7 @@
 // Natives: fsi has no deps.json and no build step, so `Startup.initialise` loads libtorch from the
 // referenced package and a GLIBCXX-patched copy of libLibTorchSharp (see src/Core/Startup.fs).
 #r "nuget: TorchSharp, 0.107.0"
+#r "nuget: TorchSharp.PyBridge, 1.4.4"
 #r "nuget: libtorch-cpu-linux-x64, 2.10.0"
 #r "nuget: Microsoft.ML.Tokenizers, 2.0.1"
 #r "nuget: Microsoft.ML.Tokenizers.Data.Cl100kBase, 2.0.1"
@@ -29,6 +30,7 @@ Moe.Startup.initialise ()
 #load "../src/Models/Generate.fs"
 #load "../src/Models/Recurrent.fs"
 #load "../src/Pretrained/Safetensors.fs"
+#load "../src/Pretrained/HfCheckpoint.fs"
 #load "../src/Pretrained/Gpt2.fs"
 #load "../src/Pretrained/T5.fs"
 #load "../src/Pretrained/Switch.fs"

@@ -13,6 +13,7 @@ let all =
         ModelsTests.tests
         UpcycleTests.tests
         RecurrentTests.tests
+        HfCheckpointTests.tests
         Gpt2Tests.tests
         T5Tests.tests
         SwitchTests.tests

@@ -1,8 +1,11 @@
 /// The safetensors file format (Hugging Face, https://github.com/huggingface/safetensors): an 8-byte
 /// little-endian header length N, N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}}`
 /// (plus an optional `"__metadata__"` map of strings), then the raw little-endian tensor bytes, offsets
-/// counted from the end of the header. Read here without Python: F32, F16 and BF16 come back as float32,
-/// I64 as int64. Axes: none (tensors of any shape).
+/// counted from the end of the header. Read here without Python, one tensor at a time (the header is read
+/// and checked once, then each tensor's bytes are read straight into its own memory): `read` gives F32, F16
+/// and BF16 as float32 and I64 as int64, `readTensor` the stored dtype. Our own reader rather than
+/// TorchSharp.PyBridge's, which accepts overlapping tensors and names no file in its errors.
+/// Axes: none (tensors of any shape).
 module Moe.Safetensors
 
 open System
@@ -30,20 +33,17 @@ let private elementBytes (dtype: string) : int64 option =
 
 let private fail (path: string) (msg: string) = invalidArg "path" (sprintf "safetensors file %s: %s" path msg)
 
-/// Parses and checks the header of a file's bytes: the entries in data order and the metadata. Every
-/// entry's dtype is known, its byte range lies inside the data section, matches prod(shape) x element
-/// size, and overlaps no other entry.
-let private parseHeader (path: string) (bytes: byte[]) : Entry list * Map<string, string> =
-    let fileLen = int64 bytes.Length
-    if fileLen < prefixBytes then
-        fail path (sprintf "truncated: %d bytes, expected at least the %d-byte header length" fileLen prefixBytes)
-    let n = BinaryPrimitives.ReadUInt64LittleEndian(ReadOnlySpan(bytes, 0, int prefixBytes))
-    if n > uint64 (fileLen - prefixBytes) then
-        fail path (sprintf "header length %d goes beyond the file (%d bytes after the length prefix)" n (fileLen - prefixBytes))
-    let dataStart = prefixBytes + int64 n
+/// A file's checked header: where the data section starts, the entries in data order and the metadata.
+type Header = { Path: string; DataStart: int64; Entries: Entry list; Metadata: Map<string, string> }
+
+/// Parses and checks a header: `json` is the header's bytes, `fileLen` the whole file's length. Every
+/// entry's dtype is known, its byte range lies inside the data section (a truncated file fails here),
+/// matches prod(shape) x element size, and overlaps no other entry.
+let private parseHeader (path: string) (json: ReadOnlyMemory<byte>) (fileLen: int64) : Header =
+    let dataStart = prefixBytes + int64 json.Length
     let dataLen = fileLen - dataStart
     use doc =
-        try JsonDocument.Parse(ReadOnlyMemory(bytes, int prefixBytes, int n))
+        try JsonDocument.Parse json
         with e -> fail path (sprintf "header is not valid JSON: %s" e.Message)
     if doc.RootElement.ValueKind <> JsonValueKind.Object then fail path "header is not a JSON object"
     let mutable metadata = Map.empty
@@ -80,7 +80,7 @@ let private parseHeader (path: string) (bytes: byte[]) : Entry list * Map<string
                     | Some s -> s
                     | None -> bad (sprintf "unknown dtype %s (expected F32, F16, BF16 or I64)" dtype)
                 if e < b || e > dataLen then
-                    bad (sprintf "data_offsets [%d, %d] out of range (data section has %d bytes)" b e dataLen)
+                    bad (sprintf "data_offsets [%d, %d] out of range (data section has %d bytes: truncated file?)" b e dataLen)
                 let expected = (Array.fold (*) 1L shape) * size
                 if e - b <> expected then
                     bad (sprintf "shape %A of %s needs %d bytes, data_offsets [%d, %d] give %d" shape dtype expected b e (e - b))
@@ -89,37 +89,113 @@ let private parseHeader (path: string) (bytes: byte[]) : Entry list * Map<string
     for a, b in List.pairwise ordered do
         if b.Begin < a.End then
             fail path (sprintf "tensors %s [%d, %d] and %s [%d, %d] overlap" a.Name a.Begin a.End b.Name b.Begin b.End)
-    ordered, metadata
+    { Path = path; DataStart = dataStart; Entries = ordered; Metadata = metadata }
+
+/// Reads and checks a file's header only (the 8-byte length and the JSON), never the tensor data.
+let openHeader (path: string) : Header =
+    use f = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read)
+    let fileLen = f.Length
+    if fileLen < prefixBytes then
+        fail path (sprintf "truncated: %d bytes, expected at least the %d-byte header length" fileLen prefixBytes)
+    let len = Array.zeroCreate (int prefixBytes)
+    f.ReadExactly(Span len)
+    let n = BinaryPrimitives.ReadUInt64LittleEndian(ReadOnlySpan len)
+    if n > uint64 (fileLen - prefixBytes) then
+        fail path (sprintf "header length %d goes beyond the file (%d bytes after the length prefix)" n (fileLen - prefixBytes))
+    if n > uint64 Int32.MaxValue then fail path (sprintf "header length %d is beyond 2 GiB" n)
+    let json = Array.zeroCreate (int n)
+    f.ReadExactly(Span json)
+    parseHeader path (ReadOnlyMemory json) fileLen
 
 /// The header entries of a file (in data order) and its `__metadata__`, without reading tensors.
-let readHeader (path: string) : Entry list * Map<string, string> = parseHeader path (File.ReadAllBytes path)
+let readHeader (path: string) : Entry list * Map<string, string> =
+    let h = openHeader path
+    h.Entries, h.Metadata
 
-/// Decodes one entry's bytes: F32/F16/BF16 as a float32 tensor, I64 as int64, in the stored shape.
-let private decode (bytes: byte[]) (dataStart: int64) (e: Entry) : Tensor =
-    let span = ReadOnlySpan(bytes, int (dataStart + e.Begin), int (e.End - e.Begin))
-    let t =
-        match e.Dtype with
-        | "F32" -> torch.tensor (Array.init (span.Length / 4) (fun i -> BinaryPrimitives.ReadSingleLittleEndian(ReadOnlySpan(bytes, int (dataStart + e.Begin) + 4 * i, 4))))
-        | "F16" ->
-            torch.tensor (Array.init (span.Length / 2) (fun i ->
-                float32 (BinaryPrimitives.ReadHalfLittleEndian(ReadOnlySpan(bytes, int (dataStart + e.Begin) + 2 * i, 2)))))
-        | "BF16" ->
-            // bfloat16 is the top half of a float32 (Kalamkar et al. 2019): shift the 16 bits up.
-            torch.tensor (Array.init (span.Length / 2) (fun i ->
-                let bits = BinaryPrimitives.ReadUInt16LittleEndian(ReadOnlySpan(bytes, int (dataStart + e.Begin) + 2 * i, 2))
-                BitConverter.Int32BitsToSingle(int bits <<< 16)))
-        | _ ->
-            torch.tensor (Array.init (span.Length / 8) (fun i -> BinaryPrimitives.ReadInt64LittleEndian(ReadOnlySpan(bytes, int (dataStart + e.Begin) + 8 * i, 8))))
-    t.reshape e.Shape
+/// The torch dtype a stored dtype name is read as, before any conversion.
+let storedType (dtype: string) : torch.ScalarType =
+    match dtype with
+    | "F32" -> torch.ScalarType.Float32
+    | "F16" -> torch.ScalarType.Float16
+    | "BF16" -> torch.ScalarType.BFloat16
+    | "I64" -> torch.ScalarType.Int64
+    | other -> invalidArg "dtype" (sprintf "unknown safetensors dtype %s (expected F32, F16, BF16 or I64)" other)
+
+/// Elements moved per `Span` when a tensor's bytes go to or from a stream (a Span's length is an int).
+let private chunkElements (t: Tensor) : int64 = (1L <<< 30) / t.ElementSize
+
+/// Fills a fresh contiguous CPU tensor from `stream` (exactly its bytes, little-endian), in chunks read
+/// straight into the tensor's memory: no second copy of the tensor is ever held.
+let internal readBytesInto (stream: Stream) (t: Tensor) : unit =
+    if not BitConverter.IsLittleEndian then invalidOp "checkpoint files are little-endian; this host is big-endian"
+    use flat = t.view -1L
+    let n = flat.NumberOfElements
+    let step = chunkElements t
+    let mutable start = 0L
+    while start < n do
+        use part = flat.narrow (0L, start, min step (n - start))
+        stream.ReadExactly(part.bytes)
+        start <- start + step
+
+/// Writes a tensor's bytes (little-endian, row-major) to `stream`, chunk by chunk from its own memory
+/// (a contiguous CPU copy is made only for a tensor that is not one already).
+let internal writeBytesOf (stream: Stream) (t: Tensor) : unit =
+    if not BitConverter.IsLittleEndian then invalidOp "checkpoint files are little-endian; this host is big-endian"
+    use _ = torch.NewDisposeScope()
+    let flat = t.detach().cpu().contiguous().view -1L
+    let n = flat.NumberOfElements
+    let step = chunkElements t
+    let mutable start = 0L
+    while start < n do
+        let part = flat.narrow (0L, start, min step (n - start))
+        stream.Write(Span.op_Implicit part.bytes)
+        start <- start + step
+
+/// Reads one entry's bytes from an open stream of its file into `target`, a contiguous CPU tensor of the
+/// entry's stored dtype (`storedType`) and shape.
+let private fillFrom (stream: Stream) (h: Header) (e: Entry) (target: Tensor) : unit =
+    if target.dtype <> storedType e.Dtype || target.shape <> e.Shape || target.device_type <> DeviceType.CPU || not (target.is_contiguous ()) then
+        invalidArg "target" (sprintf "safetensors %s: tensor %s is %s %A; cannot read it into %s" h.Path e.Name e.Dtype e.Shape (describe target))
+    try
+        stream.Seek(h.DataStart + e.Begin, SeekOrigin.Begin) |> ignore
+        readBytesInto stream target
+    with :? EndOfStreamException ->
+        fail h.Path (sprintf "tensor %s: file ends inside its data [%d, %d] (truncated file?)" e.Name e.Begin e.End)
+
+/// Reads one entry from an open stream of its file, in its stored dtype (`storedType`).
+let private readFrom (stream: Stream) (h: Header) (e: Entry) : Tensor =
+    let t = torch.empty (e.Shape, dtype = storedType e.Dtype)
+    try
+        fillFrom stream h e t
+        t
+    with _ ->
+        t.Dispose()
+        reraise ()
+
+/// Reads one tensor of a file whose header was read by `openHeader` straight into `target`'s memory (a
+/// contiguous CPU tensor of the stored dtype and shape): seeks to its bytes and reads only them.
+let fillTensor (h: Header) (e: Entry) (target: Tensor) : unit =
+    use f = new FileStream(h.Path, FileMode.Open, FileAccess.Read, FileShare.Read)
+    fillFrom f h e target
+
+/// Reads one tensor of a file whose header was read by `openHeader`, in its stored dtype (F32 float32,
+/// F16 float16, BF16 bfloat16, I64 int64): seeks to its bytes and reads only them.
+let readTensor (h: Header) (e: Entry) : Tensor =
+    use f = new FileStream(h.Path, FileMode.Open, FileAccess.Read, FileShare.Read)
+    readFrom f h e
 
 /// Reads every tensor of a safetensors file, in data order: F32, F16 and BF16 as float32, I64 as int64.
 /// Fails naming the file (and tensor) on a truncated file, a header length beyond the file, offsets out
 /// of range or overlapping, an unknown dtype, or a shape that does not match its byte range.
 let read (path: string) : (string * Tensor) list =
-    let bytes = File.ReadAllBytes path
-    let entries, _ = parseHeader path bytes
-    let dataStart = prefixBytes + int64 (BinaryPrimitives.ReadUInt64LittleEndian(ReadOnlySpan(bytes, 0, int prefixBytes)))
-    [ for e in entries -> e.Name, decode bytes dataStart e ]
+    let h = openHeader path
+    use f = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read)
+    [ for e in h.Entries ->
+        let t = readFrom f h e
+        if t.dtype = torch.ScalarType.Float16 || t.dtype = torch.ScalarType.BFloat16 then
+            use stored = t
+            e.Name, stored.to_type torch.ScalarType.Float32
+        else e.Name, t ]
 
 /// C#-friendly `read`: name -> tensor.
 let readDictionary (path: string) : Collections.Generic.Dictionary<string, Tensor> =
@@ -127,40 +203,33 @@ let readDictionary (path: string) : Collections.Generic.Dictionary<string, Tenso
     for k, v in read path do d[k] <- v
     d
 
-/// Rounds a float32 to bfloat16 bits, to nearest even, as torch does (NaN stays a quiet NaN).
-let private toBf16Bits (x: float32) : uint16 =
-    if Single.IsNaN x then 0x7FC0us
-    else
-        let bits = uint32 (BitConverter.SingleToInt32Bits x)
-        let roundingBias = 0x7FFFu + ((bits >>> 16) &&& 1u)
-        uint16 ((bits + roundingBias) >>> 16)
+/// One tensor planned for `writePlanned`: its name, dtype and shape, known before its values are made.
+type Planned = { Name: string; Dtype: torch.ScalarType; Shape: int64[] }
 
-/// Writes tensors to a safetensors file, each in its own dtype (float32 -> F32, float16 -> F16,
-/// bfloat16 -> BF16, int64 -> I64; anything else is an error naming the tensor), with optional string
-/// metadata. Written to a temporary file beside `path` and moved into place, so readers never see half
-/// a file.
-let writeWithMetadata (path: string) (metadata: (string * string) list) (tensors: (string * Tensor) list) : unit =
-    let names = tensors |> List.map fst
+/// The safetensors dtype name of a torch dtype, or None where the format is not written here.
+let private dtypeName (t: torch.ScalarType) : string option =
+    match t with
+    | torch.ScalarType.Float32 -> Some "F32"
+    | torch.ScalarType.Float16 -> Some "F16"
+    | torch.ScalarType.BFloat16 -> Some "BF16"
+    | torch.ScalarType.Int64 -> Some "I64"
+    | _ -> None
+
+/// Writes a safetensors file whose header is known in advance (`plan`), asking `produce` for each
+/// tensor only when its bytes are due and disposing it right after, so a file larger than memory can be
+/// written one tensor at a time. Each produced tensor must match its plan's dtype and shape. Written to
+/// a temporary file beside `path` and moved into place, so readers never see half a file.
+let writePlanned (path: string) (metadata: (string * string) list) (plan: Planned list) (produce: Planned -> Tensor) : unit =
+    let names = plan |> List.map (fun p -> p.Name)
     match names |> List.countBy id |> List.filter (fun (_, c) -> c > 1) with
     | [] -> ()
     | dups -> invalidArg "tensors" (sprintf "safetensors %s: duplicate tensor names %A" path (List.map fst dups))
     if List.contains MetadataKey names then invalidArg "tensors" (sprintf "safetensors %s: %s is reserved for metadata" path MetadataKey)
-    let encoded =
-        [ for name, t in tensors ->
-            let t = t.detach().cpu().contiguous()
-            let floats () = toFloats t
-            let dtype, data =
-                match t.dtype with
-                | torch.ScalarType.Float32 ->
-                    "F32", (floats () |> Array.collect (fun v -> let b = Array.zeroCreate 4 in BinaryPrimitives.WriteSingleLittleEndian(Span b, v); b))
-                | torch.ScalarType.Float16 ->
-                    "F16", (floats () |> Array.collect (fun v -> let b = Array.zeroCreate 2 in BinaryPrimitives.WriteHalfLittleEndian(Span b, Half.op_Explicit v); b))
-                | torch.ScalarType.BFloat16 ->
-                    "BF16", (floats () |> Array.collect (fun v -> let b = Array.zeroCreate 2 in BinaryPrimitives.WriteUInt16LittleEndian(Span b, toBf16Bits v); b))
-                | torch.ScalarType.Int64 ->
-                    "I64", (toInt64s t |> Array.collect (fun v -> let b = Array.zeroCreate 8 in BinaryPrimitives.WriteInt64LittleEndian(Span b, v); b))
-                | _ -> invalidArg "tensors" (sprintf "safetensors %s: tensor %s is %s; expected float32, float16, bfloat16 or int64" path name (describe t))
-            name, dtype, t.shape, data ]
+    let typed =
+        [ for p in plan ->
+            match dtypeName p.Dtype with
+            | Some name -> p, name
+            | None -> invalidArg "tensors" (sprintf "safetensors %s: tensor %s is %A; expected float32, float16, bfloat16 or int64" path p.Name p.Dtype) ]
     let header =
         use ms = new MemoryStream()
         (use w = new Utf8JsonWriter(ms)
@@ -170,33 +239,48 @@ let writeWithMetadata (path: string) (metadata: (string * string) list) (tensors
              for k, v in metadata do w.WriteString(k, v)
              w.WriteEndObject()
          let mutable offset = 0L
-         for name, dtype, shape, data in encoded do
-             w.WriteStartObject name
+         for p, dtype in typed do
+             let bytes = (Array.fold (*) 1L p.Shape) * (elementBytes dtype).Value
+             w.WriteStartObject p.Name
              w.WriteString("dtype", dtype)
              w.WriteStartArray "shape"
-             for s in shape do w.WriteNumberValue s
+             for s in p.Shape do w.WriteNumberValue s
              w.WriteEndArray()
              w.WriteStartArray "data_offsets"
              w.WriteNumberValue offset
-             w.WriteNumberValue(offset + int64 data.Length)
+             w.WriteNumberValue(offset + bytes)
              w.WriteEndArray()
              w.WriteEndObject()
-             offset <- offset + int64 data.Length
+             offset <- offset + bytes
          w.WriteEndObject())
         ms.ToArray()
     let dir = Path.GetDirectoryName(Path.GetFullPath path)
     Directory.CreateDirectory dir |> ignore
     let tmp = Path.Combine(dir, sprintf ".%s.%s.tmp" (Path.GetFileName path) (Guid.NewGuid().ToString "N"))
     try
-        (use f = File.Create tmp
+        (use f = new FileStream(tmp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 <<< 20)
          let len = Array.zeroCreate 8
          BinaryPrimitives.WriteUInt64LittleEndian(Span len, uint64 header.Length)
          f.Write(len, 0, len.Length)
          f.Write(header, 0, header.Length)
-         for _, _, _, data in encoded do f.Write(data, 0, data.Length))
+         for p, _ in typed do
+             use t = produce p
+             if t.dtype <> p.Dtype || t.shape <> p.Shape then
+                 invalidArg "tensors" (sprintf "safetensors %s: tensor %s was planned as %A %A, got %s" path p.Name p.Dtype p.Shape (describe t))
+             writeBytesOf f t)
         File.Move(tmp, path, true)
     finally
         if File.Exists tmp then File.Delete tmp
+
+/// Writes tensors to a safetensors file, each in its own dtype (float32 -> F32, float16 -> F16,
+/// bfloat16 -> BF16, int64 -> I64; anything else is an error naming the tensor), with optional string
+/// metadata. Written to a temporary file beside `path` and moved into place, so readers never see half
+/// a file.
+let writeWithMetadata (path: string) (metadata: (string * string) list) (tensors: (string * Tensor) list) : unit =
+    let byName = Map.ofList tensors
+    let plan = [ for name, t in tensors -> { Name = name; Dtype = t.dtype; Shape = t.shape } ]
+    // writePlanned disposes what `produce` returns: hand it an alias, never the caller's tensor.
+    writePlanned path metadata plan (fun p -> byName[p.Name].alias ())
 
 /// Writes tensors to a safetensors file (no metadata); see `writeWithMetadata`.
 let write (path: string) (tensors: (string * Tensor) list) : unit = writeWithMetadata path [] tensors

@@ -262,9 +262,9 @@ type SwitchModel(cfg: SwitchConfig) =
     /// linear one keeps the toolkit's names for its parameters.
     override this.HfTensors() =
         let plain (name: string) (p: Tensor) =
-            { Name = name; Shape = p.shape; Read = (fun () -> p.detach ()); Write = fun t -> p.copy_ t |> ignore }
+            { Name = name; Shape = p.shape; Read = (fun () -> p.detach ()); Write = (fun t -> p.copy_ t |> ignore); Target = Some p }
         let transposed (name: string) (p: Tensor) =
-            { Name = name; Shape = [| p.shape[1]; p.shape[0] |]; Read = (fun () -> p.detach().t ()); Write = fun t -> p.copy_ (t.t ()) |> ignore }
+            { Name = name; Shape = [| p.shape[1]; p.shape[0] |]; Read = (fun () -> p.detach().t ()); Write = (fun t -> p.copy_ (t.t ()) |> ignore); Target = None }
         [ for struct (name, p) in this.named_parameters () do
               let p = p :> Tensor
               if name.EndsWith ".mlp.router.weight" then
@@ -276,13 +276,11 @@ type SwitchModel(cfg: SwitchConfig) =
                       yield transposed (sprintf "%sexpert_%d.%s.weight" prefix i projection) (p[int64 i])
               else yield plain name p ]
 
-/// Loads a `SwitchTransformersForConditionalGeneration` checkpoint folder (`config.json`,
-/// `model.safetensors`), in evaluation mode.
+/// Loads a `SwitchTransformersForConditionalGeneration` checkpoint folder (`config.json`; weights as
+/// `HfCheckpoint.openWeights` finds them), in evaluation mode.
 let fromFolder (dir: string) : SwitchModel =
     let cfg = SwitchConfig.parse (Path.Combine(dir, "config.json"))
-    let path = weightsFile dir
+    use weights = HfCheckpoint.openWeights dir
     let model = new SwitchModel(cfg)
-    let tensors = Safetensors.read path
-    try loadInto path tensors model
-    finally for _, t in tensors do t.Dispose()
+    loadInto weights model
     model

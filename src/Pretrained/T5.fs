@@ -504,7 +504,10 @@ type HfTensor =
       /// The value as the checkpoint stores it (a detached view or a copy).
       Read: unit -> Tensor
       /// Copies a checkpoint tensor of `Shape` in (called without gradient recording).
-      Write: Tensor -> unit }
+      Write: Tensor -> unit
+      /// The parameter itself when it is stored as is (loaded straight into its memory); None for a view
+      /// in another layout (Switch's stacked experts).
+      Target: Tensor option }
 
 /// Labels the loss ignores (transformers' CrossEntropyLoss ignore_index).
 let ignoreIndex = -100L
@@ -594,7 +597,7 @@ type T5Model(cfg: T5Config, ffnFactory: FfnPlace -> FeedForwardSublayer, classNa
     abstract HfTensors: unit -> HfTensor list
     default this.HfTensors() =
         [ for struct (name, p) in this.named_parameters () ->
-              { Name = name; Shape = p.shape; Read = (fun () -> p.detach ()); Write = fun t -> p.copy_ t |> ignore } ]
+              { Name = name; Shape = p.shape; Read = (fun () -> p.detach ()); Write = (fun t -> p.copy_ t |> ignore); Target = Some p } ]
 
     /// Encodes inputIds [B; S] int64 with attentionMask [B; S] bool: the final encoder states [B; S; D] and the
     /// sparse sublayers' traces.
@@ -657,42 +660,45 @@ type T5Model(cfg: T5Config, ffnFactory: FfnPlace -> FeedForwardSublayer, classNa
 let private tiedCopies (tied: bool) =
     set [ "encoder.embed_tokens.weight"; "decoder.embed_tokens.weight"; if tied then "lm_head.weight" ]
 
-/// The weights file of a checkpoint folder, or an error naming what was looked for.
-let weightsFile (dir: string) : string =
-    let path = Path.Combine(dir, "model.safetensors")
-    if File.Exists path then path
-    else failwithf "%s: no model.safetensors (the T5-family loader reads safetensors checkpoints)" dir
-
-/// Loads a checkpoint's tensors into a model by Hugging Face name, under no_grad: every `HfTensors` entry must
-/// be present with its shape; a tensor the model does not have is an error unless it is a tied copy
-/// transformers ignores. Errors name the file and the tensor.
-let loadInto (path: string) (tensors: (string * Tensor) list) (model: T5Model) : unit =
-    let stored = dict tensors
+/// Loads a checkpoint's tensors into a model by Hugging Face name (`HfTensors`), one tensor at a time, under
+/// no_grad, after checking everything: every tensor the model needs is present with its shape, and the
+/// checkpoint holds nothing else but the tied copies transformers ignores. Errors name the checkpoint's
+/// files and the tensors.
+let loadInto (weights: HfCheckpoint.WeightSource) (model: T5Model) : unit =
+    let files = weights.Files |> List.map Path.GetFileName |> String.concat ", "
+    let where = sprintf "checkpoint %s (%s)" weights.Folder files
     let expected = model.HfTensors ()
+    match [ for t in expected do if not (weights.Contains t.Name) then sprintf "%s %A" t.Name t.Shape ] with
+    | [] -> ()
+    | missing -> failwithf "%s: missing tensor(s) the model needs: %s" where (String.Join(", ", missing))
+    match
+        [ for t in expected do
+            let info = weights.Info t.Name
+            if info.Shape <> t.Shape then sprintf "%s in %s has shape %A, expected %A (from config.json)" t.Name (Path.GetFileName info.File) info.Shape t.Shape ] with
+    | [] -> ()
+    | wrong -> failwithf "%s: shape mismatch: %s" where (String.Join("; ", wrong))
     let known = set [ for t in expected -> t.Name ]
     let ignorable = tiedCopies model.Config.TieWordEmbeddings
-    match [ for name, _ in tensors do if not (known.Contains name) && not (ignorable.Contains name) then name ] with
+    match [ for n in weights.Names do if not (known.Contains n) && not (ignorable.Contains n) then n ] with
     | [] -> ()
-    | extra -> failwithf "%s: tensor(s) the model does not have: %s" path (String.Join(", ", extra |> List.truncate 8))
+    | extra -> failwithf "%s: tensor(s) the model does not have: %s" where (String.Join(", ", extra))
     use _ = torch.no_grad ()
     for t in expected do
-        match stored.TryGetValue t.Name with
-        | true, value ->
-            if value.shape <> t.Shape then
-                failwithf "%s: tensor %s has shape %A, expected %A (from config.json)" path t.Name value.shape t.Shape
+        match t.Target with
+        | Some p -> weights.CopyInto(t.Name, p)
+        | None ->
+            use value = weights.Load(t.Name, torch.ScalarType.Float32)
             t.Write value
-        | _ -> failwithf "%s: missing tensor %s (shape %A)" path t.Name t.Shape
 
 /// The model's tensors under their Hugging Face names, as a checkpoint stores them (for `Safetensors.write`).
 let stateDict (model: T5Model) : (string * Tensor) list =
     [ for t in model.HfTensors () -> t.Name, t.Read () ]
 
-/// Loads a `T5ForConditionalGeneration` checkpoint folder (`config.json`, `model.safetensors`), in evaluation mode.
+/// Loads a `T5ForConditionalGeneration` checkpoint folder (`config.json`; weights as `HfCheckpoint.openWeights`
+/// finds them: model.safetensors, its shards or pytorch_model.bin), in evaluation mode.
 let fromFolder (dir: string) : T5Model =
     let cfg = T5Config.parse (Path.Combine(dir, "config.json"))
-    let path = weightsFile dir
+    use weights = HfCheckpoint.openWeights dir
     let model = new T5Model(cfg)
-    let tensors = Safetensors.read path
-    try loadInto path tensors model
-    finally for _, t in tensors do t.Dispose()
+    loadInto weights model
     model
