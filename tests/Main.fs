@@ -17,6 +17,7 @@ let all =
         Gpt2Tests.tests
         T5Tests.tests
         SwitchTests.tests
+        SwitchTests.upcycling
         DataTests.tests
         TaggingDataTests.tests
         MetricsTests.tests

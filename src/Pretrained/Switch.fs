@@ -284,3 +284,62 @@ let fromFolder (dir: string) : SwitchModel =
     let model = new SwitchModel(cfg)
     loadInto weights model
     model
+
+// ---------------------------------------------------------------- sparse upcycling of a pretrained T5
+
+/// Every reason a dense T5 cannot be upcycled into MoE layers of `moe`, empty when it can: an ungated T5
+/// whose activation the experts compute (relu or gelu), experts of the FFN's width, no shared experts, and a
+/// router that reads hidden states (hash routers need token ids the blocks do not pass).
+let upcycleProblems (moe: MoeConfig) (dense: T5Config) : string list =
+    [ yield! MoeConfig.validate moe
+      if dense.IsGatedAct then
+          sprintf "the T5 has a gated feed-forward (%s, wi_0 and wi_1), which the toolkit's experts do not compute" dense.DenseActFn
+      match List.tryFind (fun (n, _) -> n = dense.DenseActFn) expertActivations with
+      | Some(_, a) when a <> moe.Activation -> sprintf "expert activation %A must be the T5's %s" moe.Activation dense.DenseActFn
+      | None -> sprintf "dense_act_fn \"%s\" has no expert FFN (relu, gelu)" dense.DenseActFn
+      | _ -> ()
+      if moe.ModelDim <> dense.DModel then sprintf "ModelDim (%d) must be d_model (%d)" moe.ModelDim dense.DModel
+      if moe.ExpertHidden <> dense.DFf then sprintf "ExpertHidden (%d) must be d_ff (%d)" moe.ExpertHidden dense.DFf
+      if moe.SharedExperts <> 0 then sprintf "SharedExperts must be 0, got %d" moe.SharedExperts
+      match moe.Router.Selection with
+      | Hash _ -> "hash routing needs token ids, which the T5 blocks do not pass to their feed-forward layers"
+      | _ -> () ]
+
+/// Sparse upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling", sec. 2) of a pretrained T5: a new model whose
+/// feed-forward sublayer is an MoE layer of `moe` (registered as `mlp`) in every block where
+/// `SwitchConfig.isSparse step` says so (1: every block; 2: blocks 1, 3, ..., as Switch interleaves them), each
+/// of its experts a copy of that block's dense FFN and its router fresh (the MoE config's initialisation);
+/// every other parameter, dense FFNs included, copied. Its forward adds no router loss (`T5Output.Routers`
+/// holds the traces, `routerLosses` computes Switch's). With renormalised top-k weights the upcycled model
+/// computes exactly what the dense one does until training moves the experts apart.
+let upcycle (moe: MoeConfig) (step: int) (dense: T5Model) : T5Model =
+    let cfg = dense.Config
+    orFail "upcycling" (upcycleProblems moe cfg) () |> ignore
+    if step < 1 then invalidArg "step" (sprintf "expected a sparse step >= 1, got %d" step)
+    let factory (place: FfnPlace) =
+        if SwitchConfig.isSparse step place.Layer then sparseSublayer (new MoeLayer("mlp", moe)) None
+        else (new T5DenseFfn("DenseReluDense", cfg.DModel, cfg.DFf, cfg.DenseActFn, false, cfg.DropoutRate)).AsSublayer "DenseReluDense"
+    let target = new T5Model(cfg, factory, "T5ForConditionalGeneration")
+    use _ = torch.no_grad ()
+    let denseFfn (block: T5Block) =
+        match block.FeedForward.Module with
+        | :? T5DenseFfn as f -> f
+        | other -> invalidArg "dense" (sprintf "expected a dense T5 (T5DenseFfn in every block), got %s" (other.GetType().Name))
+    let ffnHandles =
+        set [ for _, b in target.Blocks do for p in b.FeedForward.Module.parameters () -> p.Handle ]
+    let denseParameters = dict [ for struct (n, p) in dense.named_parameters () -> n, (p :> Tensor) ]
+    for struct (name, p) in target.named_parameters () do
+        if not (ffnHandles.Contains p.Handle) then p.copy_ denseParameters[name] |> ignore
+    for (_, d), (_, t) in List.zip dense.Blocks target.Blocks do
+        let source = denseFfn d
+        match t.FeedForward.Module with
+        | :? MoeLayer as m ->
+            for e in 0L .. int64 moe.Router.Experts - 1L do
+                m.Experts.W1[e].copy_ (source.Wi.weight.t ()) |> ignore // [D; F]
+                m.Experts.W2[e].copy_ (source.Wo.weight.t ()) |> ignore // [F; D]
+        | :? T5DenseFfn as f ->
+            f.Wi.weight.copy_ source.Wi.weight |> ignore
+            f.Wo.weight.copy_ source.Wo.weight |> ignore
+        | other -> invalidOp (sprintf "unexpected feed-forward module %s" (other.GetType().Name))
+    if dense.training then target.train () else target.eval ()
+    target

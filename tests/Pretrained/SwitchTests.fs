@@ -141,3 +141,31 @@ let tests =
             let first, last = trainSteps model (fun () -> (model.Forward(ids, mask, labels)).Loss) 6
             Expect.isLessThan last first (sprintf "loss fell (%g -> %g)" first last))
     ]
+
+/// Sparse upcycling of the pretrained t5-tiny (`Switch.upcycle`).
+let upcycling =
+    testList "Upcycle T5" [
+        testWithShared "upcycled t5-tiny with identical experts and renormalised top-2 equals the dense model" (fun shared ->
+            let dir = modelDir shared "t5-tiny"
+            use dense = T5.fromFolder dir
+            let moe =
+                { MoeConfig.defaults with
+                    ModelDim = dense.Config.DModel; ExpertHidden = dense.Config.DFf; Activation = ReLU
+                    Router = { routerConfig (TokenChoiceTopK(NormaliseThenTopK, true)) 2 with Experts = 4 } }
+            let s = (sample dir).GetProperty "doc0_alone"
+            let ids, mask, labels = ids2d (s.GetProperty "input_ids"), mask2d (s.GetProperty "attention_mask"), ids2d (s.GetProperty "labels")
+            use _ = torch.no_grad ()
+            let want = dense.Forward(ids, mask, labels)
+            for step in [ 1; 2 ] do
+                torch.manual_seed 5L |> ignore
+                use upcycled = upcycle moe step dense
+                let got = upcycled.Forward(ids, mask, labels)
+                let err = (got.Logits - want.Logits).abs().max().item<float32> () |> float
+                Expect.isLessThan err 1e-4 (sprintf "step %d: logits equal the dense model's (max difference %g)" step err)
+                Expect.equal got.Moe.Length (if step = 1 then 4 else 2) "MoE layers where the step says")
+        testWithShared "upcycling refuses a gated T5 by name" (fun shared ->
+            use flan = T5.fromFolder (modelDir shared "flan-t5-tiny")
+            let moe = { MoeConfig.defaults with ModelDim = 64; ExpertHidden = flan.Config.DFf; Activation = GELU }
+            let msg = errorOf (fun () -> upcycle moe 1 flan |> ignore)
+            Expect.stringContains msg "gated" "says why")
+    ]
