@@ -427,8 +427,16 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
         let y = if isNull shared then routed else plus routed (shared.forward h).Output // [T; D]
         if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
         let report = { Aux = auxLosses routing; Stats = routing.Stats }
-        { Output = y.reshape(shape).MoveToOuterDisposeScope(); Moe = Some(moveReportOut report) },
-        (if keepRouting then Some(Routing.moveOut routing) else None)
+        let result = { Output = y.reshape(shape).MoveToOuterDisposeScope(); Moe = Some(moveReportOut report) }
+        let out (t: Tensor) = t.MoveToOuterDisposeScope()
+        // the statistics left with the report; each tensor is moved out once
+        result,
+        (if keepRouting then
+             Some { routing with
+                      Experts = out routing.Experts; Weights = out routing.Weights; Kept = out routing.Kept
+                      Probs = Option.map out routing.Probs; Logits = Option.map out routing.Logits; Gates = out routing.Gates
+                      LoadProbability = Option.map out routing.LoadProbability }
+         else None)
 
     /// The layer for hash routers: x [.., D] with token ids of the same leading shape [..] int64.
     /// Learned routers take tokenIds = null.

@@ -436,8 +436,7 @@ let private statsOf (numExperts: int) (expertChoiceDrop: bool) (experts: Tensor)
         | None -> torch.zeros ([||], dtype = f32, device = experts.device)
     { TokensPerExpert = fractions; DroppedFraction = dropped; RouterEntropy = entropy }
 
-/// Moves every tensor of a routing to the enclosing dispose scope (for callers that made it in their own scope).
-let moveOut (r: Routing) : Routing =
+let private moveOut (r: Routing) : Routing =
     let out (t: Tensor) = t.MoveToOuterDisposeScope()
     { Experts = out r.Experts
       Weights = out r.Weights

@@ -134,6 +134,17 @@ let tests =
                 for _, m in layers do Expect.equal m.Config.Router.Selection router.Selection "router replaced"
                 let first, last = trainSteps model (fun () -> (model.Forward(ids, mask, labels)).Loss) 6
                 Expect.isLessThan last first (sprintf "%A: loss fell (%g -> %g)" router.Selection first last))
+        testSequenced (testWithShared "cached greedy decoding frees its tensors (live tensor count stays flat)" (fun shared ->
+            use model = Switch.fromFolder (modelDir shared "switch-tiny-capacity2")
+            let ids, mask, _, _ = source shared "switch-tiny-capacity2"
+            let decode () =
+                use _ = torch.NewDisposeScope()
+                greedy model ids mask 0L 1L 8 |> ignore
+            decode ()
+            let before = Tensors.liveTensors ()
+            decode ()
+            decode ()
+            Expect.equal (Tensors.liveTensors ()) before "no tensor outlives its decoding"))
         testWithShared "a few AdamW steps lower the loss with the checkpoint's own router (jitter on)" (fun shared ->
             use model = Switch.fromFolder (modelDir shared "switch-tiny-capacity2")
             let ids, mask, labels, _ = source shared "switch-tiny-capacity2"
