@@ -87,7 +87,16 @@ let tests =
             use model = Switch.fromFolder (modelDir shared "switch-tiny")
             let ids, mask, _, dec = source shared "switch-tiny"
             let err = cachedVersusUncached model ids mask dec
-            Expect.isLessThan err logitsTol (sprintf "cached and uncached logits (max difference %g)" err))
+            Expect.isLessThan err logitsTol (sprintf "cached and uncached logits (max difference %g)" err)
+            use _ = torch.no_grad ()
+            let m = model :> ISeq2SeqModel
+            let enc = m.Encode(ids, mask)
+            use cache = m.NewCache()
+            let out = m.Decode(dec.narrow(1L, 0L, 1L), enc.Memory, mask, cache)
+            Expect.equal (enc.Moe |> List.map (fun r -> r.Layer)) [ "enc.1"; "enc.3" ] "Encode reports the encoder's MoE layers"
+            Expect.equal (out.Moe |> List.map (fun r -> r.Layer)) [ "dec.1"; "dec.3" ] "Decode reports the decoder's MoE layers"
+            for r in out.Moe do
+                Expect.floatClose Accuracy.high (float (Array.sum (Tensors.toFloats r.Report.Stats.TokensPerExpert))) 1.0 "expert shares sum to 1")
         testWithShared "a right-padded batch equals each input alone (capacity is per sequence)" (fun shared ->
             for name in [ "switch-tiny"; "switch-tiny-capacity2" ] do
                 use model = Switch.fromFolder (modelDir shared name)

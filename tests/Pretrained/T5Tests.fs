@@ -248,6 +248,18 @@ let tests =
             withEditedCopy dir (fun c -> c.Replace("\"model_type\": \"t5\"", "\"model_type\": \"bart\"")) id (fun copy ->
                 let msg = errorOf (fun () -> fromFolder copy |> ignore)
                 Expect.stringContains msg "model_type" "a foreign model_type is refused"))
+        testSequenced (testWithShared "cached greedy decoding frees its tensors (live tensor count stays flat)" (fun shared ->
+            use model = fromFolder (modelDir shared "flan-t5-tiny")
+            let ids, _ = docIds shared "flan-t5-tiny"
+            let input = tensorOf ids [| 1L; int64 ids.Length |]
+            let decode () =
+                use _ = torch.NewDisposeScope()
+                greedy model input (allTrue input.shape) 0L 1L 8 |> ignore
+            decode ()
+            let before = Tensors.liveTensors ()
+            decode ()
+            decode ()
+            Expect.equal (Tensors.liveTensors ()) before "no tensor outlives its decoding"))
         testWithShared "a few AdamW steps lower the loss (t5-tiny)" (fun shared ->
             let dir = modelDir shared "t5-tiny"
             use model = fromFolder dir
