@@ -65,11 +65,11 @@ let tests =
             Expect.isTrue (Array.forall2 (fun k w -> k || w = 0.0f) kept weights) "dropped assignments weigh 0"
             Expect.floatClose Accuracy.high (Tensors.scalar limited.Stats.DroppedFraction) 0.3 "3 of 10 dropped"
         }
-        testWithShared "switch-tiny: logits, loss and cross-entropy equal transformers'" (checkSample "switch-tiny")
-        testWithShared "switch-tiny-capacity2: logits, loss and cross-entropy equal transformers' (tokens over capacity dropped)" (checkSample "switch-tiny-capacity2")
-        testWithShared "switch-tiny: greedy ids equal transformers'" (checkGreedy "switch-tiny")
-        testWithShared "switch-tiny-capacity2: greedy ids equal transformers'" (checkGreedy "switch-tiny-capacity2")
-        testWithShared "switch-tiny: the first sparse layers' router choices equal transformers'" (fun shared ->
+        scopedShared "switch-tiny: logits, loss and cross-entropy equal transformers'" (checkSample "switch-tiny")
+        scopedShared "switch-tiny-capacity2: logits, loss and cross-entropy equal transformers' (tokens over capacity dropped)" (checkSample "switch-tiny-capacity2")
+        scopedShared "switch-tiny: greedy ids equal transformers'" (checkGreedy "switch-tiny")
+        scopedShared "switch-tiny-capacity2: greedy ids equal transformers'" (checkGreedy "switch-tiny-capacity2")
+        scopedShared "switch-tiny: the first sparse layers' router choices equal transformers'" (fun shared ->
             let dir = modelDir shared "switch-tiny"
             use model = Switch.fromFolder dir
             let r = (sample dir).GetProperty "src0_router_first_sparse_layer"
@@ -83,7 +83,7 @@ let tests =
             let want (key: string) = [ for row in (r.GetProperty key).EnumerateArray() do for x in row.EnumerateArray() -> x.GetInt64() ]
             Expect.equal (choices false) (want "encoder_expert_index") "encoder experts"
             Expect.equal (choices true) (want "decoder_expert_index") "decoder experts")
-        testWithShared "switch-tiny: cached decoding equals recomputing the prefix" (fun shared ->
+        scopedShared "switch-tiny: cached decoding equals recomputing the prefix" (fun shared ->
             use model = Switch.fromFolder (modelDir shared "switch-tiny")
             let ids, mask, _, dec = source shared "switch-tiny"
             let err = cachedVersusUncached model ids mask dec
@@ -97,14 +97,14 @@ let tests =
             Expect.equal (out.Moe |> List.map (fun r -> r.Layer)) [ "dec.1"; "dec.3" ] "Decode reports the decoder's MoE layers"
             for r in out.Moe do
                 Expect.floatClose Accuracy.high (float (Array.sum (Tensors.toFloats r.Report.Stats.TokensPerExpert))) 1.0 "expert shares sum to 1")
-        testWithShared "a right-padded batch equals each input alone (capacity is per sequence)" (fun shared ->
+        scopedShared "a right-padded batch equals each input alone (capacity is per sequence)" (fun shared ->
             for name in [ "switch-tiny"; "switch-tiny-capacity2" ] do
                 use model = Switch.fromFolder (modelDir shared name)
                 let ids, _, _, dec = source shared name
                 let ids = ids.data<int64>().ToArray()
                 let err = paddedVersusAlone model 0L ids[.. 40] ids[3 .. 20] (dec.narrow(1L, 0L, 6L))
                 Expect.isLessThan err logitsTol (sprintf "%s: padded rows vs alone (max difference %g)" name err))
-        testWithShared "export names equal the checkpoint's, and an export reloads to the same logits" (fun shared ->
+        scopedShared "export names equal the checkpoint's, and an export reloads to the same logits" (fun shared ->
             let dir = modelDir shared "switch-tiny"
             use model = Switch.fromFolder dir
             let state = stateDict model
@@ -115,7 +115,7 @@ let tests =
                 use _ = torch.no_grad ()
                 let logits (m: ISeq2SeqModel) = m.Decode(dec, (m.Encode(ids, mask)).Memory, mask, Unchecked.defaultof<DecoderCache>).Logits
                 Expect.equal ((logits model - logits reloaded).abs().max().item<float32> ()) 0.0f "identical logits"))
-        testWithShared "bad configs and weights: errors name the field or tensor" (fun shared ->
+        scopedShared "bad configs and weights: errors name the field or tensor" (fun shared ->
             let dir = modelDir shared "switch-tiny"
             let refused (edit: string -> string) (field: string) =
                 withEditedCopy dir edit id (fun copy ->
@@ -131,7 +131,7 @@ let tests =
             withEditedCopy dir id (List.filter (fun (n, _) -> n <> expert)) (fun copy ->
                 let msg = errorOf (fun () -> Switch.fromFolder copy |> ignore)
                 Expect.stringContains msg expert "names the missing expert tensor"))
-        testWithShared "another toolkit router replaces the checkpoint's and trains (top-2, expert choice)" (fun shared ->
+        scopedShared "another toolkit router replaces the checkpoint's and trains (top-2, expert choice)" (fun shared ->
             let ids, mask, labels, _ = source shared "switch-tiny"
             for router in [ routerConfig (TokenChoiceTopK(NormaliseThenTopK, true)) 2
                             { routerConfig ExpertChoice 8 with Capacity = Factor 1.0 } ] do
@@ -143,7 +143,7 @@ let tests =
                 for _, m in layers do Expect.equal m.Config.Router.Selection router.Selection "router replaced"
                 let first, last = trainSteps model (fun () -> (model.Forward(ids, mask, labels)).Loss) 6
                 Expect.isLessThan last first (sprintf "%A: loss fell (%g -> %g)" router.Selection first last))
-        testSequenced (testWithShared "cached greedy decoding frees its tensors (live tensor count stays flat)" (fun shared ->
+        testSequenced (scopedShared "cached greedy decoding frees its tensors (live tensor count stays flat)" (fun shared ->
             use model = Switch.fromFolder (modelDir shared "switch-tiny-capacity2")
             let ids, mask, _, _ = source shared "switch-tiny-capacity2"
             let decode () =
@@ -154,7 +154,7 @@ let tests =
             decode ()
             decode ()
             Expect.equal (Tensors.liveTensors ()) before "no tensor outlives its decoding"))
-        testWithShared "a few AdamW steps lower the loss with the checkpoint's own router (jitter on)" (fun shared ->
+        scopedShared "a few AdamW steps lower the loss with the checkpoint's own router (jitter on)" (fun shared ->
             use model = Switch.fromFolder (modelDir shared "switch-tiny-capacity2")
             let ids, mask, labels, _ = source shared "switch-tiny-capacity2"
             torch.manual_seed 2L |> ignore
@@ -165,7 +165,7 @@ let tests =
 /// Sparse upcycling of the pretrained t5-tiny (`Switch.upcycle`).
 let upcycling =
     testList "Upcycle T5" [
-        testWithShared "upcycled t5-tiny with identical experts and renormalised top-2 equals the dense model" (fun shared ->
+        scopedShared "upcycled t5-tiny with identical experts and renormalised top-2 equals the dense model" (fun shared ->
             let dir = modelDir shared "t5-tiny"
             use dense = T5.fromFolder dir
             let moe =
@@ -183,7 +183,7 @@ let upcycling =
                 let err = (got.Logits - want.Logits).abs().max().item<float32> () |> float
                 Expect.isLessThan err 1e-4 (sprintf "step %d: logits equal the dense model's (max difference %g)" step err)
                 Expect.equal got.Moe.Length (if step = 1 then 4 else 2) "MoE layers where the step says")
-        testWithShared "upcycling refuses a gated T5 by name" (fun shared ->
+        scopedShared "upcycling refuses a gated T5 by name" (fun shared ->
             use flan = T5.fromFolder (modelDir shared "flan-t5-tiny")
             let moe = { MoeConfig.defaults with ModelDim = 64; ExpertHidden = flan.Config.DFf; Activation = GELU }
             let msg = errorOf (fun () -> upcycle moe 1 flan |> ignore)

@@ -134,6 +134,13 @@ let trainSteps (model: torch.nn.Module) (loss: unit -> torch.Tensor) (steps: int
     model.eval ()
     List.head losses, List.last losses
 
+/// `testWithShared` whose tensors are freed when the test ends (its own dispose scope), so they are not left
+/// to finalizers that would change the global live-tensor count under later tests.
+let scopedShared (name: string) (body: string -> unit) : Test =
+    testWithShared name (fun shared ->
+        use _ = torch.NewDisposeScope()
+        body shared)
+
 let private checkSample (name: string) (shared: string) =
     let dir = modelDir shared name
     use model = fromFolder dir
@@ -196,24 +203,24 @@ let tests =
                 Expect.stringContains msg "config.json" "names the file"
             finally Directory.Delete(dir, true)
         }
-        testWithShared "t5-tiny: logits and loss equal transformers'" (checkSample "t5-tiny")
-        testWithShared "flan-t5-tiny: logits and loss equal transformers'" (checkSample "flan-t5-tiny")
-        testWithShared "t5-tiny: greedy ids equal transformers'" (checkGreedy "t5-tiny")
-        testWithShared "flan-t5-tiny: greedy ids equal transformers'" (checkGreedy "flan-t5-tiny")
-        testWithShared "cached decoding equals recomputing the prefix (t5, flan-t5)" (fun shared ->
+        scopedShared "t5-tiny: logits and loss equal transformers'" (checkSample "t5-tiny")
+        scopedShared "flan-t5-tiny: logits and loss equal transformers'" (checkSample "flan-t5-tiny")
+        scopedShared "t5-tiny: greedy ids equal transformers'" (checkGreedy "t5-tiny")
+        scopedShared "flan-t5-tiny: greedy ids equal transformers'" (checkGreedy "flan-t5-tiny")
+        scopedShared "cached decoding equals recomputing the prefix (t5, flan-t5)" (fun shared ->
             for name in [ "t5-tiny"; "flan-t5-tiny" ] do
                 use model = fromFolder (modelDir shared name)
                 let ids, dec = docIds shared name
                 let input = tensorOf (ids) [| 1L; int64 ids.Length |]
                 let err = cachedVersusUncached model input (allTrue input.shape) dec
                 Expect.isLessThan err logitsTol (sprintf "%s: cached and uncached logits (max difference %g)" name err))
-        testWithShared "a right-padded batch equals each input alone (t5, flan-t5)" (fun shared ->
+        scopedShared "a right-padded batch equals each input alone (t5, flan-t5)" (fun shared ->
             for name in [ "t5-tiny"; "flan-t5-tiny" ] do
                 use model = fromFolder (modelDir shared name)
                 let ids, dec = docIds shared name
                 let err = paddedVersusAlone model 0L ids[.. 30] ids[5 .. 17] (dec.narrow(1L, 0L, 9L))
                 Expect.isLessThan err logitsTol (sprintf "%s: padded rows vs alone (max difference %g)" name err))
-        testWithShared "export names equal the checkpoint's, and an export reloads to the same logits" (fun shared ->
+        scopedShared "export names equal the checkpoint's, and an export reloads to the same logits" (fun shared ->
             for name in [ "t5-tiny"; "flan-t5-tiny" ] do
                 let dir = modelDir shared name
                 use model = fromFolder dir
@@ -228,7 +235,7 @@ let tests =
                     use _ = torch.no_grad ()
                     let logits (m: ISeq2SeqModel) = m.Decode(dec, (m.Encode(input, mask)).Memory, mask, Unchecked.defaultof<DecoderCache>).Logits
                     Expect.equal ((logits model - logits reloaded).abs().max().item<float32> ()) 0.0f "identical logits"))
-        testWithShared "bad checkpoints: errors name the file and the tensor or field" (fun shared ->
+        scopedShared "bad checkpoints: errors name the file and the tensor or field" (fun shared ->
             let dir = modelDir shared "t5-tiny"
             let dropped = "decoder.block.1.layer.0.SelfAttention.k.weight"
             withEditedCopy dir id (List.filter (fun (n, _) -> n <> dropped)) (fun copy ->
@@ -248,7 +255,7 @@ let tests =
             withEditedCopy dir (fun c -> c.Replace("\"model_type\": \"t5\"", "\"model_type\": \"bart\"")) id (fun copy ->
                 let msg = errorOf (fun () -> fromFolder copy |> ignore)
                 Expect.stringContains msg "model_type" "a foreign model_type is refused"))
-        testSequenced (testWithShared "cached greedy decoding frees its tensors (live tensor count stays flat)" (fun shared ->
+        testSequenced (scopedShared "cached greedy decoding frees its tensors (live tensor count stays flat)" (fun shared ->
             use model = fromFolder (modelDir shared "flan-t5-tiny")
             let ids, _ = docIds shared "flan-t5-tiny"
             let input = tensorOf ids [| 1L; int64 ids.Length |]
@@ -260,7 +267,7 @@ let tests =
             decode ()
             decode ()
             Expect.equal (Tensors.liveTensors ()) before "no tensor outlives its decoding"))
-        testWithShared "a few AdamW steps lower the loss (t5-tiny)" (fun shared ->
+        scopedShared "a few AdamW steps lower the loss (t5-tiny)" (fun shared ->
             let dir = modelDir shared "t5-tiny"
             use model = fromFolder dir
             let s = (sample dir).GetProperty "doc0_alone"
