@@ -441,7 +441,9 @@ let task (cfg: FinetuneConfig) (model: HfSeq2Seq.HfSeq2Seq) (prepared: Prepared)
     { Model = model.Module
       TrainBatches =
         fun seed epoch ->
-            let rng = Random(HashCode.Combine(seed, epoch))
+            // A fixed function of (seed, epoch), not HashCode.Combine (seeded per process): a resumed run replays
+            // the same order. The prime stride keeps epochs of nearby seeds apart.
+            let rng = Random(seed * 7919 + epoch)
             let order = Array.init prepared.Train.Length id
             rng.Shuffle order
             order |> Array.chunkBySize batch |> Seq.ofArray
@@ -733,7 +735,7 @@ type ScriptOptions =
 
 module ScriptOptions =
     /// The tiny checkpoint the smoke run fine-tunes (in the shared folder's models/).
-    let smokeModel = "bart-tiny"
+    let smokeModel = "t5-tiny"
     /// The XSum documents the smoke run reads (in the shared folder's data/).
     let smokeData = Path.Combine("xsum-test-docs", "test.h2o_helm.jsonl")
 

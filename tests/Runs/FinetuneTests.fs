@@ -16,12 +16,13 @@ open Moe.Summarizer
 open Moe.Finetune
 open Moe.Tests.Support
 
-/// Reloaded weights are the same bits; merged LoRA weights W + s B A differ from W x + s B (A x) by float32 rounding.
+/// Reloaded weights are the same bits; merged LoRA weights W + s B A differ from W x + s B (A x) by float32
+/// rounding, carried through every layer: the issue's logits tolerance.
 let private sameBits = 0.0
-let private mergeTol = 1e-5
+let private mergeTol = 1e-4
 
 /// The tiny checkpoint the tests fine-tune.
-let private tinyModel = "bart-tiny"
+let private tinyModel = "t5-tiny"
 
 let private quiet = { RunOptions.Defaults with Progress = Silent }
 
@@ -54,11 +55,11 @@ let private logitsOn (model: ISeq2SeqModel) (ids: torch.Tensor) (mask: torch.Ten
     let enc = model.Encode(ids, mask)
     (model.Decode(decoderIds, enc.Memory, mask, Unchecked.defaultof<DecoderCache>)).Logits
 
-let private batchOf (cfg: FinetuneConfig) (pad: int) =
+let private batchOf (cfg: FinetuneConfig) (pad: int) (start: int) =
     use tok = HfTokenizer.fromFolder cfg.Model
     let p = prepare cfg tok
     let ids, mask, labels = collate pad p.Valid.[.. 2]
-    ids, mask, Bart.shiftTokensRight pad 2 labels
+    ids, mask, Bart.shiftTokensRight pad start labels
 
 let private maxDiff (a: torch.Tensor) (b: torch.Tensor) = (a - b).abs().max().item<float32> () |> float
 
@@ -69,18 +70,20 @@ let tests =
                 let cfg = tinyRun data dir "full"
                 let r = runWith quiet false cfg
                 Expect.isLessThan r.ValidLossAfter r.ValidLossBefore "validation loss went down"
+                use tok = HfTokenizer.fromFolder cfg.Model
+                Expect.equal (prepare cfg tok).Prefix "summarize: " "T5's prefix from task_specific_params.summarization"
                 Expect.equal r.Trainable r.Total "full fine-tuning trains every parameter"
-                for f in [ "config.json"; "generation_config.json"; "model.safetensors"; "tokenizer.json"; "vocab.json"; "merges.txt" ] do
+                for f in [ "config.json"; "generation_config.json"; "model.safetensors"; "tokenizer.json"; "spiece.model"; "tokenizer_config.json" ] do
                     Expect.isTrue (File.Exists(Path.Combine(r.HfFolder, f))) (sprintf "hf/%s" f)
                 Expect.equal (File.ReadAllText(Path.Combine(r.HfFolder, "config.json"))) (File.ReadAllText(Path.Combine(cfg.Model, "config.json")))
                     "config.json is the source checkpoint's as is"
                 use exported = HfSeq2Seq.load r.HfFolder
-                Expect.isFalse (Safetensors.read (Path.Combine(r.HfFolder, "model.safetensors")) |> List.exists (fun (n, _) -> n = "lm_head.weight"))
-                    "the tied lm_head is not written twice"
+                let names (dir: string) = Safetensors.readHeader (Path.Combine(dir, "model.safetensors")) |> fst |> List.map (fun e -> e.Name) |> set
+                Expect.equal (names r.HfFolder) (names cfg.Model) "the tensors transformers saves: tied copies once"
                 use trained = HfSeq2Seq.load cfg.Model
                 Checkpoint.loadModel (defaultArg r.Train.BestCheckpoint r.Train.LastCheckpoint) trained.Module
                 trained.Module.eval ()
-                let ids, mask, dec = batchOf cfg trained.PadTokenId
+                let ids, mask, dec = batchOf cfg trained.PadTokenId trained.DecoderStartTokenId
                 use a = logitsOn exported.Model ids mask dec
                 use b = logitsOn trained.Model ids mask dec
                 Expect.equal (maxDiff a b) sameBits "identical logits"
@@ -91,37 +94,37 @@ let tests =
         testWithShared "applyLora: outputs unchanged at start, base frozen, PEFT names and shapes" <| fun data ->
             use model = HfSeq2Seq.load (Path.Combine(models data, tinyModel))
             let cfg = tinyRun data "" "x"
-            let ids, mask, dec = batchOf { cfg with Model = model.Folder } model.PadTokenId
+            let ids, mask, dec = batchOf { cfg with Model = model.Folder } model.PadTokenId model.DecoderStartTokenId
             use before = logitsOn model.Model ids mask dec
-            let adapters = applyLora { LoraSettings.defaults with r = 4 } (LoraSettings.defaultTargets "bart") model.Module
-            Expect.equal adapters.Length 12 "q_proj and v_proj of 2 encoder self, 2 decoder self and 2 decoder cross attentions"
+            let adapters = applyLora { LoraSettings.defaults with r = 4 } (LoraSettings.defaultTargets "t5") model.Module
+            Expect.equal adapters.Length 12 "q and v of 2 encoder self, 2 decoder self and 2 decoder cross attentions"
             use after = logitsOn model.Model ids mask dec
             Expect.equal (maxDiff before after) 0.0 "B = 0: the same function"
             let trainable = [ for struct (n, p) in model.Module.named_parameters () do if p.requires_grad then n ]
             Expect.equal (List.length trainable) 24 "only A and B train"
             Expect.all trainable isAdapterName "every trainable parameter is an adapter's"
             let names = adapterState adapters |> List.map fst
-            Expect.contains names "base_model.model.model.encoder.layers.0.self_attn.q_proj.lora_A.weight" "PEFT's name"
+            Expect.contains names "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight" "PEFT's name"
             let a, b = adapters.Head.A.weight, adapters.Head.B.weight
             Expect.equal a.shape [| 4L; 64L |] "lora_A [r; in]"
             Expect.equal b.shape [| 64L; 4L |] "lora_B [out; r]"
-            Expect.isTrue (model.StateDict() |> List.exists (fun (n, _) -> n = "model.encoder.layers.0.self_attn.q_proj.weight")) "base names unchanged"
+            Expect.isTrue (model.StateDict() |> List.exists (fun (n, _) -> n = "encoder.block.0.layer.0.SelfAttention.q.weight")) "base names unchanged"
 
         testWithShared "LoRA trains only adapters, leaves the base weights; the adapter folder over the base equals the merged model" <| fun data ->
             withDir (fun dir ->
                 let cfg = { tinyRun data dir "lora" with Lora = Some { LoraSettings.defaults with r = 4; lora_alpha = 8.0 }; AdapterOnly = true }
-                let cfg = { cfg with Train = { cfg.Train with LearningRate = 1e-2 } }
+                let cfg = { cfg with Train = { cfg.Train with LearningRate = 3e-2; EvalEvery = 4 } }
                 let r = runWith quiet false cfg
                 Expect.isLessThan r.ValidLossAfter r.ValidLossBefore "validation loss went down"
                 Expect.equal r.Trainable (12L * 2L * 4L * 64L) "12 adapters of r (in + out) parameters"
                 for f in [ adapterConfigName; adapterWeightsName; "tokenizer.json" ] do
                     Expect.isTrue (File.Exists(Path.Combine(r.HfFolder, f))) f
                 let saved = readAdapterConfig r.HfFolder
-                Expect.equal (saved.r, saved.lora_alpha, saved.target_modules) (4, 8.0, [ "q_proj"; "v_proj" ]) "adapter_config.json"
+                Expect.equal (saved.r, saved.lora_alpha, saved.target_modules) (4, 8.0, [ "q"; "v" ]) "adapter_config.json"
                 // The base weights in the trained checkpoint are the pretrained ones, bit for bit.
                 use pretrained = HfSeq2Seq.load cfg.Model
                 use fromCheckpoint = HfSeq2Seq.load cfg.Model
-                applyLora cfg.Lora.Value [ "q_proj"; "v_proj" ] fromCheckpoint.Module |> ignore
+                applyLora cfg.Lora.Value [ "q"; "v" ] fromCheckpoint.Module |> ignore
                 Checkpoint.loadModel (defaultArg r.Train.BestCheckpoint r.Train.LastCheckpoint) fromCheckpoint.Module
                 let trained = fromCheckpoint.StateDict() |> dict
                 for n, t in pretrained.StateDict() do
@@ -133,12 +136,12 @@ let tests =
                 use tok = HfTokenizer.fromFolder cfg.Model
                 saveMerged false merged adapted adapters tok
                 use mergedModel = HfSeq2Seq.load merged
-                let ids, mask, dec = batchOf cfg adapted.PadTokenId
+                let ids, mask, dec = batchOf cfg adapted.PadTokenId adapted.DecoderStartTokenId
                 use a = logitsOn adapted.Model ids mask dec
                 use b = logitsOn mergedModel.Model ids mask dec
                 Expect.isLessThanOrEqual (maxDiff a b) mergeTol "adapter over the base = merged model"
                 use c = logitsOn pretrained.Model ids mask dec
-                Expect.isGreaterThan (maxDiff a c) 1e-4 "and differs from the base")
+                Expect.isGreaterThan (maxDiff a c) (10.0 * mergeTol) "and differs from the base")
 
         testSequenced <| testCase "exportRun: a from-scratch run's export reloads through HfSeq2Seq.load to identical logits" (fun () ->
             withDir (fun dir ->
