@@ -21,6 +21,7 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Report of ParseResults<ReportCommand.ReportArgs>
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainCommand.TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<TrainCommand.GenerateArgs>
+    | [<CliPrefix(CliPrefix.None)>] Summarize of ParseResults<PretrainedCommand.SummarizeArgs>
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.SweepArgs>
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCommand.BenchArgs>
     interface IArgParserTemplate with
@@ -32,7 +33,8 @@ type Command =
             | Data _ -> "inspect datasets: counts, lengths and problems."
             | Report _ -> "write one HTML page comparing run folders: configs, metrics, charts, samples."
             | Train _ -> "train a summarizer (dense, top-k or hash MoE) and score it on the test split against lead-1."
-            | Generate _ -> "summarize documents with a trained run's checkpoint."
+            | Generate _ -> "summarize documents with a trained run's checkpoint (--run), or generate with a pretrained checkpoint folder (--model)."
+            | Summarize _ -> "summarize a data set with a pretrained checkpoint folder (BART, Pegasus, T5) into a run folder scored like moe train's."
             | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
             | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop), train-step (training step: speed, kernel time, memory), data (tokenization and token cache), load (checkpoint loading: time and peak memory)."
 
@@ -61,7 +63,9 @@ let main argv =
             | Data a -> DataCommand.run a
             | Report a -> ReportCommand.run a
             | Train a -> TrainCommand.train a
+            | Generate a when a.Contains TrainCommand.GenerateArgs.Model -> PretrainedCommand.generate a
             | Generate a -> TrainCommand.generate a
+            | Summarize a -> PretrainedCommand.summarize a
             | Sweep a -> SweepCommand.run a
             | Bench a -> BenchCommand.run a)
     with :? ArguParseException as e ->

@@ -67,6 +67,7 @@ Moe.Startup.initialise ()
 #load "../src/Train.fs"
 #load "../src/Runs/Summarizer.fs"
 #load "../src/Runs/RunLog.fs"
+#load "../src/Runs/Baseline.fs"
 #load "../src/Reports/Browser.fs"
 #load "../src/Reports/Plots.fs"
 #load "../src/Reports/Report.fs"
