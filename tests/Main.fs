@@ -24,6 +24,7 @@ let all =
         TaggingTests.tests
         TrainTests.tests
         SummarizerTests.tests
+        BaselineTests.tests
         PlotsTests.tests
         SweepTests.tests
         LoraTests.tests

@@ -194,6 +194,10 @@ type BaselineConfig =
       BootstrapSamples: int }
 
 module BaselineConfig =
+    /// The default run name for a checkpoint folder: baseline-<folder name>.
+    let nameFor (model: string) : string =
+        if String.IsNullOrWhiteSpace model then "baseline" else "baseline-" + DirectoryInfo(Path.GetFullPath model).Name
+
     /// The test split, batches of 8, the "summarization" task's settings, scored as the main job scores.
     let defaults (model: string) (data: string) : BaselineConfig =
         { Model = model
@@ -202,7 +206,7 @@ module BaselineConfig =
           Split = "test"
           Limit = None
           BatchSize = 8
-          Name = "baseline-" + DirectoryInfo(Path.GetFullPath model).Name
+          Name = nameFor model
           RunsDir = "runs"
           Overwrite = false
           Settings = []
@@ -352,12 +356,11 @@ let scriptConfig (sharedRoot: string) (args: string[]) : BaselineConfig =
                     Model = Path.Combine(sharedRoot, "models", "bart-tiny")
                     Data = Path.Combine(sharedRoot, "data", "xsum-test-docs", "test.llm_decoding.jsonl")
                     Limit = Some 4
-                    Name = "baseline-smoke"
                     Overwrite = true
                     BootstrapSamples = 100
                     Settings = cfg.Settings @ [ "Generate.MaxNewTokens=16" ] }
             go smokeCfg true tl
-        | "--model" :: v :: tl -> go { cfg with Model = v; Name = (if smoke then cfg.Name else (BaselineConfig.defaults v cfg.Data).Name) } smoke tl
+        | "--model" :: v :: tl -> go { cfg with Model = v } smoke tl
         | "--data" :: v :: tl -> go { cfg with Data = v } smoke tl
         | "--split" :: v :: tl -> go { cfg with Split = v } smoke tl
         | "--limit" :: v :: tl -> go { cfg with Limit = Some(int "--limit" v) } smoke tl
@@ -371,7 +374,9 @@ let scriptConfig (sharedRoot: string) (args: string[]) : BaselineConfig =
             invalidArg "args" (sprintf "unknown or incomplete argument '%s' (expected --smoke, or --model DIR --data PATH [--split S] [--limit N] [--batch-size B] [--name NAME] [--runs-dir D] [--set Generate.X=V] [--source-prefix P] [--overwrite])" other)
     let cfg, smoke = go { BaselineConfig.defaults "" "" with Name = "" } false (List.ofArray args)
     if not smoke && (cfg.Model = "" || cfg.Data = "") then invalidArg "args" "expected --smoke, or both --model DIR and --data PATH"
-    cfg
+    if cfg.Name <> "" then cfg
+    elif smoke then { cfg with Name = "baseline-smoke" }
+    else { cfg with Name = BaselineConfig.nameFor cfg.Model }
 
 /// Runs the baseline script: summarizes (see `scriptConfig`), then prints the table of the pretrained model,
 /// lead-1 and the from-scratch runs found in the runs folder (each on its own test set, n given).
