@@ -36,7 +36,7 @@ type Command =
             | Generate _ -> "summarize documents with a trained run's checkpoint (--run), or generate with a pretrained checkpoint folder (--model)."
             | Summarize _ -> "summarize a data set with a pretrained checkpoint folder (BART, Pegasus, T5) into a run folder scored like moe train's."
             | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
-            | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop), train-step (training step: speed, kernel time, memory), data (tokenization and token cache), load (checkpoint loading: time and peak memory)."
+            | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop), train-step (training step: speed, kernel time, memory), data (tokenization and token cache), load (checkpoint loading: time and peak memory), generate (pretrained generation: encoder, decoder per token, key/value cache, memory-bandwidth floor)."
 
 let private deviceOf (text: string option) =
     match Native.parseDevice (defaultArg text "auto") with

@@ -47,6 +47,28 @@ let private setThreads (n: int option) =
     | Some n -> TorchSharp.torch.set_num_threads n
     | None -> ()
 
+type BenchGenerateArgs =
+    | [<AltCommandLine("-m")>] Model of path: string
+    | Shape of name: string
+    | Source_Length of positions: int
+    | Tokens of count: int
+    | Batches of sizes: int list
+    | Beams of counts: int list
+    | Reps of count: int
+    | Threads of count: int
+    interface IArgParserTemplate with
+        member a.Usage =
+            let d = Bench.GenerateBench.GenerateBenchConfig.defaults
+            match a with
+            | Model _ -> "a pretrained checkpoint folder to time."
+            | Shape _ -> sprintf "instead of --model, random weights of this shape through Bart's modules: %s (default bart-large)." (Bench.GenerateBench.shapes |> List.map fst |> String.concat "|")
+            | Source_Length _ -> sprintf "source positions of the random documents (default %d)." d.SourceLength
+            | Tokens _ -> sprintf "tokens generated per output, EOS off (default %d)." d.NewTokens
+            | Batches _ -> "batch sizes (default 1 8)."
+            | Beams _ -> "beam counts, 1 = greedy (default 1 6)."
+            | Reps _ -> sprintf "timed repetitions of the encoder and single-step timings; medians reported (default %d)." d.Reps
+            | Threads _ -> "CPU threads libtorch uses (default: its own choice)."
+
 /// Runs `moe summarize`.
 let summarize (args: ParseResults<SummarizeArgs>) : int =
     Native.initialise ()
@@ -140,4 +162,33 @@ let generate (args: ParseResults<GenerateArgs>) : int =
         File.WriteAllLines(path, lines)
         eprintfn "wrote %s" path
     | None -> for l in lines do printfn "%s" l
+    0
+
+/// Runs `moe bench generate`.
+let benchGenerate (args: ParseResults<BenchGenerateArgs>) : int =
+    Native.initialise ()
+    setThreads (args.TryGetResult BenchGenerateArgs.Threads)
+    let d = Bench.GenerateBench.GenerateBenchConfig.defaults
+    let cfg =
+        { d with
+            SourceLength = args.GetResult(Source_Length, d.SourceLength)
+            NewTokens = args.GetResult(Tokens, d.NewTokens)
+            Batches = args.GetResult(Batches, d.Batches)
+            Beams = args.GetResult(Beams, d.Beams)
+            Reps = args.GetResult(Reps, d.Reps) }
+    match Bench.GenerateBench.GenerateBenchConfig.validate cfg with
+    | [] -> ()
+    | problems -> invalidArg "arguments" (String.concat "; " problems)
+    let subject =
+        match args.TryGetResult BenchGenerateArgs.Model, args.TryGetResult Shape with
+        | Some _, Some _ -> invalidArg "--model" "give --model or --shape, not both"
+        | Some dir, None -> Bench.GenerateBench.ofFolder dir
+        | None, shape ->
+            let name = defaultArg shape "bart-large"
+            match Bench.GenerateBench.shapeOf name with
+            | Ok c -> Bench.GenerateBench.randomBart (sprintf "%s shape, random weights" name) c
+            | Error e -> invalidArg "--shape" e
+    use _ = subject.Module
+    let report = Bench.GenerateBench.run cfg subject (fun line -> eprintfn "%s" line)
+    printfn "%s" (Bench.GenerateBench.table report)
     0
