@@ -138,7 +138,9 @@ type GenerateBenchReport =
       RecomputeStepMs: float
       /// Measured copy bandwidth, GB/s (bytes read plus bytes written per second, as STREAM's copy counts).
       CopyGbPerS: float
-      Rows: GenerationRow list }
+      Rows: GenerationRow list
+      /// The process's peak resident memory (VmHWM) at the end, MiB: the weights plus the largest run's extra.
+      PeakRssMb: float option }
 
 /// The floor of batch-1 greedy decoding: the decoder weights read once per token at the copy bandwidth, ms.
 let floorMsPerToken (r: GenerateBenchReport) : float = float (int64 (r.DecoderMb * bytesPerMib)) / (r.CopyGbPerS * 1e9) * 1000.0
@@ -237,7 +239,8 @@ let run (cfg: GenerateBenchConfig) (subject: Subject) (progress: string -> unit)
       CachedStepMs = cachedMs
       RecomputeStepMs = recomputeMs
       CopyGbPerS = copy
-      Rows = rows }
+      Rows = rows
+      PeakRssMb = peakRssMb () }
 
 /// The issue's target for the cached step against recomputing the prefix.
 let minCacheSpeedup = 3.0
@@ -261,6 +264,7 @@ let table (r: GenerateBenchReport) : string =
       let speedup = r.RecomputeStepMs / r.CachedStepMs
       yield sprintf "decoder step at %d tokens, batch 1: cached %.1f ms, recomputing the prefix %.1f ms: %.1fx (target >= %.0fx: %s)"
                 r.Config.PrefixTokens r.CachedStepMs r.RecomputeStepMs speedup minCacheSpeedup (if speedup >= minCacheSpeedup then "met" else "NOT met")
+      yield sprintf "process peak resident memory: %s" (match r.PeakRssMb with Some mb -> sprintf "%.0f MiB" mb | None -> "not measured here (needs Linux /proc)")
       yield sprintf "copy bandwidth %.1f GB/s; floor = %.1f MiB / bandwidth = %.1f ms per token" r.CopyGbPerS r.DecoderMb floor
       match r.Rows |> List.tryFind (fun x -> x.Batch = 1 && x.Beams = 1 && x.UseCache) with
       | Some x ->
