@@ -17,7 +17,7 @@ open Moe
 
 let main (args: string[]) =
     Native.initialise ()
-    let shared = Path.Combine(__SOURCE_DIRECTORY__, "..", "..", "shared")
+    let shared = Path.GetFullPath(Path.Combine(__SOURCE_DIRECTORY__, "..", "..", "shared"))
     Baseline.runScript (printfn "%s") shared args |> ignore
 
 main (fsi.CommandLineArgs |> Array.tail)
