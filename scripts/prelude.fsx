@@ -36,6 +36,8 @@ Moe.Startup.initialise ()
 #load "../src/Pretrained/Gpt2.fs"
 #load "../src/Pretrained/Bart.fs"
 #load "../src/Pretrained/Pegasus.fs"
+#load "../src/Pretrained/T5.fs"
+#load "../src/Pretrained/Switch.fs"
 #load "../src/Pretrained/HfSeq2Seq.fs"
 #load "../src/Text/Tokenizers.fs"
 #load "../src/Text/HfTokenizer.fs"

@@ -401,9 +401,10 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
     /// The shared experts as one FFN of hidden size SharedExperts * ExpertHidden; null when SharedExperts = 0.
     member _.Shared = shared
 
-    /// The layer for hash routers: x [.., D] with token ids of the same leading shape [..] int64.
-    /// Learned routers take tokenIds = null.
-    member this.forward(x: Tensor, tokenIds: Tensor) : FfnResult =
+    /// Routes, dispatches and combines; `groups` = Some capacity limits each expert to `capacity` assignments
+    /// per row of x [G; S; D] (`Routing.limitPerGroup`). Returns the result and, when `keepRouting`, the
+    /// routing (moved out of this call's scope; otherwise freed with it).
+    member private this.Run(x: Tensor, tokenIds: Tensor, groupCapacity: int option, keepRouting: bool) : FfnResult * Routing option =
         let d = int64 cfg.ModelDim
         expect "x" (sprintf "[..; %d] floating point (D = ModelDim)" d) (fun t -> t.Dimensions >= 1L && t.shape[t.shape.Length - 1] = d && isFloating t) x
         expectDevice "x" experts.W1.device x
@@ -418,11 +419,44 @@ type MoeLayer(name: string, cfg: MoeConfig) as this =
         use scope = torch.NewDisposeScope()
         let h = x.reshape (-1L, d) // [T; D]
         let routing = router.Route(h, ids)
+        let routing =
+            match groupCapacity with
+            | Some c -> limitPerGroup cfg.Router (int shape[shape.Length - 2]) c routing
+            | None -> routing
         let routed = dispatch experts routing h // [T; D]
         let y = if isNull shared then routed else plus routed (shared.forward h).Output // [T; D]
         if this.training && cfg.Router.BiasUpdateRate.IsSome then router.UpdateBias routing.Stats.TokensPerExpert
         let report = { Aux = auxLosses routing; Stats = routing.Stats }
-        { Output = y.reshape(shape).MoveToOuterDisposeScope(); Moe = Some(moveReportOut report) }
+        let result = { Output = y.reshape(shape).MoveToOuterDisposeScope(); Moe = Some(moveReportOut report) }
+        let out (t: Tensor) = t.MoveToOuterDisposeScope()
+        // the statistics left with the report; each tensor is moved out once
+        result,
+        (if keepRouting then
+             Some { routing with
+                      Experts = out routing.Experts; Weights = out routing.Weights; Kept = out routing.Kept
+                      Probs = Option.map out routing.Probs; Logits = Option.map out routing.Logits; Gates = out routing.Gates
+                      LoadProbability = Option.map out routing.LoadProbability }
+         else None)
+
+    /// The layer for hash routers: x [.., D] with token ids of the same leading shape [..] int64.
+    /// Learned routers take tokenIds = null.
+    member this.forward(x: Tensor, tokenIds: Tensor) : FfnResult = this.Run(x, tokenIds, None, false) |> fst
+
+    /// The layer returning its routing too (router logits, kept assignments), from which a checkpoint's own
+    /// losses can be computed. With `groupCapacity` = Some c, the capacity of Switch Transformers (Fedus et al.
+    /// 2022; transformers' `SwitchTransformersTop1Router`): x [G; S; D] is G groups (the rows of a batch) of S
+    /// tokens, and each expert keeps at most c assignments per group, first come in token order
+    /// (`Routing.limitPerGroup`), on top of the router's own capacity; a dropped token's MoE output is zero.
+    /// With None, exactly `forward`. tokenIds like x's leading shape for hash routers, null otherwise.
+    member this.ForwardWithRouting(x: Tensor, tokenIds: Tensor, groupCapacity: int option) : FfnResult * Routing =
+        match groupCapacity with
+        | Some c ->
+            expect "x" (sprintf "[G; S; %d] floating point (groups of tokens)" cfg.ModelDim) (fun t -> t.Dimensions = 3L) x
+            if c < 0 then invalidArg "groupCapacity" (sprintf "expected groupCapacity >= 0, got %d" c)
+        | None -> ()
+        match this.Run(x, tokenIds, groupCapacity, true) with
+        | result, Some routing -> result, routing
+        | _, None -> failwith "unreachable: the routing is kept when asked for"
 
     /// The layer for learned routers. x [.., D] -> [.., D].
     override this.forward(x: Tensor) : FfnResult = this.forward (x, null)

@@ -545,6 +545,55 @@ let route (cfg: RouterConfig) (inputs: RouterInputs) : Routing =
 /// `route` with only logits, in evaluation mode: `logits |> routeLogits cfg`.
 let routeLogits (cfg: RouterConfig) (logits: Tensor) : Routing = route cfg (RouterInputs.OfLogits logits)
 
+/// Capacity within groups of tokens, on top of a routing's own capacity: the T tokens are G consecutive groups of
+/// `groupSize` (the rows of a [G; S; D] batch), and each expert keeps at most `capacity` assignments per group,
+/// first come in slot-major order within the group (every slot-0 pick before any slot-1 pick, then by position).
+/// This is Switch Transformers' capacity as Mesh TensorFlow and transformers' `SwitchTransformersTop1Router`
+/// define it: an absolute `expert_capacity` per group (transformers: per sequence, a cumulative sum along the
+/// sequence), not a factor of the whole batch as `capacity` computes it. Assignments the routing had already
+/// dropped stay dropped and take no place. Dropped assignments get Kept = false and Weight = 0; statistics
+/// are recomputed. `cfg` is the router config that produced the routing (for expert choice, the dropped
+/// fraction counts tokens no expert kept).
+let limitPerGroup (cfg: RouterConfig) (groupSize: int) (capacity: int) (r: Routing) : Routing =
+    if groupSize < 1 then invalidArg "groupSize" (sprintf "expected groupSize >= 1, got %d" groupSize)
+    if capacity < 0 then invalidArg "capacity" (sprintf "expected capacity >= 0, got %d" capacity)
+    let t, k = r.Experts.shape[0], r.Experts.shape[1]
+    if t % int64 groupSize <> 0L then
+        invalidArg "groupSize" (sprintf "expected the routing's T = %d tokens to be whole groups of %d" t groupSize)
+    use scope = torch.NewDisposeScope()
+    let e = int64 cfg.Experts
+    let s = int64 groupSize
+    let groups = t / s
+    let dev = r.Experts.device
+    let token = arange 0L t torch.ScalarType.Int64 dev // [T]
+    let group = withInt64Scalar s (fun s -> token.div (s, rounding_mode = torch.RoundingMode.floor)) // [T]
+    let position = token - mulInt64 s group // [T], position within the group
+    let slot = arange 0L k torch.ScalarType.Int64 dev // [K]
+    let priority = plus (mulInt64 s (slot.unsqueeze 0L)) (position.unsqueeze 1L) // [T; K], slot-major within the group
+    // bucket (group, expert) for kept slots; dropped slots share one bucket after all the others
+    let bucket = plus (mulInt64 e (group.unsqueeze 1L)) r.Experts // [T; K]
+    let bucket = withInt64Scalar (groups * e) (fun sentinel -> bucket.masked_fill (r.Kept.logical_not (), sentinel)) // [T; K]
+    let flatBucket = bucket.reshape (-1L) // [T*K]
+    let key = plus (mulInt64 (k * s) flatBucket) (priority.reshape (-1L)) // [T*K], by bucket, then priority
+    let order = key.argsort () // [T*K]
+    let counts = torch.bincount (flatBucket, minlength = groups * e + 1L) // [G*E + 1]
+    let starts = counts.cumsum 0L - counts // [G*E + 1]
+    let sortedBuckets = flatBucket.index_select (0L, order) // [T*K]
+    let rankSorted = arange 0L (t * k) torch.ScalarType.Int64 dev - starts.index_select (0L, sortedBuckets) // [T*K]
+    let rank = torch.zeros_like(rankSorted).scatter (0L, order, rankSorted) // [T*K]
+    let withinCapacity = withInt64Scalar (int64 capacity) (fun c -> rank.lt c) // [T*K]
+    let kept = r.Kept.logical_and (withinCapacity.reshape (t, k)) // [T; K]
+    let stats = statsOf cfg.Experts (cfg.Selection = ExpertChoice) r.Experts kept r.Probs
+    // only the new tensors leave this scope; the others stay where the caller's routing keeps them
+    { r with
+        Kept = kept.MoveToOuterDisposeScope()
+        Weights = (r.Gates * kept.to_type r.Gates.dtype).MoveToOuterDisposeScope()
+        Stats =
+            { TokensPerExpert = stats.TokensPerExpert.MoveToOuterDisposeScope()
+              DroppedFraction = stats.DroppedFraction.MoveToOuterDisposeScope()
+              RouterEntropy = stats.RouterEntropy.MoveToOuterDisposeScope() }
+        Capacity = Some(match r.Capacity with Some c -> min c capacity | None -> capacity) }
+
 // ---------------------------------------------------------------- balancing losses (unweighted)
 
 /// Squared coefficient of variation var(x) / (mean(x)^2 + eps), population variance (Shazeer et al. 2017:

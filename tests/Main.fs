@@ -17,6 +17,10 @@ let all =
         HfCheckpointTests.tests
         Gpt2Tests.tests
         BartTests.tests
+        T5Tests.tests
+        SwitchTests.tests
+        SwitchTests.upcycling
+        HfSeq2SeqTests.tests
         DataTests.tests
         HfTokenizerTests.tests
         TaggingDataTests.tests

@@ -54,6 +54,22 @@ let private ofBart (dir: string) (modelType: string) (model: Bart.BartForConditi
       Loss = fun ids mask labels -> let out = model.Forward(ids, mask, labels) in out.Logits.Dispose(); out.Loss, out.Moe
       StateDict = fun () -> model.StateDict() }
 
+let private ofT5 (dir: string) (modelType: string) (model: T5.T5Model) : HfSeq2Seq =
+    { Folder = dir
+      ModelType = modelType
+      Module = model
+      Model = model
+      PadTokenId = model.Config.PadTokenId
+      DecoderStartTokenId = model.Config.DecoderStartTokenId
+      Loss =
+        fun ids mask labels ->
+            let out = model.Forward(ids, mask, labels)
+            out.Logits.Dispose()
+            out.CrossEntropy.Dispose()
+            out.RouterLoss |> Option.iter (fun t -> t.Dispose())
+            out.Loss, out.Moe
+      StateDict = fun () -> T5.stateDict model }
+
 /// Loads the encoder-decoder in `dir` (config.json and its weights) in evaluation mode, dispatching on
 /// model_type; an unknown model_type is refused naming the file and the supported ones.
 let load (dir: string) : HfSeq2Seq =
@@ -61,6 +77,8 @@ let load (dir: string) : HfSeq2Seq =
     match modelType dir with
     | "bart" -> Bart.fromFolder dir |> ofBart dir "bart"
     | "pegasus" -> Pegasus.fromFolder dir |> ofBart dir "pegasus"
+    | "t5" -> T5.fromFolder dir |> ofT5 dir "t5"
+    | "switch_transformers" -> Switch.fromFolder dir :> T5.T5Model |> ofT5 dir "switch_transformers"
     | other ->
         failwithf "%s: model_type \"%s\" is not an encoder-decoder this toolkit loads (supported: %s)"
             (Path.Combine(dir, "config.json")) other (String.Join(", ", supportedModelTypes))
