@@ -79,10 +79,30 @@ let tests =
                 Expect.equal again.Documents 1 "Overwrite replaces it"
             finally Directory.Delete(runs, true)
 
-        testWithShared "generate --input-ids --json --greedy: bart-tiny's and pegasus-tiny's doc0 greedy ids as transformers made them" <| fun shared ->
-            for name in [ "bart-tiny"; "pegasus-tiny" ] do
+        testWithShared "generate --input-ids --json --greedy: bart-tiny's, pegasus-tiny's, t5-tiny's and flan-t5-tiny's doc0 greedy ids as transformers made them" <| fun shared ->
+            for name in [ "bart-tiny"; "pegasus-tiny"; "t5-tiny"; "flan-t5-tiny" ] do
                 let got, expected = greedySample (Path.Combine(models shared, name))
                 Expect.sequenceEqual got expected (sprintf "%s doc0_greedy" name)
+
+        testWithShared "summarization task: t5-tiny's task_specific_params give the settings and the \"summarize: \" prefix; --source-prefix overrides" <| fun shared ->
+            let dir = Path.Combine(models shared, "t5-tiny")
+            use p = Baseline.openFolder dir (Some "summarization") None []
+            Expect.equal p.SourcePrefix "summarize: " "the task's prefix"
+            Expect.equal p.Generation.NumBeams 4 "the task's num_beams"
+            Expect.equal p.Generation.MinLength 30 "the task's min_length"
+            Expect.equal p.MaxSourceTokens (Some 512) "T5 has no position table: the tokenizer's model_max_length"
+            use doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "sample_outputs.json")))
+            let recorded = [| for e in doc.RootElement.GetProperty("doc0_first20_ids").EnumerateArray() -> e.GetInt32() |]
+            let prefixIds = p.Tokenizer.Value.Encode("summarize:", false)
+            Expect.sequenceEqual recorded[.. prefixIds.Length - 1] prefixIds "transformers' doc0 ids start with the prefix"
+            let ids = Baseline.sourceIds p "A short document."
+            Expect.sequenceEqual ids[.. prefixIds.Length - 1] prefixIds "so do ours"
+            let long = Baseline.sourceIds p (String.replicate 2000 "word ")
+            Expect.equal long.Length 512 "cut to 512 tokens"
+            Expect.equal (Array.last long) p.Tokenizer.Value.EosId.Value "EOS kept after truncation"
+            use q = Baseline.openFolder dir (Some "summarization") (Some "") [ "Generate.NumBeams=2" ]
+            Expect.equal q.SourcePrefix "" "--source-prefix overrides the task's"
+            Expect.equal q.Generation.NumBeams 2 "--set overrides the task's settings"
 
         testWithShared "generate: documents in a batch (sorted, padded) give the ids each gives alone" <| fun shared ->
             use p = Baseline.openFolder (Path.Combine(models shared, "bart-tiny")) None None [ "Generate.MaxNewTokens=6" ]
