@@ -21,6 +21,7 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Report of ParseResults<ReportCommand.ReportArgs>
     | [<CliPrefix(CliPrefix.None)>] Train of ParseResults<TrainCommand.TrainArgs>
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<TrainCommand.GenerateArgs>
+    | [<CliPrefix(CliPrefix.None)>] Summarize of ParseResults<PretrainedCommand.SummarizeArgs>
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.SweepArgs>
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCommand.BenchArgs>
     | [<CliPrefix(CliPrefix.None)>] Finetune of ParseResults<FinetuneCommand.FinetuneArgs>
@@ -34,11 +35,12 @@ type Command =
             | Data _ -> "inspect datasets: counts, lengths and problems."
             | Report _ -> "write one HTML page comparing run folders: configs, metrics, charts, samples."
             | Train _ -> "train a summarizer (dense, top-k or hash MoE) and score it on the test split against lead-1."
-            | Generate _ -> "summarize documents with a trained run's checkpoint."
+            | Generate _ -> "summarize documents with a trained run's checkpoint (--run), or generate with a pretrained checkpoint folder (--model)."
+            | Summarize _ -> "summarize a data set with a pretrained checkpoint folder (BART, Pegasus, T5) into a run folder scored like moe train's."
             | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
             | Finetune _ -> "fine-tune a pretrained encoder-decoder (BART, Pegasus, T5, Switch) on a summarization data set, fully or with LoRA; writes the run folder and hf/ in Hugging Face layout."
             | Export_Hf _ -> "write a from-scratch run folder in Hugging Face layout (model_type moe_summarizer, safetensors, tokenizer, model card); --model OUT loads it back."
-            | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop), train-step (training step: speed, kernel time, memory), data (tokenization and token cache), load (checkpoint loading: time and peak memory)."
+            | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop), train-step (training step: speed, kernel time, memory), data (tokenization and token cache), load (checkpoint loading: time and peak memory), generate (pretrained generation: encoder, decoder per token, key/value cache, memory-bandwidth floor)."
 
 let private deviceOf (text: string option) =
     match Native.parseDevice (defaultArg text "auto") with
@@ -65,7 +67,9 @@ let main argv =
             | Data a -> DataCommand.run a
             | Report a -> ReportCommand.run a
             | Train a -> TrainCommand.train a
+            | Generate a when a.Contains TrainCommand.GenerateArgs.Model -> PretrainedCommand.generate a
             | Generate a -> TrainCommand.generate a
+            | Summarize a -> PretrainedCommand.summarize a
             | Sweep a -> SweepCommand.run a
             | Bench a -> BenchCommand.run a
             | Finetune a -> FinetuneCommand.finetune a

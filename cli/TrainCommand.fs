@@ -67,8 +67,14 @@ type TrainArgs =
             | Threads _ -> "CPU threads libtorch uses (default: its own choice; 1 can be much faster on a busy machine)."
 
 type GenerateArgs =
-    | [<Mandatory; AltCommandLine("-r")>] Run of path: string
+    | [<AltCommandLine("-r")>] Run of path: string
+    | [<AltCommandLine("-m")>] Model of path: string
     | [<AltCommandLine("-i")>] Input of path: string
+    | Input_Ids of path: string
+    | Json
+    | Greedy
+    | [<AltCommandLine("-s")>] Set of assignment: string
+    | Batch_Size of size: int
     | [<AltCommandLine("-o")>] Output of path: string
     | Checkpoint of path: string
     | Beam of size: int
@@ -82,7 +88,13 @@ type GenerateArgs =
         member a.Usage =
             match a with
             | Run _ -> "a run folder written by moe train (runs/NAME)."
-            | Input _ -> "documents, one per line (default: the run's documents.txt, its test split)."
+            | Model _ -> "instead of --run: a pretrained checkpoint folder in Hugging Face layout (config.json, weights, tokenizer files)."
+            | Input _ -> "documents, one per line (with --run, default: the run's documents.txt, its test split)."
+            | Input_Ids _ -> "with --model: source token ids, one JSON array per line, special tokens included, used as given."
+            | Json -> "with --model: one JSON object per input line, {\"ids\": generated ids without the decoder start token, \"text\": ...}."
+            | Greedy -> "with --model: plain greedy search (one beam, no length constraints, no forced tokens, no n-gram blocking; max_new_tokens from --set)."
+            | Set _ -> "with --model: override a generation setting, e.g. --set Generate.MaxNewTokens=60 --set Generate.NumBeams=4 (repeatable)."
+            | Batch_Size _ -> "with --model: sources decoded together (default 8)."
             | Output _ -> "where the summaries go, one per line (default: standard output)."
             | Checkpoint _ -> "a checkpoint file (default: the run's best.ckpt, else last.ckpt)."
             | Beam _ -> "beam size; 1 is greedy (default: the run's Generate.BeamSize)."
@@ -111,7 +123,7 @@ let private orFailWith (flag: string) (r: Result<'a, string list>) : 'a =
 
 /// The config the flags describe: defaults, then --config, then --set, then the named flags.
 let configOf (args: ParseResults<TrainArgs>) : SummarizerConfig =
-    let cfg = SummarizerConfig.load SummarizerConfig.mainJob (args.TryGetResult Config) (args.GetResults Set) |> orFailWith "--config/--set"
+    let cfg = SummarizerConfig.load SummarizerConfig.mainJob (args.TryGetResult Config) (args.GetResults TrainArgs.Set) |> orFailWith "--config/--set"
     let cfg = match args.TryGetResult Name with Some n -> { cfg with Name = n } | None -> cfg
     let cfg = match args.TryGetResult Runs_Dir with Some d -> { cfg with RunsDir = d } | None -> cfg
     let cfg =
@@ -150,7 +162,7 @@ let configOf (args: ParseResults<TrainArgs>) : SummarizerConfig =
         | Some other -> invalidArg "--router" (sprintf "expected dense|topk|hash, got '%s'" other)
     let train = cfg.Train
     let train = match args.TryGetResult Steps with Some s -> { train with Steps = s } | None -> train
-    let train = match args.TryGetResult Batch_Size with Some b -> { train with BatchSize = b } | None -> train
+    let train = match args.TryGetResult TrainArgs.Batch_Size with Some b -> { train with BatchSize = b } | None -> train
     let train = match args.TryGetResult Lr with Some l -> { train with LearningRate = l } | None -> train
     let train = match args.TryGetResult TrainArgs.Device with Some d -> { train with Device = device d } | None -> train
     let train = if args.Contains Bf16 then { train with Bf16 = true } else train
@@ -228,7 +240,13 @@ let train (args: ParseResults<TrainArgs>) : int =
 let generate (args: ParseResults<GenerateArgs>) : int =
     Native.initialise ()
     setThreads (args.TryGetResult GenerateArgs.Threads)
-    let runDir = args.GetResult Run
+    let runDir =
+        match args.TryGetResult Run with
+        | Some d -> d
+        | None -> invalidArg "--run" "expected --run DIR (a trained run) or --model DIR (a pretrained checkpoint folder)"
+    for flag, given in [ "--input-ids", args.Contains Input_Ids; "--json", args.Contains Json; "--greedy", args.Contains Greedy
+                         "--set", args.Contains Set; "--batch-size", args.Contains Batch_Size ] do
+        if given then invalidArg flag (sprintf "%s applies to --model, not --run" flag)
     if not (Directory.Exists runDir) then invalidArg "--run" (sprintf "expected a run folder, but %s does not exist" runDir)
     use loaded = load runDir (args.TryGetResult Checkpoint) (device (defaultArg (args.TryGetResult GenerateArgs.Device) "auto"))
     let g = loaded.Config.Generate

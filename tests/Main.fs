@@ -29,6 +29,7 @@ let all =
         TrainTests.tests
         SummarizerTests.tests
         FinetuneTests.tests
+        BaselineTests.tests
         PlotsTests.tests
         SweepTests.tests
         LoraTests.tests

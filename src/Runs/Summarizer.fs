@@ -217,7 +217,7 @@ type Prepared =
 let private capped (limit: int option) (xs: seq<Example>) = match limit with Some n -> Seq.truncate n xs | None -> xs
 
 /// The data config for one split: the XSum release takes its split name from the split file.
-let private loaderFor (cfg: SummarizerConfig) (path: string) (split: string) : DataConfig =
+let loaderFor (cfg: SummarizerConfig) (path: string) (split: string) : DataConfig =
     let format = match cfg.Loader.Format with Some f -> f | None -> detectFormat path
     if format = XsumRaw && cfg.Loader.Split.IsNone then { cfg.Loader with Split = Some split } else cfg.Loader
 
@@ -507,12 +507,14 @@ type SummaryResult =
       Checkpoint: string
       Notes: string list }
 
-let private writeLines (path: string) (lines: seq<string>) =
+/// Writes one line per text (each made one line) atomically.
+let writeLines (path: string) (lines: seq<string>) =
     Checkpoint.writeAtomic path (fun fs ->
         use w = new StreamWriter(fs, UTF8Encoding(false), leaveOpen = true)
         for l in lines do w.WriteLine(oneLine l))
 
-let private writeText (path: string) (text: string) =
+/// Writes the text atomically, UTF-8 without a byte-order mark.
+let writeText (path: string) (text: string) =
     Checkpoint.writeAtomic path (fun fs ->
         let bytes = UTF8Encoding(false).GetBytes(text)
         fs.Write(bytes, 0, bytes.Length))

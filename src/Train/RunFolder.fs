@@ -32,7 +32,7 @@ type RunFolderBusyException(message: string, runDir: string) =
 let runFiles =
     [ RunFiles.metricsName; RunFiles.routingName; RunFiles.configName; RunFiles.parametersName
       "test_scores.json"; "predictions.txt"; "references.txt"; "documents.txt"; "ids.txt"; "routing_by_label.json"
-      completionMarker ]
+      completionMarker; "baseline.json" ]
 
 /// The files whose presence means the folder holds a run (started or finished): checkpoints, the metrics
 /// log with at least one line, test scores, predictions. Paths relative to the folder.

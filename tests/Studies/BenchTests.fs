@@ -460,5 +460,27 @@ let tests =
                 let s = { Tokens = 8192; ModelDim = 512; ExpertHidden = 1024; Experts = 64; K = 2; Activation = GELU }
                 // 6 copies of [8192; 64 * 1024] float32 = 12 GiB, plus W1 and W2 gradients (256 MiB).
                 Expect.floatClose Accuracy.high (allExpertsPeakMb s) (6.0 * 2048.0 + 256.0) "MiB"
+
+            testCase "generate: a tiny BART's grid, the cache ratio and the bandwidth floor are reported" <| fun () ->
+                let cfg =
+                    { GenerateBench.GenerateBenchConfig.defaults with
+                        SourceLength = 8; NewTokens = 3; Batches = [ 1; 2 ]; Beams = [ 1; 2 ]; Reps = 1; PrefixTokens = 6
+                        CopyBytes = 8L * 1024L * 1024L }
+                let shape = match GenerateBench.shapeOf "tiny" with Ok c -> c | Error e -> failtest e
+                let subject = GenerateBench.randomBart "tiny" shape
+                use _ = subject.Module
+                // decoder: 2 layers of self- and cross-attention (4 [32; 32] + 4 [32] each), fc1/fc2 (64 x 32 + 64,
+                // 32 x 64 + 32) and 3 LayerNorms, the decoder's layernorm_embedding, plus the tied output [1000; 32]
+                // and final_logits_bias [1; 1000]
+                let layer = 2 * (4 * (32 * 32 + 32)) + (64 * 32 + 64) + (32 * 64 + 32) + 3 * 2 * 32
+                let expected = 4L * int64 (2 * layer + 2 * 32 + 1000 * 32 + 1000)
+                Expect.equal subject.DecoderBytes expected "decoder bytes per token"
+                let r = GenerateBench.run cfg subject ignore
+                Expect.equal r.Rows.Length 8 "batch x search x cache"
+                Expect.isTrue (r.Rows |> List.forall (fun x -> x.TokensPerS > 0.0 && x.Seconds > 0.0)) "every run timed"
+                Expect.isTrue (r.CachedStepMs > 0.0 && r.RecomputeStepMs > 0.0 && r.CopyGbPerS > 0.0) "ratios' parts measured"
+                let t = GenerateBench.table r
+                for part in [ "target >= 3x"; "target <= 2x"; "| 2 | beam 2 | no |" ] do Expect.stringContains t part "table"
+                Expect.isNonEmpty (GenerateBench.GenerateBenchConfig.validate { cfg with Batches = [] }) "no batch is an error"
         ]
     ]

@@ -1,0 +1,194 @@
+/// `moe summarize` (a pretrained checkpoint summarizing a data set into a run folder), `moe generate --model`
+/// (generation from documents or source ids with a checkpoint's own generation config) and `moe bench generate`
+/// (encoder and decoder speed, the key/value cache, the memory-bandwidth floor). The work is `Moe.Baseline`'s
+/// and `Moe.Bench.GenerateBench`'s; this file only reads the flags.
+module Moe.PretrainedCommand
+
+open System
+open System.IO
+open System.Text.Json
+open System.Text.Json.Nodes
+open Argu
+open Moe
+open Moe.TrainCommand
+
+type SummarizeArgs =
+    | [<Mandatory; AltCommandLine("-m")>] Model of path: string
+    | [<Mandatory>] Data of path: string
+    | Format of format: string
+    | Split of name: string
+    | Limit of examples: int
+    | Batch_Size of size: int
+    | Name of name: string
+    | Runs_Dir of path: string
+    | Overwrite
+    | [<AltCommandLine("-s")>] Set of assignment: string
+    | Source_Prefix of text: string
+    | Threads of count: int
+    interface IArgParserTemplate with
+        member a.Usage =
+            match a with
+            | Model _ -> "a pretrained checkpoint folder in Hugging Face layout (config.json, weights, tokenizer files)."
+            | Data _ -> "a dataset as moe train --data takes it: a folder with train*/validation*/test* files, an XSum release folder or split file, one JSONL/CSV/parquet file."
+            | Format _ -> sprintf "the data format, when the extension does not tell: %s." Data.Format.names
+            | Split _ -> "train|validation|test (default test)."
+            | Limit _ -> "summarize the split's first N examples."
+            | Batch_Size _ -> "documents decoded together, sorted by length (default 8)."
+            | Name _ -> "the run's name: it writes RUNS_DIR/NAME (default baseline-<checkpoint folder name>)."
+            | Runs_Dir _ -> "folder for run folders (default runs)."
+            | Overwrite -> "replace the run already in the run folder (without it such a folder is refused)."
+            | Set _ -> "override a generation setting over the checkpoint's generation config, e.g. --set Generate.NumBeams=4 --set Generate.MaxLength=60 (repeatable; transformers' names also work)."
+            | Source_Prefix _ -> "text put before every document (default: the checkpoint's task_specific_params summarization prefix, e.g. T5's \"summarize: \", else none)."
+            | Threads _ -> "CPU threads libtorch uses (default: its own choice)."
+
+let private setThreads (n: int option) =
+    match n with
+    | Some n when n < 1 -> invalidArg "--threads" (sprintf "expected at least 1 thread, got %d" n)
+    | Some n -> TorchSharp.torch.set_num_threads n
+    | None -> ()
+
+type BenchGenerateArgs =
+    | [<AltCommandLine("-m")>] Model of path: string
+    | Shape of name: string
+    | Source_Length of positions: int
+    | Tokens of count: int
+    | Batches of sizes: int list
+    | Beams of counts: int list
+    | Reps of count: int
+    | Threads of count: int
+    interface IArgParserTemplate with
+        member a.Usage =
+            let d = Bench.GenerateBench.GenerateBenchConfig.defaults
+            match a with
+            | Model _ -> "a pretrained checkpoint folder to time."
+            | Shape _ -> sprintf "instead of --model, random weights of this shape through Bart's modules: %s (default bart-large)." (Bench.GenerateBench.shapes |> List.map fst |> String.concat "|")
+            | Source_Length _ -> sprintf "source positions of the random documents (default %d)." d.SourceLength
+            | Tokens _ -> sprintf "tokens generated per output, EOS off (default %d)." d.NewTokens
+            | Batches _ -> "batch sizes (default 1 8)."
+            | Beams _ -> "beam counts, 1 = greedy (default 1 6)."
+            | Reps _ -> sprintf "timed repetitions of the encoder and single-step timings; medians reported (default %d)." d.Reps
+            | Threads _ -> "CPU threads libtorch uses (default: its own choice)."
+
+/// Runs `moe summarize`.
+let summarize (args: ParseResults<SummarizeArgs>) : int =
+    Native.initialise ()
+    setThreads (args.TryGetResult SummarizeArgs.Threads)
+    let model, data = args.GetResult SummarizeArgs.Model, args.GetResult SummarizeArgs.Data
+    let d = Baseline.BaselineConfig.defaults model data
+    let loader =
+        match args.TryGetResult SummarizeArgs.Format with
+        | Some f ->
+            match Data.Format.parse f with
+            | Ok fmt -> { d.Loader with Format = Some fmt }
+            | Error msg -> invalidArg "--format" msg
+        | None -> d.Loader
+    let cfg =
+        { d with
+            Loader = loader
+            Split = args.GetResult(SummarizeArgs.Split, d.Split)
+            Limit = args.TryGetResult SummarizeArgs.Limit
+            BatchSize = args.GetResult(SummarizeArgs.Batch_Size, d.BatchSize)
+            Name = args.GetResult(SummarizeArgs.Name, d.Name)
+            RunsDir = args.GetResult(SummarizeArgs.Runs_Dir, d.RunsDir)
+            Overwrite = args.Contains SummarizeArgs.Overwrite
+            Settings = args.GetResults SummarizeArgs.Set
+            SourcePrefix = args.TryGetResult SummarizeArgs.Source_Prefix }
+    match Baseline.BaselineConfig.validate cfg with
+    | [] -> ()
+    | problems -> invalidArg "config" (String.concat "\n  - " ("invalid arguments:" :: problems))
+    let r = Baseline.summarize (fun line -> eprintfn "%s" line) cfg
+    printfn "run folder: %s" r.RunDir
+    0
+
+/// One `--input-ids` line: a JSON array of integers.
+let private idsOfLine (path: string) (line: int) (text: string) : int[] =
+    let fail () = invalidArg "--input-ids" (sprintf "%s line %d: expected a JSON array of token ids, got %s" path line (if text.Length > 60 then text.Substring(0, 60) + "..." else text))
+    try
+        use doc = JsonDocument.Parse text
+        if doc.RootElement.ValueKind <> JsonValueKind.Array then fail ()
+        [| for e in doc.RootElement.EnumerateArray() ->
+               match e.ValueKind, e.TryGetInt32() with
+               | JsonValueKind.Number, (true, v) -> v
+               | _ -> fail () |]
+    with :? JsonException -> fail ()
+
+/// An input file's lines; a last empty line (the file ends with a newline) is not an input.
+let private inputLines (path: string) : string[] =
+    let lines = Metrics.Basics.readLines path
+    if lines.Length > 0 && lines[lines.Length - 1] = "" then lines[.. lines.Length - 2] else lines
+
+/// Non-ASCII text written as itself rather than \uXXXX escapes (the output is UTF-8).
+let private relaxed = JsonSerializerOptions(Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping)
+
+/// The JSON line `moe generate --json` prints for one input.
+let jsonLine (g: Baseline.Generated) : string =
+    let o = JsonObject()
+    o["ids"] <- JsonArray([| for id in g.Ids -> JsonValue.Create id :> JsonNode |])
+    match g.Text with
+    | Some t -> o["text"] <- JsonValue.Create t
+    | None -> ()
+    o.ToJsonString(relaxed)
+
+/// What `moe generate --model` prints for its flags: one line per input (text, or with --json a JSON object).
+let generateOutput (args: ParseResults<GenerateArgs>) : string[] =
+    let dir = args.GetResult GenerateArgs.Model
+    for flag, given in [ "--run", args.Contains Run; "--checkpoint", args.Contains Checkpoint; "--beam", args.Contains Beam
+                         "--max-length", args.Contains Max_Length; "--min-length", args.Contains Min_Length
+                         "--length-penalty", args.Contains Length_Penalty; "--no-repeat-ngram", args.Contains No_Repeat_Ngram ] do
+        if given then invalidArg flag (sprintf "%s applies to --run; with --model use --set Generate.X=value (e.g. Generate.NumBeams=4)" flag)
+    let sources =
+        match args.TryGetResult Input, args.TryGetResult Input_Ids with
+        | Some _, Some _ -> invalidArg "--input" "give --input or --input-ids, not both"
+        | None, None -> invalidArg "--input" "expected --input F (documents, one per line) or --input-ids F (JSON id arrays, one per line)"
+        | Some path, None ->
+            if not (File.Exists path) then invalidArg "--input" (sprintf "expected a documents file (one per line), but %s does not exist" path)
+            Baseline.Documents(inputLines path)
+        | None, Some path ->
+            if not (File.Exists path) then invalidArg "--input-ids" (sprintf "expected a file of JSON id arrays (one per line), but %s does not exist" path)
+            Baseline.SourceIds(inputLines path |> Array.mapi (fun i l -> idsOfLine path (i + 1) l))
+    use p = Baseline.openFolder dir None None (args.GetResults GenerateArgs.Set)
+    let cfg = if args.Contains Greedy then Generate.GenerationConfig.greedyOf p.Generation else p.Generation
+    let outs = Baseline.generateWith cfg (args.GetResult(GenerateArgs.Batch_Size, 8)) ignore p sources
+    if args.Contains GenerateArgs.Json then outs |> Array.map jsonLine
+    else outs |> Array.map (fun g -> match g.Text with Some t -> Summarizer.oneLine t | None -> String.Join(" ", g.Ids))
+
+/// Runs `moe generate --model`.
+let generate (args: ParseResults<GenerateArgs>) : int =
+    Native.initialise ()
+    setThreads (args.TryGetResult GenerateArgs.Threads)
+    let lines = generateOutput args
+    match args.TryGetResult Output with
+    | Some path ->
+        File.WriteAllLines(path, lines)
+        eprintfn "wrote %s" path
+    | None -> for l in lines do printfn "%s" l
+    0
+
+/// Runs `moe bench generate`.
+let benchGenerate (args: ParseResults<BenchGenerateArgs>) : int =
+    Native.initialise ()
+    setThreads (args.TryGetResult BenchGenerateArgs.Threads)
+    let d = Bench.GenerateBench.GenerateBenchConfig.defaults
+    let cfg =
+        { d with
+            SourceLength = args.GetResult(Source_Length, d.SourceLength)
+            NewTokens = args.GetResult(Tokens, d.NewTokens)
+            Batches = args.GetResult(Batches, d.Batches)
+            Beams = args.GetResult(Beams, d.Beams)
+            Reps = args.GetResult(Reps, d.Reps) }
+    match Bench.GenerateBench.GenerateBenchConfig.validate cfg with
+    | [] -> ()
+    | problems -> invalidArg "arguments" (String.concat "; " problems)
+    let subject =
+        match args.TryGetResult BenchGenerateArgs.Model, args.TryGetResult Shape with
+        | Some _, Some _ -> invalidArg "--model" "give --model or --shape, not both"
+        | Some dir, None -> Bench.GenerateBench.ofFolder dir
+        | None, shape ->
+            let name = defaultArg shape "bart-large"
+            match Bench.GenerateBench.shapeOf name with
+            | Ok c -> Bench.GenerateBench.randomBart (sprintf "%s shape, random weights" name) c
+            | Error e -> invalidArg "--shape" e
+    use _ = subject.Module
+    let report = Bench.GenerateBench.run cfg subject (fun line -> eprintfn "%s" line)
+    printfn "%s" (Bench.GenerateBench.table report)
+    0
