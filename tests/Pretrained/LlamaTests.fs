@@ -203,6 +203,19 @@ let tests =
                 Expect.stringContains e.Message "gpt_neox" "names the model_type"
                 Expect.stringContains e.Message "qwen2_moe" "lists the supported ones"
             finally tmp.Delete true)
+        scopedShared "llama-tiny-hf: a sequence longer than max_position_embeddings is refused" (fun shared ->
+            let dir = modelDir shared "llama-tiny-hf"
+            let tmp = Directory.CreateTempSubdirectory("moe-causal-")
+            try
+                let node = Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))
+                node["max_position_embeddings"] <- Nodes.JsonNode.Parse "8"
+                File.WriteAllText(Path.Combine(tmp.FullName, "config.json"), node.ToJsonString())
+                File.Copy(Path.Combine(dir, "model.safetensors"), Path.Combine(tmp.FullName, "model.safetensors"))
+                use lm = HfCausalLM.load tmp.FullName
+                let ids, _ = inputs dir
+                let e = Expect.throwsC (fun () -> lm.Model.Forward(ids, null, null, noCache) |> ignore) id
+                Expect.stringContains e.Message "max_position_embeddings" "names the limit"
+            finally tmp.Delete true)
         scopedShared "HfCausalLM.load: qwen2-tiny's record gives the loss and its EOS ids" (fun shared ->
             let dir = modelDir shared "qwen2-tiny"
             use lm = HfCausalLM.load dir

@@ -90,6 +90,36 @@ let tests =
         yield! family "mixtral-tiny" mixtral (MoeLMConfig.parseMixtral >> ignore) "router_jitter_noise" "0.1"
         yield! family "qwen2-moe-tiny" qwen2Moe (MoeLMConfig.parseQwen2Moe >> ignore) "use_sliding_window" "true"
         yield! family "olmoe-tiny" olmoe (MoeLMConfig.parseOlmoe >> ignore) "clip_qkv" "8.0"
+        scopedShared "mixtral-tiny: beam search on a left-padded batch equals each prompt alone" (fun shared ->
+            let dir = modelDir shared "mixtral-tiny"
+            use model = mixtralFromFolder dir
+            let prompt = ids dir
+            let t = prompt.shape[1]
+            let short = prompt.narrow(1L, 0L, t - 4L)
+            let batch = torch.cat ([| prompt; torch.cat ([| torch.zeros ([| 1L; 4L |], dtype = torch.ScalarType.Int64); short |], 1L) |], 0L)
+            let mask = torch.tensor([| for row in 0L .. 1L do for i in 0L .. t - 1L -> row = 0L || i >= 4L |]).view(2L, t)
+            let cfg = { greedySettings dir with NumBeams = 3; NumReturnSequences = 2; MaxNewTokens = Some 5 }
+            let batched = Generate.runCausal cfg model batch mask
+            let single = [| (Generate.runCausal cfg model prompt null)[0]; (Generate.runCausal cfg model short null)[0] |]
+            for b, s in Array.zip batched single do
+                Expect.equal b.Sequences s.Sequences "the same beams"
+                for x, y in Array.zip b.Scores.Value s.Scores.Value do
+                    Expect.floatClose { absolute = 1e-4; relative = 0.0 } x y "the same beam scores"
+            let uncached = Generate.runCausal { cfg with UseCache = false } model batch mask
+            Expect.equal [ for r in uncached -> r.Sequences ] [ for r in batched -> r.Sequences ] "cached beam search equals uncached")
+        testSequenced (scopedShared "mixtral-tiny: cached greedy decoding frees its tensors (live tensor count stays flat)" (fun shared ->
+            let dir = modelDir shared "mixtral-tiny"
+            use model = mixtralFromFolder dir
+            let prompt = ids dir
+            let cfg = greedySettings dir
+            let decode () =
+                use _ = torch.NewDisposeScope()
+                Generate.runCausal cfg model prompt null |> ignore
+            decode ()
+            let before = Tensors.liveTensors ()
+            decode ()
+            decode ()
+            Expect.equal (Tensors.liveTensors ()) before "no tensor outlives its decoding"))
         scopedShared "mixtral-tiny: another toolkit router (noisy top-2) replaces the checkpoint's and trains" (fun shared ->
             let dir = modelDir shared "mixtral-tiny"
             use model = mixtralFromFolder dir
