@@ -216,6 +216,21 @@ let tests =
                 let e = Expect.throwsC (fun () -> lm.Model.Forward(ids, null, null, noCache) |> ignore) id
                 Expect.stringContains e.Message "max_position_embeddings" "names the limit"
             finally tmp.Delete true)
+        scopedShared "qwen2-tiny: its generation_config.json (two EOS ids, top-k, top-p, temperature, repetition penalty) drives seeded sampling" (fun shared ->
+            let dir = modelDir shared "qwen2-tiny"
+            use model = qwen2FromFolder dir
+            let ids, _ = inputs dir
+            let cfg = { GenerationConfig.load dir with MaxNewTokens = Some 8; Seed = 7L }
+            Expect.equal cfg.EosTokenId [ 50258; 50256 ] "both EOS ids"
+            Expect.isTrue cfg.DoSample "the checkpoint samples"
+            let first = (runCausal cfg model ids null).[0].Sequences[0]
+            let again = (runCausal cfg model ids null).[0].Sequences[0]
+            Expect.equal again first "the same seed draws the same tokens"
+            Expect.isTrue (first.Length >= 1 && first.Length <= 8) "at most max_new_tokens"
+            let greedy = (runCausal { GenerationConfig.greedyOf cfg with MaxNewTokens = Some 16 } model ids null).[0].Sequences[0]
+            let _, g = entries dir
+            let expected = [| for x in (g.GetProperty "ids").EnumerateArray() -> x.GetInt32() |][int ids.shape[1] ..]
+            Expect.equal greedy expected "greedy from the loaded config equals transformers'")
         scopedShared "HfCausalLM.load: qwen2-tiny's record gives the loss and its EOS ids" (fun shared ->
             let dir = modelDir shared "qwen2-tiny"
             use lm = HfCausalLM.load dir
