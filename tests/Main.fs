@@ -21,6 +21,8 @@ let all =
         SwitchTests.tests
         SwitchTests.upcycling
         HfSeq2SeqTests.tests
+        LlamaTests.tests
+        MoeLMsTests.tests
         DataTests.tests
         HfTokenizerTests.tests
         TaggingDataTests.tests

@@ -598,7 +598,10 @@ type private Resolved =
       MinLength: int
       Start: int64
       Pad: int64
-      Eos: int64[] }
+      Eos: int64[]
+      /// Tokens before the first generated one in every row: 1 (the decoder start token) for an
+      /// encoder-decoder, the (left-padded) prompt's length for a decoder-only LM.
+      PromptLength: int }
 
 let private resolve (cfg: GenerationConfig) : Resolved =
     let eos = cfg.EosTokenId |> List.map int64 |> Array.ofList
@@ -607,7 +610,8 @@ let private resolve (cfg: GenerationConfig) : Resolved =
       MinLength = GenerationConfig.effectiveMinLength cfg
       Start = int64 (match cfg.DecoderStartTokenId with Some id -> id | None -> cfg.BosTokenId.Value)
       Pad = (match cfg.PadTokenId with Some p -> int64 p | None -> if eos.Length > 0 then eos[0] else 0L)
-      Eos = eos }
+      Eos = eos
+      PromptLength = 1 }
 
 /// Tokens that would repeat an n-gram of `row` (transformers' `_get_ngrams` / `_get_generated_ngrams`):
 /// those that followed an earlier occurrence of the row's last n - 1 tokens.
@@ -658,7 +662,7 @@ let private processScores (r: Resolved) (ids: int64[][]) (scores: Tensor) : Tens
         if pairs.Length > 0 then
             scores <- scores.clone()
             maskPairs scores pairs
-    let eosMasked = (r.MinLength > 0 && len < r.MinLength) || (match cfg.MinNewTokens with Some m -> m > 0 && len - 1 < m | None -> false)
+    let eosMasked = (r.MinLength > 0 && len < r.MinLength) || (match cfg.MinNewTokens with Some m -> m > 0 && len - r.PromptLength < m | None -> false)
     if eosMasked && r.Eos.Length > 0 then
         scores <- scores.clone()
         maskPairs scores [| for row in 0 .. n - 1 do for e in r.Eos -> int64 row, e |]
@@ -709,14 +713,16 @@ let private endsWith (eos: int64[]) (row: int64[]) = Array.contains (Array.last 
 
 /// Greedy search (argmax) or multinomial sampling, as transformers' `_sample`: finished rows are filled
 /// with the pad id; stops when every row has produced EOS or the sequences reach max_length.
-let private greedyOrSample (r: Resolved) (decoding: Decoding) (rows: int) (device: torch.Device) : int64[][] =
+/// `next ids` gives the next-token logits [N; V] of the rows `ids`; `initial` holds every row's prompt.
+let private greedyOrSample (r: Resolved) (next: int64[][] -> Tensor) (initial: int64[][]) (device: torch.Device) : int64[][] =
     let generator = if r.Cfg.DoSample then new torch.Generator(uint64 r.Cfg.Seed, device) else null
     try
-        let mutable ids = Array.init rows (fun _ -> [| r.Start |])
+        let rows = initial.Length
+        let mutable ids = initial
         let unfinished = Array.create rows true
         while Array.exists id unfinished && ids[0].Length < r.MaxLength do
             use _ = torch.NewDisposeScope()
-            let logits = decoding.Next ids                                                    // [N; V]
+            let logits = next ids                                                             // [N; V]
             let scores = processScores r ids logits                                           // [N; V]
             let picked =
                 if r.Cfg.DoSample then
@@ -735,7 +741,7 @@ let private greedyOrSample (r: Resolved) (decoding: Decoding) (rows: int) (devic
 
 /// One input's n-best list, as transformers' `BeamHypotheses`: at most `beams` entries (score, ids,
 /// finished), in the order added, the worst replaced as better ones arrive.
-type private Hypotheses(beams: int, lengthPenalty: float, earlyStopping: EarlyStopping, maxLength: int) =
+type private Hypotheses(beams: int, lengthPenalty: float, earlyStopping: EarlyStopping, maxLength: int, promptLength: int) =
     let entries = List<float * int64[] * bool>()
     let mutable worst = 1e9
     member _.Count = entries.Count
@@ -752,15 +758,15 @@ type private Hypotheses(beams: int, lengthPenalty: float, earlyStopping: EarlySt
                 worst <- fst ranked[1]
             else
                 worst <- min score worst
-    /// `BeamHypotheses.is_done` (decoder prompt length 1: the start token).
+    /// `BeamHypotheses.is_done` (the decoder prompt: the start token, or a decoder-only LM's prompt).
     member _.IsDone(bestSumLogprobs: float, curLen: int) =
         if entries.Count < beams then false
         else
             match earlyStopping with
             | EarlyStopping.Eager -> true
-            | EarlyStopping.Heuristic -> worst >= bestSumLogprobs / Math.Pow(float (curLen - 1), lengthPenalty)
+            | EarlyStopping.Heuristic -> worst >= bestSumLogprobs / Math.Pow(float (curLen - promptLength), lengthPenalty)
             | EarlyStopping.Never ->
-                let length = if lengthPenalty > 0.0 then maxLength - 1 else curLen - 1
+                let length = if lengthPenalty > 0.0 then maxLength - promptLength else curLen - promptLength
                 worst >= bestSumLogprobs / Math.Pow(float length, lengthPenalty)
 
 /// transformers' initial score of beams 1 .. K-1 (`beam_scores[:, 1:] = -1e9`): only beam 0 is live at
@@ -770,18 +776,21 @@ let private inactiveBeamScore = -1e9f
 /// Beam search as transformers' `_beam_search` with `BeamSearchScorer`: per input, the 2K (K per EOS id
 /// more when several) best continuations of all beams by summed processed log-probs; an EOS among the top K
 /// closes a hypothesis, the first K others continue. Returns each input's best `NumReturnSequences`.
-let private beamSearchHf (r: Resolved) (decoding: Decoding) (inputs: int) : GenerationResult[] =
+/// `next` and `reorder` as `Decoding.Next` and `Decoding.Reorder`; `initial` holds each row's prompt (K rows
+/// per input).
+let private beamSearchHf (r: Resolved) (next: int64[][] -> Tensor) (reorder: int64[] -> unit) (initial: int64[][]) : GenerationResult[] =
     let k = r.Cfg.NumBeams
-    let n = inputs * k
+    let n = initial.Length
+    let inputs = n / k
     let keep = max 2 (1 + r.Eos.Length) * k
-    let hyps = Array.init inputs (fun _ -> Hypotheses(k, r.Cfg.LengthPenalty, r.Cfg.EarlyStopping, r.MaxLength))
+    let hyps = Array.init inputs (fun _ -> Hypotheses(k, r.Cfg.LengthPenalty, r.Cfg.EarlyStopping, r.MaxLength, r.PromptLength))
     let isDone = Array.create inputs false
-    let mutable ids = Array.init n (fun _ -> [| r.Start |])
+    let mutable ids = initial
     let mutable beamScores = Array.init n (fun row -> if row % k = 0 then 0.0f else inactiveBeamScore)
     let mutable running = true
     while running do
         use _ = torch.NewDisposeScope()
-        let logits = decoding.Next ids                                                         // [N; V]
+        let logits = next ids                                                                  // [N; V]
         let v = logits.shape[1]
         let logProbs = logits.log_softmax(-1L)                                                 // [N; V]
         let processed = processScores r ids logProbs                                           // [N; V]
@@ -810,7 +819,7 @@ let private beamSearchHf (r: Resolved) (decoding: Decoding) (inputs: int) : Gene
                     let row = b * k + int (index / v)
                     let token = index % v
                     if Array.contains token r.Eos then
-                        if rank < k then hyps[b].Add(ids[row], float score, curLen - 1, true)
+                        if rank < k then hyps[b].Add(ids[row], float score, curLen - r.PromptLength, true)
                     else
                         nextRows[b * k + slot] <- int64 row
                         nextTokens[b * k + slot] <- token
@@ -822,24 +831,39 @@ let private beamSearchHf (r: Resolved) (decoding: Decoding) (inputs: int) : Gene
                 isDone[b] <- hyps[b].IsDone(float topScores[b * keep], curLen)
         ids <- Array.init n (fun row -> Array.append ids[int nextRows[row]] [| nextTokens[row] |])
         beamScores <- nextScores
-        decoding.Reorder nextRows
+        reorder nextRows
         running <- not (Array.forall id isDone) && ids[0].Length < r.MaxLength
     // finalize: inputs still running add their beams as unfinished hypotheses
     for b in 0 .. inputs - 1 do
         if not isDone[b] then
             for slot in 0 .. k - 1 do
                 let row = b * k + slot
-                hyps[b].Add(ids[row], float beamScores[row], ids[row].Length - 1, false)
+                hyps[b].Add(ids[row], float beamScores[row], ids[row].Length - r.PromptLength, false)
     [| for b in 0 .. inputs - 1 ->
            // Python's stable sort by score, best popped from the end: among equal scores the later-added wins
            let ranked = hyps[b].Entries |> Seq.sortBy (fun (s, _, _) -> s) |> Array.ofSeq |> Array.rev
            let best = ranked |> Array.truncate r.Cfg.NumReturnSequences
            { Sequences =
                best |> Array.map (fun (_, row, finished) ->
-                   let generated = row[1..] |> Array.map int
+                   let generated = row[r.PromptLength..] |> Array.map int
                    if finished then Array.append generated [| int r.Eos[0] |] else generated)
              Scores = Some (best |> Array.map (fun (s, _, _) -> s))
              Finished = best |> Array.map (fun (_, _, f) -> f) } |]
+
+/// Greedy or sampled rows (`expand` consecutive rows per input) as results: the tokens after the prompt, cut
+/// after the first EOS.
+let private sampledResults (r: Resolved) (expand: int) (ids: int64[][]) : GenerationResult[] =
+    [| for i in 0 .. ids.Length / expand - 1 ->
+           let rows = ids[i * expand .. (i + 1) * expand - 1]
+           let trimmed =
+               rows |> Array.map (fun row ->
+                   let generated = row[r.PromptLength ..]
+                   match generated |> Array.tryFindIndex (fun t -> Array.contains t r.Eos) with
+                   | Some at -> generated[.. at], true
+                   | None -> generated, false)
+           { Sequences = trimmed |> Array.map (fst >> Array.map int)
+             Scores = None
+             Finished = trimmed |> Array.map snd } |]
 
 /// transformers' `generate` for an encoder-decoder: greedy search (NumBeams 1), sampling (DoSample), or beam
 /// search, with the logits processors its config selects. inputIds [B; S] int64; attentionMask [B; S] bool or
@@ -867,17 +891,79 @@ let run (cfg: GenerationConfig) (model: ISeq2SeqModel) (inputIds: Tensor) (atten
     let states = if expand = 1 then encoded.Memory else encoded.Memory.index_select(0L, sourceOfRow)             // [N; S; D]
     let rowMask = if expand = 1 then mask else mask.index_select(0L, sourceOfRow)                                // [N; S]
     use decoding = new Decoding(model, states, rowMask, cfg.UseCache)
-    if cfg.NumBeams > 1 then beamSearchHf r decoding b
+    let starts = Array.init (b * expand) (fun _ -> [| r.Start |])
+    if cfg.NumBeams > 1 then beamSearchHf r decoding.Next decoding.Reorder starts
     else
-        let ids = greedyOrSample r decoding (b * expand) inputIds.device
-        [| for i in 0 .. b - 1 ->
-               let rows = ids[i * expand .. (i + 1) * expand - 1]
-               let trimmed =
-                   rows |> Array.map (fun row ->
-                       let generated = row[1..]
-                       match generated |> Array.tryFindIndex (fun t -> Array.contains t r.Eos) with
-                       | Some at -> generated[.. at], true
-                       | None -> generated, false)
-               { Sequences = trimmed |> Array.map (fst >> Array.map int)
-                 Scores = None
-                 Finished = trimmed |> Array.map snd } |]
+        greedyOrSample r decoding.Next starts inputIds.device |> sampledResults r expand
+
+// ---------------------------------------------------------------- decoder-only LMs
+
+/// A decoder-only LM's key/value cache and attention mask for one `runCausal`: the prompt's mask [N; S] bool,
+/// extended by one real position per generated token (transformers appends ones, also after EOS).
+type private CausalDecoding(model: CausalLM.ICausalLM, promptMask: Tensor, useCache: bool) =
+    let cache = if useCache then model.NewCache() else Unchecked.defaultof<DecoderCache>
+    let mutable cached = 0
+    /// Next-token logits [N; V] float32 for the N rows `ids` (prompt included, all of one length L).
+    member _.Next(ids: int64[][]) : Tensor =
+        let n, len = int64 ids.Length, ids[0].Length
+        let s = int promptMask.shape[1]
+        use mask =
+            if len = s then promptMask.alias ()
+            else
+                use extra = torch.ones([| n; int64 (len - s) |], dtype = torch.ScalarType.Bool, device = promptMask.device)
+                torch.cat([| promptMask; extra |], 1L)                                              // [N; L]
+        use positions = CausalLM.positionIds mask                                                   // [N; L]
+        let first = if useCache then cached else 0
+        use input = torch.tensor(ids |> Array.collect (fun row -> row[first ..]), device = promptMask.device).view(n, int64 (len - first))
+        use newPositions = positions.narrow(1L, int64 first, int64 (len - first))                   // [N; L - first]
+        let out = model.Forward(input, mask, newPositions, cache)
+        if useCache then cached <- len
+        out.Logits.select(1L, -1L).to_type(torch.ScalarType.Float32)                               // [N; V]
+    /// Keeps rows `rows` (beam search's reordering) of the cache.
+    member _.Reorder(rows: int64[]) =
+        if useCache then
+            use r = torch.tensor(rows, device = promptMask.device)
+            cache.Reorder(r, false)
+    interface IDisposable with
+        member _.Dispose() = if useCache then (cache :> IDisposable).Dispose()
+
+/// transformers' `generate` for a decoder-only LM: greedy search, sampling or beam search with the same logits
+/// processors as `run`, on left-padded prompts. inputIds [B; S] int64 (padding on the left); attentionMask
+/// [B; S] bool or integer (1 = real token; null = all real). Position ids come from the attention mask
+/// (`CausalLM.positionIds`), the prompt runs once and each step feeds the newest token through the
+/// key/value cache (or, with UseCache false, the whole sequence). max_length counts the prompt; max_new_tokens
+/// the generated tokens only. Every EOS id stops a row. Returns, per input, the generated tokens only.
+/// Run the model in evaluation mode.
+let runCausal (cfg: GenerationConfig) (model: CausalLM.ICausalLM) (inputIds: Tensor) (attentionMask: Tensor) : GenerationResult[] =
+    // a decoder-only LM has no decoder start token: the check that one is set does not apply
+    let cfg = orFail "generation config" (GenerationConfig.validate model.VocabSize { cfg with DecoderStartTokenId = Some 0 }) cfg
+    expectIndex "inputIds" "[B; S]" 2 inputIds
+    if inputIds.shape[0] < 1L || inputIds.shape[1] < 1L then
+        invalidArg "inputIds" (sprintf "expected at least one prompt of at least one token, got %s" (describe inputIds))
+    if not (isNull attentionMask) && attentionMask.shape <> inputIds.shape then
+        invalidArg "attentionMask" (sprintf "expected [B; S] like inputIds %s, got %s" (describe inputIds) (describe attentionMask))
+    let s = int inputIds.shape[1]
+    let resolved = resolve { cfg with DecoderStartTokenId = Some 0 }
+    let r =
+        { resolved with
+            Start = -1L
+            PromptLength = s
+            MaxLength = (match cfg.MaxNewTokens with Some m -> s + m | None -> cfg.MaxLength)
+            MinLength = cfg.MinLength }
+    if r.MaxLength <= s then
+        invalidArg "cfg" (sprintf "max_length %d leaves no room after the prompt of %d tokens (set MaxNewTokens)" r.MaxLength s)
+    use _ = torch.no_grad ()
+    use _ = torch.NewDisposeScope()
+    let b = int inputIds.shape[0]
+    let mask =
+        if isNull attentionMask then torch.ones(inputIds.shape, torch.ScalarType.Bool, device = inputIds.device)
+        elif attentionMask.dtype = torch.ScalarType.Bool then attentionMask
+        else withScalar 0.0 (fun zero -> attentionMask.ne zero)
+    let expand = if cfg.NumBeams > 1 then cfg.NumBeams else cfg.NumReturnSequences
+    let prompts = toInt64s (inputIds.cpu ()) |> Array.chunkBySize s                              // B x [S]
+    let rows = Array.init (b * expand) (fun row -> prompts[row / expand])
+    use sourceOfRow = (arange 0L (int64 b) torch.ScalarType.Int64 inputIds.device).repeat_interleave(int64 expand)  // [N]
+    let rowMask = if expand = 1 then mask else mask.index_select(0L, sourceOfRow)                // [N; S]
+    use decoding = new CausalDecoding(model, rowMask, cfg.UseCache)
+    if cfg.NumBeams > 1 then beamSearchHf r decoding.Next decoding.Reorder rows
+    else greedyOrSample r decoding.Next rows inputIds.device |> sampledResults r expand
