@@ -41,6 +41,7 @@ Moe.Startup.initialise ()
 #load "../src/Pretrained/HfSeq2Seq.fs"
 #load "../src/Text/Tokenizers.fs"
 #load "../src/Text/HfTokenizer.fs"
+#load "../src/Text/ChatTemplate.fs"
 #load "../src/Text/TextTools.fs"
 #load "../src/Text/Data.fs"
 #load "../src/Text/DataInspection.fs"

@@ -23,6 +23,7 @@ let all =
         HfSeq2SeqTests.tests
         DataTests.tests
         HfTokenizerTests.tests
+        ChatTemplateTests.tests
         TaggingDataTests.tests
         MetricsTests.tests
         TaggingTests.tests
