@@ -106,14 +106,18 @@ let private sharedSamples =
               [ "This model only supports single tool-calls at once!"; "tokenizer_config.json"; "line 72" ] "raise_exception") ]
 
 let private interpreterTests =
-    [ testCase "every construct renders as Jinja2 renders it with transformers' settings" (fun () ->
+    [ testCase "every construct, and templates in the style of other families, render as Jinja2 renders them with transformers' settings" (fun () ->
           let inline' = cases false
           Expect.isGreaterThanOrEqual inline'.Length 20 "the reference has the interpreter's cases"
           for case in inline' do
               let template = ChatTemplate.parse "test" [] ((case.GetProperty "template").GetString())
               let messages, options = optionsOf case
               let name = (case.GetProperty "name").GetString()
-              Expect.equal (ChatTemplate.renderMessages template messages options) ((case.GetProperty "expected").GetString()) name)
+              match prop "error" case with
+              | Some error ->
+                  // The template's raise_exception: the same message, with where it came from.
+                  throwsWith (fun () -> ChatTemplate.renderMessages template messages options |> ignore) [ error.GetString(); "chat template test, line 1" ] name
+              | None -> Expect.equal (ChatTemplate.renderMessages template messages options) ((case.GetProperty "expected").GetString()) name)
 
       testCase "whitespace control: '-' strips all whitespace, statements trim their newline and indentation" (fun () ->
           Expect.equal (renderText "a \n {%- if true %}\n    b\n    {% endif %}\n  {{- 'c' }} \n" []) "a    b\nc " "trim_blocks, lstrip_blocks, '-' and the final newline dropped"

@@ -107,9 +107,32 @@ inline = [
     ("elif chains and conditional expressions", "{% for m in messages %}{% if m.role == 'system' %}S{% elif m.role == 'user' and not loop.last %}U{% elif m.role == 'user' %}u{% else %}A{% endif %}{% endfor %} {{ (messages | length) if messages else 0 }}"),
     ("special tokens and date_string", "{{ bos_token }}{{ date_string }}{{ eos_token }}"),
 ]
-for name, template in inline:
-    case = {"messages": MESSAGES, "variables": dict(VARS, bos_token="<s>", eos_token="</s>", date_string="26 Jul 2024")}
-    cases.append({"name": name, "template": template, **case, "expected": render(template, {}, case)})
+# Templates in the style of other families' (Mistral, Gemma, Zephyr, Phi-3, Llama-2, DeepSeek-R1), with the
+# conversations they accept; a template that raises records the error instead of a text.
+ALTERNATING = [{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Hello <think>x</think> there"},
+               {"role": "user", "content": "Bye"}]
+families = [
+    ("Mistral style", "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"),
+    ("Gemma style", "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"),
+    ("Zephyr style", "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"),
+    ("Phi-3 style", "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"),
+    ("Llama-2 style", "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"),
+    ("DeepSeek-R1 style", "{% set ns = namespace(system_prompt='') %}{%- for message in messages %}{%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}{%- for message in messages %}{%- if message['role'] == 'user' %}{{ '<|User|>' + message['content'] }}{%- endif %}{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}{{ '<|Assistant|>' + content + '<|end|>' }}{%- endif %}{%- endfor %}{% if add_generation_prompt %}{{ '<|Assistant|><think>\\n' }}{% endif %}"),
+]
+for name, template in families:
+    for label, messages in [("alternating", ALTERNATING), ("with a system message", MESSAGES)]:
+        inline.append((name + ", " + label, template, messages))
+
+for entry in inline:
+    name, template = entry[0], entry[1]
+    messages = entry[2] if len(entry) > 2 else MESSAGES
+    case = {"messages": messages, "add_generation_prompt": True,
+            "variables": dict(VARS, bos_token="<s>", eos_token="</s>", date_string="26 Jul 2024")}
+    try:
+        outcome = {"expected": render(template, {}, case)}
+    except jinja2.exceptions.TemplateError as e:
+        outcome = {"error": str(e)}
+    cases.append({"name": name, "template": template, **case, **outcome})
 
 json.dump({"now": NOW.isoformat(), "jinja2": jinja2.__version__, "cases": cases}, sys.stdout, ensure_ascii=False, indent=1)
 print()
