@@ -1291,7 +1291,10 @@ type private Renderer(now: unit -> DateTime) =
                                "revindex0", Int(int64 (n - k - 1)); "first", Bool(k = 0); "last", Bool(k = n - 1)
                                "length", Int(int64 n)
                                "previtem", (if k > 0 then arr.[k - 1] else Undefined "loop.previtem")
-                               "nextitem", (if k < n - 1 then arr.[k + 1] else Undefined "loop.nextitem") ]
+                               "nextitem", (if k < n - 1 then arr.[k + 1] else Undefined "loop.nextitem")
+                               "cycle", Func("loop.cycle", fun args _ ->
+                                   if args.IsEmpty then fail "loop.cycle: expected at least one value"
+                                   args.[k % args.Length]) ]
                     r.Push(("loop", loop) :: bind arr.[k])
                     let control = try r.Run body finally r.Pop()
                     if control = Some "break" then stop <- true

@@ -105,6 +105,9 @@ inline = [
     ("selectattr and map", "{{ messages | selectattr('role', 'equalto', 'user') | map(attribute='content') | join('|') }} {{ messages | rejectattr('role', 'equalto', 'system') | list | length }} {{ messages | map(attribute='role') | first }}"),
     ("nested loops", "{% for a in [1, 2] %}{% set outer = loop %}{% for b in 'xy' %}{{ outer.index }}{{ b }}{{ loop.index }} {% endfor %}{% endfor %}"),
     ("elif chains and conditional expressions", "{% for m in messages %}{% if m.role == 'system' %}S{% elif m.role == 'user' and not loop.last %}U{% elif m.role == 'user' %}u{% else %}A{% endif %}{% endfor %} {{ (messages | length) if messages else 0 }}"),
+    ("a set in a loop body lasts for that iteration", "{% set x = 0 %}{% for i in [1, 2] %}{{ x }}{% set x = i %}{{ x }}{% endfor %}{{ x }}"),
+    ("loop.cycle, previtem and nextitem", "{% for m in messages %}{{ loop.cycle('a', 'b', 'c') }}{{ loop.previtem.role if not loop.first else '-' }}{{ loop.nextitem.role if not loop.last else '-' }} {% endfor %}"),
+    ("numbers", "{{ -2 | abs }} {{ 1 == 1.0 }} {{ true == 1 }} {{ 10 / 4 }} {{ 10 // 4 }} {{ 2.5 * 2 }} {{ 1e3 }} {{ 0.1 + 0.2 }} {{ 3 * 1.0 }} {{ 2 ** -1 }} {{ 7.5 // 2 }} {{ range(3) | list }} {{ range(1, 7, 2) | join }}"),
     ("special tokens and date_string", "{{ bos_token }}{{ date_string }}{{ eos_token }}"),
 ]
 # Templates in the style of other families' (Mistral, Gemma, Zephyr, Phi-3, Llama-2, DeepSeek-R1), with the
