@@ -210,6 +210,7 @@ let private describe (t: Tok) =
     | TOp o -> o
     | TEnd -> "the end of the tag"
 
+/// Operator tokens, longest first so `//` is not read as two `/`.
 let private operators = [ "//"; "**"; "=="; "!="; "<="; ">="; "+"; "-"; "*"; "/"; "%"; "~"; "("; ")"; "["; "]"; "{"; "}"; "."; ","; ":"; "|"; "<"; ">"; "=" ]
 
 /// A string literal's escapes, as Python's unicode-escape reads them (unknown escapes keep their backslash).
@@ -759,6 +760,7 @@ let strftime (format: string) (t: DateTime) : string =
             i <- i + 1
     sb.ToString()
 
+/// Python's truth value (an undefined value is false, as in Jinja).
 let rec private truthy (v: Value) =
     match v with
     | Undefined _ | Null -> false
@@ -791,6 +793,8 @@ let rec private equal (a: Value) (b: Value) : bool =
         | Some x, Some y -> x = y
         | _ -> false
 
+/// What a `for` loop runs over: a list's items, a dict's keys, a string's characters; nothing for an
+/// undefined value (as Jinja's Undefined iterates).
 let private items (what: string) (v: Value) : Value list =
     match v with
     | List xs -> xs
@@ -897,7 +901,12 @@ let private method (receiver: Value) (name: string) : Value option =
                 | [ Str a; Str b ] -> Str(s.Replace(a, b))
                 | _ -> fail "replace: expected two strings")
         | "find" -> fn (fun args _ -> Int(int64 (s.IndexOf(asString name (List.head args), StringComparison.Ordinal))))
-        | "count" -> fn (fun args _ -> let p = asString name (List.head args) in Int(int64 ((s.Length - s.Replace(p, "").Length) / max 1 p.Length)))
+        | "count" ->
+            fn (fun args _ ->
+                match args with
+                | [ Str "" ] -> Int(int64 (s.Length + 1))
+                | [ Str p ] -> Int(int64 ((s.Length - s.Replace(p, "").Length) / p.Length))
+                | _ -> fail "count: expected one string")
         | _ -> None
     | Dict kvs ->
         match name with
@@ -924,6 +933,7 @@ let private attribute (what: string) (v: Value) (name: string) : Value =
     | Namespace d -> match d.TryGetValue name with | true, x -> x | _ -> Undefined what
     | _ -> method v name |> Option.defaultValue (Undefined what)
 
+/// `x[key]`: a list or string position (negative from the end), a dict key; undefined when absent.
 let private index (what: string) (v: Value) (key: Value) : Value =
     match v, key with
     | Undefined u, _ -> fail "%s is undefined (reading an item of it)" u
@@ -939,6 +949,7 @@ let private index (what: string) (v: Value) (key: Value) : Value =
     | (Dict _ | Str _ | Namespace _), _ -> Undefined what
     | _ -> fail "%s: a %s cannot be indexed" what (typeName v)
 
+/// Python's `+`: strings and lists concatenate, numbers add; an undefined operand fails, as in Jinja.
 let private concat (what: string) (a: Value) (b: Value) : Value =
     match a, b with
     | Str x, Str y -> Str(x + y)
@@ -950,6 +961,7 @@ let private concat (what: string) (a: Value) (b: Value) : Value =
         | Some x, Some y -> Float(x + y)
         | _ -> fail "%s: cannot add a %s and a %s" what (typeName a) (typeName b)
 
+/// Python's `- * / // % **` (floor division and modulo round toward minus infinity), and string repetition.
 let private arithmetic (op: string) (a: Value) (b: Value) : Value =
     match a, b with
     | Str s, Int n | Int n, Str s when op = "*" -> Str(String.replicate (int (max 0L n)) s)
@@ -976,6 +988,7 @@ let private arithmetic (op: string) (a: Value) (b: Value) : Value =
         | Str _ when op = "%" -> fail "unsupported construct: Python %%-formatting of strings"
         | _ -> fail "cannot apply %s to a %s and a %s" op (typeName a) (typeName b)
 
+/// Python's comparisons and membership (`in` a string is a substring test, `in` a dict a key test).
 let private compare (op: string) (a: Value) (b: Value) : bool =
     match op with
     | "==" -> equal a b
@@ -1327,6 +1340,8 @@ type Options =
       /// The clock `strftime_now` reads; None: the local time now, as `transformers` does.
       Now: DateTime option }
 
+/// `apply_chat_template(..., add_generation_prompt=True)` with no tools, documents or extra variables, and the
+/// local clock.
 let defaults : Options =
     { AddGenerationPrompt = true; Tools = None; Documents = None; Variables = []; Now = None }
 
