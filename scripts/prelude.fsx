@@ -45,6 +45,7 @@ Moe.Startup.initialise ()
 #load "../src/Pretrained/HfCausalLM.fs"
 #load "../src/Text/Tokenizers.fs"
 #load "../src/Text/HfTokenizer.fs"
+#load "../src/Text/ChatTemplate.fs"
 #load "../src/Text/TextTools.fs"
 #load "../src/Text/Data.fs"
 #load "../src/Text/DataInspection.fs"

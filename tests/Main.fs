@@ -25,6 +25,7 @@ let all =
         MoeLMsTests.tests
         DataTests.tests
         HfTokenizerTests.tests
+        ChatTemplateTests.tests
         TaggingDataTests.tests
         MetricsTests.tests
         TaggingTests.tests

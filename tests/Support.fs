@@ -54,6 +54,17 @@ let bash (cwd: string) (env: (string * string) list) (args: string list) : int *
     p.WaitForExit()
     p.ExitCode, out.Result + err
 
+/// Fails unless `f` throws an error whose message contains every one of `parts`; `what` names the case.
+let throwsWith (f: unit -> unit) (parts: string list) (what: string) =
+    let message =
+        try
+            f ()
+            None
+        with e -> Some e.Message
+    match message with
+    | None -> failtestf "%s: expected an error" what
+    | Some m -> for p in parts do Expect.stringContains m p (sprintf "%s: the error names %s" what p)
+
 /// A test that needs ../shared/data: skipped, with the reason, where it is absent.
 let testWithShared (name: string) (body: string -> unit) : Test =
     testCase name (fun () ->

@@ -164,16 +164,6 @@ let private withTemp (body: string -> 'a) : 'a =
     try body dir
     finally Directory.Delete(dir, true)
 
-let private throwsWith (f: unit -> unit) (parts: string list) (what: string) =
-    let message =
-        try
-            f ()
-            None
-        with e -> Some e.Message
-    match message with
-    | None -> failtestf "%s: expected an error" what
-    | Some m -> for p in parts do Expect.stringContains m p (sprintf "%s: the error names %s" what p)
-
 let private behaviourTests =
     [ testWithShared "settings: special ids, add_prefix_space, model_max_length, clean-up, and null roles" (fun data ->
           let m = modelsDir data
