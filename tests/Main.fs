@@ -45,6 +45,58 @@ let all =
         ReliabilityTests.tests
     ]
 
+/// Every test case's full name while it runs, with its start time: the watchdog's view of the run.
+let private running = Collections.Concurrent.ConcurrentDictionary<string, DateTime>()
+
+/// Wraps every test case so that `running` holds it from start to end.
+let rec private tracked (path: string) (test: Test) : Test =
+    let around (name: string) (body: unit -> 'a) : 'a =
+        running[name] <- DateTime.UtcNow
+        try body () finally running.TryRemove name |> ignore
+    let aroundAsync (name: string) (body: Async<unit>) : Async<unit> =
+        async {
+            running[name] <- DateTime.UtcNow
+            try do! body finally running.TryRemove name |> ignore }
+    match test with
+    | TestCase (Sync f, state) -> TestCase(Sync(fun () -> around path f), state)
+    | TestCase (SyncWithCancel f, state) -> TestCase(SyncWithCancel(fun ct -> around path (fun () -> f ct)), state)
+    | TestCase (Async a, state) -> TestCase(Async(aroundAsync path a), state)
+    | TestCase (AsyncFsCheck (c1, c2, f), state) -> TestCase(AsyncFsCheck(c1, c2, fun c -> aroundAsync path (f c)), state)
+    | TestList (tests, state) -> TestList(tests |> List.map (tracked path), state)
+    | TestLabel (label, inner, state) -> TestLabel(label, tracked (if path = "" then label else path + "/" + label) inner, state)
+    | Test.Sequenced (how, inner) -> Test.Sequenced(how, tracked path inner)
+
+/// A test that runs longer than `limit` hangs the run: the watchdog names every test still running, with how
+/// long each has run, then ends the process with exit code 3, so a hang is a failure that names its test
+/// instead of a run that never ends. The limit is far above the slowest test (about 1 min on 2 loaded cores).
+let private startWatchdog (limit: TimeSpan) =
+    let watch () =
+        while true do
+            Threading.Thread.Sleep(TimeSpan.FromSeconds 10.0)
+            let now = DateTime.UtcNow
+            let snapshot = running.ToArray()
+            if snapshot |> Array.exists (fun kv -> now - kv.Value > limit) then
+                eprintfn "watchdog: a test has run for more than %g min; the tests running now:" limit.TotalMinutes
+                for kv in snapshot |> Array.sortBy (fun kv -> kv.Value) do
+                    eprintfn "  %s (%.1f min)" kv.Key (now - kv.Value).TotalMinutes
+                Console.Out.Flush()
+                use stdout = Console.OpenStandardOutput()
+                let bytes = Text.Encoding.UTF8.GetBytes(sprintf "\n0 passed, %d failed, 0 skipped (hung)\n" snapshot.Length)
+                stdout.Write(bytes, 0, bytes.Length)
+                exit 3
+    Threading.Thread(watch, IsBackground = true, Name = "test-watchdog").Start()
+
+/// `--hang-limit MINUTES` (default 15): see `startWatchdog`.
+let private hangLimit (argv: string[]) : TimeSpan * string[] =
+    match argv |> Array.tryFindIndex ((=) "--hang-limit") with
+    | None -> TimeSpan.FromMinutes 15.0, argv
+    | Some i ->
+        let minutes =
+            match Array.tryItem (i + 1) argv |> Option.bind (fun v -> match Double.TryParse(v, Globalization.CultureInfo.InvariantCulture) with | true, m when m > 0.0 -> Some m | _ -> None) with
+            | Some m -> m
+            | None -> failwithf "--hang-limit expects a positive number of minutes, got %A" (Array.tryItem (i + 1) argv)
+        TimeSpan.FromMinutes minutes, Array.append argv[.. i - 1] argv[i + 2 ..]
+
 [<EntryPoint>]
 let main argv =
     Moe.Native.startup ()
@@ -73,7 +125,9 @@ let main argv =
                 Threading.Thread.Sleep 1
         Threading.Thread(collect, IsBackground = true, Name = "gc-stress").Start()
     let argv = argv |> Array.filter (fun a -> a <> "--parallel" && a <> "--gc-stress")
-    let code = runTestsWithCLIArgs (Append_Summary_Handler capture :: quiet @ sequenced) argv all
+    let limit, argv = hangLimit argv
+    startWatchdog limit
+    let code = runTestsWithCLIArgs (Append_Summary_Handler capture :: quiet @ sequenced) argv (tracked "" all)
     stopCollecting.Cancel()
     if stress then eprintfn "gc-stress: %d full collections during the run" (GC.CollectionCount 2)
     Console.Out.Flush()
