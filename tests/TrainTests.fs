@@ -696,7 +696,7 @@ let tests =
                 let opts = { quiet with OnStep = fun _ -> counts.Add(Tensors.liveTensors ()) }
                 runWith opts { cfg with Steps = 10; EvalEvery = 0; CheckpointEvery = 0 } t.Task dir |> ignore
                 // Step 1 creates the optimizer's moment buffers; from step 2 on nothing may accumulate.
-                Expect.equal counts[counts.Count - 1] counts[1] (sprintf "live tensors per step: %A" (List.ofSeq counts)))
+                Expect.isLessThanOrEqual counts[counts.Count - 1] counts[1] (sprintf "live tensors per step: %A" (List.ofSeq counts)))
 
         reliability
     ]

@@ -373,7 +373,7 @@ let private memoryTests =
             let before = Tensors.liveTensors ()
             pass ()
             pass ()
-            Expect.equal (Tensors.liveTensors ()) before "live tensors after two more passes")
+            Expect.isLessThanOrEqual (Tensors.liveTensors ()) before "live tensors after two more passes (fewer: garbage of earlier tests finalized meanwhile)")
     ]
 
 let private upcycleTests =

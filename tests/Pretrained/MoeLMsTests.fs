@@ -119,7 +119,7 @@ let tests =
             let before = Tensors.liveTensors ()
             decode ()
             decode ()
-            Expect.equal (Tensors.liveTensors ()) before "no tensor outlives its decoding"))
+            Expect.isLessThanOrEqual (Tensors.liveTensors ()) before "no tensor outlives its decoding (fewer: garbage of earlier tests finalized meanwhile)"))
         scopedShared "mixtral-tiny: another toolkit router (noisy top-2) replaces the checkpoint's and trains" (fun shared ->
             let dir = modelDir shared "mixtral-tiny"
             use model = mixtralFromFolder dir

@@ -153,7 +153,7 @@ let tests =
             let before = Tensors.liveTensors ()
             decode ()
             decode ()
-            Expect.equal (Tensors.liveTensors ()) before "no tensor outlives its decoding"))
+            Expect.isLessThanOrEqual (Tensors.liveTensors ()) before "no tensor outlives its decoding (fewer: garbage of earlier tests finalized meanwhile)"))
         scopedShared "a few AdamW steps lower the loss with the checkpoint's own router (jitter on)" (fun shared ->
             use model = Switch.fromFolder (modelDir shared "switch-tiny-capacity2")
             let ids, mask, labels, _ = source shared "switch-tiny-capacity2"

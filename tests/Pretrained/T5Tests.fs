@@ -266,7 +266,7 @@ let tests =
             let before = Tensors.liveTensors ()
             decode ()
             decode ()
-            Expect.equal (Tensors.liveTensors ()) before "no tensor outlives its decoding"))
+            Expect.isLessThanOrEqual (Tensors.liveTensors ()) before "no tensor outlives its decoding (fewer: garbage of earlier tests finalized meanwhile)"))
         scopedShared "a few AdamW steps lower the loss (t5-tiny)" (fun shared ->
             let dir = modelDir shared "t5-tiny"
             use model = fromFolder dir
