@@ -129,7 +129,7 @@ type LayerTally =
       /// Active assignments per expert. // [E]
       Load: float[] }
 
-    /// Adds one forward's routing over `tokens` tokens.
+    /// Adds one forward's routing (its T tokens).
     member t.Add(r: Routing) =
         use _ = torch.NewDisposeScope()
         let n = r.Experts.shape[0]
@@ -178,6 +178,7 @@ let measureRouting (model: HfSeq2Seq.HfSeq2Seq) (groupCapacity: int option) (row
               Load = Array.zeroCreate m.Config.Router.Experts } ]
     let wasTraining = model.Module.training
     model.Module.eval ()
+    let device = (Seq.head (sw.parameters ())).device
     try
         for (_, block, layer), tally in List.zip blocks tallies do
             block.ReplaceFeedForward
@@ -187,7 +188,6 @@ let measureRouting (model: HfSeq2Seq.HfSeq2Seq) (groupCapacity: int option) (row
         for row in rows do
             use _ = torch.NewDisposeScope()
             let ids, mask, labels = Finetune.collate model.PadTokenId [| row |]
-            let device = sw.parameters () |> Seq.head |> fun p -> p.device
             model.Loss (ids.``to`` device) (mask.``to`` device) (labels.``to`` device) |> ignore
     finally
         for _, block, layer in blocks do block.ReplaceFeedForward(sparseSublayer layer groupCapacity)
@@ -320,11 +320,12 @@ let private decodeTest (modelDir: string) (model: HfSeq2Seq.HfSeq2Seq) (tokenize
     let gen = Generate.GenerationConfig.load modelDir
     let gen = if (Finetune.checkpointPrefix modelDir).IsSome then fst (Generate.GenerationConfig.withTaskParams (Path.Combine(modelDir, "config.json")) "summarization" gen) else gen
     let gen = Generate.GenerationConfig.setAll [ for n in Option.toList maxNew -> sprintf "max_new_tokens=%d" n ] gen
+    let device = (Seq.head (model.Module.parameters ())).device
     use _ = torch.no_grad ()
     [| for chunk in Array.chunkBySize batch rows do
         use _ = torch.NewDisposeScope()
         let ids, mask, _ = Finetune.collate model.PadTokenId chunk
-        for r in Generate.run gen model.Model ids mask -> tokenizer.Decode(r.Sequences[0], true) |]
+        for r in Generate.run gen model.Model (ids.``to`` device) (mask.``to`` device) -> tokenizer.Decode(r.Sequences[0], true) |]
 
 let private oneLine (s: string) = s.Replace('\r', ' ').Replace('\n', ' ')
 
@@ -378,6 +379,12 @@ type GatingSwitchResult =
       /// The checkpoint folder's name, as the table names the base model.
       BaseModel: string }
 
+/// A path's folder and file name ("xsum-test-docs/test.jsonl"): what the tables show of a data path, with no
+/// machine-specific prefix.
+let private lastTwo (path: string) : string =
+    let full = Path.GetFullPath(path).TrimEnd('/', '\\')
+    Path.Combine(Path.GetFileName(Path.GetDirectoryName full), Path.GetFileName full)
+
 /// The grid on the checkpoint: every cell fine-tuned and measured (`runCell`), one table (ROUGE-1/2/L,
 /// validation loss before and after, load CV, dropped tokens, router entropy, configured and measured active
 /// experts per token, FLOPs per token of one MoE layer at both, training seconds), the figure (ROUGE-1, measured
@@ -392,7 +399,7 @@ let run (o: GatingSwitchOptions) : GatingSwitchResult =
     let sparseLayers (step: int) (layers: int) = List.filter (SwitchConfig.isSparse step) [ 0 .. layers - 1 ] |> List.length
     printfn "%s: %d experts, %d MoE layers; data %s: %d train, %d validation, %d test examples" baseModel sw.NumExperts
         (sparseLayers sw.EncoderSparseStep sw.T5.NumLayers + sparseLayers sw.DecoderSparseStep sw.T5.NumDecoderLayers)
-        o.Data prepared.Train.Length prepared.Valid.Length prepared.Test.Length
+        (lastTwo o.Data) prepared.Train.Length prepared.Valid.Length prepared.Test.Length
     let n = Cell.all.Length
     let cells =
         Cell.all |> List.mapi (fun i c ->
@@ -412,9 +419,9 @@ let run (o: GatingSwitchOptions) : GatingSwitchResult =
                    Table.num 3 r.Routing.Entropy; Table.num 0 r.Configured; Table.num 2 r.Routing.ActivePerToken
                    Table.si r.FlopsAnalytic; Table.si r.FlopsMeasured; Table.num 0 r.TrainSeconds |] |] }
     let notes =
-        [ sprintf "Base model: %s (%s). Every cell starts from it: %s keeps the checkpoint's router; linear routers copy its W_r; attention routers (R = %d) factor W_r by SVD so that they score exactly as it did (GatingSwitch.initAttentionFromLinear)."
-              baseModel (Path.GetFullPath o.Model) (Cell.name o.TopK Cell.all.Head) (attentionDim sw)
-          sprintf "Top-k cells keep Switch's per-sequence expert capacity (%d); 'all' cells mix every expert with the normaliser's weights and drop nothing." sw.ExpertCapacity
+        [ sprintf "Base model: %s. Every cell starts from it: %s keeps the checkpoint's router; linear routers copy its W_r; attention routers (R = %d) factor W_r by SVD so that they score exactly as it did (GatingSwitch.initAttentionFromLinear)."
+              baseModel (Cell.name o.TopK Cell.all.Head) (attentionDim sw)
+          sprintf "Top-k cells keep Switch's per-sequence expert capacity (%d); 'all' cells mix every expert with the normaliser's weights and drop nothing (their load-balancing term is then the constant E: every expert takes every token)." sw.ExpertCapacity
           "Routing columns: measured on the test split after fine-tuning, one example at a time, teacher-forced, mean over MoE layers; active = kept with a nonzero weight (sparsemax's zeros are inactive); dropped = tokens no expert took."
           "MoE FLOPs/token: one MoE layer, forward, multiply-add = 2 (Analysis.moeFlops): router + active experts x 2 D d_ff x 2 matrices; analytic at the configured experts per token, measured at the measured ones."
           "Valid loss: Switch's loss (cross-entropy + weighted router z and aux losses) on the validation split, before fine-tuning and with the best checkpoint; quality: ROUGE F1 x100 on the test split (Porter stemming)." ]
@@ -426,6 +433,6 @@ let run (o: GatingSwitchOptions) : GatingSwitchResult =
               { Title = "MoE FLOPs per token (measured active experts)"; Values = byQuality |> Array.map (fun r -> r.FlopsMeasured); Text = byQuality |> Array.map (fun r -> Table.si r.FlopsMeasured) }
               { Title = "load CV on the test split (0 = balanced)"; Values = byQuality |> Array.map (fun r -> r.Routing.LoadCv); Text = byQuality |> Array.map (fun r -> Table.num 3 r.Routing.LoadCv) } ]
     let opts =
-        { Scale = o.Scale; DataPath = Some o.Data; RunsDir = o.RunsDir; ReportsDir = o.ReportsDir; Verbose = o.Verbose; Screenshot = o.Screenshot }
+        { Scale = o.Scale; DataPath = Some(lastTwo o.Data); RunsDir = o.RunsDir; ReportsDir = o.ReportsDir; Verbose = o.Verbose; Screenshot = o.Screenshot }
     let result = finish opts experiment (sprintf "Gating strategies on a pretrained Switch Transformer (%s)" baseModel) notes [ table ] (cells |> List.map (fun r -> r.RunDir)) figure
     { Experiment = result; Cells = cells; BaseModel = baseModel }
