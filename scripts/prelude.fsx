@@ -90,6 +90,7 @@ Moe.Startup.initialise ()
 #load "../src/Studies/Analysis.fs"
 #load "../src/Studies/Experiments.fs"
 #load "../src/Studies/LstmMoe.fs"
+#load "../src/Studies/GatingSwitch.fs"
 #load "../src/Bench/Measure.fs"
 #load "../src/Bench/Reference.fs"
 #load "../src/Bench/Layer.fs"

@@ -38,6 +38,7 @@ let all =
         LoraTests.tests
         BenchTests.tests
         LstmMoeTests.tests
+        GatingSwitchTests.tests
         ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests
