@@ -68,7 +68,7 @@ module InstructConfig =
 
     /// The encoder-decoder defaults with the decoder-only prompts, a float32 base and no recomputation.
     let defaults : InstructConfig =
-        { Finetune = { FinetuneConfig.defaults with Name = "instruct"; MaxSourceTokens = 768; MaxTargetTokens = 64 }
+        { Finetune = { FinetuneConfig.defaults with Name = "instruct" }
           SystemPrompt = Some Prompt.defaultSystem
           UserPrompt = Prompt.defaultUser
           BaseDtype = "float32"
@@ -370,12 +370,12 @@ let runWith (opts: RunOptions) (resume: bool) (cfg: InstructConfig) : InstructRe
     let f = cfg.Finetune
     let say (text: string) = if opts.Progress <> Silent then (if isNull opts.Output then Console.Out else opts.Output).WriteLine text
     let resume = resume || opts.ResumeFrom.IsSome
+    let tokenizer, template = openChat f.Model
+    use tokenizer = tokenizer
     let runDir = Path.Combine(f.RunsDir, f.Name)
     use _lock = RunFolder.acquire (sprintf "fine-tuning run %s" f.Name) runDir
     if not resume then RunFolder.startFresh opts.Overwrite runDir
     let opts = { opts with Overwrite = false }
-    let tokenizer, template = openChat f.Model
-    use tokenizer = tokenizer
     use lm = HfCausalLM.load f.Model
     HfTokenizer.checkAgainst lm.Model.VocabSize tokenizer
     let dtype = InstructConfig.dtypeOf cfg
