@@ -420,3 +420,133 @@ let runWith (opts: RunOptions) (resume: bool) (cfg: InstructConfig) : InstructRe
     say (sprintf "wrote %s (%s)" hf (if f.AdapterOnly then "PEFT adapter folder" else "Hugging Face checkpoint"))
     { RunDir = runDir; Train = trained; ValidLossBefore = before; ValidLossAfter = after; HfFolder = hf
       Trainable = trainable; Total = total; Notes = prepared.Notes }
+
+// ---------------------------------------------------------------- test-split scores (scripts/instruct_tune_qwen.fsx)
+
+/// Greedy summaries of the test split from the run's `hf/` (merged weights, or the adapter folder over the base
+/// `baseDir`): each prompt is the chat up to the generation prompt, left-padded, decoded with the folder's
+/// generation config and `overrides` (e.g. "max_new_tokens=16").
+let summarizeTest (hfDir: string) (baseDir: string) (cfg: InstructConfig) (examples: Example[]) (batchSize: int) (overrides: string list) : string[] =
+    let tokenizer, template = openChat baseDir
+    use tokenizer = tokenizer
+    let lm =
+        if File.Exists(Path.Combine(hfDir, adapterConfigName)) then fst (loadWithAdapter baseDir hfDir)
+        else HfCausalLM.load hfDir
+    use lm = lm
+    lm.Module.eval ()
+    let gen = Generate.GenerationConfig.load (if File.Exists(Path.Combine(hfDir, "generation_config.json")) then hfDir else baseDir)
+    let gen = Generate.GenerationConfig.setAll overrides { gen with DoSample = false; NumBeams = 1 }
+    let pad = padId lm (Some tokenizer)
+    [| for chunk in Array.chunkBySize batchSize examples do
+        use _ = torch.NewDisposeScope()
+        let prompts = chunk |> Array.map (fun e -> let x = encodeExample tokenizer template cfg e in x.Ids[.. x.PromptLength - 1])
+        let width = prompts |> Array.map Array.length |> Array.max
+        let ids = Array.create (prompts.Length * width) (int64 pad)
+        let mask = Array.create (prompts.Length * width) false
+        prompts |> Array.iteri (fun i p ->
+            let offset = width - p.Length // left padding
+            p |> Array.iteri (fun j id -> ids[i * width + offset + j] <- int64 id; mask[i * width + offset + j] <- true))
+        let shape = [| int64 prompts.Length; int64 width |]
+        use idsT = torch.tensor(ids, ReadOnlySpan<int64> shape)
+        use maskT = torch.tensor(mask, ReadOnlySpan<int64> shape)
+        use _ = torch.no_grad ()
+        for r in Generate.runCausal gen lm.Model idsT maskT do
+            yield tokenizer.Decode(r.Sequences[0], true).Trim() |]
+
+/// The baseline runs (folders with `Baseline.recordName`) under `runsDir`, as table rows of their model scores.
+let baselineRunRows (runsDir: string) : Baseline.ScoreRow list =
+    if not (Directory.Exists runsDir) then []
+    else
+        [ for dir in Directory.GetDirectories runsDir |> Array.sort do
+              let scores = Path.Combine(dir, RunLog.FileNames.testScores)
+              if File.Exists scores && File.Exists(Path.Combine(dir, Baseline.recordName)) then
+                  match RunLog.readTestScores scores |> Array.tryFind (fun s -> s.System = "model") with
+                  | Some s ->
+                      let f1 (name: string) = s.Rouge.TryFind name |> Option.map (fun r -> r.F1) |> Option.defaultValue nan
+                      yield { Baseline.ScoreRow.System = "baseline: " + DirectoryInfo(dir).Name; N = s.N; Rouge1 = f1 "rouge1"
+                              Rouge2 = f1 "rouge2"; RougeL = f1 "rougeL"; Bleu = s.Scalars.TryFind "bleu" }
+                  | None -> () ]
+
+/// What `scripts/instruct_tune_qwen.fsx` runs.
+type ScriptOptions =
+    { Model: string
+      Data: string
+      /// LoRA rank (lora_alpha = 2 r).
+      Lora: int
+      Steps: int
+      RunsDir: string
+      BaseDtype: string
+      Recompute: bool
+      /// The smoke settings: qwen2-tiny, a few shared XSum documents, a few steps, short outputs.
+      Smoke: bool }
+
+module ScriptOptions =
+    /// The tiny checkpoint with a chat template the smoke run tunes (in the shared folder's models/).
+    let smokeModel = "qwen2-tiny"
+
+    /// `--smoke` | `--model DIR --data PATH`, with `--lora R` (default 8), `--steps N`, `--runs-dir D`,
+    /// `--base-dtype float32|bfloat16`, `--gradient-checkpointing`; `shared` holds models/ and data/.
+    let parse (shared: string) (args: string[]) : Result<ScriptOptions, string> =
+        let rec go (o: ScriptOptions) (rest: string list) =
+            match rest with
+            | [] -> Ok o
+            | "--smoke" :: r ->
+                go { o with Smoke = true; Model = Path.Combine(shared, "models", smokeModel)
+                            Data = Path.Combine(shared, "data", Finetune.ScriptOptions.smokeData); Steps = 4; Lora = 4 } r
+            | "--model" :: v :: r -> go { o with Model = v } r
+            | "--data" :: v :: r -> go { o with Data = v } r
+            | "--runs-dir" :: v :: r -> go { o with RunsDir = v } r
+            | "--base-dtype" :: v :: r -> go { o with BaseDtype = v } r
+            | "--gradient-checkpointing" :: r -> go { o with Recompute = true } r
+            | ("--lora" | "--steps" as flag) :: v :: r ->
+                match Int32.TryParse v with
+                | true, n when n >= 1 -> go (if flag = "--lora" then { o with Lora = n } else { o with Steps = n }) r
+                | _ -> Error(sprintf "%s expects a whole number >= 1, got '%s'" flag v)
+            | other :: _ ->
+                Error(sprintf "unknown argument '%s' (expected --smoke | --model DIR --data PATH [--lora R] [--steps N] [--runs-dir D] [--base-dtype float32|bfloat16] [--gradient-checkpointing])" other)
+        let start = { Model = ""; Data = ""; Lora = 8; Steps = FinetuneConfig.defaults.Train.Steps; RunsDir = "runs"; BaseDtype = "float32"; Recompute = false; Smoke = false }
+        match go start (List.ofArray args) with
+        | Ok o when o.Model = "" || o.Data = "" -> Error "expected --smoke, or --model DIR and --data PATH"
+        | r -> r
+
+/// The script's run: LoRA-tunes the checkpoint, decodes the test split greedily with `hf/`, and returns the run,
+/// the scores and the table (the tuned model, lead-1 on the same documents, and the from-scratch and baseline
+/// runs found in RunsDir, each on its own test set) that it also prints.
+let runScript (opts: RunOptions) (o: ScriptOptions) : InstructResult * Summarizer.TestScores * string =
+    let out = if isNull opts.Output then Console.Out else opts.Output
+    let d = InstructConfig.defaults
+    let name = if o.Smoke then "instruct-smoke" else sprintf "instruct-%s" (Path.GetFileName(Path.GetFullPath(o.Model).TrimEnd('/')))
+    let cfg =
+        { d with
+            BaseDtype = o.BaseDtype
+            Recompute = o.Recompute
+            Finetune =
+                { d.Finetune with
+                    Name = name
+                    RunsDir = o.RunsDir
+                    Model = o.Model
+                    Data = o.Data
+                    Lora = Some { LoraSettings.defaults with r = o.Lora; lora_alpha = float (2 * o.Lora); target_modules = decoderTargets }
+                    MaxTrain = (if o.Smoke then Some 8 else None)
+                    MaxValid = (if o.Smoke then Some 2 else None)
+                    MaxTest = (if o.Smoke then Some 2 else None)
+                    MaxSourceTokens = (if o.Smoke then 24 else d.Finetune.MaxSourceTokens)
+                    MaxTargetTokens = (if o.Smoke then 16 else d.Finetune.MaxTargetTokens)
+                    Train =
+                        { d.Finetune.Train with
+                            Steps = o.Steps
+                            BatchSize = (if o.Smoke then 2 else d.Finetune.Train.BatchSize)
+                            LearningRate = (if o.Smoke then 3e-2 else 2e-4)
+                            WarmupSteps = min d.Finetune.Train.WarmupSteps (o.Steps / 10)
+                            EvalEvery = (if o.Smoke then 0 else d.Finetune.Train.EvalEvery)
+                            Patience = (if o.Smoke then 0 else 3)
+                            CheckpointEvery = (if o.Smoke then 0 else d.Finetune.Train.CheckpointEvery) } } }
+    let result = runWith { opts with Overwrite = true } false cfg
+    let _, _, test, _ = readSplits cfg.Finetune
+    let predictions = summarizeTest result.HfFolder o.Model cfg test cfg.Finetune.Train.BatchSize [ (if o.Smoke then "max_new_tokens=8" else "max_new_tokens=64") ]
+    let scores = scoreTest predictions test
+    let label = sprintf "%s + LoRA r %d" (DirectoryInfo(Path.GetFullPath o.Model).Name) o.Lora
+    let table = Baseline.scoreTable (Baseline.baselineRows label scores @ baselineRunRows o.RunsDir @ Baseline.fromScratchRows o.RunsDir)
+    out.WriteLine(sprintf "validation loss: %.4f before, %.4f after instruction tuning (%d steps)" result.ValidLossBefore result.ValidLossAfter result.Train.Steps)
+    out.WriteLine table
+    result, scores, table

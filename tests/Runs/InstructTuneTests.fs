@@ -184,4 +184,16 @@ let tests =
                 let p = prepare cfg tokenizer template
                 let after = meanLoss reloaded pad p.Valid 4 (torch.CPU)
                 Expect.floatClose { absolute = 1e-5; relative = 1e-5 } after r.ValidLossAfter "the reloaded adapters give the run's validation loss")
+    
+        testWithShared "scripts/instruct_tune_qwen.fsx --smoke: qwen2-tiny tuned, the test split decoded, its table with lead-1 and the runs found" <| fun data ->
+            withDir (fun runs ->
+                match InstructTune.ScriptOptions.parse (Path.Combine(data, "..")) [| "--smoke"; "--runs-dir"; runs; "--steps"; "2" |] with
+                | Error e -> failtest e
+                | Ok o ->
+                    let r, scores, table = runScript quiet o
+                    Expect.equal r.Train.Steps 2 "two steps"
+                    Expect.equal scores.Model.N 2 "two test documents"
+                    Expect.stringContains table "qwen2-tiny + LoRA r 4" "the tuned model's row"
+                    Expect.stringContains table "lead-1" "the lead-1 row"
+                    Expect.isTrue (File.Exists(Path.Combine(r.HfFolder, "model.safetensors"))) "merged weights")
     ]
