@@ -98,5 +98,6 @@ Moe.Startup.initialise ()
 #load "../src/Bench/DataPipeline.fs"
 #load "../src/Bench/CheckpointLoad.fs"
 #load "../src/Bench/Generate.fs"
+#load "../src/Bench/CausalBench.fs"
 #load "../src/Bench/Facade.fs"
 #load "../src/Api/Toolkit.fs"

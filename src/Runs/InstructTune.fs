@@ -96,6 +96,17 @@ let modelTypeOf (dir: string) : string =
 /// Whether the folder holds a decoder-only LM `HfCausalLM.load` reads (by config.json's model_type).
 let isDecoderOnly (dir: string) : bool = List.contains (modelTypeOf dir) HfCausalLM.supportedModelTypes
 
+/// `HfCausalLM.load` with the model built in `dtype` (libtorch's default dtype set around the construction, so
+/// the parameters are never made in float32 first: the resident memory stays near the weights' size in that
+/// dtype); the checkpoint's tensors are converted as they are copied in.
+let loadAs (dtype: torch.ScalarType) (dir: string) : HfCausalLM.HfCausalLM =
+    if dtype = torch.ScalarType.Float32 then HfCausalLM.load dir
+    else
+        let previous = torch.get_default_dtype ()
+        torch.set_default_dtype dtype
+        try HfCausalLM.load dir
+        finally torch.set_default_dtype previous
+
 // ---------------------------------------------------------------- LoRA on a decoder-only LM
 
 /// Checks that every target names at least one Linear module of `root` (equal to its name or ending with
@@ -376,10 +387,8 @@ let runWith (opts: RunOptions) (resume: bool) (cfg: InstructConfig) : InstructRe
     use _lock = RunFolder.acquire (sprintf "fine-tuning run %s" f.Name) runDir
     if not resume then RunFolder.startFresh opts.Overwrite runDir
     let opts = { opts with Overwrite = false }
-    use lm = HfCausalLM.load f.Model
+    use lm = loadAs (InstructConfig.dtypeOf cfg) f.Model
     HfTokenizer.checkAgainst lm.Model.VocabSize tokenizer
-    let dtype = InstructConfig.dtypeOf cfg
-    if dtype <> torch.ScalarType.Float32 then lm.Module.``to`` dtype |> ignore
     Native.seedAll f.Train.Seed
     let targets = f.Lora |> Option.map (fun l -> if l.target_modules.IsEmpty then decoderTargets else l.target_modules)
     let adapters =
