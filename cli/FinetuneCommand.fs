@@ -115,6 +115,15 @@ let instructConfigOf (args: ParseResults<FinetuneArgs>) (cfg: FinetuneConfig) : 
     | [] -> cfg
     | problems -> invalidArg "config" (String.concat "\n  - " ("invalid config:" :: problems))
 
+/// Starts libtorch and reads the run flags (--plain, --overwrite, --resume) into RunOptions.
+let private runOptionsOf (args: ParseResults<FinetuneArgs>) : Train.RunOptions =
+    Native.initialise ()
+    if args.Contains FinetuneArgs.Overwrite && args.Contains Resume then
+        invalidArg "--overwrite" "--overwrite starts the run again; it cannot be combined with --resume"
+    { Train.RunOptions.Defaults with
+        Progress = (if args.Contains Plain then Train.Lines else Train.Auto)
+        Overwrite = args.Contains FinetuneArgs.Overwrite }
+
 /// Runs `moe finetune` on a decoder-only checkpoint.
 let private instruct (args: ParseResults<FinetuneArgs>) (cfg: FinetuneConfig) : int =
     let cfg = instructConfigOf args cfg
@@ -122,13 +131,7 @@ let private instruct (args: ParseResults<FinetuneArgs>) (cfg: FinetuneConfig) : 
         printfn "%s" (Json.serialize cfg)
         0
     else
-        Native.initialise ()
-        if args.Contains FinetuneArgs.Overwrite && args.Contains Resume then
-            invalidArg "--overwrite" "--overwrite starts the run again; it cannot be combined with --resume"
-        let opts =
-            { Train.RunOptions.Defaults with
-                Progress = (if args.Contains Plain then Train.Lines else Train.Auto)
-                Overwrite = args.Contains FinetuneArgs.Overwrite }
+        let opts = runOptionsOf args
         let r = InstructTune.runWith opts (args.Contains Resume) cfg
         printfn "validation loss %.4f -> %.4f; run folder %s; Hugging Face folder %s" r.ValidLossBefore r.ValidLossAfter r.RunDir r.HfFolder
         0
@@ -144,13 +147,7 @@ let finetune (args: ParseResults<FinetuneArgs>) : int =
         printfn "%s" (Json.serialize cfg)
         0
     else
-        Native.initialise ()
-        if args.Contains FinetuneArgs.Overwrite && args.Contains Resume then
-            invalidArg "--overwrite" "--overwrite starts the run again; it cannot be combined with --resume"
-        let opts =
-            { Train.RunOptions.Defaults with
-                Progress = (if args.Contains Plain then Train.Lines else Train.Auto)
-                Overwrite = args.Contains FinetuneArgs.Overwrite }
+        let opts = runOptionsOf args
         let r = runWith opts (args.Contains Resume) cfg
         printfn "validation loss %.4f -> %.4f; run folder %s; Hugging Face folder %s" r.ValidLossBefore r.ValidLossAfter r.RunDir r.HfFolder
         0
