@@ -77,8 +77,7 @@ let linearCast (weight: Tensor) (x: Tensor) : Tensor =
 
 /// A `Linear` layer through `linearCast`, its bias (if any) cast likewise. x [..; In] -> [..; Out] in x's dtype.
 let linearLayerCast (layer: Modules.Linear) (x: Tensor) : Tensor =
-    // `call`, not `forward`: forward hooks (LoRA adapters, `Finetune.applyLora`) run.
-    if layer.weight.dtype = x.dtype then layer.call x
+    if layer.weight.dtype = x.dtype then layer.forward x
     elif isNull layer.bias then linearCast layer.weight x
     else
         use w = layer.weight.to_type x.dtype
