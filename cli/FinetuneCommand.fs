@@ -1,5 +1,6 @@
 /// `moe finetune`: a pretrained encoder-decoder fine-tuned on a summarization data set (fully or with LoRA),
-/// written in Hugging Face layout; `moe export-hf`: a from-scratch run folder in Hugging Face layout.
+/// or a decoder-only LM instruction-tuned on it through its chat template (`InstructTune`, picked by
+/// config.json's model_type), written in Hugging Face layout; `moe export-hf`: a from-scratch run folder in Hugging Face layout.
 module Moe.FinetuneCommand
 
 open System
@@ -26,6 +27,11 @@ type FinetuneArgs =
     | Resume
     | Plain
     | Print_Config
+    | System_Prompt of text: string
+    | No_System_Prompt
+    | User_Prompt of text: string
+    | Base_Dtype of dtype: string
+    | Gradient_Checkpointing
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -35,7 +41,7 @@ type FinetuneArgs =
             | Full -> "full fine-tuning: every parameter trains (the default)."
             | Lora_Alpha _ -> "LoRA lora_alpha: the update is scaled by lora_alpha / r (default 8, PEFT's)."
             | Lora_Dropout _ -> "LoRA lora_dropout on the adapters' input (default 0)."
-            | Target_Modules _ -> "LoRA target_modules (default PEFT's for the family: q_proj v_proj for BART/Pegasus, q v for T5/Switch)."
+            | Target_Modules _ -> "LoRA target_modules (default PEFT's for the family: q_proj v_proj for BART/Pegasus, q v for T5/Switch; for decoder-only LMs all of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)."
             | Source_Prefix _ -> "text put before every document (default: config.json's task_specific_params.summarization.prefix, e.g. T5's \"summarize: \")."
             | Adapter_Only -> "with --lora: write hf/ as a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) instead of merged weights."
             | Config _ -> "a JSON config (a FinetuneConfig; fields left out keep the defaults; see --print-config)."
@@ -46,6 +52,11 @@ type FinetuneArgs =
             | Resume -> "continue the run from its newest loadable checkpoint (same config)."
             | Plain -> "plain progress lines instead of a progress bar."
             | Print_Config -> "print the resolved config as JSON and exit."
+            | System_Prompt _ -> "decoder-only: the chat's system message (default: InstructTune.Prompt.defaultSystem)."
+            | No_System_Prompt -> "decoder-only: no system message."
+            | User_Prompt _ -> "decoder-only: the user message, with {document} where the document goes (default asks for a one-sentence summary)."
+            | Base_Dtype _ -> "decoder-only: the frozen base's dtype, float32 (default) or bfloat16; adapters stay float32."
+            | Gradient_Checkpointing -> "decoder-only: recompute each decoder layer's activations in the backward pass (less memory, one more forward)."
 
 type ExportHfArgs =
     | [<MainCommand; ExactlyOnce; Last>] Paths of run_dir_and_out: string list
@@ -85,20 +96,58 @@ let configOf (args: ParseResults<FinetuneArgs>) : FinetuneConfig =
     | [] -> cfg
     | problems -> invalidArg "config" (String.concat "\n  - " ("invalid config:" :: problems))
 
-/// Runs `moe finetune`.
-let finetune (args: ParseResults<FinetuneArgs>) : int =
-    let cfg = configOf args
+/// The decoder-only run the flags describe: `configOf`'s settings plus the chat and memory flags.
+let instructConfigOf (args: ParseResults<FinetuneArgs>) (cfg: FinetuneConfig) : InstructTune.InstructConfig =
+    let d = InstructTune.InstructConfig.defaults
+    let cfg =
+        { d with
+            Finetune = { cfg with Name = (match args.TryGetResult Name with Some n -> n | None when cfg.Name = FinetuneConfig.defaults.Name -> d.Finetune.Name | None -> cfg.Name) }
+            SystemPrompt =
+                match args.TryGetResult System_Prompt, args.Contains No_System_Prompt with
+                | Some _, true -> invalidArg "--system-prompt" "give --system-prompt or --no-system-prompt, not both"
+                | Some p, false -> Some p
+                | None, true -> None
+                | None, false -> d.SystemPrompt
+            UserPrompt = defaultArg (args.TryGetResult User_Prompt) d.UserPrompt
+            BaseDtype = defaultArg (args.TryGetResult Base_Dtype) d.BaseDtype
+            Recompute = args.Contains Gradient_Checkpointing }
+    match InstructTune.InstructConfig.validate cfg with
+    | [] -> cfg
+    | problems -> invalidArg "config" (String.concat "\n  - " ("invalid config:" :: problems))
+
+/// Starts libtorch and reads the run flags (--plain, --overwrite, --resume) into RunOptions.
+let private runOptionsOf (args: ParseResults<FinetuneArgs>) : Train.RunOptions =
+    Native.initialise ()
+    if args.Contains FinetuneArgs.Overwrite && args.Contains Resume then
+        invalidArg "--overwrite" "--overwrite starts the run again; it cannot be combined with --resume"
+    { Train.RunOptions.Defaults with
+        Progress = (if args.Contains Plain then Train.Lines else Train.Auto)
+        Overwrite = args.Contains FinetuneArgs.Overwrite }
+
+/// Runs `moe finetune` on a decoder-only checkpoint.
+let private instruct (args: ParseResults<FinetuneArgs>) (cfg: FinetuneConfig) : int =
+    let cfg = instructConfigOf args cfg
     if args.Contains Print_Config then
         printfn "%s" (Json.serialize cfg)
         0
     else
-        Native.initialise ()
-        if args.Contains FinetuneArgs.Overwrite && args.Contains Resume then
-            invalidArg "--overwrite" "--overwrite starts the run again; it cannot be combined with --resume"
-        let opts =
-            { Train.RunOptions.Defaults with
-                Progress = (if args.Contains Plain then Train.Lines else Train.Auto)
-                Overwrite = args.Contains FinetuneArgs.Overwrite }
+        let opts = runOptionsOf args
+        let r = InstructTune.runWith opts (args.Contains Resume) cfg
+        printfn "validation loss %.4f -> %.4f; run folder %s; Hugging Face folder %s" r.ValidLossBefore r.ValidLossAfter r.RunDir r.HfFolder
+        0
+
+/// Runs `moe finetune`.
+let finetune (args: ParseResults<FinetuneArgs>) : int =
+    let cfg = configOf args
+    let decoderFlags = [ args.Contains System_Prompt; args.Contains No_System_Prompt; args.Contains User_Prompt; args.Contains Base_Dtype; args.Contains Gradient_Checkpointing ]
+    if InstructTune.isDecoderOnly cfg.Model then instruct args cfg
+    elif List.contains true decoderFlags then
+        invalidArg "--system-prompt" "--system-prompt, --no-system-prompt, --user-prompt, --base-dtype and --gradient-checkpointing apply to decoder-only checkpoints only"
+    elif args.Contains Print_Config then
+        printfn "%s" (Json.serialize cfg)
+        0
+    else
+        let opts = runOptionsOf args
         let r = runWith opts (args.Contains Resume) cfg
         printfn "validation loss %.4f -> %.4f; run folder %s; Hugging Face folder %s" r.ValidLossBefore r.ValidLossAfter r.RunDir r.HfFolder
         0

@@ -56,6 +56,9 @@ type BenchGenerateArgs =
     | Beams of counts: int list
     | Reps of count: int
     | Threads of count: int
+    | Decoder of shape: string
+    | Decoder_Layers of count: int
+    | Quick
     interface IArgParserTemplate with
         member a.Usage =
             let d = Bench.GenerateBench.GenerateBenchConfig.defaults
@@ -68,6 +71,9 @@ type BenchGenerateArgs =
             | Beams _ -> "beam counts, 1 = greedy (default 1 6)."
             | Reps _ -> sprintf "timed repetitions of the encoder and single-step timings; medians reported (default %d)." d.Reps
             | Threads _ -> "CPU threads libtorch uses (default: its own choice)."
+            | Decoder _ -> "instead: the decoder-only benchmark on a random-weight checkpoint of this shape (llama-3.2-1b|tiny): bfloat16 load memory, batch-1 greedy ms/token against the bandwidth floor, a LoRA step's memory with and without activation recomputation."
+            | Decoder_Layers _ -> "with --decoder: this many decoder layers (widths and vocabulary kept)."
+            | Quick -> "with --decoder: 2 decoder layers and shorter runs (about a minute)."
 
 /// Runs `moe summarize`.
 let summarize (args: ParseResults<SummarizeArgs>) : int =
@@ -168,6 +174,18 @@ let generate (args: ParseResults<GenerateArgs>) : int =
 let benchGenerate (args: ParseResults<BenchGenerateArgs>) : int =
     Native.initialise ()
     setThreads (args.TryGetResult BenchGenerateArgs.Threads)
+    match args.TryGetResult Decoder with
+    | Some shape ->
+        let d = if args.Contains Quick then Bench.CausalBench.CausalBenchConfig.quick else Bench.CausalBench.CausalBenchConfig.defaults
+        let cfg = { d with Shape = shape; Layers = (match args.TryGetResult Decoder_Layers with Some n -> Some n | None -> d.Layers) }
+        match Bench.CausalBench.CausalBenchConfig.validate cfg with
+        | [] -> ()
+        | problems -> invalidArg "--decoder" (String.concat "; " problems)
+        let report = Bench.CausalBench.run cfg (fun line -> eprintfn "%s" line)
+        printfn "%s" (Bench.CausalBench.table report)
+        0
+    | None ->
+    if args.Contains Quick || args.Contains Decoder_Layers then invalidArg "--quick" "--quick and --decoder-layers apply with --decoder"
     let d = Bench.GenerateBench.GenerateBenchConfig.defaults
     let cfg =
         { d with

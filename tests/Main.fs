@@ -33,6 +33,7 @@ let all =
         SummarizerTests.tests
         FinetuneTests.tests
         BaselineTests.tests
+        InstructTuneTests.tests
         PlotsTests.tests
         SweepTests.tests
         LoraTests.tests

@@ -267,6 +267,11 @@ let applyRotary (cos: Tensor) (sin: Tensor) (x: Tensor) : Tensor =
 
 // ---------------------------------------------------------------- attention and MLP
 
+/// A projection through `call` (forward hooks run: LoRA adapters, `Finetune.applyLora`) when the weights share x's
+/// dtype, else `Tensors.linearLayerCast`. x [..; In] -> [..; Out].
+let private project (layer: Linear) (x: Tensor) : Tensor =
+    if layer.weight.dtype = x.dtype then layer.call x else linearLayerCast layer x
+
 /// `self_attn`: q_proj, k_proj, v_proj, o_proj (biases as the config says) and, with QK-norm, q_norm and k_norm
 /// (RMSNorm over all heads' queries [H*Dh] and keys [G*Dh]); rotary embeddings on queries and keys, then the
 /// toolkit's grouped-query attention (`Attention.groupedQueryAttention`: softmax in float32, scale 1/sqrt(Dh)).
@@ -293,12 +298,12 @@ type DecoderAttention(name: string, cfg: DecoderConfig) as this =
         use scope = torch.NewDisposeScope()
         let n, t = x.shape[0], x.shape[1]
         let heads (count: int64) (y: Tensor) = y.view(n, t, count, dh).transpose(1L, 2L) // [N; count; T; Dh]
-        let q = linearLayerCast q_proj x
-        let k = linearLayerCast k_proj x
+        let q = project q_proj x
+        let k = project k_proj x
         let q, k = if cfg.QkNorm then q_norm.forward q, k_norm.forward k else q, k
         let q = applyRotary cos sin (heads h q) // [N; H; T; Dh]
         let kNew = applyRotary cos sin (heads g k) // [N; G; T; Dh]
-        let vNew = heads g (linearLayerCast v_proj x) // [N; G; T; Dh]
+        let vNew = heads g (project v_proj x) // [N; G; T; Dh]
         let k, v =
             if isNull cache then kNew, vNew
             else
@@ -307,7 +312,7 @@ type DecoderAttention(name: string, cfg: DecoderConfig) as this =
         let p = if this.training then cfg.AttentionDropout else 0.0
         let o = Attention.groupedQueryAttention p (Some mask) q k v // [N; H; T; Dh]
         let merged = o.transpose(1L, 2L).reshape(n, t, h * dh) // [N; T; H*Dh]
-        (linearLayerCast o_proj merged).MoveToOuterDisposeScope()
+        (project o_proj merged).MoveToOuterDisposeScope()
 
 /// The SwiGLU MLP (Shazeer 2020): down_proj(silu(gate_proj x) * up_proj x), as LlamaMLP. x [..; D] -> [..; D].
 [<AllowNullLiteral>]
@@ -326,8 +331,8 @@ type DecoderMlp(name: string, hidden: int, intermediate: int, bias: bool) as thi
     member _.DownProj = down_proj
     override _.forward(x: Tensor) : Tensor =
         use scope = torch.NewDisposeScope()
-        let a = functional.silu (linearLayerCast gate_proj x) * linearLayerCast up_proj x
-        (linearLayerCast down_proj a).MoveToOuterDisposeScope()
+        let a = functional.silu (project gate_proj x) * project up_proj x
+        (project down_proj a).MoveToOuterDisposeScope()
 
 // ---------------------------------------------------------------- decoder layers
 

@@ -84,7 +84,10 @@ let isAdapterName (name: string) = name.Contains ".lora_A." || name.Contains ".l
 /// Wraps every Linear of `root` that `targets` name with a LoRA adapter (A kaiming-uniform with a = sqrt 5 as
 /// PEFT initialises it, B zeros, so the model computes what it did), freezes every other parameter, and returns
 /// the adapters in module order. The model's Linear modules must run through `call` (forward hooks).
-let applyLora (s: LoraSettings) (targets: string list) (root: torch.nn.Module) : LoraAdapter list =
+/// `adapterDtype`: the adapters' dtype (None = the Linear's); with another dtype than the Linear's, the
+/// adapter's input is cast to it and its update back to the output's dtype (PEFT's float32 adapters on a
+/// bfloat16 base, `autocast_adapter_dtype`).
+let applyLoraIn (adapterDtype: torch.ScalarType option) (s: LoraSettings) (targets: string list) (root: torch.nn.Module) : LoraAdapter list =
     Config.orFail "LoRA settings" (LoraSettings.validate s) s |> ignore
     let found =
         [ for struct (name, m) in root.named_modules () do
@@ -101,8 +104,9 @@ let applyLora (s: LoraSettings) (targets: string list) (root: torch.nn.Module) :
         if l.named_children () |> Seq.exists (fun struct (n, _) -> n = "lora_A") then
             invalidOp (sprintf "%s already has a LoRA adapter" name)
         let outputs, inputs = l.weight.shape[0], l.weight.shape[1]
-        let a = torch.nn.Linear(inputs, int64 s.r, hasBias = false, device = l.weight.device, dtype = l.weight.dtype)
-        let b = torch.nn.Linear(int64 s.r, outputs, hasBias = false, device = l.weight.device, dtype = l.weight.dtype)
+        let dtype = defaultArg adapterDtype l.weight.dtype
+        let a = torch.nn.Linear(inputs, int64 s.r, hasBias = false, device = l.weight.device, dtype = dtype)
+        let b = torch.nn.Linear(int64 s.r, outputs, hasBias = false, device = l.weight.device, dtype = dtype)
         do
             use _ = torch.no_grad ()
             torch.nn.init.kaiming_uniform_(a.weight, a = Math.Sqrt 5.0) |> ignore  // PEFT's reset_lora_parameters
@@ -114,9 +118,15 @@ let applyLora (s: LoraSettings) (targets: string list) (root: torch.nn.Module) :
         l.register_forward_hook (Func<torch.nn.Module<Tensor, Tensor>, Tensor, Tensor, Tensor>(fun m x y ->
             calls.Value <- calls.Value + 1
             let h = if m.training && dropout > 0.0 then torch.nn.functional.dropout(x, dropout, true) else x  // [..; I]
-            plus y (mulScalar scale (b.call (a.call h)))))                                                    // [..; O]
+            if h.dtype = dtype then plus y (mulScalar scale (b.call (a.call h)))                              // [..; O]
+            else
+                use update = mulScalar scale (b.call (a.call (h.to_type dtype)))                              // [..; O]
+                plus y (update.to_type y.dtype)))
         |> ignore
         { Module = name; Linear = l; A = a; B = b; Scale = scale; Calls = calls } ]
+
+/// `applyLoraIn None`: adapters in each Linear's dtype.
+let applyLora (s: LoraSettings) (targets: string list) (root: torch.nn.Module) : LoraAdapter list = applyLoraIn None s targets root
 
 /// Runs the model's loss once on a two-token batch and fails, naming them, when some adapters' hooks did not
 /// run: their Linear is called through `forward` (which skips hooks) and LoRA would silently do nothing.
@@ -166,14 +176,16 @@ let private writeText (path: string) (text: string) =
 
 let private indented (node: JsonNode) = node.ToJsonString(JsonSerializerOptions(WriteIndented = true)) + "\n"
 
-/// Writes a PEFT adapter folder: `adapter_config.json` (peft_type LORA, task_type SEQ_2_SEQ_LM, r, lora_alpha,
-/// lora_dropout, target_modules, base_model_name_or_path, bias "none", fan_in_fan_out false) and
+/// Writes a PEFT adapter folder: `adapter_config.json` (peft_type LORA, task_type `taskType` (PEFT's
+/// "SEQ_2_SEQ_LM", "CAUSAL_LM"), r, lora_alpha, lora_dropout, target_modules, base_model_name_or_path, bias
+/// "none", fan_in_fan_out false, and PEFT's switches this adapter leaves off: use_rslora, use_dora false,
+/// modules_to_save, layers_to_transform null, rank_pattern, alpha_pattern empty) and
 /// `adapter_model.safetensors` (`adapterState`).
-let saveAdapter (dir: string) (baseModel: string) (s: LoraSettings) (targets: string list) (adapters: LoraAdapter list) : unit =
+let saveAdapterAs (taskType: string) (dir: string) (baseModel: string) (s: LoraSettings) (targets: string list) (adapters: LoraAdapter list) : unit =
     Directory.CreateDirectory dir |> ignore
     let o = JsonObject()
     o["peft_type"] <- JsonValue.Create "LORA"
-    o["task_type"] <- JsonValue.Create "SEQ_2_SEQ_LM"
+    o["task_type"] <- JsonValue.Create taskType
     o["r"] <- JsonValue.Create s.r
     o["lora_alpha"] <- JsonValue.Create s.lora_alpha
     o["lora_dropout"] <- JsonValue.Create s.lora_dropout
@@ -184,8 +196,17 @@ let saveAdapter (dir: string) (baseModel: string) (s: LoraSettings) (targets: st
     o["bias"] <- JsonValue.Create "none"
     o["fan_in_fan_out"] <- JsonValue.Create false
     o["inference_mode"] <- JsonValue.Create true
+    if taskType <> "SEQ_2_SEQ_LM" then
+        for off in [ "use_rslora"; "use_dora" ] do o[off] <- JsonValue.Create false
+        for none in [ "modules_to_save"; "layers_to_transform"; "layers_pattern" ] do o[none] <- null
+        for empty in [ "rank_pattern"; "alpha_pattern" ] do o[empty] <- JsonObject()
+        o["init_lora_weights"] <- JsonValue.Create true
     Safetensors.writeWithMetadata (Path.Combine(dir, adapterWeightsName)) [ "format", "pt" ] (adapterState adapters)
     writeText (Path.Combine(dir, adapterConfigName)) (indented o)
+
+/// `saveAdapterAs "SEQ_2_SEQ_LM"`: an encoder-decoder's adapter folder.
+let saveAdapter (dir: string) (baseModel: string) (s: LoraSettings) (targets: string list) (adapters: LoraAdapter list) : unit =
+    saveAdapterAs "SEQ_2_SEQ_LM" dir baseModel s targets adapters
 
 /// Reads a PEFT adapter folder's settings; fields this loader cannot honour are refused by name.
 let readAdapterConfig (dir: string) : LoraSettings =
@@ -205,9 +226,43 @@ let readAdapterConfig (dir: string) : LoraSettings =
         | Some e when e.ValueKind = JsonValueKind.String -> [ e.GetString() ]
         | _ -> failwithf "%s: target_modules must be a list of module names" path
     let s = { r = r.Int "r"; lora_alpha = r.Float "lora_alpha"; lora_dropout = r.FloatOr("lora_dropout", 0.0); target_modules = targets }
+    for off in [ "use_rslora"; "use_dora" ] do
+        if r.BoolOr(off, false) then r.Unsupported(off, "false")
+    for none in [ "modules_to_save"; "layers_to_transform"; "layers_pattern" ] do
+        match r.Element none with
+        | Some e when e.ValueKind <> JsonValueKind.Null -> r.Unsupported(none, "null")
+        | _ -> ()
+    for empty in [ "rank_pattern"; "alpha_pattern" ] do
+        match r.Element empty with
+        | Some e when e.ValueKind <> JsonValueKind.Null && not (e.ValueKind = JsonValueKind.Object && Seq.isEmpty (e.EnumerateObject())) ->
+            r.Unsupported(empty, "{} (one rank and alpha for every module)")
+        | _ -> ()
+    match r.Element "init_lora_weights" with
+    | Some e when e.ValueKind <> JsonValueKind.True && e.ValueKind <> JsonValueKind.False -> r.Unsupported("init_lora_weights", "true or false")
+    | _ -> ()
     r.Ignore [ "task_type"; "base_model_name_or_path"; "inference_mode"; "revision"; "peft_version"; "auto_mapping" ]
     r.Finish()
     Config.orFail path (LoraSettings.validate s) s
+
+/// Copies a PEFT adapter file's tensors into `adapters` (`adapterState` names), after checking that it holds
+/// exactly those tensors with their shapes; errors name the file and the tensors.
+let loadAdapterTensors (file: string) (adapters: LoraAdapter list) : unit =
+    let wanted = adapterState adapters |> dict
+    let stored = Safetensors.read file
+    try
+        let names = stored |> List.map fst |> set
+        let missing = wanted.Keys |> Seq.filter (fun n -> not (names.Contains n)) |> Seq.toList
+        if not missing.IsEmpty then failwithf "%s lacks %d adapter tensor(s): %s" file missing.Length (String.concat ", " missing)
+        let extra = names |> Seq.filter (fun n -> not (wanted.ContainsKey n)) |> Seq.toList
+        if not extra.IsEmpty then failwithf "%s has tensor(s) the targeted modules do not use: %s" file (String.concat ", " extra)
+        use _ = torch.no_grad ()
+        for name, t in stored do
+            let target = wanted[name]
+            if t.shape <> target.shape then
+                failwithf "%s: %s: expected shape %A, got %A" file name target.shape t.shape
+            target.copy_(t) |> ignore
+    finally
+        for _, t in stored do t.Dispose()
 
 /// A pretrained model with the LoRA adapters of a PEFT adapter folder on top (evaluation mode), as PEFT's
 /// `PeftModel.from_pretrained(base, adapterDir)` builds it.
@@ -219,22 +274,7 @@ let loadWithAdapter (baseDir: string) (adapterDir: string) : HfSeq2Seq.HfSeq2Seq
     try
         let adapters = applyLora s s.target_modules model.Module
         checkAdaptersRun model adapters
-        let wanted = adapterState adapters |> dict
-        let stored = Safetensors.read file
-        try
-            let names = stored |> List.map fst |> set
-            let missing = wanted.Keys |> Seq.filter (fun n -> not (names.Contains n)) |> Seq.toList
-            if not missing.IsEmpty then failwithf "%s lacks %d adapter tensor(s): %s" file missing.Length (String.concat ", " missing)
-            let extra = names |> Seq.filter (fun n -> not (wanted.ContainsKey n)) |> Seq.toList
-            if not extra.IsEmpty then failwithf "%s has tensor(s) the targeted modules do not use: %s" file (String.concat ", " extra)
-            use _ = torch.no_grad ()
-            for name, t in stored do
-                let target = wanted[name]
-                if t.shape <> target.shape then
-                    failwithf "%s: %s: expected shape %A, got %A" file name target.shape t.shape
-                target.copy_(t) |> ignore
-        finally
-            for _, t in stored do t.Dispose()
+        loadAdapterTensors file adapters
         model.Module.eval ()
         model, adapters
     with _ ->
