@@ -26,9 +26,11 @@ let all =
         EncodersTests.tests
         DataTests.tests
         HfTokenizerTests.tests
+        WordPieceTests.tests
         ChatTemplateTests.tests
         TaggingDataTests.tests
         MetricsTests.tests
+        BertScoreTests.tests
         TaggingTests.tests
         TrainTests.tests
         SummarizerTests.tests

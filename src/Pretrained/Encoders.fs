@@ -299,6 +299,21 @@ type EncoderModel(name: string, cfg: EncoderConfig, withPooler: bool) as this =
           Mask = valid.MoveToOuterDisposeScope()
           Pooled = pooled }
 
+    /// The hidden state after `layer` layers [N; T; D] (0 = the embeddings' output), running only those layers
+    /// (bert_score cuts the model there). Inputs as `Forward`.
+    member this.Hidden(ids: Tensor, mask: Tensor, tokenTypes: Tensor, layer: int) : Tensor =
+        if layer < 0 || layer > cfg.NumLayers then
+            invalidArg "layer" (sprintf "expected a layer in 0 .. %d (0 = embeddings), got %d" cfg.NumLayers layer)
+        expectIndex "ids" "[N; T]" 2 ids
+        if ids.shape[1] > int64 (maxTokens cfg) then
+            invalidArg "ids" (sprintf "expected at most %d positions (max_position_embeddings %d), got %d; truncate the text first" (maxTokens cfg) cfg.MaxPositions ids.shape[1])
+        use _ = torch.NewDisposeScope()
+        let valid = if isNull mask then torch.ones(ids.shape, dtype = torch.ScalarType.Bool, device = ids.device) else mask
+        let keyMask = keyPaddingMask valid                                                 // [N; 1; 1; T]
+        let mutable x = embeddings.Forward(ids, tokenTypes)
+        for i in 0 .. layer - 1 do x <- layers[i].Forward(x, keyMask)
+        x.MoveToOuterDisposeScope()
+
 /// transformers' RobertaForSequenceClassification (`roberta` without pooler; `classifier`: dense, tanh,
 /// out_proj on the `<s>` state) or BertForSequenceClassification (`bert` with pooler; `classifier` one linear
 /// layer on the pooled [CLS]). Logits [N; C] over `Labels` (config.json's id2label order).
@@ -343,7 +358,7 @@ let encoderArchitectures =
 let classifierArchitectures = [ "BertForSequenceClassification"; "RobertaForSequenceClassification" ]
 
 /// config.json's model_type and architectures, refusing a folder that holds none of `accepted`.
-let private checkArchitecture (dir: string) (accepted: string list) (what: string) : unit =
+let checkArchitecture (dir: string) (accepted: string list) (what: string) : unit =
     let path = Path.Combine(dir, "config.json")
     if not (Directory.Exists dir) then failwithf "no such model folder: %s" dir
     if not (File.Exists path) then failwithf "%s: no config.json, so it is not a Hugging Face model folder (expected %s)" dir what
@@ -359,6 +374,9 @@ let private checkArchitecture (dir: string) (accepted: string list) (what: strin
     if not archs.IsEmpty && not (archs |> List.exists (fun a -> List.contains a accepted)) then
         failwithf "%s: architectures [%s] hold no %s (expected one of %s)" path (String.Join(", ", archs)) what (String.Join(", ", accepted))
 
+/// Fails unless `dir` holds a BERT or RoBERTa encoder (any of `encoderArchitectures`), naming what it holds.
+let checkEncoderFolder (dir: string) : unit = checkArchitecture dir encoderArchitectures "a BERT or RoBERTa encoder"
+
 /// Which names of a checkpoint a bare encoder may read: its own, or under the base model's prefix (a
 /// *ForMaskedLM / *ForPreTraining / *ForSequenceClassification checkpoint), leaving their heads unused.
 let private encoderLoadOptions (cfg: EncoderConfig) (model: torch.nn.Module) : HfCheckpoint.LoadOptions =
@@ -370,7 +388,7 @@ let private encoderLoadOptions (cfg: EncoderConfig) (model: torch.nn.Module) : H
 /// A bare encoder (`BertModel` / `RobertaModel`) from a Hugging Face folder whose config.json has model_type bert
 /// or roberta and an encoder architecture; it has a pooler when the checkpoint stores one. Eval mode.
 let loadEncoder (dir: string) : EncoderModel =
-    checkArchitecture dir encoderArchitectures "a BERT or RoBERTa encoder"
+    checkEncoderFolder dir
     let cfg = EncoderConfig.parse (Path.Combine(dir, "config.json"))
     use weights = HfCheckpoint.openWeights dir
     let withPooler = weights.Contains "pooler.dense.weight" || weights.Contains "roberta.pooler.dense.weight" || weights.Contains "bert.pooler.dense.weight"
