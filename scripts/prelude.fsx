@@ -100,5 +100,6 @@ Moe.Startup.initialise ()
 #load "../src/Bench/DataPipeline.fs"
 #load "../src/Bench/CheckpointLoad.fs"
 #load "../src/Bench/Generate.fs"
+#load "../src/Bench/BertScoreBench.fs"
 #load "../src/Bench/Facade.fs"
 #load "../src/Api/Toolkit.fs"

@@ -186,7 +186,7 @@ type BertScoreModel(dir: string, requestedLayer: int option) =
             chunk |> Array.iteri (fun r i -> texts[i].Ids |> Array.iteri (fun j id -> ids[r * t + j] <- int64 id; mask[r * t + j] <- true))
             let shape = [| int64 chunk.Length; int64 t |]
             let hidden = encoder.Hidden(torch.tensor(ids, ReadOnlySpan<int64> shape), torch.tensor(mask, ReadOnlySpan<int64> shape), null, layer) // [B; T; D]
-            let unit = hidden.div(hidden.square().sum(-1L, true).sqrt())                                                                                             // [B; T; D]
+            let unit = hidden.div((square hidden).sum(-1L, true).sqrt())                                                                                             // [B; T; D]
             chunk |> Array.iteri (fun r i -> result[i] <- unit[int64 r].narrow(0L, 0L, int64 texts[i].Ids.Length).contiguous().MoveToOuterDisposeScope())
         result
 

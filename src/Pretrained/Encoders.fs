@@ -168,7 +168,7 @@ let robertaPositionIds (paddingIdx: int) (ids: Tensor) : Tensor =
     use _ = torch.NewDisposeScope()
     let real = (withInt64Scalar (int64 paddingIdx) (fun s -> ids.ne s)).to_type torch.ScalarType.Int64   // [N; T]
     let counted = real.cumsum(1L).mul real                                                                // [N; T]
-    (withInt64Scalar (int64 paddingIdx) (fun s -> counted.add s)).MoveToOuterDisposeScope()
+    (withInt64Scalar (int64 paddingIdx) (fun pad -> withInt64Scalar 1L (fun one -> counted.add(pad, one)))).MoveToOuterDisposeScope()
 
 /// `embeddings`: word_embeddings, position_embeddings, token_type_embeddings, LayerNorm; their sum normalised.
 type EncoderEmbeddings(cfg: EncoderConfig) as this =

@@ -117,6 +117,23 @@ let tests =
             let err = errorOf (fun () -> (new BertScorer.BertScoreModel(modelDir shared "gpt2-tiny-hf", Some 1) :> IDisposable).Dispose())
             Expect.stringContains err "gpt2" "names the folder's model_type")
 
+        testWithShared "the score record: BERTScore means with intervals, per-example P/R/F in the JSON" (fun shared ->
+            let model = tiny4 ()
+            let cands, refs = pairs shared 5
+            let run = BertScorer.score settings4 model cands refs
+            let report =
+                scoreCorpus { defaultOptions with Bootstrap = { defaultOptions.Bootstrap with Samples = 50 } } cands refs None
+                |> withBertScore run
+            let b = report.BertScore.Value
+            Expect.floatClose Accuracy.veryHigh b.Estimate.F1.Mean (run.Scores |> Array.averageBy _.F1) "F1 mean"
+            Expect.isTrue (b.Estimate.F1.Low <= b.Estimate.F1.Mean && b.Estimate.F1.Mean <= b.Estimate.F1.High) "the interval holds the mean"
+            use doc = Text.Json.JsonDocument.Parse(toJsonWith true report)
+            let bs = doc.RootElement.GetProperty "bertscore"
+            Expect.equal (bs.GetProperty("layer").GetInt32(), bs.GetProperty("idf").GetBoolean()) (4, false) "settings recorded"
+            let examples = [| for e in doc.RootElement.GetProperty("examples").EnumerateArray() -> e.GetProperty("bertscore").GetProperty("recall").GetDouble() |]
+            Expect.equal examples (run.Scores |> Array.map _.Recall) "each pair's recall"
+            Expect.stringContains (formatTable report) "bertscore" "the table shows BERTScore")
+
         testCase "the default layer comes from bert_score's model2layers, bounded by the layer count" (fun () ->
             Expect.equal (fst (BertScorer.chooseLayer "/models/roberta-large" None 24 None)) 17 "roberta-large 17"
             Expect.equal (fst (BertScorer.chooseLayer "/x/princeton-nlp/sup-simcse-roberta-base" None 12 None)) 10 "org/name"
