@@ -108,6 +108,7 @@ type BenchArgs =
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
     | [<CliPrefix(CliPrefix.None)>] Load of ParseResults<LoadArgs>
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<PretrainedCommand.BenchGenerateArgs>
+    | [<CliPrefix(CliPrefix.None)>] Bertscore of ParseResults<BertScoreCommand.BenchBertScoreArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -116,6 +117,7 @@ type BenchArgs =
             | Data _ -> "an XSum-sized generated corpus through the JSON Lines loader, tokenization and the on-disk token cache: time and peak memory."
             | Load _ -> "a BART-shaped model.safetensors with random weights loaded into fresh parameters: time and peak resident memory against the file size."
             | Generate _ -> "generation speed of a checkpoint (--model) or bart-large's shape: encoder ms, decoder ms per token, tokens/s, the key/value cache's speed-up, against the memory-bandwidth floor."
+            | Bertscore _ -> "BERTScore pairs per second with roberta-large-shaped random weights (a folder written, loaded and scored)."
 
 /// The grid the arguments ask for: `--quick` or the defaults, with any listed value overriding.
 let private configOf (args: ParseResults<MoeLayerArgs>) : Bench.Layer.BenchConfig =
@@ -288,3 +290,4 @@ let run (args: ParseResults<BenchArgs>) : int =
     | Data a -> data a
     | Load a -> load a
     | Generate a -> PretrainedCommand.benchGenerate a
+    | Bertscore a -> BertScoreCommand.bench a

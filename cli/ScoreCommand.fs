@@ -15,6 +15,11 @@ type ScoreArgs =
     | Bootstrap_Samples of count: int
     | Seed of seed: int
     | Newline_Marker of marker: string
+    | Bertscore of model_dir: string
+    | Bertscore_Layer of layer: int
+    | Bertscore_Baseline of csv: string
+    | Bertscore_Idf
+    | Per_Example
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -26,6 +31,11 @@ type ScoreArgs =
             | Bootstrap_Samples _ -> "bootstrap resamples for the intervals (default 1000, as rouge-score)."
             | Seed _ -> "bootstrap seed (default 0)."
             | Newline_Marker _ -> "a marker that stands for a sentence break inside a line (e.g. <n>); it becomes a newline, so ROUGE-Lsum sees sentences."
+            | Bertscore _ -> "also BERTScore with this BERT or RoBERTa checkpoint folder (e.g. roberta-large), computed as bert_score does."
+            | Bertscore_Layer _ -> "BERTScore's layer (default: bert_score's model2layers for the model, e.g. 17 for roberta-large)."
+            | Bertscore_Baseline _ -> "rescale BERTScore with this bert_score baseline file (LAYER,P,R,F rows, e.g. rescale_baseline/en/roberta-large.tsv)."
+            | Bertscore_Idf -> "weight BERTScore's tokens by idf over the references (bert_score idf=True)."
+            | Per_Example -> "with --json, also each example's scores (ROUGE F1, sentence BLEU, BERTScore P/R/F) under \"examples\"."
 
 /// Runs the command (bad input: `InputErrors.guard` in `Cli.main` reports it, exit code 2).
 let run (args: ParseResults<ScoreArgs>) : int =
@@ -53,6 +63,12 @@ let run (args: ParseResults<ScoreArgs>) : int =
                     Samples = args.GetResult(Bootstrap_Samples, Metrics.Bootstrap.defaults.Samples)
                     Seed = args.GetResult(Seed, Metrics.Bootstrap.defaults.Seed) } }
     let report = Metrics.Scoring.scoreCorpus options predictions references documents
-    if args.Contains Json then printfn "%s" (Metrics.Scoring.toJson report)
+    let report =
+        match args.TryGetResult Bertscore with
+        | Some dir ->
+            BertScoreCommand.addBertScore dir (args.TryGetResult Bertscore_Layer) (args.Contains Bertscore_Idf)
+                (args.TryGetResult Bertscore_Baseline) predictions references report
+        | None -> report
+    if args.Contains Json then printfn "%s" (Metrics.Scoring.toJsonWith (args.Contains Per_Example) report)
     else printf "%s" (Metrics.Scoring.formatTable report)
     0

@@ -23,11 +23,14 @@ let all =
         HfSeq2SeqTests.tests
         LlamaTests.tests
         MoeLMsTests.tests
+        EncodersTests.tests
         DataTests.tests
         HfTokenizerTests.tests
+        WordPieceTests.tests
         ChatTemplateTests.tests
         TaggingDataTests.tests
         MetricsTests.tests
+        BertScoreTests.tests
         TaggingTests.tests
         TrainTests.tests
         SummarizerTests.tests

@@ -40,6 +40,10 @@ type DocumentReport =
       Coverage: Estimate
       Density: Estimate }
 
+/// BERTScore of a corpus (`BertScorer.score`): the per-pair scores with their settings, and the corpus means with
+/// bootstrap intervals (resampled with the report's settings, so with the same index sets as its other columns).
+type BertScoreReport = { Run: BertScorer.BertScoreRun; Estimate: PrfEstimate }
+
 /// The scores of a whole corpus.
 type ScoreReport =
     { N: int
@@ -54,7 +58,9 @@ type ScoreReport =
       /// Mean sentence BLEU with its interval.
       SentenceBleu: Estimate
       Document: DocumentReport option
-      Examples: ExampleScores[] }
+      Examples: ExampleScores[]
+      /// BERTScore, when a model was given (`withBertScore`).
+      BertScore: BertScoreReport option }
 
 /// Corpus scoring and its printed forms, opened with `Moe.Metrics`.
 [<AutoOpen>]
@@ -119,7 +125,67 @@ module Scoring =
                   NovelNgrams = novel |> Array.map estimate
                   Coverage = estimate coverage
                   Density = estimate density })
-          Examples = examples }
+          Examples = examples
+          BertScore = None }
+
+    /// The report with BERTScore added: its per-pair scores (one per example, in order) and their means with
+    /// bootstrap intervals drawn with the report's bootstrap settings.
+    let withBertScore (run: BertScorer.BertScoreRun) (report: ScoreReport) : ScoreReport =
+        if run.Scores.Length <> report.N then
+            invalidArg "run" (sprintf "expected BERTScore of the report's %d examples, got %d scores" report.N run.Scores.Length)
+        let columns = [| run.Scores |> Array.map _.Precision; run.Scores |> Array.map _.Recall; run.Scores |> Array.map _.F1 |]
+        let iv = Bootstrap.intervals report.Options.Bootstrap columns
+        let estimate k = { Mean = Array.average columns[k]; Low = iv[k].Low; Mid = iv[k].Mid; High = iv[k].High }
+        { report with BertScore = Some { Run = run; Estimate = { Precision = estimate 0; Recall = estimate 1; F1 = estimate 2 } } }
+
+    /// BERTScore's JSON object: precision, recall, f1 (corpus means), their intervals, and what it was computed with.
+    let private writeBertScore (w: Utf8JsonWriter) (b: BertScoreReport) =
+        w.WriteStartObject("bertscore")
+        w.WriteNumber("precision", b.Estimate.Precision.Mean)
+        w.WriteNumber("recall", b.Estimate.Recall.Mean)
+        w.WriteNumber("f1", b.Estimate.F1.Mean)
+        w.WriteStartObject("intervals")
+        for name, e in [ "precision", b.Estimate.Precision; "recall", b.Estimate.Recall; "f1", b.Estimate.F1 ] do
+            w.WriteStartObject(name)
+            w.WriteNumber("low", e.Low)
+            w.WriteNumber("mid", e.Mid)
+            w.WriteNumber("high", e.High)
+            w.WriteEndObject()
+        w.WriteEndObject()
+        let r = b.Run
+        w.WriteString("model", r.Model)
+        w.WriteNumber("layer", r.Layer)
+        w.WriteString("layer_source", r.LayerSource)
+        w.WriteBoolean("idf", r.UseIdf)
+        match r.Baseline with
+        | Some(file, _) -> w.WriteString("baseline", file)
+        | None -> w.WriteNull("baseline")
+        w.WriteNumber("max_length", r.MaxLength)
+        w.WriteNumber("truncated_candidates", r.TruncatedCandidates)
+        w.WriteNumber("truncated_references", r.TruncatedReferences)
+        w.WriteEndObject()
+
+    /// Each example's scores as a JSON array (`moe score --json --per-example`): ROUGE F1s, sentence BLEU and,
+    /// when computed, BERTScore's precision, recall and f1, in input order.
+    let private writeExamples (w: Utf8JsonWriter) (report: ScoreReport) =
+        w.WriteStartArray()
+        report.Examples |> Array.iteri (fun i e ->
+            w.WriteStartObject()
+            w.WriteNumber("index", i)
+            for name, p in [ "rouge1", e.Rouge.Rouge1; "rouge2", e.Rouge.Rouge2; "rougeL", e.Rouge.RougeL; "rougeLsum", e.Rouge.RougeLsum ] do
+                w.WriteNumber(name, p.F1)
+            w.WriteNumber("sentence_bleu", e.SentenceBleu)
+            match report.BertScore with
+            | Some b ->
+                let s = b.Run.Scores[i]
+                w.WriteStartObject("bertscore")
+                w.WriteNumber("precision", s.Precision)
+                w.WriteNumber("recall", s.Recall)
+                w.WriteNumber("f1", s.F1)
+                w.WriteEndObject()
+            | None -> ()
+            w.WriteEndObject())
+        w.WriteEndArray()
 
     /// The report as the JSON object `moe score --json` prints and runs store in test_scores.json:
     /// {"n", "rouge1"/"rouge2"/"rougeL"/"rougeLsum": {"precision", "recall", "f1"}, "bleu"} and, with documents,
@@ -127,7 +193,8 @@ module Scoring =
     /// mean of the per-example scores (rouge-score's `BootstrapAggregator` reports the median of resampled means
     /// as "mid", which differs from this mean by resampling noise; the report keeps it as `Mid`). BLEU is corpus
     /// BLEU in [0, 100].
-    let toJson (report: ScoreReport) : string =
+    /// With `perExample`, each example's scores follow under "examples" (`writeExamples`).
+    let toJsonWith (perExample: bool) (report: ScoreReport) : string =
         use stream = new MemoryStream()
         let w = new Utf8JsonWriter(stream, JsonWriterOptions(Indented = false))
         w.WriteStartObject()
@@ -151,10 +218,17 @@ module Scoring =
             w.WriteStartObject("novel_ngrams")
             d.NovelNgrams |> Array.iteri (fun k e -> w.WriteNumber(string (k + 1), e.Mean))
             w.WriteEndObject()
+        report.BertScore |> Option.iter (writeBertScore w)
+        if perExample then
+            w.WritePropertyName("examples")
+            writeExamples w report
         w.WriteEndObject()
         w.Flush()
         w.Dispose()
         Encoding.UTF8.GetString(stream.ToArray())
+
+    /// The report's JSON object without the per-example scores (`toJsonWith false`).
+    let toJson (report: ScoreReport) : string = toJsonWith false report
 
     /// A plain-text table of the report: each metric's mean and bootstrap interval (ROUGE and document statistics
     /// as fractions, BLEU in [0, 100]).
@@ -184,7 +258,19 @@ module Scoring =
             d.NovelNgrams |> Array.iteri (fun k e -> row (sprintf "novel-%dgram" (k + 1)) "mean" e)
             row "coverage" "mean" d.Coverage
             line (sprintf "%-12s %-9s %8.3f   [%.3f, %.3f]" "density" "mean" d.Density.Mean d.Density.Low d.Density.High)
+        match report.BertScore with
+        | None -> ()
+        | Some b ->
+            row "bertscore" "precision" b.Estimate.Precision
+            row "bertscore" "recall" b.Estimate.Recall
+            row "bertscore" "f1" b.Estimate.F1
+            let r = b.Run
+            line (sprintf "bertscore: %s, layer %d (%s), idf %s, %s; %d candidate(s) and %d reference(s) cut at %d tokens"
+                    r.Model r.Layer r.LayerSource (if r.UseIdf then "on" else "off")
+                    (match r.Baseline with Some(f, _) -> "rescaled with " + f | None -> "not rescaled")
+                    r.TruncatedCandidates r.TruncatedReferences r.MaxLength)
         sb.ToString()
+
 
 /// A C#-friendly facade over `scoreCorpus`, `toJson` and `formatTable`.
 type Scorer =

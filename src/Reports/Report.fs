@@ -298,6 +298,7 @@ let private columnDefs : ColumnDef[] =
        scoreColumn "ROUGE-2 F1" rouge "rouge2" 100.0
        scoreColumn "ROUGE-L F1" rouge "rougeL" 100.0
        scoreColumn "BLEU" "corpus BLEU (0-100) on the test set, as sacreBLEU" "bleu" 1.0
+       scoreColumn "BERTScore F1" "BERTScore F1 × 100 on the test set, as bert_score (model and layer in the run's test_scores.json)" "bertscore" 100.0
        trainingColumn
            { Header = "valid loss"; Better = Lower; Scale = 1.0; Decimals = 3
              Explanation = "lowest validation loss (the checkpoint decoded for the test); hover for its step" }
