@@ -42,6 +42,7 @@ Moe.Startup.initialise ()
 #load "../src/Pretrained/HfSeq2Seq.fs"
 #load "../src/Pretrained/Llama.fs"
 #load "../src/Pretrained/MoeLMs.fs"
+#load "../src/Pretrained/Gpt2Causal.fs"
 #load "../src/Pretrained/HfCausalLM.fs"
 #load "../src/Text/Tokenizers.fs"
 #load "../src/Text/HfTokenizer.fs"

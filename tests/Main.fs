@@ -23,6 +23,7 @@ let all =
         HfSeq2SeqTests.tests
         LlamaTests.tests
         MoeLMsTests.tests
+        Gpt2CausalTests.tests
         DataTests.tests
         HfTokenizerTests.tests
         ChatTemplateTests.tests
