@@ -36,7 +36,7 @@ type Command =
             | Report _ -> "write one HTML page comparing run folders: configs, metrics, charts, samples."
             | Train _ -> "train a summarizer (dense, top-k or hash MoE) and score it on the test split against lead-1."
             | Generate _ -> "summarize documents with a trained run's checkpoint (--run), or generate with a pretrained checkpoint folder (--model)."
-            | Summarize _ -> "summarize a data set with a pretrained checkpoint folder (BART, Pegasus, T5) into a run folder scored like moe train's."
+            | Summarize _ -> "summarize a data set with a pretrained checkpoint folder (BART, Pegasus, T5; decoder-only LMs through their chat template) into a run folder scored like moe train's."
             | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
             | Finetune _ -> "fine-tune a pretrained encoder-decoder (BART, Pegasus, T5, Switch) on a summarization data set, fully or with LoRA; writes the run folder and hf/ in Hugging Face layout."
             | Export_Hf _ -> "write a from-scratch run folder in Hugging Face layout (model_type moe_summarizer, safetensors, tokenizer, model card); --model OUT loads it back."

@@ -34,6 +34,7 @@ let all =
         SummarizerTests.tests
         FinetuneTests.tests
         BaselineTests.tests
+        CausalBaselineTests.tests
         PlotsTests.tests
         SweepTests.tests
         LoraTests.tests
