@@ -106,7 +106,7 @@ let summarize (args: ParseResults<SummarizeArgs>) : int =
         | CausalBaseline.DecoderOnly ->
             if args.Contains Source_Prefix then invalidArg "--source-prefix" "applies to encoder-decoders; for a decoder-only model use --user-prompt"
             let d = CausalBaseline.SummaryPrompt.defaults
-            let prompt = { CausalBaseline.SummaryPrompt.System = args.TryGetResult System_Prompt; User = args.GetResult(User_Prompt, d.User) }
+            let prompt = { d with System = args.TryGetResult System_Prompt; User = args.GetResult(User_Prompt, d.User) }
             CausalBaseline.summarize say prompt cfg
         | CausalBaseline.EncoderDecoder ->
             for flag, given in [ "--system-prompt", args.Contains System_Prompt; "--user-prompt", args.Contains User_Prompt ] do
