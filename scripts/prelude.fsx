@@ -92,6 +92,7 @@ Moe.Startup.initialise ()
 #load "../src/Studies/Analysis.fs"
 #load "../src/Studies/Experiments.fs"
 #load "../src/Studies/LstmMoe.fs"
+#load "../src/Studies/MoeLmRouting.fs"
 #load "../src/Bench/Measure.fs"
 #load "../src/Bench/Reference.fs"
 #load "../src/Bench/Layer.fs"

@@ -40,6 +40,7 @@ let all =
         LoraTests.tests
         BenchTests.tests
         LstmMoeTests.tests
+        MoeLmRoutingTests.tests
         ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests

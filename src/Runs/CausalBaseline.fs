@@ -17,6 +17,15 @@ open Moe.Generate
 open Moe.Baseline
 open Moe.Train
 
+/// Runs `f`, turning the plain exceptions (`failwith`) that checkpoint, config and tokenizer readers raise for
+/// a bad folder into ArgumentException, which the CLI reports as bad input (exit code 2) with the same message.
+let asBadInput (f: unit -> 'a) : 'a =
+    try f ()
+    with e when e.GetType() = typeof<Exception> -> raise (ArgumentException(e.Message, e))
+
+/// `HfCausalLM.load` with its refusals as bad input (`asBadInput`).
+let loadCausal (dir: string) : HfCausalLM.HfCausalLM = asBadInput (fun () -> HfCausalLM.load dir)
+
 // ---------------------------------------------------------------- which kind of checkpoint
 
 /// What a checkpoint folder's config.json describes.
@@ -27,6 +36,7 @@ type CheckpointKind =
 /// The kind of checkpoint in `dir` from config.json's model_type; an unknown or missing one is refused
 /// naming the file and every model_type either kind loads.
 let kindOf (dir: string) : CheckpointKind =
+    asBadInput <| fun () ->
     let path = Path.Combine(dir, "config.json")
     if not (File.Exists path) then failwithf "%s: no config.json (expected a Hugging Face checkpoint folder)" dir
     let known = String.Join(", ", HfSeq2Seq.supportedModelTypes @ HfCausalLM.supportedModelTypes)
@@ -53,6 +63,7 @@ type CausalPretrained =
 /// The tokenizer of `dir`, or of `tokenizerDir` when given, checked against a model of `vocabSize` ids; None
 /// when `dir` has no tokenizer files and none is named. A named folder without tokenizer files is refused.
 let tokenizerFor (dir: string) (tokenizerDir: string option) (vocabSize: int) : HfTokenizer.HfTokenizer option =
+    asBadInput <| fun () ->
     let checkedOf (folder: string) =
         let t = HfTokenizer.fromFolder folder
         try HfTokenizer.checkAgainst vocabSize t; Some t
@@ -68,7 +79,7 @@ let tokenizerFor (dir: string) (tokenizerDir: string option) (vocabSize: int) : 
 /// `tokenizerDir`'s) checked against the vocabulary, its generation config (`GenerationConfig.load`) with the
 /// `Generate.X=...` assignments applied.
 let openCausal (dir: string) (tokenizerDir: string option) (assignments: string list) : CausalPretrained =
-    let lm = HfCausalLM.load dir
+    let lm = loadCausal dir
     try
         let tokenizer = tokenizerFor dir tokenizerDir lm.Model.VocabSize
         let gen = GenerationConfig.load dir |> GenerationConfig.setAll assignments
@@ -84,7 +95,7 @@ let promptIds (p: CausalPretrained) (text: string) : int[] =
     match p.Tokenizer with
     | Some t -> t.Encode(text, true)
     | None ->
-        invalidOp (sprintf "%s has no tokenizer files (%s): give token ids (--input-ids) instead of text, or name a tokenizer folder"
+        invalidArg "text" (sprintf "%s has no tokenizer files (%s): give token ids (--input-ids) instead of text, or name a tokenizer folder"
                        p.Lm.Folder HfTokenizer.lookedFor)
 
 /// The id left padding uses (masked out, so any id serves): pad_token_id, else the first EOS id, else 0.
@@ -229,7 +240,7 @@ let summaryPromptIds (p: CausalPretrained) (style: PromptStyle) (prompt: Summary
     let t =
         match p.Tokenizer with
         | Some t -> t
-        | None -> invalidOp (sprintf "%s has no tokenizer files (%s): summarizing text needs one" p.Lm.Folder HfTokenizer.lookedFor)
+        | None -> invalidArg "model" (sprintf "%s has no tokenizer files (%s): summarizing text needs one" p.Lm.Folder HfTokenizer.lookedFor)
     let encode (doc: string) =
         let text = promptText style prompt doc
         match style with
@@ -290,7 +301,7 @@ let summarize (say: string -> unit) (prompt: SummaryPrompt) (cfg: BaselineConfig
     RunFolder.startFresh cfg.Overwrite runDir
     let xs, notes = examples cfg
     use p = openCausal cfg.Model None cfg.Settings
-    let style = promptStyleOf cfg.Model
+    let style = asBadInput (fun () -> promptStyleOf cfg.Model)
     let gen =
         match p.Generation.MaxNewTokens with
         | Some _ -> p.Generation
