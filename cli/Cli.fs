@@ -26,6 +26,7 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Bench of ParseResults<BenchCommand.BenchArgs>
     | [<CliPrefix(CliPrefix.None)>] Finetune of ParseResults<FinetuneCommand.FinetuneArgs>
     | [<CliPrefix(CliPrefix.None)>] Export_Hf of ParseResults<FinetuneCommand.ExportHfArgs>
+    | [<CliPrefix(CliPrefix.None)>] Routing of ParseResults<RoutingCommand.RoutingArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -36,10 +37,11 @@ type Command =
             | Report _ -> "write one HTML page comparing run folders: configs, metrics, charts, samples."
             | Train _ -> "train a summarizer (dense, top-k or hash MoE) and score it on the test split against lead-1."
             | Generate _ -> "summarize documents with a trained run's checkpoint (--run), or generate with a pretrained checkpoint folder (--model)."
-            | Summarize _ -> "summarize a data set with a pretrained checkpoint folder (BART, Pegasus, T5) into a run folder scored like moe train's."
+            | Summarize _ -> "summarize a data set with a pretrained checkpoint folder (BART, Pegasus, T5; decoder-only LMs through their chat template) into a run folder scored like moe train's."
             | Sweep _ -> "expand a grid file into runs and run them (skipping finished, resuming interrupted), or list, emit for Slurm, collect."
             | Finetune _ -> "fine-tune a pretrained encoder-decoder (BART, Pegasus, T5, Switch) on a summarization data set, fully or with LoRA; writes the run folder and hf/ in Hugging Face layout."
             | Export_Hf _ -> "write a from-scratch run folder in Hugging Face layout (model_type moe_summarizer, safetensors, tokenizer, model card); --model OUT loads it back."
+            | Routing _ -> "a pretrained MoE LM's routing: per-token experts and weights (--input-ids F --json), or expert load, router entropy, expert use by label and coloured per-token routes of documents (--data F), charted as a from-scratch run."
             | Bench _ -> "benchmarks: moe-layer (MoE layer against its dense floor and the naive loop), train-step (training step: speed, kernel time, memory), data (tokenization and token cache), load (checkpoint loading: time and peak memory), generate (pretrained generation: encoder, decoder per token, key/value cache, memory-bandwidth floor)."
 
 let private deviceOf (text: string option) =
@@ -73,7 +75,8 @@ let main argv =
             | Sweep a -> SweepCommand.run a
             | Bench a -> BenchCommand.run a
             | Finetune a -> FinetuneCommand.finetune a
-            | Export_Hf a -> FinetuneCommand.exportHf a)
+            | Export_Hf a -> FinetuneCommand.exportHf a
+            | Routing a -> RoutingCommand.run a)
     with :? ArguParseException as e ->
         eprintfn "%s" e.Message
         if e.ErrorCode = ErrorCode.HelpText then 0 else InputErrors.BadInput

@@ -25,6 +25,8 @@ type SummarizeArgs =
     | [<AltCommandLine("-s")>] Set of assignment: string
     | Source_Prefix of text: string
     | Threads of count: int
+    | System_Prompt of text: string
+    | User_Prompt of text: string
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -40,6 +42,8 @@ type SummarizeArgs =
             | Set _ -> "override a generation setting over the checkpoint's generation config, e.g. --set Generate.NumBeams=4 --set Generate.MaxLength=60 (repeatable; transformers' names also work)."
             | Source_Prefix _ -> "text put before every document (default: the checkpoint's task_specific_params summarization prefix, e.g. T5's \"summarize: \", else none)."
             | Threads _ -> "CPU threads libtorch uses (default: its own choice)."
+            | System_Prompt _ -> "decoder-only models: the system message (default none: the chat template's own default, if any)."
+            | User_Prompt _ -> sprintf "decoder-only models: the user message, {document} standing for the document (default %A)." CausalBaseline.SummaryPrompt.defaults.User
 
 let private setThreads (n: int option) =
     match n with
@@ -102,7 +106,18 @@ let summarize (args: ParseResults<SummarizeArgs>) : int =
     match Baseline.BaselineConfig.validate cfg with
     | [] -> ()
     | problems -> invalidArg "config" (String.concat "\n  - " ("invalid arguments:" :: problems))
-    let r = Baseline.summarize (fun line -> eprintfn "%s" line) cfg
+    let say (line: string) = eprintfn "%s" line
+    let r =
+        match CausalBaseline.kindOf model with
+        | CausalBaseline.DecoderOnly ->
+            if args.Contains Source_Prefix then invalidArg "--source-prefix" "applies to encoder-decoders; for a decoder-only model use --user-prompt"
+            let d = CausalBaseline.SummaryPrompt.defaults
+            let prompt = { d with System = args.TryGetResult System_Prompt; User = args.GetResult(User_Prompt, d.User) }
+            CausalBaseline.summarize say prompt cfg
+        | CausalBaseline.EncoderDecoder ->
+            for flag, given in [ "--system-prompt", args.Contains System_Prompt; "--user-prompt", args.Contains User_Prompt ] do
+                if given then invalidArg flag (sprintf "%s applies to decoder-only models (%s)" flag (String.Join(", ", HfCausalLM.supportedModelTypes)))
+            Baseline.summarize say cfg
     printfn "run folder: %s" r.RunDir
     0
 
@@ -152,9 +167,8 @@ let generateOutput (args: ParseResults<GenerateArgs>) : string[] =
         | None, Some path ->
             if not (File.Exists path) then invalidArg "--input-ids" (sprintf "expected a file of JSON id arrays (one per line), but %s does not exist" path)
             Baseline.SourceIds(inputLines path |> Array.mapi (fun i l -> idsOfLine path (i + 1) l))
-    use p = Baseline.openFolder dir None None (args.GetResults GenerateArgs.Set)
-    let cfg = if args.Contains Greedy then Generate.GenerationConfig.greedyOf p.Generation else p.Generation
-    let outs = Baseline.generateWith cfg (args.GetResult(GenerateArgs.Batch_Size, 8)) ignore p sources
+    let outs =
+        CausalBaseline.generateFolder dir (args.GetResults GenerateArgs.Set) (args.Contains Greedy) (args.GetResult(GenerateArgs.Batch_Size, 8)) sources
     if args.Contains GenerateArgs.Json then outs |> Array.map jsonLine
     else outs |> Array.map (fun g -> match g.Text with Some t -> Summarizer.oneLine t | None -> String.Join(" ", g.Ids))
 

@@ -24,6 +24,7 @@ let all =
         LlamaTests.tests
         MoeLMsTests.tests
         EncodersTests.tests
+        Gpt2CausalTests.tests
         DataTests.tests
         HfTokenizerTests.tests
         WordPieceTests.tests
@@ -37,12 +38,14 @@ let all =
         FinetuneTests.tests
         BaselineTests.tests
         InstructTuneTests.tests
+        CausalBaselineTests.tests
         PlotsTests.tests
         SweepTests.tests
         LoraTests.tests
         BenchTests.tests
         LstmMoeTests.tests
         GatingSwitchTests.tests
+        MoeLmRoutingTests.tests
         ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests

@@ -182,6 +182,10 @@ type Block(name: string, cfg: Gpt2Config) as this =
     do this.RegisterComponents()
     member _.Attn = attn
     member _.Mlp = mlp
+    /// ln_1, before the attention.
+    member _.Ln1 = ln_1
+    /// ln_2, before the MLP.
+    member _.Ln2 = ln_2
     /// x [B; S; D] -> [B; S; D].
     override _.forward(x: Tensor) : Tensor =
         use scope = torch.NewDisposeScope()
@@ -206,6 +210,12 @@ type Gpt2Model(cfg: Gpt2Config) as this =
 
     member _.Config = cfg
     member _.Blocks : Block list = [ for b in h -> b ]
+    /// wte, the token embedding [V; D] (also the output layer).
+    member _.Wte = wte
+    /// wpe, the position embedding [P; D].
+    member _.Wpe = wpe
+    /// ln_f, the final LayerNorm.
+    member _.LnF = ln_f
     /// Every Conv1D projection with its Hugging Face name (`h.0.attn.c_attn`, ...).
     member _.Projections : (string * Conv1D) list =
         [ for i, b in Seq.indexed h do

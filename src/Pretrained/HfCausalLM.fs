@@ -19,7 +19,11 @@ type HfCausalLM =
       /// config.json's model_type.
       ModelType: string
       /// The module: parameters, train/eval mode, device moves.
-      Module: Llama.DecoderOnlyLM
+      Module: torch.nn.Module
+      /// The Llama-style decoder stack (Llama, Qwen2 and the MoE families); None for GPT-2.
+      Decoder: Llama.DecoderOnlyLM option
+      /// config.json's longest sequence (max_position_embeddings; n_positions for GPT-2).
+      MaxPositions: int
       /// What generation calls.
       Model: ICausalLM
       /// config.json's pad_token_id (None when the checkpoint has none).
@@ -36,7 +40,7 @@ type HfCausalLM =
         member this.Dispose() = this.Module.Dispose()
 
 /// The model_type values this module loads.
-let supportedModelTypes = [ "llama"; "qwen2"; "mixtral"; "qwen2_moe"; "olmoe" ]
+let supportedModelTypes = [ "llama"; "qwen2"; "mixtral"; "qwen2_moe"; "olmoe"; "gpt2" ]
 
 /// Loads the decoder-only LM in `dir` (config.json and its weights) in evaluation mode, dispatching on
 /// model_type; an unknown model_type is refused naming the file and the supported ones.
@@ -47,21 +51,35 @@ let load (dir: string) : HfCausalLM =
         match (HfConfig.ConfigReader.Open path).StringOption "model_type" with
         | Some t -> t
         | None -> failwithf "%s: missing field \"model_type\" (expected one of %s)" path (String.Join(", ", supportedModelTypes))
-    let model : Llama.DecoderOnlyLM =
-        match modelType with
-        | "llama" -> Llama.llamaFromFolder dir
-        | "qwen2" -> Llama.qwen2FromFolder dir
-        | "mixtral" -> MoeLMs.mixtralFromFolder dir
-        | "qwen2_moe" -> MoeLMs.qwen2MoeFromFolder dir
-        | "olmoe" -> MoeLMs.olmoeFromFolder dir
-        | other ->
-            failwithf "%s: model_type \"%s\" is not a decoder-only LM this toolkit loads (supported: %s)"
-                path other (String.Join(", ", supportedModelTypes))
-    { Folder = dir
-      ModelType = modelType
-      Module = model
-      Model = model
-      PadTokenId = model.Config.PadTokenId
-      EosTokenIds = model.Config.EosTokenIds
-      Loss = fun ids mask labels -> model.Loss(ids, mask, labels)
-      StateDict = fun () -> Llama.stateDict model }
+    let decoder (model: Llama.DecoderOnlyLM) =
+        { Folder = dir
+          ModelType = modelType
+          Module = model
+          Decoder = Some model
+          MaxPositions = model.Config.MaxPositions
+          Model = model
+          PadTokenId = model.Config.PadTokenId
+          EosTokenIds = model.Config.EosTokenIds
+          Loss = fun ids mask labels -> model.Loss(ids, mask, labels)
+          StateDict = fun () -> Llama.stateDict model }
+    match modelType with
+    | "llama" -> decoder (Llama.llamaFromFolder dir)
+    | "qwen2" -> decoder (Llama.qwen2FromFolder dir)
+    | "mixtral" -> decoder (MoeLMs.mixtralFromFolder dir)
+    | "qwen2_moe" -> decoder (MoeLMs.qwen2MoeFromFolder dir)
+    | "olmoe" -> decoder (MoeLMs.olmoeFromFolder dir)
+    | "gpt2" ->
+        let model = Gpt2Causal.fromFolder dir
+        { Folder = dir
+          ModelType = modelType
+          Module = model
+          Decoder = None
+          MaxPositions = model.Config.Sizes.Positions
+          Model = model
+          PadTokenId = model.Config.PadTokenId
+          EosTokenIds = model.Config.EosTokenIds
+          Loss = fun ids mask labels -> model.Loss(ids, mask, labels)
+          StateDict = fun () -> model.StateDict() }
+    | other ->
+        failwithf "%s: model_type \"%s\" is not a decoder-only LM this toolkit loads (supported: %s)"
+            path other (String.Join(", ", supportedModelTypes))

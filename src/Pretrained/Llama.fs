@@ -498,32 +498,10 @@ type DecoderOnlyLM(cfg: DecoderConfig, feedForward: int -> FeedForward) as this 
     /// (null: all real); positionIds [N; T] int64 (null: from the mask); labels [N; T] int64 (null: no loss;
     /// -100 ignored; shifted inside, as transformers).
     member this.Forward(inputIds: Tensor, attentionMask: Tensor, positionIds: Tensor, cache: DecoderCache, labels: Tensor) : CausalLMOutput =
-        expectIndex "inputIds" "[N; T]" 2 inputIds
-        let n, t = inputIds.shape[0], inputIds.shape[1]
-        if t < 1L then invalidArg "inputIds" (sprintf "expected inputIds [N; T] with T >= 1, got %s" (describe inputIds))
-        let past = if hasCache cache then cache.Length else 0L
-        let l = past + t
-        if l > int64 cfg.MaxPositions then
-            invalidArg "inputIds" (sprintf "the sequence has %d positions, more than the model's %d (max_position_embeddings)" l cfg.MaxPositions)
-        let lo, hi =
-            use lo = inputIds.min ()
-            use hi = inputIds.max ()
-            lo.item<int64> (), hi.item<int64> ()
-        if lo < 0L || hi >= int64 cfg.VocabSize then invalidArg "inputIds" (sprintf "expected token ids in 0..%d (vocab_size - 1)" (cfg.VocabSize - 1))
-        if hasCache cache && cache.Layers.Length <> cfg.NumLayers then
-            invalidArg "cache" (sprintf "expected a cache of %d layers (NewCache), got %d" cfg.NumLayers cache.Layers.Length)
         use scope = torch.NewDisposeScope()
-        let mask =
-            if isNull attentionMask then torch.ones([| n; l |], dtype = torch.ScalarType.Bool, device = inputIds.device)
-            else
-                expect "attentionMask" (sprintf "[%d; %d] bool (cached and new positions)" n l)
-                    (fun m -> m.dtype = torch.ScalarType.Bool && m.Dimensions = 2L && m.shape[0] = n && m.shape[1] = l) attentionMask
-                attentionMask
-        let positions =
-            if isNull positionIds then (CausalLM.positionIds mask).narrow(1L, past, t)
-            else
-                expect "positionIds" (sprintf "[%d; %d] int64" n t) (fun p -> p.dtype = torch.ScalarType.Int64 && p.shape = [| n; t |]) positionIds
-                positionIds
+        let mask, positions, past =
+            CausalLM.prepareInputs cfg.VocabSize cfg.MaxPositions "max_position_embeddings" cfg.NumLayers inputIds attentionMask positionIds cache
+        let t = inputIds.shape[1]
         let cos, sin = rotaryCosSin invFreq positions // [N; T; Dh]
         let attnMask = decoderMask t mask // [N; 1; T; L]
         let mutable x = model.EmbedTokens.forward inputIds // [N; T; D]
@@ -542,11 +520,7 @@ type DecoderOnlyLM(cfg: DecoderConfig, feedForward: int -> FeedForward) as this 
         let loss =
             if isNull labels then None
             else
-                expect "labels" (sprintf "[%d; %d] int64 (-100 ignored)" n t) (fun y -> y.dtype = torch.ScalarType.Int64 && y.shape = [| n; t |]) labels
-                let v = int64 cfg.VocabSize
-                let shifted = logits.narrow(1L, 0L, t - 1L).reshape(-1L, v) // [N*(T-1); V]
-                let targets = labels.narrow(1L, 1L, t - 1L).reshape(-1L) // [N*(T-1)]
-                let ce = functional.cross_entropy (shifted, targets, ignore_index = ignoreIndex)
+                let ce = CausalLM.shiftedLoss logits labels
                 match aux, this.AuxLossWeight with
                 | Some a, Some w -> Some(plus ce (mulScalar w a))
                 | _ -> Some ce

@@ -266,6 +266,18 @@ let private recordJson (cfg: BaselineConfig) (p: Pretrained) (result: BaselineRe
     o["finished_utc"] <- JsonValue.Create(DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ssZ", Globalization.CultureInfo.InvariantCulture))
     Json.format o
 
+/// Writes a zero-shot run's files into `runDir` and scores them as the main job does: predictions.txt (the
+/// generated texts, trimmed), references.txt, documents.txt, ids.txt and test_scores.json (model and lead-1).
+let writeScored (cfg: BaselineConfig) (runDir: string) (xs: Example[]) (outs: Generated[]) : Summarizer.TestScores =
+    let predictions = outs |> Array.map (fun g -> (defaultArg g.Text "").Trim())
+    Summarizer.writeLines (Path.Combine(runDir, "predictions.txt")) predictions
+    Summarizer.writeLines (Path.Combine(runDir, "references.txt")) (xs |> Array.map (fun e -> e.Summary))
+    Summarizer.writeLines (Path.Combine(runDir, "documents.txt")) (xs |> Array.map (fun e -> e.Document))
+    Summarizer.writeLines (Path.Combine(runDir, "ids.txt")) (xs |> Array.map (fun e -> e.Id))
+    let scores = Summarizer.score { Summarizer.SummarizerConfig.defaults with Stem = cfg.Stem; BootstrapSamples = cfg.BootstrapSamples } predictions xs
+    Summarizer.writeText (Path.Combine(runDir, "test_scores.json")) (Summarizer.testScoresJson scores)
+    scores
+
 /// Summarizes `cfg.Split` of `cfg.Data` with the checkpoint `cfg.Model` (its generation config, the task's
 /// settings, the overrides) into the run folder RunsDir/Name, holding the folder's lock and refusing a run
 /// already there unless `Overwrite`: predictions.txt, references.txt, documents.txt, ids.txt, test_scores.json
@@ -288,13 +300,7 @@ let summarize (say: string -> unit) (cfg: BaselineConfig) : BaselineResult =
         generateWith p.Generation cfg.BatchSize (fun pr -> last <- pr; say (Progress.describe pr)) p
             (Documents(xs |> Array.map (fun e -> e.Document)))
     let seconds = clock.Elapsed.TotalSeconds
-    let predictions = outs |> Array.map (fun g -> (defaultArg g.Text "").Trim())
-    Summarizer.writeLines (Path.Combine(runDir, "predictions.txt")) predictions
-    Summarizer.writeLines (Path.Combine(runDir, "references.txt")) (xs |> Array.map (fun e -> e.Summary))
-    Summarizer.writeLines (Path.Combine(runDir, "documents.txt")) (xs |> Array.map (fun e -> e.Document))
-    Summarizer.writeLines (Path.Combine(runDir, "ids.txt")) (xs |> Array.map (fun e -> e.Id))
-    let scores = Summarizer.score { Summarizer.SummarizerConfig.defaults with Stem = cfg.Stem; BootstrapSamples = cfg.BootstrapSamples } predictions xs
-    Summarizer.writeText (Path.Combine(runDir, "test_scores.json")) (Summarizer.testScoresJson scores)
+    let scores = writeScored cfg runDir xs outs
     let result =
         { RunDir = runDir; Scores = scores; Documents = xs.Length; GeneratedTokens = last.GeneratedTokens
           Seconds = seconds; Notes = notes }
