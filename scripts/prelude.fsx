@@ -43,6 +43,7 @@ Moe.Startup.initialise ()
 #load "../src/Pretrained/Llama.fs"
 #load "../src/Pretrained/MoeLMs.fs"
 #load "../src/Pretrained/HfCausalLM.fs"
+#load "../src/Pretrained/Encoders.fs"
 #load "../src/Text/Tokenizers.fs"
 #load "../src/Text/HfTokenizer.fs"
 #load "../src/Text/ChatTemplate.fs"

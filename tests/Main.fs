@@ -23,6 +23,7 @@ let all =
         HfSeq2SeqTests.tests
         LlamaTests.tests
         MoeLMsTests.tests
+        EncodersTests.tests
         DataTests.tests
         HfTokenizerTests.tests
         ChatTemplateTests.tests
