@@ -64,6 +64,7 @@ Moe.Startup.initialise ()
 #load "../src/Eval/Bootstrap.fs"
 #load "../src/Eval/ModelBased.fs"
 #load "../src/Eval/SummaCConv.fs"
+#load "../src/Eval/Nli.fs"
 #load "../src/Eval/Scoring.fs"
 #load "../src/Eval/HumanEval.fs"
 #load "../src/Eval/Tagging.fs"

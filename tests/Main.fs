@@ -29,6 +29,7 @@ let all =
         ChatTemplateTests.tests
         TaggingDataTests.tests
         MetricsTests.tests
+        SummaCTests.tests
         TaggingTests.tests
         TrainTests.tests
         SummarizerTests.tests
