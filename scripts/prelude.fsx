@@ -80,6 +80,7 @@ Moe.Startup.initialise ()
 #load "../src/Runs/RunLog.fs"
 #load "../src/Runs/Finetune.fs"
 #load "../src/Runs/Baseline.fs"
+#load "../src/Runs/ConsistencyTraining.fs"
 #load "../src/Reports/Browser.fs"
 #load "../src/Reports/Plots.fs"
 #load "../src/Reports/Report.fs"

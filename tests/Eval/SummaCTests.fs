@@ -9,6 +9,7 @@ open Moe
 open Moe.Metrics
 open Moe.Metrics.Consistency
 open Moe.Tests.Support
+open Moe.Train
 
 /// Tolerances named for where the expected numbers come from.
 module STol =
@@ -248,4 +249,45 @@ let private checkpoint =
             finally Directory.Delete(copy, true))
     ]
 
-let tests = testList "SummaC" [ sentences; chunking; zeroShot; conv; checkpoint ]
+let private training =
+    testList "SummaC-Conv training" [
+        testSequenced (testCase "the training loop fits a convolution that separates a constructed set" (fun () ->
+            let dir = Path.Combine(Path.GetTempPath(), sprintf "summac-train-%d" (Random().Next()))
+            try
+                torch.manual_seed 5L |> ignore
+                let rng = Random 11
+                // Consistent summaries: each sentence has one document chunk entailing it (0.9-1.0); inconsistent
+                // ones: no chunk above 0.3. Three document chunks, one to three summary sentences.
+                let make consistent =
+                    let q = rng.Next(1, 4)
+                    entailmentImage (Array2D.init 3 q (fun i _ -> if consistent && i = 0 then 0.9 + 0.1 * rng.NextDouble() else 0.3 * rng.NextDouble()))
+                let labels = Array.init 40 (fun i -> i % 2)
+                let images = labels |> Array.map (fun l -> make (l = 1))
+                let settings = { ConsistencyTraining.defaults with Conv = { SummaCConv.defaults with Bins = SummaCConv.Even 10 }; Epochs = 10 }
+                let quiet = { RunOptions.Defaults with Progress = Silent; Output = TextWriter.Null }
+                let model, result = ConsistencyTraining.trainOnImages settings quiet images labels dir
+                use model = model
+                let scores = SummaCConv.score model images
+                let pos = [| for i in 0 .. 39 do if labels[i] = 1 then scores[i] |]
+                let neg = [| for i in 0 .. 39 do if labels[i] = 0 then scores[i] |]
+                Expect.isGreaterThan (Array.min pos) (Array.max neg) "every consistent example above every inconsistent one"
+                Expect.isGreaterThan (Array.min pos) 0.5 "classified consistent"
+                Expect.isLessThan (Array.max neg) 0.5 "classified inconsistent"
+                Expect.equal result.Steps 20 "10 epochs of 2 batches"
+                use back = SummaCConv.load SummaCConv.defaults (Path.Combine(dir, ConsistencyTraining.weightsName))
+                Expect.equal (SummaCConv.score back images) scores "the saved weights give the same scores"
+            finally if Directory.Exists dir then Directory.Delete(dir, true)))
+        testCase "consistency sets are read from JSON Lines; a bad line is named" <| fun () ->
+            let path = Path.GetTempFileName()
+            try
+                File.WriteAllLines(path, [| """{"document": "D one.", "summary": "S.", "label": 1}"""; ""; """{"document": "D two.", "summary": "T.", "label": 0}""" |])
+                let set = ConsistencyTraining.readJsonl path
+                Expect.equal set [| { Document = "D one."; Summary = "S."; Label = 1 }; { Document = "D two."; Summary = "T."; Label = 0 } |] "two examples"
+                File.AppendAllLines(path, [| """{"document": "D", "summary": "S", "label": 2}""" |])
+                let msg = try (ConsistencyTraining.readJsonl path |> ignore; "") with :? TextTools.DataException as e -> e.Message
+                Expect.stringContains msg (sprintf "%s:4" path) "file and line"
+                Expect.stringContains msg "label" "what is wrong"
+            finally File.Delete path
+    ]
+
+let tests = testList "SummaC" [ sentences; chunking; zeroShot; conv; checkpoint; training ]
