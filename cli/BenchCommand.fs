@@ -108,6 +108,7 @@ type BenchArgs =
     | [<CliPrefix(CliPrefix.None)>] Data of ParseResults<DataArgs>
     | [<CliPrefix(CliPrefix.None)>] Load of ParseResults<LoadArgs>
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<PretrainedCommand.BenchGenerateArgs>
+    | [<CliPrefix(CliPrefix.None)>] Summac of ParseResults<SummaCBenchCommand.SummaCBenchArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -115,6 +116,7 @@ type BenchArgs =
             | Train_Step _ -> "tokens/s, model-FLOPs utilisation, kernel CPU time and peak memory of a training step of the summarizer, on the built-in corpus or at real article lengths."
             | Data _ -> "an XSum-sized generated corpus through the JSON Lines loader, tokenization and the on-disk token cache: time and peak memory."
             | Load _ -> "a BART-shaped model.safetensors with random weights loaded into fresh parameters: time and peak resident memory against the file size."
+            | Summac _ -> "SummaC-ZS NLI pairs per second with a random classifier of roberta-large-mnli's shape (give --tokenizer)."
             | Generate _ -> "generation speed of a checkpoint (--model) or bart-large's shape: encoder ms, decoder ms per token, tokens/s, the key/value cache's speed-up, against the memory-bandwidth floor."
 
 /// The grid the arguments ask for: `--quick` or the defaults, with any listed value overriding.
@@ -288,3 +290,4 @@ let run (args: ParseResults<BenchArgs>) : int =
     | Data a -> data a
     | Load a -> load a
     | Generate a -> PretrainedCommand.benchGenerate a
+    | Summac a -> SummaCBenchCommand.run a

@@ -15,6 +15,10 @@ type ScoreArgs =
     | Bootstrap_Samples of count: int
     | Seed of seed: int
     | Newline_Marker of marker: string
+    | Summac of nli_dir: string
+    | Summac_Granularity of granularity: string
+    | Summac_Conv of weights: string
+    | Per_Example
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -26,6 +30,10 @@ type ScoreArgs =
             | Bootstrap_Samples _ -> "bootstrap resamples for the intervals (default 1000, as rouge-score)."
             | Seed _ -> "bootstrap seed (default 0)."
             | Newline_Marker _ -> "a marker that stands for a sentence break inside a line (e.g. <n>); it becomes a newline, so ROUGE-Lsum sees sentences."
+            | Summac _ -> "SummaC-ZS of each prediction against its document (needs --documents) with this NLI classifier folder (e.g. roberta-large-mnli)."
+            | Summac_Granularity _ -> "SummaC chunking: sentence (default), paragraph, 2sents, document, mixed, or DOC-SUMMARY such as paragraph-sentence."
+            | Summac_Conv _ -> "SummaC-Conv too, with these convolution weights: summac's published .bin (percentile bins, entailment) or a .safetensors written by the toolkit."
+            | Per_Example -> "with --json: add \"examples\", each example's scores."
 
 /// Runs the command (bad input: `InputErrors.guard` in `Cli.main` reports it, exit code 2).
 let run (args: ParseResults<ScoreArgs>) : int =
@@ -53,6 +61,20 @@ let run (args: ParseResults<ScoreArgs>) : int =
                     Samples = args.GetResult(Bootstrap_Samples, Metrics.Bootstrap.defaults.Samples)
                     Seed = args.GetResult(Seed, Metrics.Bootstrap.defaults.Seed) } }
     let report = Metrics.Scoring.scoreCorpus options predictions references documents
-    if args.Contains Json then printfn "%s" (Metrics.Scoring.toJson report)
+    let report =
+        match args.TryGetResult Summac, documents with
+        | None, _ -> report
+        | Some _, None -> invalidArg "--summac" "SummaC scores predictions against their documents: give --documents"
+        | Some nliDir, Some docs ->
+            let cfg =
+                match Metrics.Consistency.Granularity.parse (args.GetResult(Summac_Granularity, "sentence")) with
+                | Ok (d, s) -> { Metrics.Consistency.defaults with DocumentGranularity = d; SummaryGranularity = s }
+                | Error e -> invalidArg "--summac-granularity" e
+            use nli = Metrics.Nli.load Metrics.Nli.defaults nliDir
+            let conv = args.TryGetResult Summac_Conv |> Option.map (fun f -> Metrics.SummaCConv.load Metrics.SummaCConv.defaults f, f)
+            let run = Metrics.SummaC.run cfg conv nli docs predictions
+            conv |> Option.iter (fun (m, _) -> m.Dispose())
+            Metrics.Scoring.withSummaC run report
+    if args.Contains Json then printfn "%s" (Metrics.Scoring.toJsonWith (args.Contains Per_Example) report)
     else printf "%s" (Metrics.Scoring.formatTable report)
     0

@@ -33,16 +33,15 @@ let validate (s: NliSettings) : string list =
     [ if s.MaxTokens < 4 then sprintf "MaxTokens must be >= 4 (room for the special tokens of a pair), got %d" s.MaxTokens
       if s.BatchSize < 1 then sprintf "BatchSize must be >= 1, got %d" s.BatchSize ]
 
-/// A sequence classifier folder as an NLI model. Construction loads the classifier and tokenizer and checks that the
-/// labels name entailment and contradiction (`Consistency.labelIds`).
-type CheckpointNli(dir: string, settings: NliSettings) =
+/// A sequence classifier and its tokenizer as an NLI model (`load` reads them from a folder). Construction checks
+/// that the labels name entailment and contradiction (`Consistency.labelIds`); the model is put in eval mode.
+type CheckpointNli(name: string, classifier: Encoders.SequenceClassifier, tokenizer: HfTokenizer.HfTokenizer, settings: NliSettings) =
     do
         match validate settings with
         | [] -> ()
         | problems -> invalidArg "settings" (String.concat "; " problems)
-    let classifier = Encoders.loadClassifier dir
-    let tokenizer = HfTokenizer.fromFolder dir
-    do Consistency.labelIds (Path.Combine(dir, "config.json")) classifier.Labels |> ignore
+    do Consistency.labelIds name classifier.Labels |> ignore
+    do classifier.eval () |> ignore
     let limit = min settings.MaxTokens (Encoders.maxTokens classifier.Config)
     let padId = classifier.Config.PadTokenId
     // BERT's second segment has token type 1 (after the first separator); RoBERTa has one type.
@@ -98,7 +97,7 @@ type CheckpointNli(dir: string, settings: NliSettings) =
     member _.Classifier = classifier
 
     interface Consistency.INliModel with
-        member _.Name = dir
+        member _.Name = name
         member _.Labels = Array.copy classifier.Labels
         /// softmax over the labels, in float32 as summac computes it.
         member this.Probabilities pairs =
@@ -113,5 +112,16 @@ type CheckpointNli(dir: string, settings: NliSettings) =
             classifier.Dispose()
             (tokenizer :> IDisposable).Dispose()
 
-/// Loads a sequence classifier folder as an NLI model (`CheckpointNli`).
-let load (settings: NliSettings) (dir: string) : CheckpointNli = new CheckpointNli(dir, settings)
+/// Loads a sequence classifier folder (config.json, weights, tokenizer files) as an NLI model; label problems are
+/// reported against its config.json.
+let load (settings: NliSettings) (dir: string) : CheckpointNli =
+    // The loader's plain `failwith`s (no such folder, a folder without a classifier architecture) are bad input.
+    let classifier =
+        try Encoders.loadClassifier dir
+        with e when e.GetType() = typeof<Exception> -> invalidArg "dir" e.Message
+    try
+        Consistency.labelIds (Path.Combine(dir, "config.json")) classifier.Labels |> ignore
+        new CheckpointNli(dir, classifier, HfTokenizer.fromFolder dir, settings)
+    with _ ->
+        classifier.Dispose()
+        reraise ()

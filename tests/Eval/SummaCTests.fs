@@ -17,6 +17,8 @@ module STol =
     let exact = 1e-12
     /// A float32 model against a float64 hand computation of the same formula.
     let float32Model = 1e-5
+    /// The same float32 model on the same pairs in other batches (other padding): last-bit differences.
+    let batching = 1e-6
     /// Issue 13: classifier logits within 1e-4 of transformers'.
     let logits = 1e-4
 
@@ -235,6 +237,31 @@ let private checkpoint =
             let softmax = [| for v in (sample.GetProperty "softmax").EnumerateArray() -> v.GetDouble() |]
             Expect.floatClose { absolute = STol.logits; relative = 0.0 } probs[0].Contradiction softmax[0] "CONTRADICTION is id 0"
             Expect.floatClose { absolute = STol.logits; relative = 0.0 } probs[0].Entailment softmax[2] "ENTAILMENT is id 2")
+        withMnli "roberta-tiny-mnli: corpus SummaC-ZS and Conv in the score report, each example computed exactly" (fun data dir ->
+            let docs = (lines data "pyrxsum/documents.txt")[0..1]
+            let refs = (lines data "pyrxsum/references.txt")[0..1]
+            let preds = [| refs[0] + " " + refs[1]; refs[1] |]
+            use nli = Nli.load Nli.defaults dir
+            use convModel = SummaCConv.load SummaCConv.defaults (publishedWeights ())
+            let run = SummaC.run defaults (Some(convModel, "published")) nli docs preds
+            // By hand: each summary sentence's max entailment minus max contradiction over the document's sentences.
+            let model = nli :> INliModel
+            for k in 0 .. 1 do
+                let premises = chunks defaults Sentence docs[k]
+                let hyps = chunks defaults Sentence preds[k]
+                let perSentence =
+                    hyps |> Array.map (fun h ->
+                        let probs = model.Probabilities [| for p in premises -> { Premise = p; Hypothesis = h } |]
+                        (probs |> Array.map (fun p -> p[2]) |> Array.max) - (probs |> Array.map (fun p -> p[0]) |> Array.max))
+                Expect.floatClose { absolute = STol.batching; relative = 0.0 } run.Examples[k].Zs (Array.average perSentence) (sprintf "example %d" k)
+                Expect.isSome run.Examples[k].Conv "conv computed"
+            let report = scoreCorpus defaultOptions preds refs (Some docs) |> withSummaC run
+            let json = JsonDocument.Parse(toJsonWith true report).RootElement
+            Expect.floatClose { absolute = STol.exact; relative = 0.0 } (json.GetProperty("summac_zs").GetDouble()) ((run.Examples[0].Zs + run.Examples[1].Zs) / 2.0) "corpus mean"
+            Expect.equal ((json.GetProperty "examples").[1].GetProperty("summac_zs").GetDouble()) run.Examples[1].Zs "per example"
+            Expect.equal ((json.GetProperty "summac_counts").GetProperty("pairs").GetInt32()) run.Pairs "counts"
+            Expect.isTrue (report.SummaC.Value.Zs.Low <= report.SummaC.Value.Zs.Mean && report.SummaC.Value.Zs.Mean <= report.SummaC.Value.Zs.High) "interval around the mean"
+            Expect.stringContains (formatTable report) "summac-conv" "in the table")
         withMnli "a classifier whose id2label has no entailment/contradiction is refused" (fun _ dir ->
             let copy = Path.Combine(Path.GetTempPath(), sprintf "nli-labels-%d" (Random().Next()))
             Directory.CreateDirectory copy |> ignore
