@@ -109,6 +109,7 @@ type BenchArgs =
     | [<CliPrefix(CliPrefix.None)>] Load of ParseResults<LoadArgs>
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<PretrainedCommand.BenchGenerateArgs>
     | [<CliPrefix(CliPrefix.None)>] Bertscore of ParseResults<BertScoreCommand.BenchBertScoreArgs>
+    | [<CliPrefix(CliPrefix.None)>] Summac of ParseResults<SummaCBenchCommand.SummaCBenchArgs>
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -116,6 +117,7 @@ type BenchArgs =
             | Train_Step _ -> "tokens/s, model-FLOPs utilisation, kernel CPU time and peak memory of a training step of the summarizer, on the built-in corpus or at real article lengths."
             | Data _ -> "an XSum-sized generated corpus through the JSON Lines loader, tokenization and the on-disk token cache: time and peak memory."
             | Load _ -> "a BART-shaped model.safetensors with random weights loaded into fresh parameters: time and peak resident memory against the file size."
+            | Summac _ -> "SummaC-ZS NLI pairs per second with a random classifier of roberta-large-mnli's shape (give --tokenizer)."
             | Generate _ -> "generation speed of a checkpoint (--model) or bart-large's shape: encoder ms, decoder ms per token, tokens/s, the key/value cache's speed-up, against the memory-bandwidth floor."
             | Bertscore _ -> "BERTScore pairs per second with roberta-large-shaped random weights (a folder written, loaded and scored)."
 
@@ -291,3 +293,4 @@ let run (args: ParseResults<BenchArgs>) : int =
     | Load a -> load a
     | Generate a -> PretrainedCommand.benchGenerate a
     | Bertscore a -> BertScoreCommand.bench a
+    | Summac a -> SummaCBenchCommand.run a

@@ -19,6 +19,9 @@ type ScoreArgs =
     | Bertscore_Layer of layer: int
     | Bertscore_Baseline of csv: string
     | Bertscore_Idf
+    | Summac of nli_dir: string
+    | Summac_Granularity of granularity: string
+    | Summac_Conv of weights: string
     | Per_Example
     interface IArgParserTemplate with
         member a.Usage =
@@ -35,7 +38,10 @@ type ScoreArgs =
             | Bertscore_Layer _ -> "BERTScore's layer (default: bert_score's model2layers for the model, e.g. 17 for roberta-large)."
             | Bertscore_Baseline _ -> "rescale BERTScore with this bert_score baseline file (LAYER,P,R,F rows, e.g. rescale_baseline/en/roberta-large.tsv)."
             | Bertscore_Idf -> "weight BERTScore's tokens by idf over the references (bert_score idf=True)."
-            | Per_Example -> "with --json, also each example's scores (ROUGE F1, sentence BLEU, BERTScore P/R/F) under \"examples\"."
+            | Summac _ -> "SummaC-ZS of each prediction against its document (needs --documents) with this NLI classifier folder (e.g. roberta-large-mnli)."
+            | Summac_Granularity _ -> "SummaC chunking: sentence (default), paragraph, 2sents, document, mixed, or DOC-SUMMARY such as paragraph-sentence."
+            | Summac_Conv _ -> "SummaC-Conv too, with these convolution weights: summac's published .bin (percentile bins, entailment) or a .safetensors written by the toolkit."
+            | Per_Example -> "with --json, also each example's scores (ROUGE F1, sentence BLEU, BERTScore P/R/F, SummaC) under \"examples\"."
 
 /// Runs the command (bad input: `InputErrors.guard` in `Cli.main` reports it, exit code 2).
 let run (args: ParseResults<ScoreArgs>) : int =
@@ -69,6 +75,20 @@ let run (args: ParseResults<ScoreArgs>) : int =
             BertScoreCommand.addBertScore dir (args.TryGetResult Bertscore_Layer) (args.Contains Bertscore_Idf)
                 (args.TryGetResult Bertscore_Baseline) predictions references report
         | None -> report
+    let report =
+        match args.TryGetResult Summac, documents with
+        | None, _ -> report
+        | Some _, None -> invalidArg "--summac" "SummaC scores predictions against their documents: give --documents"
+        | Some nliDir, Some docs ->
+            let cfg =
+                match Metrics.Consistency.Granularity.parse (args.GetResult(Summac_Granularity, "sentence")) with
+                | Ok (d, s) -> { Metrics.Consistency.defaults with DocumentGranularity = d; SummaryGranularity = s }
+                | Error e -> invalidArg "--summac-granularity" e
+            use nli = Metrics.Nli.load Metrics.Nli.defaults nliDir
+            let conv = args.TryGetResult Summac_Conv |> Option.map (fun f -> Metrics.SummaCConv.load Metrics.SummaCConv.defaults f, f)
+            let run = Metrics.SummaC.run cfg conv nli docs predictions
+            conv |> Option.iter (fun (m, _) -> m.Dispose())
+            Metrics.Scoring.withSummaC run report
     if args.Contains Json then printfn "%s" (Metrics.Scoring.toJsonWith (args.Contains Per_Example) report)
     else printf "%s" (Metrics.Scoring.formatTable report)
     0

@@ -107,6 +107,27 @@ let tests =
             badInput [ "report"; missing ] missing
             badInput [ "train"; "--router"; "hash"; "--k"; "2" ] "--k applies to --router topk, not hash"
 
+        testCase "score --summac: per-example SummaC in the JSON; an empty prediction or no --documents is bad input" <| fun () ->
+            match sharedData with
+            | None -> skiptest "needs ../shared/models/roberta-tiny-mnli beside the repository; absent in this clone"
+            | Some data ->
+                let nli = Path.Combine(data, "..", "models", "roberta-tiny-mnli")
+                let dir = Path.Combine(Path.GetTempPath(), "moe-launcher-tests", Guid.NewGuid().ToString("N"))
+                Directory.CreateDirectory dir |> ignore
+                try
+                    let write name (lines: string list) = File.WriteAllLines(Path.Combine(dir, name), lines); Path.Combine(dir, name)
+                    let docs = write "d.txt" [ "The cat sat on the mat all day. The dog slept in the warm sun." ]
+                    let refs = write "r.txt" [ "The cat sat on the mat." ]
+                    let preds = write "p.txt" [ "The dog slept in the sun." ]
+                    let code, output = moe [ "score"; "-p"; preds; "-r"; refs; "-d"; docs; "--summac"; nli; "--json"; "--per-example" ]
+                    Expect.equal code 0 (sprintf "./moe score --summac: exit code; output:\n%s" output)
+                    let json = Text.Json.JsonDocument.Parse(output.Trim().Split('\n') |> Array.last).RootElement
+                    let perExample = (json.GetProperty "examples").[0].GetProperty("summac_zs").GetDouble()
+                    Expect.equal (json.GetProperty("summac_zs").GetDouble()) perExample "one example: the mean is its score"
+                    badInput [ "score"; "-p"; write "e.txt" [ "" ]; "-r"; refs; "-d"; docs; "--summac"; nli ] "expected a non-empty summary"
+                    badInput [ "score"; "-p"; preds; "-r"; refs; "--summac"; nli ] "SummaC scores predictions against their documents: give --documents"
+                finally (try Directory.Delete(dir, true) with _ -> ())
+
         testCase "an unknown flag is an error naming it, also where a command takes paths" <| fun () ->
             let dir = Path.Combine(Path.GetTempPath(), "moe-launcher-tests", Guid.NewGuid().ToString("N"))
             Directory.CreateDirectory dir |> ignore

@@ -32,6 +32,7 @@ let all =
         TaggingDataTests.tests
         MetricsTests.tests
         BertScoreTests.tests
+        SummaCTests.tests
         TaggingTests.tests
         TrainTests.tests
         SummarizerTests.tests

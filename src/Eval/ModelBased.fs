@@ -1,7 +1,7 @@
 /// Model-based metrics whose models are plugged in: the exact aggregation math of BERTScore and SummaC-ZS over
 /// an encoder or NLI interface (no pretrained weights live in this repository, so these two are never faked).
 ///
-/// Legend: L tokens in one text, H embedding width, P premises, Q hypotheses.
+/// Legend: L tokens in one text, H embedding width, P document chunks (premises), Q summary chunks (hypotheses).
 namespace Moe.Metrics
 
 open System
@@ -101,10 +101,13 @@ module BertScore =
             | None -> s
             | Some b -> { Precision = rescale b.Precision s.Precision; Recall = rescale b.Recall s.Recall; F1 = rescale b.F1 s.F1 })
 
-/// NLI-based factual consistency as SummaC-ZS (Laban et al. 2022, "SummaC: Re-Visiting NLI-based Models for
-/// Inconsistency Detection in Summarization", section 3.1): an NLI model scores every (document sentence,
-/// summary sentence) pair; each summary sentence keeps its best premise (max over the P document sentences),
-/// and the summary's score is the mean over its Q sentences. The NLI model is an interface.
+/// NLI-based factual consistency as SummaC (Laban et al. 2022, "SummaC: Re-Visiting NLI-based Models for
+/// Inconsistency Detection in Summarization", sec. 3), following tingofurro/summac's `model_summac.py`: the document
+/// and the summary are cut into chunks at a granularity (`split_text`), an NLI model scores every (document chunk,
+/// summary chunk) pair, and the probabilities form an "image" [3; P; Q] (entailment, contradiction, neutral).
+/// SummaC-ZS (sec. 3.1, `SummaCZS.image2score`) reduces it: per summary chunk the maximum entailment over the
+/// document chunks minus the maximum contradiction (each reduced on its own, not the maximum of differences), then
+/// the mean over summary chunks. The NLI model is an interface; `Nli` implements it over a classifier checkpoint.
 module Consistency =
     /// An NLI model's class probabilities for one pair.
     type NliProbabilities = { Entailment: float; Neutral: float; Contradiction: float }
@@ -112,60 +115,257 @@ module Consistency =
     /// One premise-hypothesis pair.
     type NliPair = { Premise: string; Hypothesis: string }
 
-    /// A pretrained NLI classifier (SummaC's default is tals/albert-xlarge-vitaminc-mnli).
+    /// A pretrained NLI classifier seen through its three NLI classes (SummaC's default model card is
+    /// tals/albert-xlarge-vitaminc-mnli; its "mnli" card is roberta-large-mnli).
     type IEntailmentScorer =
         abstract Name: string
         /// Probabilities per pair, in order.
         abstract Score: pairs: NliPair[] -> NliProbabilities[]
 
-    /// SummaC-ZS settings.
+    /// An NLI classifier as it is stored: its label names (config.json's `id2label`, in id order) and a
+    /// probability per label for each pair.
+    type INliModel =
+        abstract Name: string
+        /// The label names in id order.
+        abstract Labels: string[]
+        /// One probability per label [labels] for each pair, in order.
+        abstract Probabilities: pairs: NliPair[] -> float[][]
+
+    /// Label names (lower-case) read as entailment: MNLI's and VitaminC's (`SUPPORTS`).
+    let entailmentNames = set [ "entailment"; "entailed"; "supports" ]
+    /// Label names read as contradiction: MNLI's and VitaminC's (`REFUTES`).
+    let contradictionNames = set [ "contradiction"; "contradicted"; "refutes" ]
+    /// Label names read as neutral: MNLI's and VitaminC's (`NOT ENOUGH INFO`).
+    let neutralNames = set [ "neutral"; "not enough info"; "not_enough_info" ]
+
+    /// The ids of entailment, contradiction and (when there is one) neutral among `labels`. Raises
+    /// `ArgumentException` naming `source` and the labels when entailment or contradiction is missing: a model whose
+    /// config.json says LABEL_0, LABEL_1, ... cannot be read as NLI without guessing. A third label with another
+    /// name is taken as neutral, as summac's `get_neutral_idx` does.
+    let labelIds (source: string) (labels: string[]) : int * int * int option =
+        let find (names: Set<string>) = labels |> Array.tryFindIndex (fun l -> names.Contains(l.Trim().ToLowerInvariant()))
+        match find entailmentNames, find contradictionNames with
+        | Some e, Some c ->
+            let n =
+                match find neutralNames with
+                | Some n -> Some n
+                | None when labels.Length = 3 -> Some(3 - e - c)
+                | None -> None
+            e, c, n
+        | _ ->
+            invalidArg "labels"
+                (sprintf "%s: expected NLI labels with an entailment (%s) and a contradiction (%s) class, got [%s]; set id2label in config.json"
+                    source (String.Join("/", entailmentNames)) (String.Join("/", contradictionNames)) (String.Join(", ", labels)))
+
+    /// Reads an `INliModel`'s probabilities as entailment, neutral and contradiction (`labelIds`; neutral is 0 for a
+    /// model without that class).
+    let entailmentScorer (model: INliModel) : IEntailmentScorer =
+        let e, c, n = labelIds model.Name model.Labels
+        { new IEntailmentScorer with
+            member _.Name = model.Name
+            member _.Score pairs =
+                let probs = model.Probabilities pairs
+                if probs.Length <> pairs.Length then
+                    invalidOp (sprintf "NLI model %s returned %d results for %d pairs" model.Name probs.Length pairs.Length)
+                probs |> Array.map (fun p ->
+                    if p.Length <> model.Labels.Length then
+                        invalidOp (sprintf "NLI model %s returned %d probabilities for %d labels" model.Name p.Length model.Labels.Length)
+                    { Entailment = p[e]; Contradiction = p[c]; Neutral = (match n with Some k -> p[k] | None -> 0.0) }) }
+
+    /// How a text is cut into chunks (summac's `granularity`).
+    type Granularity =
+        /// The whole text, one chunk.
+        | Document
+        /// Paragraphs: split at blank lines when there are any, else at line breaks.
+        | Paragraph
+        /// Sentences (the sentence splitter).
+        | Sentence
+        /// Each sentence joined with the next by a space (the last one alone): "2sents".
+        | TwoSentences
+        /// Sentences, then paragraphs.
+        | Mixed
+
+    /// Granularity names as summac spells them.
+    module Granularity =
+        let name (g: Granularity) =
+            match g with
+            | Document -> "document"
+            | Paragraph -> "paragraph"
+            | Sentence -> "sentence"
+            | TwoSentences -> "2sents"
+            | Mixed -> "mixed"
+
+        let private all = [ Document; Paragraph; Sentence; TwoSentences; Mixed ]
+
+        /// One name ("sentence": both sides) or "DOC-SUMMARY" ("paragraph-sentence"): the document's and the
+        /// summary's granularities, as summac's `granularity` argument.
+        let parse (text: string) : Result<Granularity * Granularity, string> =
+            let one (s: string) = all |> List.tryFind (fun g -> name g = s)
+            let expected = sprintf "expected one of %s, or two joined by '-' (document's, summary's)" (all |> List.map name |> String.concat ", ")
+            match (if isNull text then [||] else text.Split('-')) |> Array.map one with
+            | [| Some g |] -> Ok(g, g)
+            | [| Some d; Some s |] -> Ok(d, s)
+            | _ -> Error(sprintf "unknown SummaC granularity \"%s\": %s" text expected)
+
+    /// How chunk scores are reduced (summac's `op1` over document chunks, `op2` over summary chunks).
+    type Reduce =
+        | Max
+        | Mean
+        | Min
+
+    /// SummaC settings; `defaults` are summac's SummaC-ZS defaults at sentence granularity.
     type SummaCConfig =
-        { /// Count entailment probability (SummaC `use_ent`, default true).
+        { /// Count entailment probability (summac `use_ent`, default true).
           UseEntailment: bool
-          /// Count contradiction probability (SummaC `use_con`, default true).
+          /// Count contradiction probability (summac `use_con`, default true).
           UseContradiction: bool
-          /// Splits a text into its sentences (SummaC's "sentence" granularity uses NLTK's Punkt).
+          /// How the document is cut (the first half of summac's `granularity`).
+          DocumentGranularity: Granularity
+          /// How the summary is cut (the second half, or the same).
+          SummaryGranularity: Granularity
+          /// Sentence and paragraph chunks of at most this many characters are dropped (summac keeps `len > 10`).
+          MinChunkChars: int
+          /// Document chunks after this many are not scored (summac `max_doc_sents`, 100); counted in the image.
+          MaxDocumentChunks: int
+          /// Reduction over document chunks (summac `op1`, max).
+          OverDocument: Reduce
+          /// Reduction over summary chunks (summac `op2`, mean).
+          OverSummary: Reduce
+          /// Splits a text into its sentences (summac uses NLTK's Punkt; the default is `Sentences.split`).
           SplitSentences: Func<string, string[]> }
 
-    /// Splits after '.', '!' or '?' (and any closing quotes or brackets) followed by white space. A simple rule,
-    /// not Punkt: abbreviations such as "Mr. Smith" split; supply a better splitter through the config.
-    let splitSentences (text: string) : string[] =
-        Regex.Split(text.Trim(), @"(?<=[.!?][""'’”)\]]*)\s+") |> Array.filter (fun s -> s.Trim().Length > 0)
+    /// The rule-based splitter `Sentences.split` (its rules are documented there).
+    let splitSentences (text: string) : string[] = Moe.Sentences.split text
 
-    /// Entailment minus contradiction, the SummaC-ZS defaults.
-    let defaults = { UseEntailment = true; UseContradiction = true; SplitSentences = Func<string, string[]> splitSentences }
+    /// Entailment minus contradiction, max over the document, mean over the summary, sentence granularity (summac's
+    /// README settings for SummaC-ZS), chunks longer than 10 characters, at most 100 document chunks.
+    let defaults =
+        { UseEntailment = true
+          UseContradiction = true
+          DocumentGranularity = Sentence
+          SummaryGranularity = Sentence
+          MinChunkChars = 10
+          MaxDocumentChunks = 100
+          OverDocument = Max
+          OverSummary = Mean
+          SplitSentences = Func<string, string[]> splitSentences }
 
     /// Every problem with a config, all at once.
     let validate (cfg: SummaCConfig) : string list =
-        [ if not cfg.UseEntailment && not cfg.UseContradiction then "at least one of UseEntailment and UseContradiction must be true" ]
+        [ if not cfg.UseEntailment && not cfg.UseContradiction then "at least one of UseEntailment and UseContradiction must be true"
+          if cfg.MinChunkChars < 0 then sprintf "MinChunkChars must be >= 0, got %d" cfg.MinChunkChars
+          if cfg.MaxDocumentChunks < 1 then sprintf "MaxDocumentChunks must be >= 1, got %d" cfg.MaxDocumentChunks
+          if isNull cfg.SplitSentences then "SplitSentences must be a function, got null" ]
 
-    /// The score of one pair: e - c with both, e with entailment only, 1 - c with contradiction only.
-    let pairScore (cfg: SummaCConfig) (p: NliProbabilities) : float =
+    let private check (cfg: SummaCConfig) =
+        match validate cfg with
+        | [] -> ()
+        | problems -> invalidArg "cfg" (String.concat "; " problems)
+
+    /// The chunks of `text` at a granularity (summac's `split_text`): sentences and paragraphs of at most
+    /// `cfg.MinChunkChars` characters are dropped; "2sents" joins each kept sentence with the next by a space.
+    let chunks (cfg: SummaCConfig) (granularity: Granularity) (text: string) : string[] =
+        if isNull text then invalidArg "text" "expected a text, got null"
+        let keep (xs: string[]) = xs |> Array.filter (fun s -> s.Length > cfg.MinChunkChars)
+        let sentences () = keep (cfg.SplitSentences.Invoke text)
+        let paragraphs () =
+            let parts = if text.Contains "\n\n" then text.Split("\n\n") else text.Split('\n')
+            keep (parts |> Array.map (fun p -> p.Trim()))
+        match granularity with
+        | Document -> [| text |]
+        | Paragraph -> paragraphs ()
+        | Sentence -> sentences ()
+        | TwoSentences ->
+            let s = sentences ()
+            Array.init s.Length (fun i -> String.Join(" ", s[i .. min (i + 1) (s.Length - 1)]))
+        | Mixed -> Array.append (sentences ()) (paragraphs ())
+
+    /// One document-summary pair's NLI probabilities [P; Q] per class, with the chunks they came from. When either
+    /// side has no chunk, the image is summac's zero image [1; 1] and the chunk arrays are empty.
+    type Image =
+        { Entailment: float[,]
+          Contradiction: float[,]
+          Neutral: float[,]
+          DocumentChunks: string[]
+          SummaryChunks: string[]
+          /// Document chunks past `MaxDocumentChunks`, not scored.
+          DroppedDocumentChunks: int }
+
+    let private expectText (what: string) (i: int) (text: string) =
+        if isNull text || String.IsNullOrWhiteSpace text then
+            invalidArg what (sprintf "expected a non-empty %s, got an empty one at index %d (line %d)" what i (i + 1))
+
+    /// The images of N (document, summary) pairs, scoring all their chunk pairs in one call of `scorer` (summac's
+    /// `build_images`). Raises `ArgumentException` for an empty document or summary, naming its index.
+    let images (cfg: SummaCConfig) (scorer: IEntailmentScorer) (documents: string[]) (summaries: string[]) : Image[] =
+        check cfg
+        if documents.Length <> summaries.Length then
+            invalidArg "summaries" (sprintf "expected one summary per document, got %d documents and %d summaries" documents.Length summaries.Length)
+        documents |> Array.iteri (expectText "document")
+        summaries |> Array.iteri (expectText "summary")
+        let cut =
+            Array.map2 (fun d s ->
+                let all = chunks cfg cfg.DocumentGranularity d
+                let kept = Array.truncate cfg.MaxDocumentChunks all
+                kept, chunks cfg cfg.SummaryGranularity s, all.Length - kept.Length) documents summaries
+        let pairs =
+            [| for premises, hypotheses, _ in cut do
+                 for p in premises do
+                     for h in hypotheses -> { Premise = p; Hypothesis = h } |]
+        let probs = if pairs.Length = 0 then [||] else scorer.Score pairs
+        if probs.Length <> pairs.Length then
+            invalidOp (sprintf "NLI scorer %s returned %d results for %d pairs" scorer.Name probs.Length pairs.Length)
+        let mutable at = 0
+        [| for premises, hypotheses, dropped in cut ->
+             let p, q = premises.Length, hypotheses.Length
+             if p = 0 || q = 0 then
+                 { Entailment = Array2D.zeroCreate 1 1; Contradiction = Array2D.zeroCreate 1 1; Neutral = Array2D.zeroCreate 1 1
+                   DocumentChunks = [||]; SummaryChunks = [||]; DroppedDocumentChunks = dropped }
+             else
+                 let base' = at
+                 at <- at + p * q
+                 let channel (f: NliProbabilities -> float) = Array2D.init p q (fun i j -> f probs[base' + i * q + j])
+                 { Entailment = channel _.Entailment; Contradiction = channel _.Contradiction; Neutral = channel _.Neutral
+                   DocumentChunks = premises; SummaryChunks = hypotheses; DroppedDocumentChunks = dropped } |]
+
+    let private reduce (r: Reduce) (xs: float seq) =
+        match r with
+        | Max -> Seq.max xs
+        | Mean -> Seq.average xs
+        | Min -> Seq.min xs
+
+    /// The score of one summary chunk from its reduced entailment e and contradiction c: e - c with both, e with
+    /// entailment only, 1 - c with contradiction only (summac `image2score`).
+    let combine (cfg: SummaCConfig) (e: float) (c: float) : float =
         match cfg.UseEntailment, cfg.UseContradiction with
-        | true, true -> p.Entailment - p.Contradiction
-        | true, false -> p.Entailment
-        | false, true -> 1.0 - p.Contradiction
+        | true, true -> e - c
+        | true, false -> e
+        | false, true -> 1.0 - c
         | false, false -> invalidArg "cfg" "at least one of UseEntailment and UseContradiction must be true"
 
-    /// Max over premises (rows) then mean over hypotheses (columns) of a pair-score matrix [P, Q].
+    /// `combine` of one pair's probabilities (a document of one chunk).
+    let pairScore (cfg: SummaCConfig) (p: NliProbabilities) : float = combine cfg p.Entailment p.Contradiction
+
+    /// Each summary chunk's score [Q]: entailment and contradiction each reduced over the document chunks
+    /// (`OverDocument`), then combined.
+    let chunkScores (cfg: SummaCConfig) (image: Image) : float[] =
+        let p, q = Array2D.length1 image.Entailment, Array2D.length2 image.Entailment
+        Array.init q (fun j ->
+            let over (m: float[,]) = reduce cfg.OverDocument (seq { for i in 0 .. p - 1 -> m[i, j] })
+            combine cfg (over image.Entailment) (over image.Contradiction))
+
+    /// SummaC-ZS of one image: `chunkScores` reduced over the summary (`OverSummary`).
+    let zsScore (cfg: SummaCConfig) (image: Image) : float = reduce cfg.OverSummary (chunkScores cfg image)
+
+    /// Max over premises (rows) then mean over hypotheses (columns) of one score matrix [P, Q]; 0 when empty.
     let aggregate (scores: float[,]) : float =
         let p = Array2D.length1 scores
         let q = Array2D.length2 scores
         if p = 0 || q = 0 then 0.0
         else Seq.average (seq { for j in 0 .. q - 1 -> Seq.max (seq { for i in 0 .. p - 1 -> scores[i, j] }) })
 
-    /// SummaC-ZS consistency of a summary with its document, in [-1, 1] with the defaults; 0 when either has no
-    /// sentence.
+    /// SummaC-ZS consistency of a summary with its document, in [-1, 1] with the defaults. A side with no chunk
+    /// longer than `MinChunkChars` scores 0 (summac's zero image); an empty text raises `ArgumentException`.
     let summacZs (cfg: SummaCConfig) (scorer: IEntailmentScorer) (document: string) (summary: string) : float =
-        match validate cfg with
-        | [] -> ()
-        | problems -> invalidArg "cfg" (String.concat "; " problems)
-        let premises = cfg.SplitSentences.Invoke document
-        let hypotheses = cfg.SplitSentences.Invoke summary
-        if premises.Length = 0 || hypotheses.Length = 0 then 0.0
-        else
-            let pairs = [| for pr in premises do for h in hypotheses -> { Premise = pr; Hypothesis = h } |]
-            let probs = scorer.Score pairs
-            if probs.Length <> pairs.Length then
-                invalidOp (sprintf "NLI scorer %s returned %d results for %d pairs" scorer.Name probs.Length pairs.Length)
-            aggregate (Array2D.init premises.Length hypotheses.Length (fun i j -> pairScore cfg probs[i * hypotheses.Length + j]))
+        let image = (images cfg scorer [| document |] [| summary |])[0]
+        zsScore cfg image

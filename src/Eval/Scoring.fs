@@ -29,7 +29,9 @@ type ExampleScores =
       /// Sentence BLEU in [0, 100].
       SentenceBleu: float
       /// Present when documents were given.
-      Document: Abstractiveness.DocumentStats option }
+      Document: Abstractiveness.DocumentStats option
+      /// Present when SummaC was computed (`withSummaC`).
+      SummaC: SummaC.SummaCExample option }
 
 /// Corpus means of the document statistics.
 type DocumentReport =
@@ -43,6 +45,12 @@ type DocumentReport =
 /// BERTScore of a corpus (`BertScorer.score`): the per-pair scores with their settings, and the corpus means with
 /// bootstrap intervals (resampled with the report's settings, so with the same index sets as its other columns).
 type BertScoreReport = { Run: BertScorer.BertScoreRun; Estimate: PrfEstimate }
+/// SummaC over a corpus: corpus means with bootstrap intervals, and how they were computed.
+type SummaCReport =
+    { Run: SummaC.SummaCRun
+      Zs: Estimate
+      /// Present when convolution weights were given.
+      Conv: Estimate option }
 
 /// The scores of a whole corpus.
 type ScoreReport =
@@ -60,7 +68,9 @@ type ScoreReport =
       Document: DocumentReport option
       Examples: ExampleScores[]
       /// BERTScore, when a model was given (`withBertScore`).
-      BertScore: BertScoreReport option }
+      BertScore: BertScoreReport option
+      /// Present when SummaC was computed (`withSummaC`).
+      SummaC: SummaCReport option }
 
 /// Corpus scoring and its printed forms, opened with `Moe.Metrics`.
 [<AutoOpen>]
@@ -86,7 +96,8 @@ module Scoring =
             Array.init n (fun i ->
                 { Rouge = Rouge.scoreAll opts.Stem references[i] predictions[i]
                   SentenceBleu = (Bleu.fromStatistics sentenceCfg stats[i]).Score
-                  Document = documents |> Option.map (fun d -> Abstractiveness.score predictions[i] d[i]) })
+                  Document = documents |> Option.map (fun d -> Abstractiveness.score predictions[i] d[i])
+                  SummaC = None })
         // Every per-example measure becomes one column [N]; all columns are resampled together.
         let columns = ResizeArray<float[]>()
         let add (f: ExampleScores -> float) =
@@ -126,7 +137,8 @@ module Scoring =
                   Coverage = estimate coverage
                   Density = estimate density })
           Examples = examples
-          BertScore = None }
+          BertScore = None
+          SummaC = None }
 
     /// The report with BERTScore added: its per-pair scores (one per example, in order) and their means with
     /// bootstrap intervals drawn with the report's bootstrap settings.
@@ -166,7 +178,7 @@ module Scoring =
         w.WriteEndObject()
 
     /// Each example's scores as a JSON array (`moe score --json --per-example`): ROUGE F1s, sentence BLEU and,
-    /// when computed, BERTScore's precision, recall and f1, in input order.
+    /// when computed, BERTScore's precision, recall and f1 and SummaC's scores, in input order.
     let private writeExamples (w: Utf8JsonWriter) (report: ScoreReport) =
         w.WriteStartArray()
         report.Examples |> Array.iteri (fun i e ->
@@ -184,16 +196,48 @@ module Scoring =
                 w.WriteNumber("f1", s.F1)
                 w.WriteEndObject()
             | None -> ()
+            e.SummaC |> Option.iter (fun s ->
+                w.WriteNumber("summac_zs", s.Zs)
+                s.Conv |> Option.iter (fun c -> w.WriteNumber("summac_conv", c)))
             w.WriteEndObject())
         w.WriteEndArray()
+
+    /// The report with SummaC's per-example scores and their corpus means with bootstrap intervals (the report's
+    /// bootstrap settings; with the same seed and N the resamples are the ones the other metrics drew).
+    let withSummaC (run: SummaC.SummaCRun) (report: ScoreReport) : ScoreReport =
+        if run.Examples.Length <> report.N then
+            invalidArg "run" (sprintf "expected SummaC scores for the report's %d examples, got %d" report.N run.Examples.Length)
+        let zs = run.Examples |> Array.map _.Zs
+        let conv = if run.Examples |> Array.forall (fun e -> e.Conv.IsSome) then Some(run.Examples |> Array.map (fun e -> e.Conv.Value)) else None
+        let columns = Array.append [| zs |] (Option.toArray conv)
+        let intervals = Bootstrap.intervals report.Options.Bootstrap columns
+        let estimate k = { Mean = Array.average columns[k]; Low = intervals[k].Low; Mid = intervals[k].Mid; High = intervals[k].High }
+        { report with
+            SummaC = Some { Run = run; Zs = estimate 0; Conv = conv |> Option.map (fun _ -> estimate 1) }
+            Examples = Array.map2 (fun (e: ExampleScores) s -> { e with SummaC = Some s }) report.Examples run.Examples }
+
+    /// "summac_zs" and "summac_conv" (corpus means) and "summac_counts" (pairs, truncated pairs, summaries without a
+    /// chunk, document chunks not scored) when SummaC was computed.
+    let private writeSummaC (w: Utf8JsonWriter) (report: ScoreReport) =
+        match report.SummaC with
+        | None -> ()
+        | Some s ->
+            w.WriteNumber("summac_zs", s.Zs.Mean)
+            s.Conv |> Option.iter (fun c -> w.WriteNumber("summac_conv", c.Mean))
+            w.WriteStartObject("summac_counts")
+            w.WriteNumber("pairs", s.Run.Pairs)
+            w.WriteNumber("truncated_pairs", s.Run.TruncatedPairs)
+            w.WriteNumber("summaries_without_chunks", s.Run.SummariesWithoutChunks)
+            w.WriteNumber("dropped_document_chunks", s.Run.DroppedDocumentChunks)
+            w.WriteEndObject()
 
     /// The report as the JSON object `moe score --json` prints and runs store in test_scores.json:
     /// {"n", "rouge1"/"rouge2"/"rougeL"/"rougeLsum": {"precision", "recall", "f1"}, "bleu"} and, with documents,
     /// "compression", "extractiveness" and "novel_ngrams": {"1" .. "4"}. ROUGE are fractions in [0, 1]: the exact
     /// mean of the per-example scores (rouge-score's `BootstrapAggregator` reports the median of resampled means
     /// as "mid", which differs from this mean by resampling noise; the report keeps it as `Mid`). BLEU is corpus
-    /// BLEU in [0, 100].
-    /// With `perExample`, each example's scores follow under "examples" (`writeExamples`).
+    /// BLEU in [0, 100]. With BERTScore: "bertscore"; with SummaC: "summac_zs", "summac_conv" and "summac_counts";
+    /// with `perExample`, each example's scores follow under "examples" (`writeExamples`).
     let toJsonWith (perExample: bool) (report: ScoreReport) : string =
         use stream = new MemoryStream()
         let w = new Utf8JsonWriter(stream, JsonWriterOptions(Indented = false))
@@ -219,6 +263,7 @@ module Scoring =
             d.NovelNgrams |> Array.iteri (fun k e -> w.WriteNumber(string (k + 1), e.Mean))
             w.WriteEndObject()
         report.BertScore |> Option.iter (writeBertScore w)
+        writeSummaC w report
         if perExample then
             w.WritePropertyName("examples")
             writeExamples w report
@@ -269,6 +314,15 @@ module Scoring =
                     r.Model r.Layer r.LayerSource (if r.UseIdf then "on" else "off")
                     (match r.Baseline with Some(f, _) -> "rescaled with " + f | None -> "not rescaled")
                     r.TruncatedCandidates r.TruncatedReferences r.MaxLength)
+        match report.SummaC with
+        | None -> ()
+        | Some s ->
+            row "summac-zs" "mean" s.Zs
+            s.Conv |> Option.iter (row "summac-conv" "mean")
+            line ""
+            line (sprintf "SummaC: NLI %s, granularity %s%s; %d pairs, %d cut to %d tokens, %d summaries without a chunk over the minimum length (scored 0), %d document chunks past the limit not scored"
+                    s.Run.Model s.Run.Granularity (match s.Run.ConvWeights with Some f -> ", convolution " + f | None -> "")
+                    s.Run.Pairs s.Run.TruncatedPairs s.Run.MaxTokens s.Run.SummariesWithoutChunks s.Run.DroppedDocumentChunks)
         sb.ToString()
 
 

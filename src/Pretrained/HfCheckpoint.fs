@@ -258,6 +258,18 @@ let openWeights (folder: string) : WeightSource =
             | (n, shard) :: _ -> invalidArg "folder" (sprintf "checkpoint index %s maps %s to %s, which has no such tensor" index n shard)
         pickledSource folder [ index ] (map |> List.map (snd >> at) |> List.distinct) pick
 
+/// One weights file rather than a folder: a `.safetensors` file, or anything else as a PyTorch `torch.save` state
+/// dict in the zip format (e.g. summac's published `summac_conv_vitc_sent_perc_e.bin`), indexed as `openWeights`
+/// indexes a folder's files.
+let openWeightFile (path: string) : WeightSource =
+    if not (File.Exists path) then invalidArg "path" (sprintf "weights file %s does not exist" path)
+    let full = Path.GetFullPath path
+    let folder = Path.GetDirectoryName full
+    if full.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase) then
+        let h = Safetensors.openHeader full
+        safetensorsSource folder [ full ] [ for e in h.Entries -> h, e ]
+    else pickledSource folder [] [ full ] id
+
 // ---------------------------------------------------------------- loading into a model
 
 /// How `loadInto` maps a model onto a checkpoint.

@@ -299,6 +299,8 @@ let private columnDefs : ColumnDef[] =
        scoreColumn "ROUGE-L F1" rouge "rougeL" 100.0
        scoreColumn "BLEU" "corpus BLEU (0-100) on the test set, as sacreBLEU" "bleu" 1.0
        scoreColumn "BERTScore F1" "BERTScore F1 × 100 on the test set, as bert_score (model and layer in the run's test_scores.json)" "bertscore" 100.0
+       scoreColumn "SummaC-ZS" "SummaC-ZS factual consistency with the document (entailment minus contradiction, -1 to 1; Laban et al. 2022); brackets: 95% bootstrap interval" "summac_zs" 1.0
+       scoreColumn "SummaC-Conv" "SummaC-Conv probability that the summary is consistent with its document (0 to 1); brackets: 95% bootstrap interval" "summac_conv" 1.0
        trainingColumn
            { Header = "valid loss"; Better = Lower; Scale = 1.0; Decimals = 3
              Explanation = "lowest validation loss (the checkpoint decoded for the test); hover for its step" }

@@ -428,6 +428,11 @@ let testScoresJson (systems: (string * Metrics.ScoreReport)[]) : string =
             interval "compression" d.Compression
             interval "extractiveness" d.Extractiveness
         | None -> ()
+        match report.SummaC with
+        | Some s ->
+            interval "summac_zs" s.Zs
+            s.Conv |> Option.iter (interval "summac_conv")
+        | None -> ()
         w.WriteEndObject()
     w.WriteEndObject()
     w.Flush()

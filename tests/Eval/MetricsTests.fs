@@ -434,7 +434,7 @@ let private consistency =
             close MTol.exact (score "The dog slept.") 1.0 "entailed by the second sentence"
             close MTol.exact (score "The cat did not sit.") -1.0 "contradicted by both"
             close MTol.exact (score "The cat sat. A bird sang.") 0.5 "(1 + 0) / 2"
-            close MTol.exact (score "") 0.0 "no sentence"
+            Expect.throwsT<ArgumentException> (fun () -> score "" |> ignore) "an empty summary is an error"
         testCase "the default sentence splitter" <| fun () ->
             Expect.equal (Consistency.splitSentences "Hello there. How are you? \"Fine!\" Good") [| "Hello there."; "How are you?"; "\"Fine!\""; "Good" |] "split"
     ]
