@@ -35,6 +35,7 @@ Moe.Startup.initialise ()
 #load "../src/Pretrained/Safetensors.fs"
 #load "../src/Pretrained/HfCheckpoint.fs"
 #load "../src/Pretrained/Gpt2.fs"
+#load "../src/Pretrained/Gpt2Moe.fs"
 #load "../src/Pretrained/Bart.fs"
 #load "../src/Pretrained/Pegasus.fs"
 #load "../src/Pretrained/T5.fs"

@@ -16,6 +16,7 @@ let all =
         GenerateTests.tests
         HfCheckpointTests.tests
         Gpt2Tests.tests
+        Gpt2MoeTests.tests
         BartTests.tests
         T5Tests.tests
         SwitchTests.tests
