@@ -55,6 +55,7 @@ Moe.Startup.initialise ()
 #load "../src/Text/Conll.fs"
 #load "../src/Text/Squad.fs"
 #load "../src/Text/Glove.fs"
+#load "../src/Text/Nli.fs"
 #load "../src/Eval/Basics.fs"
 #load "../src/Eval/Porter.fs"
 #load "../src/Eval/Rouge.fs"

@@ -28,6 +28,7 @@ let all =
         HfTokenizerTests.tests
         ChatTemplateTests.tests
         TaggingDataTests.tests
+        NliTests.tests
         MetricsTests.tests
         TaggingTests.tests
         TrainTests.tests

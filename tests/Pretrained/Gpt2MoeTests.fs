@@ -54,20 +54,17 @@ let private upcycleTests =
                 let out = m.Run(ids, None)
                 for _, r in out.Routings do Expect.sequenceEqual r.Experts.shape [| 18L; 1L |] "one expert per token"
 
-        testCase "r = 0 upcycling of the shared tiny GPT-2 keeps its logits" <| fun () ->
-            match sharedData with
-            | None -> skiptest "../shared is absent: the tiny GPT-2 checkpoint is in ../shared/models"
-            | Some data ->
-                let dir = Path.Combine(Path.GetDirectoryName data, "models", "gpt2-tiny-hf")
-                use d = loadDenseFolder dir
-                d.eval ()
-                use ids = torch.randint (1000L, [| 1L; 12L |], generator = gen 5)
-                use expected = d.forward ids
-                let m, _ = dropUpcycle { DropUpcycleConfig.defaults with Router = renormalisedTop1 8; DropRatio = 0.0 } d
-                use m = m
-                m.eval ()
-                use logits = m.Logits ids
-                Expect.isLessThan (maxDiff logits expected) sameFunction "logits equal the dense model's"
+        testWithShared "r = 0 upcycling of the shared tiny GPT-2 keeps its logits" (fun data ->
+            let dir = Path.Combine(Path.GetDirectoryName data, "models", "gpt2-tiny-hf")
+            use d = loadDenseFolder dir
+            d.eval ()
+            use ids = torch.randint (1000L, [| 1L; 12L |], generator = gen 5)
+            use expected = d.forward ids
+            let m, _ = dropUpcycle { DropUpcycleConfig.defaults with Router = renormalisedTop1 8; DropRatio = 0.0 } d
+            use m = m
+            m.eval ()
+            use logits = m.Logits ids
+            Expect.isLessThan (maxDiff logits expected) sameFunction "logits equal the dense model's")
 
         testCase "r > 0: exactly round(r H) units per expert redrawn with the original mean and std, the rest copied" <| fun () ->
             let cfg = { Gpt2Config.tiny with Embd = 32; Heads = 2; Layers = 2 }
