@@ -38,6 +38,7 @@ let all =
         LoraTests.tests
         BenchTests.tests
         LstmMoeTests.tests
+        SmallGpt2Tests.tests
         ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests
