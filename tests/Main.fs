@@ -40,6 +40,8 @@ let all =
         LoraTests.tests
         BenchTests.tests
         LstmMoeTests.tests
+        SmallGpt2Tests.tests
+        DropUpcycleTests.tests
         ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests

@@ -358,6 +358,14 @@ let lmLosses (model: Gpt2MoeModel) (ids: Tensor) : Tensor * Tensor =
 
 // ---------------------------------------------------------------- sequence classification
 
+/// A routing's tensors moved to the enclosing dispose scope.
+let private moveOut (r: Routing) : Routing =
+    let out (t: Tensor) = t.MoveToOuterDisposeScope()
+    { r with
+        Experts = out r.Experts; Weights = out r.Weights; Kept = out r.Kept; Probs = Option.map out r.Probs
+        Logits = Option.map out r.Logits; Gates = out r.Gates; LoadProbability = Option.map out r.LoadProbability
+        Stats = { TokensPerExpert = out r.Stats.TokensPerExpert; DroppedFraction = out r.Stats.DroppedFraction; RouterEntropy = out r.Stats.RouterEntropy } }
+
 /// transformers' GPT2ForSequenceClassification: `transformer` (a `Gpt2MoeModel`, dense or MoE) and `score`,
 /// a linear map [L; D] without bias, applied to the hidden state of each row's last non-pad token. That token
 /// is found as transformers finds it: the first pad id in the row, minus one, modulo S, so a row without pad
@@ -401,12 +409,7 @@ type Gpt2ForSequenceClassification(transformer: Gpt2MoeModel, labels: int, padTo
         let rows = arange 0L ids.shape[0] torch.ScalarType.Int64 ids.device // [B]
         let last = out.Hidden.index ([| rows; idx |]) // [B; D]
         let logits = score.forward last // [B; L]
-        let routings =
-            [ for i, r in out.Routings ->
-                i, { r with
-                       Experts = r.Experts.MoveToOuterDisposeScope(); Weights = r.Weights.MoveToOuterDisposeScope()
-                       Kept = r.Kept.MoveToOuterDisposeScope(); Probs = r.Probs |> Option.map (fun t -> t.MoveToOuterDisposeScope()) } ]
-        logits.MoveToOuterDisposeScope(), routings
+        logits.MoveToOuterDisposeScope(), [ for i, r in out.Routings -> i, moveOut r ]
 
 // ---------------------------------------------------------------- loading
 
