@@ -355,17 +355,16 @@ let private runModel (opts: DropUpcycleOptions) (s: Settings) (name: string) (mo
 
 // ---------------------------------------------------------------- the study
 
-/// The base model's folder: `--model`, or a small GPT-2 pretrained on the web text (once; reused afterwards).
+/// The base model's folder: `--model`, or a small GPT-2 pretrained on the web text once into
+/// RunsDir/gpt2-small-c4-quick (the folder `scripts/peft_gpt2.fsx` uses too, so the studies share it).
 let baseFolder (opts: DropUpcycleOptions) (s: Settings) : string * string =
     match opts.Model with
     | Some dir -> Path.GetFullPath dir, sprintf "GPT-2 from %s" dir
     | None ->
-        let name = match opts.Scale with Smoke -> "small_gpt2_smoke" | _ -> "small_gpt2"
-        let folder = Path.Combine(opts.RunsDir, name, "hf")
-        let runDir = Path.Combine(opts.RunsDir, name, "pretrain")
-        let dir = SmallGpt2.ensure { RunOptions.Defaults with Progress = progressOf opts } s.Base opts.WebText opts.Bpe runDir folder
+        let folder = Path.Combine(opts.RunsDir, match opts.Scale with Smoke -> "gpt2-small-c4-smoke-2-blocks" | _ -> "gpt2-small-c4-quick")
+        let dir = SmallGpt2.ensure { RunOptions.Defaults with Progress = progressOf opts } s.Base opts.WebText opts.Bpe (folder + "-run") folder
         let m = s.Base.Model
-        dir, sprintf "small GPT-2 pretrained here on %s (D = %d, %d layers, %d heads; %d steps)" (Path.GetFileName opts.WebText) m.Embd m.Layers m.Heads s.Base.Train.Steps
+        dir, sprintf "small GPT-2 pretrained here on %s (D = %d, %d blocks, %d heads; %d steps; %s)" (Path.GetFileName opts.WebText) m.Embd m.Layers m.Heads s.Base.Train.Steps dir
 
 /// The whole study: tables, report page of the four runs, and a figure of accuracy per language and the
 /// MoE's expert shares by language and by label per MoE layer.
