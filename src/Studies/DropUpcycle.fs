@@ -334,8 +334,10 @@ let private runModel (opts: DropUpcycleOptions) (s: Settings) (name: string) (mo
                         let at = (j * width + pos) * k + slot
                         if kept[at] = 1L then
                             let ex = int experts[at]
-                            byLang[layer][langIndex[p.Language]][ex] <- byLang[layer][langIndex[p.Language]][ex] + 1.0
-                            byLabel[layer][p.Label][ex] <- byLabel[layer][p.Label][ex] + 1.0
+                            let languageRow = byLang[layer].[langIndex[p.Language]]
+                            let labelRow = byLabel[layer].[p.Label]
+                            languageRow[ex] <- languageRow[ex] + 1.0
+                            labelRow[ex] <- labelRow[ex] + 1.0
     let outcome =
         { Name = name
           ContinuedRun = Path.GetFullPath continuedDir
