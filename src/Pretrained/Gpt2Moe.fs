@@ -296,7 +296,7 @@ let copyDropUpcycled (ratio: float) (seed: int) (dense: Gpt2Model) (target: Gpt2
             | true, s -> p.copy_ s |> ignore
             | _ -> invalidArg "dense" (sprintf "expected the dense GPT-2 to have %s, but it does not" n)
     let rng = Random seed
-    let gen = torch.Generator(uint64 seed)
+    use gen = new torch.Generator(uint64 seed)
     let units =
         [ for i, (d, t) in List.indexed (List.zip dense.Blocks target.Blocks) do
             if t.IsMoe then
