@@ -16,6 +16,7 @@ let all =
         GenerateTests.tests
         HfCheckpointTests.tests
         Gpt2Tests.tests
+        Gpt2MoeTests.tests
         BartTests.tests
         T5Tests.tests
         SwitchTests.tests
@@ -30,6 +31,7 @@ let all =
         WordPieceTests.tests
         ChatTemplateTests.tests
         TaggingDataTests.tests
+        NliTests.tests
         MetricsTests.tests
         BertScoreTests.tests
         SummaCTests.tests
@@ -47,6 +49,8 @@ let all =
         LstmMoeTests.tests
         GatingSwitchTests.tests
         MoeLmRoutingTests.tests
+        SmallGpt2Tests.tests
+        DropUpcycleTests.tests
         ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests
