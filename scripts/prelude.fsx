@@ -92,6 +92,7 @@ Moe.Startup.initialise ()
 #load "../src/Studies/Experiments.fs"
 #load "../src/Studies/LstmMoe.fs"
 #load "../src/Studies/SmallGpt2.fs"
+#load "../src/Studies/PeftGpt2.fs"
 #load "../src/Bench/Measure.fs"
 #load "../src/Bench/Reference.fs"
 #load "../src/Bench/Layer.fs"

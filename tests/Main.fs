@@ -39,6 +39,7 @@ let all =
         BenchTests.tests
         LstmMoeTests.tests
         SmallGpt2Tests.tests
+        PeftGpt2Tests.tests
         ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests
