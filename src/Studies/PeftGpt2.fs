@@ -52,8 +52,8 @@ type PeftGpt2Model(baseModel: Gpt2Model, virtualTokens: int, untieHead: bool) as
     let wpe : Embedding = moduleAt "wpe"
     let lnF : LayerNorm = moduleAt "ln_f"
     let blocks = baseModel.Blocks |> List.toArray
-    let ln1 = Array.init blocks.Length (fun i -> moduleAt<LayerNorm> (sprintf "h.%d.ln_1" i))
-    let ln2 = Array.init blocks.Length (fun i -> moduleAt<LayerNorm> (sprintf "h.%d.ln_2" i))
+    let ln1 : LayerNorm[] = Array.init blocks.Length (fun i -> moduleAt (sprintf "h.%d.ln_1" i))
+    let ln2 : LayerNorm[] = Array.init blocks.Length (fun i -> moduleAt (sprintf "h.%d.ln_2" i))
     let dh = int64 (cfg.Embd / cfg.Heads)
     // Parameters named like their keys so that Module.to replaces them.
     let mutable prompt : Parameter =
