@@ -108,6 +108,7 @@ Moe.Startup.initialise ()
 #load "../src/Studies/MoeLmRouting.fs"
 #load "../src/Studies/SmallGpt2.fs"
 #load "../src/Studies/DropUpcycle.fs"
+#load "../src/Studies/PeftGpt2.fs"
 #load "../src/Bench/Measure.fs"
 #load "../src/Bench/Reference.fs"
 #load "../src/Bench/Layer.fs"

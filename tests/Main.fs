@@ -51,6 +51,7 @@ let all =
         MoeLmRoutingTests.tests
         SmallGpt2Tests.tests
         DropUpcycleTests.tests
+        PeftGpt2Tests.tests
         ToolkitTests.tests
         ScriptsTests.tests
         LauncherTests.tests
