@@ -303,7 +303,11 @@ let padId (lm: HfCausalLM.HfCausalLM) (tokenizer: HfTokenizer.HfTokenizer option
 
 /// The training loss of a batch: the family's own loss, or with `recompute` the recomputed one (same value).
 let batchLoss (lm: HfCausalLM.HfCausalLM) (recompute: bool) (ids: Tensor) (mask: Tensor) (labels: Tensor) : Tensor * LayerReport list =
-    if recompute && lm.Module.training then recomputedLoss lm.Module ids mask labels, [] else lm.Loss ids mask labels
+    if recompute && lm.Module.training then
+        match lm.Decoder with
+        | Some decoder -> recomputedLoss decoder ids mask labels, []
+        | None -> invalidOp (sprintf "activation recomputation is built for the Llama-layout decoders (llama, qwen2), not model_type %s" lm.ModelType)
+    else lm.Loss ids mask labels
 
 /// The fine-tuning task (as `Finetune.task`: shuffled by (seed, epoch), validation in order).
 let task (cfg: InstructConfig) (lm: HfCausalLM.HfCausalLM) (pad: int) (prepared: Prepared) (device: torch.Device) : TrainTask<int[]> =

@@ -129,7 +129,7 @@ let tests =
             use lm = HfCausalLM.load cfg.Finetune.Model
             attachLora (lora 2) decoderTargets lm |> ignore
             let ids, mask, labels = collate 0 [| e |]
-            let out = lm.Module.Forward(ids, mask, null, Unchecked.defaultof<DecoderCache>, labels)
+            let out = lm.Decoder.Value.Forward(ids, mask, null, Unchecked.defaultof<DecoderCache>, labels)
             let grads = torch.autograd.grad([| out.Loss.Value |], [| out.Logits |], retain_graph = true)
             let perPosition = grads[0].abs().sum(-1L).squeeze(0L) // [L]
             let g = [| for i in 0L .. perPosition.shape[0] - 1L -> perPosition[i].item<float32> () |]
