@@ -62,15 +62,23 @@ let all =
 /// Every test case's full name while it runs, with its start time: the watchdog's view of the run.
 let private running = Collections.Concurrent.ConcurrentDictionary<string, DateTime>()
 
-/// Wraps every test case so that `running` holds it from start to end.
+/// Each finished test case's wall time, for `--slowest N`.
+let private durations = Collections.Concurrent.ConcurrentDictionary<string, TimeSpan>()
+
+let private finished (name: string) =
+    match running.TryRemove name with
+    | true, start -> durations[name] <- DateTime.UtcNow - start
+    | false, _ -> ()
+
+/// Wraps every test case so that `running` holds it from start to end and `durations` gets its time.
 let rec private tracked (path: string) (test: Test) : Test =
     let around (name: string) (body: unit -> 'a) : 'a =
         running[name] <- DateTime.UtcNow
-        try body () finally running.TryRemove name |> ignore
+        try body () finally finished name
     let aroundAsync (name: string) (body: Async<unit>) : Async<unit> =
         async {
             running[name] <- DateTime.UtcNow
-            try do! body finally running.TryRemove name |> ignore }
+            try do! body finally finished name }
     match test with
     | TestCase (Sync f, state) -> TestCase(Sync(fun () -> around path f), state)
     | TestCase (SyncWithCancel f, state) -> TestCase(SyncWithCancel(fun ct -> around path (fun () -> f ct)), state)
@@ -140,10 +148,22 @@ let main argv =
         Threading.Thread(collect, IsBackground = true, Name = "gc-stress").Start()
     let argv = argv |> Array.filter (fun a -> a <> "--parallel" && a <> "--gc-stress")
     let limit, argv = hangLimit argv
+    // --slowest N: after the run, the N slowest test cases with their wall times (on stderr).
+    let slowest, argv =
+        match argv |> Array.tryFindIndex ((=) "--slowest") with
+        | None -> 0, argv
+        | Some i ->
+            match Array.tryItem (i + 1) argv |> Option.map Int32.TryParse with
+            | Some (true, n) when n > 0 -> n, Array.append argv[.. i - 1] argv[i + 2 ..]
+            | _ -> failwithf "--slowest expects a positive count, got %A" (Array.tryItem (i + 1) argv)
     startWatchdog limit
     let code = runTestsWithCLIArgs (Append_Summary_Handler capture :: quiet @ sequenced) argv (tracked "" all)
     stopCollecting.Cancel()
     if stress then eprintfn "gc-stress: %d full collections during the run" (GC.CollectionCount 2)
+    if slowest > 0 then
+        eprintfn "slowest %d test cases:" slowest
+        for kv in durations.ToArray() |> Array.sortByDescending (fun kv -> kv.Value) |> Array.truncate slowest do
+            eprintfn "  %6.1f s  %s" kv.Value.TotalSeconds kv.Key
     Console.Out.Flush()
     // Written to the raw stream: Expecto's console writer pads lines it did not start.
     use stdout = Console.OpenStandardOutput()

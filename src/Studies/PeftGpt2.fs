@@ -113,7 +113,7 @@ type PeftGpt2Model(baseModel: Gpt2Model, virtualTokens: int, untieHead: bool) as
         let past = l - queries
         // key j is visible to query i when it is real and j <= past + i (causal)
         let keyIdx = arange 0L l torch.ScalarType.Int64 ids.device // [L]
-        let queryIdx = withInt64Scalar past (fun p -> (arange 0L queries torch.ScalarType.Int64 ids.device).add p) // [N + T]
+        let queryIdx = arange past l torch.ScalarType.Int64 ids.device // [N + T]: past .. past + queries - 1
         let causal = keyIdx.unsqueeze(0L).le(queryIdx.unsqueeze 1L) // [N + T; L]
         let blocked = causal.unsqueeze(0L).logical_and(valid.unsqueeze 1L).logical_not().unsqueeze 1L // [B; 1; N + T; L]
         for i in 0 .. blocks.Length - 1 do
