@@ -191,7 +191,9 @@ type BaselineConfig =
       Task: string
       /// Porter-stem tokens for ROUGE, as the main job.
       Stem: bool
-      BootstrapSamples: int }
+      BootstrapSamples: int
+      /// BERTScore and SummaC of the predictions (`--bertscore`, `--summac`): off until a model folder is given.
+      Eval: Metrics.ModelMetricsConfig }
 
 module BaselineConfig =
     /// The default run name for a checkpoint folder: baseline-<folder name>.
@@ -213,7 +215,8 @@ module BaselineConfig =
           SourcePrefix = None
           Task = "summarization"
           Stem = Summarizer.SummarizerConfig.defaults.Stem
-          BootstrapSamples = Summarizer.SummarizerConfig.defaults.BootstrapSamples }
+          BootstrapSamples = Summarizer.SummarizerConfig.defaults.BootstrapSamples
+          Eval = Metrics.ModelMetrics.defaults }
 
     /// Every problem with the config, empty when usable.
     let validate (cfg: BaselineConfig) : string list =
@@ -223,7 +226,9 @@ module BaselineConfig =
           match cfg.Limit with Some n when n < 1 -> sprintf "limit must be >= 1, got %d" n | _ -> ()
           if cfg.BatchSize < 1 then sprintf "batch size must be >= 1, got %d" cfg.BatchSize
           if String.IsNullOrWhiteSpace cfg.Name then "the run's name is empty"
-          if cfg.BootstrapSamples < 1 then sprintf "bootstrap samples must be >= 1, got %d" cfg.BootstrapSamples ]
+          if cfg.BootstrapSamples < 1 then sprintf "bootstrap samples must be >= 1, got %d" cfg.BootstrapSamples
+          // checked before the checkpoint is loaded or any document decoded
+          yield! Metrics.ModelMetrics.problems (fun field -> "Eval." + field) cfg.Eval ]
 
 /// The file in the run folder that says what produced it (model folder, model_type, generation settings, timing).
 let recordName = "baseline.json"
@@ -267,14 +272,17 @@ let private recordJson (cfg: BaselineConfig) (p: Pretrained) (result: BaselineRe
     Json.format o
 
 /// Writes a zero-shot run's files into `runDir` and scores them as the main job does: predictions.txt (the
-/// generated texts, trimmed), references.txt, documents.txt, ids.txt and test_scores.json (model and lead-1).
-let writeScored (cfg: BaselineConfig) (runDir: string) (xs: Example[]) (outs: Generated[]) : Summarizer.TestScores =
+/// generated texts, trimmed), references.txt, documents.txt, ids.txt and test_scores.json (model and lead-1, with
+/// the model's BERTScore and SummaC where `cfg.Eval` names their models; `say` gets what was not computed and why).
+let writeScored (say: string -> unit) (cfg: BaselineConfig) (runDir: string) (xs: Example[]) (outs: Generated[]) : Summarizer.TestScores =
     let predictions = outs |> Array.map (fun g -> (defaultArg g.Text "").Trim())
     Summarizer.writeLines (Path.Combine(runDir, "predictions.txt")) predictions
     Summarizer.writeLines (Path.Combine(runDir, "references.txt")) (xs |> Array.map (fun e -> e.Summary))
     Summarizer.writeLines (Path.Combine(runDir, "documents.txt")) (xs |> Array.map (fun e -> e.Document))
     Summarizer.writeLines (Path.Combine(runDir, "ids.txt")) (xs |> Array.map (fun e -> e.Id))
-    let scores = Summarizer.score { Summarizer.SummarizerConfig.defaults with Stem = cfg.Stem; BootstrapSamples = cfg.BootstrapSamples } predictions xs
+    let scores, notes =
+        Summarizer.scoreWithNotes { Summarizer.SummarizerConfig.defaults with Stem = cfg.Stem; BootstrapSamples = cfg.BootstrapSamples; Eval = cfg.Eval } predictions xs
+    for n in notes do say n
     Summarizer.writeText (Path.Combine(runDir, "test_scores.json")) (Summarizer.testScoresJson scores)
     scores
 
@@ -300,7 +308,7 @@ let summarize (say: string -> unit) (cfg: BaselineConfig) : BaselineResult =
         generateWith p.Generation cfg.BatchSize (fun pr -> last <- pr; say (Progress.describe pr)) p
             (Documents(xs |> Array.map (fun e -> e.Document)))
     let seconds = clock.Elapsed.TotalSeconds
-    let scores = writeScored cfg runDir xs outs
+    let scores = writeScored say cfg runDir xs outs
     let result =
         { RunDir = runDir; Scores = scores; Documents = xs.Length; GeneratedTokens = last.GeneratedTokens
           Seconds = seconds; Notes = notes }
@@ -376,8 +384,11 @@ let scriptConfig (sharedRoot: string) (args: string[]) : BaselineConfig =
         | "--set" :: v :: tl -> go { cfg with Settings = cfg.Settings @ [ v ] } smoke tl
         | "--source-prefix" :: v :: tl -> go { cfg with SourcePrefix = Some v } smoke tl
         | "--overwrite" :: tl -> go { cfg with Overwrite = true } smoke tl
+        | "--bertscore" :: v :: tl -> go { cfg with Eval = { cfg.Eval with BertScoreModel = Some v } } smoke tl
+        | "--bertscore-layer" :: v :: tl -> go { cfg with Eval = { cfg.Eval with BertScoreLayer = Some(int "--bertscore-layer" v) } } smoke tl
+        | "--summac" :: v :: tl -> go { cfg with Eval = { cfg.Eval with SummaCModel = Some v } } smoke tl
         | other :: _ ->
-            invalidArg "args" (sprintf "unknown or incomplete argument '%s' (expected --smoke, or --model DIR --data PATH [--split S] [--limit N] [--batch-size B] [--name NAME] [--runs-dir D] [--set Generate.X=V] [--source-prefix P] [--overwrite])" other)
+            invalidArg "args" (sprintf "unknown or incomplete argument '%s' (expected --smoke, or --model DIR --data PATH [--split S] [--limit N] [--batch-size B] [--name NAME] [--runs-dir D] [--set Generate.X=V] [--source-prefix P] [--overwrite] [--bertscore DIR [--bertscore-layer N]] [--summac DIR])" other)
     let cfg, smoke = go { BaselineConfig.defaults "" "" with Name = "" } false (List.ofArray args)
     if not smoke && (cfg.Model = "" || cfg.Data = "") then invalidArg "args" "expected --smoke, or both --model DIR and --data PATH"
     if cfg.Name <> "" then cfg
