@@ -8,6 +8,7 @@ open Expecto
 open Moe
 open Moe.Config
 open Moe.Models
+open Moe.Data
 open Moe.Corpus
 open Moe.Train
 open Moe.Summarizer
