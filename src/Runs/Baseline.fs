@@ -404,3 +404,55 @@ let runScript (say: string -> unit) (sharedRoot: string) (args: string[]) : Base
     let table = scoreTable (baselineRows name result.Scores @ fromScratchRows cfg.RunsDir)
     say table
     result, table
+
+// ---------------------------------------------------------------- the model-based metrics script
+
+/// BERTScore and SummaC (`Metrics.ModelMetrics`) of a run folder's predictions (`--run DIR`: predictions.txt,
+/// references.txt, documents.txt) or of aligned files (`-p P -r R [-d D]`), with `--bertscore DIR
+/// [--bertscore-layer N] [--bertscore-idf]` and `--summac DIR [--summac-granularity G] [--summac-conv FILE]`;
+/// `--smoke`: lead-1 of the first 3 shared XSum test documents against their summaries with roberta-tiny (layer 2)
+/// and roberta-tiny-mnli. Prints and returns the score table (`scripts/score_model_based.fsx`).
+let modelMetricsScript (say: string -> unit) (sharedRoot: string) (args: string[]) : Metrics.ScoreReport =
+    let int (flag: string) (v: string) =
+        match Int32.TryParse v with
+        | true, n -> n
+        | _ -> invalidArg flag (sprintf "%s: expected an integer, got '%s'" flag v)
+    let rec go (files: Map<string, string>) (m: Metrics.ModelMetricsConfig) (rest: string list) =
+        match rest with
+        | [] -> files, m
+        | "--smoke" :: tl ->
+            let models = Path.Combine(sharedRoot, "models")
+            go (files.Add("smoke", "")) { m with BertScoreModel = Some(Path.Combine(models, "roberta-tiny")); BertScoreLayer = Some 2
+                                                 SummaCModel = Some(Path.Combine(models, "roberta-tiny-mnli")) } tl
+        | "--run" :: v :: tl -> go (files.Add("run", v)) m tl
+        | ("-p" | "--predictions") :: v :: tl -> go (files.Add("p", v)) m tl
+        | ("-r" | "--references") :: v :: tl -> go (files.Add("r", v)) m tl
+        | ("-d" | "--documents") :: v :: tl -> go (files.Add("d", v)) m tl
+        | "--bertscore" :: v :: tl -> go files { m with BertScoreModel = Some v } tl
+        | "--bertscore-layer" :: v :: tl -> go files { m with BertScoreLayer = Some(int "--bertscore-layer" v) } tl
+        | "--bertscore-idf" :: tl -> go files { m with BertScoreIdf = true } tl
+        | "--summac" :: v :: tl -> go files { m with SummaCModel = Some v } tl
+        | "--summac-granularity" :: v :: tl -> go files { m with SummaCGranularity = v } tl
+        | "--summac-conv" :: v :: tl -> go files { m with SummaCConv = Some v } tl
+        | other :: _ ->
+            invalidArg "args" (sprintf "unknown or incomplete argument '%s' (expected --smoke, or --run DIR | -p P -r R [-d D], with --bertscore DIR [--bertscore-layer N] [--bertscore-idf] and/or --summac DIR [--summac-granularity G] [--summac-conv FILE])" other)
+    let files, metrics = go Map.empty Metrics.ModelMetrics.defaults (List.ofArray args)
+    let predictions, references, documents =
+        match files.TryFind "smoke", files.TryFind "run", files.TryFind "p", files.TryFind "r" with
+        | Some _, _, _, _ ->
+            let data = Path.Combine(sharedRoot, "data", "xsum-test-docs", "test.llm_decoding.jsonl")
+            let xs, _ = examples { BaselineConfig.defaults "" data with Limit = Some 3 }
+            xs |> Array.map (fun e -> Summarizer.lead1 e.Document), xs |> Array.map (fun e -> e.Summary), Some(xs |> Array.map (fun e -> e.Document))
+        | None, Some dir, _, _ ->
+            let read name = Metrics.Basics.readLines (Path.Combine(dir, name))
+            read "predictions.txt", read "references.txt", Some(read "documents.txt")
+        | None, None, Some p, Some r -> Metrics.Basics.readLines p, Metrics.Basics.readLines r, files.TryFind "d" |> Option.map Metrics.Basics.readLines
+        | _ -> invalidArg "args" "expected --smoke, --run DIR, or -p PREDICTIONS -r REFERENCES [-d DOCUMENTS]"
+    if metrics.BertScoreModel.IsNone && metrics.SummaCModel.IsNone then
+        invalidArg "args" "expected --bertscore DIR and/or --summac DIR: without a model there is nothing to compute"
+    Metrics.ModelMetrics.check (fun field -> field) metrics
+    let report =
+        Metrics.Scoring.scoreCorpus { Metrics.Scoring.defaultOptions with Stem = true } predictions references documents
+        |> Metrics.ModelMetrics.apply metrics predictions references documents
+    say (Metrics.Scoring.formatTable report)
+    report

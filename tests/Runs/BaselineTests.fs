@@ -92,6 +92,18 @@ let tests =
                 Expect.isFalse (Directory.Exists(Path.Combine(runs, "bad"))) "before the run folder is made"
             finally Directory.Delete(runs, true)
 
+        testWithShared "scripts/score_model_based.fsx --smoke: BERTScore and SummaC of lead-1 on 3 shared XSum pairs; no model is an error" <| fun shared ->
+            let script = File.ReadAllText(Path.Combine(repoRoot, "scripts", "score_model_based.fsx"))
+            Expect.stringContains script "Baseline.modelMetricsScript" "the script is the library call"
+            let lines = ResizeArray<string>()
+            let report = Baseline.modelMetricsScript lines.Add (Path.Combine(shared, "..")) [| "--smoke" |]
+            Expect.equal report.N 3 "3 pairs"
+            Expect.equal report.BertScore.Value.Run.Layer 2 "roberta-tiny at layer 2"
+            Expect.equal report.SummaC.Value.Run.Examples.Length 3 "SummaC of each pair"
+            Expect.exists lines (fun l -> l.Contains "bertscore" && l.Contains "summac-zs") "the table shows both"
+            let err = try Baseline.modelMetricsScript ignore (Path.Combine(shared, "..")) [| "-p"; "x"; "-r"; "y" |] |> ignore; "" with :? ArgumentException as e -> e.Message
+            Expect.stringContains err "expected --bertscore DIR and/or --summac DIR" "nothing to compute is an error"
+
         testWithShared "summarize refuses a run folder that holds a run unless Overwrite" <| fun shared ->
             let runs = tempRuns ()
             try
