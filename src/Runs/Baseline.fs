@@ -437,6 +437,9 @@ let modelMetricsScript (say: string -> unit) (sharedRoot: string) (args: string[
         | other :: _ ->
             invalidArg "args" (sprintf "unknown or incomplete argument '%s' (expected --smoke, or --run DIR | -p P -r R [-d D], with --bertscore DIR [--bertscore-layer N] [--bertscore-idf] and/or --summac DIR [--summac-granularity G] [--summac-conv FILE])" other)
     let files, metrics = go Map.empty Metrics.ModelMetrics.defaults (List.ofArray args)
+    if metrics.BertScoreModel.IsNone && metrics.SummaCModel.IsNone then
+        invalidArg "args" "expected --bertscore DIR and/or --summac DIR: without a model there is nothing to compute"
+    Metrics.ModelMetrics.check (fun field -> field) metrics
     let predictions, references, documents =
         match files.TryFind "smoke", files.TryFind "run", files.TryFind "p", files.TryFind "r" with
         | Some _, _, _, _ ->
@@ -448,9 +451,6 @@ let modelMetricsScript (say: string -> unit) (sharedRoot: string) (args: string[
             read "predictions.txt", read "references.txt", Some(read "documents.txt")
         | None, None, Some p, Some r -> Metrics.Basics.readLines p, Metrics.Basics.readLines r, files.TryFind "d" |> Option.map Metrics.Basics.readLines
         | _ -> invalidArg "args" "expected --smoke, --run DIR, or -p PREDICTIONS -r REFERENCES [-d DOCUMENTS]"
-    if metrics.BertScoreModel.IsNone && metrics.SummaCModel.IsNone then
-        invalidArg "args" "expected --bertscore DIR and/or --summac DIR: without a model there is nothing to compute"
-    Metrics.ModelMetrics.check (fun field -> field) metrics
     let report =
         Metrics.Scoring.scoreCorpus { Metrics.Scoring.defaultOptions with Stem = true } predictions references documents
         |> Metrics.ModelMetrics.apply metrics predictions references documents
