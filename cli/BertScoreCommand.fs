@@ -1,4 +1,4 @@
-/// BERTScore in the CLI: the options `moe score --bertscore` adds, and `moe bench bertscore`.
+/// `moe bench bertscore` (`moe score --bertscore` is `ScoreCommand` over `Metrics.ModelMetrics`).
 module Moe.BertScoreCommand
 
 open System
@@ -6,18 +6,6 @@ open System.IO
 open Argu
 open Moe
 open Moe.Metrics
-
-/// The report with BERTScore of the predictions against the references added, from the model folder `dir` with
-/// the given layer (None: bert_score's default for the model), idf and baseline file. The number of texts cut at
-/// the model's length is printed to stderr when any was.
-let addBertScore (dir: string) (layer: int option) (useIdf: bool) (baseline: string option)
-                 (predictions: string[]) (references: string[]) (report: ScoreReport) : ScoreReport =
-    let settings = { BertScorer.defaults with Layer = layer; UseIdf = useIdf; BaselineFile = baseline }
-    let run = BertScorer.scoreFolder settings dir predictions references
-    if run.TruncatedCandidates + run.TruncatedReferences > 0 then
-        eprintfn "bertscore: %d prediction(s) and %d reference(s) were longer than %d tokens and were cut (as bert_score cuts them)"
-            run.TruncatedCandidates run.TruncatedReferences run.MaxLength
-    Scoring.withBertScore run report
 
 type BenchBertScoreArgs =
     | Pairs of count: int

@@ -27,6 +27,13 @@ type SummarizeArgs =
     | Threads of count: int
     | System_Prompt of text: string
     | User_Prompt of text: string
+    | Bertscore of model_dir: string
+    | Bertscore_Layer of layer: int
+    | Bertscore_Idf
+    | Bertscore_Baseline of csv: string
+    | Summac of nli_dir: string
+    | Summac_Granularity of granularity: string
+    | Summac_Conv of weights: string
     interface IArgParserTemplate with
         member a.Usage =
             match a with
@@ -44,6 +51,13 @@ type SummarizeArgs =
             | Threads _ -> "CPU threads libtorch uses (default: its own choice)."
             | System_Prompt _ -> "decoder-only models: the system message (default none: the chat template's own default, if any)."
             | User_Prompt _ -> sprintf "decoder-only models: the user message, {document} standing for the document (default %A)." CausalBaseline.SummaryPrompt.defaults.User
+            | Bertscore _ -> "also BERTScore of the summaries with this BERT or RoBERTa folder (e.g. roberta-large), into test_scores.json and the table (default: not computed)."
+            | Bertscore_Layer _ -> "BERTScore's layer (default: bert_score's model2layers for the model, e.g. 17 for roberta-large)."
+            | Bertscore_Idf -> "weight BERTScore's tokens by idf over the references (bert_score idf=True)."
+            | Bertscore_Baseline _ -> "rescale BERTScore with this bert_score baseline file (LAYER,P,R,F rows)."
+            | Summac _ -> "also SummaC-ZS of each summary against its document with this NLI classifier folder (e.g. roberta-large-mnli) (default: not computed)."
+            | Summac_Granularity _ -> "SummaC chunking: sentence (default), paragraph, 2sents, document, mixed, or DOC-SUMMARY."
+            | Summac_Conv _ -> "SummaC-Conv too, with these convolution weights (summac's .bin or a toolkit .safetensors)."
 
 let private setThreads (n: int option) =
     match n with
@@ -102,7 +116,18 @@ let summarize (args: ParseResults<SummarizeArgs>) : int =
             RunsDir = args.GetResult(SummarizeArgs.Runs_Dir, d.RunsDir)
             Overwrite = args.Contains SummarizeArgs.Overwrite
             Settings = args.GetResults SummarizeArgs.Set
-            SourcePrefix = args.TryGetResult SummarizeArgs.Source_Prefix }
+            SourcePrefix = args.TryGetResult SummarizeArgs.Source_Prefix
+            Eval =
+                { d.Eval with
+                    BertScoreModel = args.TryGetResult SummarizeArgs.Bertscore
+                    BertScoreLayer = args.TryGetResult SummarizeArgs.Bertscore_Layer
+                    BertScoreIdf = args.Contains SummarizeArgs.Bertscore_Idf
+                    BertScoreBaseline = args.TryGetResult SummarizeArgs.Bertscore_Baseline
+                    SummaCModel = args.TryGetResult SummarizeArgs.Summac
+                    SummaCGranularity = args.GetResult(SummarizeArgs.Summac_Granularity, d.Eval.SummaCGranularity)
+                    SummaCConv = args.TryGetResult SummarizeArgs.Summac_Conv } }
+    // the metric folders are checked (named by their flags) before the checkpoint is loaded
+    Metrics.ModelMetrics.check ScoreCommand.flagOf cfg.Eval
     match Baseline.BaselineConfig.validate cfg with
     | [] -> ()
     | problems -> invalidArg "config" (String.concat "\n  - " ("invalid arguments:" :: problems))

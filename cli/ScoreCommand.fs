@@ -43,6 +43,18 @@ type ScoreArgs =
             | Summac_Conv _ -> "SummaC-Conv too, with these convolution weights: summac's published .bin (percentile bins, entailment) or a .safetensors written by the toolkit."
             | Per_Example -> "with --json, also each example's scores (ROUGE F1, sentence BLEU, BERTScore P/R/F, SummaC) under \"examples\"."
 
+/// The command-line flag of a `ModelMetricsConfig` field, for error messages.
+let flagOf (field: string) : string =
+    match field with
+    | "BertScoreModel" -> "--bertscore"
+    | "BertScoreLayer" -> "--bertscore-layer"
+    | "BertScoreIdf" -> "--bertscore-idf"
+    | "BertScoreBaseline" -> "--bertscore-baseline"
+    | "SummaCModel" -> "--summac"
+    | "SummaCGranularity" -> "--summac-granularity"
+    | "SummaCConv" -> "--summac-conv"
+    | other -> other
+
 /// Runs the command (bad input: `InputErrors.guard` in `Cli.main` reports it, exit code 2).
 let run (args: ParseResults<ScoreArgs>) : int =
     let read path =
@@ -69,26 +81,25 @@ let run (args: ParseResults<ScoreArgs>) : int =
                     Samples = args.GetResult(Bootstrap_Samples, Metrics.Bootstrap.defaults.Samples)
                     Seed = args.GetResult(Seed, Metrics.Bootstrap.defaults.Seed) } }
     let report = Metrics.Scoring.scoreCorpus options predictions references documents
-    let report =
-        match args.TryGetResult Bertscore with
-        | Some dir ->
-            BertScoreCommand.addBertScore dir (args.TryGetResult Bertscore_Layer) (args.Contains Bertscore_Idf)
-                (args.TryGetResult Bertscore_Baseline) predictions references report
-        | None -> report
-    let report =
-        match args.TryGetResult Summac, documents with
-        | None, _ -> report
-        | Some _, None -> invalidArg "--summac" "SummaC scores predictions against their documents: give --documents"
-        | Some nliDir, Some docs ->
-            let cfg =
-                match Metrics.Consistency.Granularity.parse (args.GetResult(Summac_Granularity, "sentence")) with
-                | Ok (d, s) -> { Metrics.Consistency.defaults with DocumentGranularity = d; SummaryGranularity = s }
-                | Error e -> invalidArg "--summac-granularity" e
-            use nli = Metrics.Nli.load Metrics.Nli.defaults nliDir
-            let conv = args.TryGetResult Summac_Conv |> Option.map (fun f -> Metrics.SummaCConv.load Metrics.SummaCConv.defaults f, f)
-            let run = Metrics.SummaC.run cfg conv nli docs predictions
-            conv |> Option.iter (fun (m, _) -> m.Dispose())
-            Metrics.Scoring.withSummaC run report
+    let metrics =
+        { Metrics.ModelMetrics.defaults with
+            BertScoreModel = args.TryGetResult Bertscore
+            BertScoreLayer = args.TryGetResult Bertscore_Layer
+            BertScoreIdf = args.Contains Bertscore_Idf
+            BertScoreBaseline = args.TryGetResult Bertscore_Baseline
+            SummaCModel = args.TryGetResult Summac
+            SummaCGranularity = args.GetResult(Summac_Granularity, Metrics.ModelMetrics.defaults.SummaCGranularity)
+            SummaCConv = args.TryGetResult Summac_Conv }
+    if metrics.SummaCModel.IsSome && documents.IsNone then
+        invalidArg "--summac" "SummaC scores predictions against their documents: give --documents"
+    // Every folder and file is checked before anything is loaded; each problem is named (exit code 2).
+    Metrics.ModelMetrics.check flagOf metrics
+    let report = Metrics.ModelMetrics.apply metrics predictions references documents report
+    report.BertScore |> Option.iter (fun b ->
+        let run = b.Run
+        if run.TruncatedCandidates + run.TruncatedReferences > 0 then
+            eprintfn "bertscore: %d prediction(s) and %d reference(s) were longer than %d tokens and were cut (as bert_score cuts them)"
+                run.TruncatedCandidates run.TruncatedReferences run.MaxLength)
     if args.Contains Json then printfn "%s" (Metrics.Scoring.toJsonWith (args.Contains Per_Example) report)
     else printf "%s" (Metrics.Scoring.formatTable report)
     0

@@ -128,6 +128,22 @@ let tests =
                     badInput [ "score"; "-p"; preds; "-r"; refs; "--summac"; nli ] "SummaC scores predictions against their documents: give --documents"
                 finally (try Directory.Delete(dir, true) with _ -> ())
 
+        testCase "score --bertscore / summarize --bertscore with a folder that is no encoder: error naming it, exit code 2" <| fun () ->
+            let missing = Path.Combine(Path.GetTempPath(), "moe-launcher-tests", Guid.NewGuid().ToString("N"))
+            Directory.CreateDirectory missing |> ignore
+            try
+                let write name (lines: string list) = File.WriteAllLines(Path.Combine(missing, name), lines); Path.Combine(missing, name)
+                let preds, refs = write "p.txt" [ "a cat sat" ], write "r.txt" [ "a cat sat down" ]
+                let nowhere = Path.Combine(missing, "no-model")
+                badInput [ "score"; "-p"; preds; "-r"; refs; "--bertscore"; nowhere ] ("--bertscore: no such model folder: " + nowhere)
+                match sharedData with
+                | None -> ()
+                | Some data ->
+                    let bart = Path.Combine(data, "..", "models", "bart-tiny")
+                    badInput [ "score"; "-p"; preds; "-r"; refs; "--bertscore"; bart ] "--bertscore: "
+                    badInput [ "summarize"; "--model"; bart; "--data"; refs; "--summac"; bart ] "--summac: "
+            finally (try Directory.Delete(missing, true) with _ -> ())
+
         testCase "an unknown flag is an error naming it, also where a command takes paths" <| fun () ->
             let dir = Path.Combine(Path.GetTempPath(), "moe-launcher-tests", Guid.NewGuid().ToString("N"))
             Directory.CreateDirectory dir |> ignore

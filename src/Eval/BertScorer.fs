@@ -75,23 +75,23 @@ let defaults = { Layer = None; UseIdf = false; BaselineFile = None; BatchSize = 
 /// Reads the baseline row of `layer` from a bert_score baseline file: a header `LAYER,P,R,F`, then row k for
 /// layer k (bert_score takes `iloc[num_layers]`). Errors name the file and line.
 let readBaseline (file: string) (layer: int) : Prf =
-    if not (File.Exists file) then failwithf "BERTScore baseline file not found: %s" file
+    if not (File.Exists file) then raise (FileNotFoundException(sprintf "BERTScore baseline file not found: %s" file, file))
     let lines = File.ReadAllLines file |> Array.filter (fun l -> l.Trim() <> "")
     let header = if lines.Length = 0 then "" else lines[0].Trim()
     if header.Replace(" ", "") <> "LAYER,P,R,F" then
-        failwithf "%s:1: expected bert_score's baseline header \"LAYER,P,R,F\", got \"%s\"" file header
+        raise (InvalidDataException(sprintf "%s:1: expected bert_score's baseline header \"LAYER,P,R,F\", got \"%s\"" file header))
     if lines.Length < layer + 2 then
-        failwithf "%s: has baselines for layers 0 .. %d, not layer %d" file (lines.Length - 2) layer
+        raise (InvalidDataException(sprintf "%s: has baselines for layers 0 .. %d, not layer %d" file (lines.Length - 2) layer))
     let line = lines[layer + 1]
     let number (text: string) =
         match Double.TryParse(text.Trim(), Globalization.NumberStyles.Float, Globalization.CultureInfo.InvariantCulture) with
         | true, v -> v
-        | _ -> failwithf "%s:%d: expected a number, got \"%s\"" file (layer + 2) text
+        | _ -> raise (InvalidDataException(sprintf "%s:%d: expected a number, got \"%s\"" file (layer + 2) text))
     match line.Split ',' with
     | [| l; p; r; f |] ->
-        if int (number l) <> layer then failwithf "%s:%d: expected the row of layer %d, got layer %s" file (layer + 2) layer l
+        if int (number l) <> layer then raise (InvalidDataException(sprintf "%s:%d: expected the row of layer %d, got layer %s" file (layer + 2) layer l))
         { Precision = float (float32 (number p)); Recall = float (float32 (number r)); F1 = float (float32 (number f)) }
-    | _ -> failwithf "%s:%d: expected 4 comma-separated values LAYER,P,R,F, got \"%s\"" file (layer + 2) line
+    | _ -> raise (InvalidDataException(sprintf "%s:%d: expected 4 comma-separated values LAYER,P,R,F, got \"%s\"" file (layer + 2) line))
 
 /// RoBERTa's tokenizer as bert_score runs it: `tokenizer.encode(..., add_prefix_space=True)`, i.e. the folder's
 /// tokenizer.json (or the one built from vocab.json + merges.txt) with its ByteLevel pre-tokenizer and
@@ -317,6 +317,11 @@ let score (settings: BertScoreSettings) (model: BertScoreModel) (candidates: str
         for e in embeddings do e.Dispose()
 
 /// Loads `dir` (layer from the settings) and scores: `BertScoreModel` then `score`.
+/// A folder that is not a BERT/RoBERTa encoder (or has no such folder, or no tokenizer) raises `ArgumentException`
+/// naming it: bad input, as `moe score` reports it.
 let scoreFolder (settings: BertScoreSettings) (dir: string) (candidates: string[]) (references: string[]) : BertScoreRun =
-    use model = new BertScoreModel(dir, settings.Layer)
+    // The loaders' plain `failwith`s (no such folder, another architecture, no tokenizer files) are bad input.
+    use model =
+        try new BertScoreModel(dir, settings.Layer)
+        with e when e.GetType() = typeof<Exception> -> invalidArg "dir" e.Message
     score settings model candidates references

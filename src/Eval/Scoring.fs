@@ -72,6 +72,25 @@ type ScoreReport =
       /// Present when SummaC was computed (`withSummaC`).
       SummaC: SummaCReport option }
 
+/// Model-based metrics a run computes on its test predictions (the main job's `Eval` section, `moe summarize
+/// --bertscore/--summac`, `moe score`): each is off until its checkpoint folder is given.
+type ModelMetricsConfig =
+    { /// A BERT or RoBERTa folder (e.g. roberta-large) for BERTScore; None: BERTScore is not computed.
+      BertScoreModel: string option
+      /// BERTScore's layer; None: bert_score's `model2layers` default for the model.
+      BertScoreLayer: int option
+      /// Weight BERTScore's tokens by idf over the references (bert_score `idf=True`).
+      BertScoreIdf: bool
+      /// A bert_score baseline file to rescale BERTScore with.
+      BertScoreBaseline: string option
+      /// A sequence classifier folder with entailment and contradiction labels (e.g. roberta-large-mnli) for
+      /// SummaC; None: SummaC is not computed.
+      SummaCModel: string option
+      /// summac's granularity: sentence, paragraph, 2sents, document, mixed, or DOC-SUMMARY.
+      SummaCGranularity: string
+      /// SummaC-Conv weights (summac's .bin or a toolkit .safetensors); None: SummaC-ZS only.
+      SummaCConv: string option }
+
 /// Corpus scoring and its printed forms, opened with `Moe.Metrics`.
 [<AutoOpen>]
 module Scoring =
@@ -325,6 +344,139 @@ module Scoring =
                     s.Run.Pairs s.Run.TruncatedPairs s.Run.MaxTokens s.Run.SummariesWithoutChunks s.Run.DroppedDocumentChunks)
         sb.ToString()
 
+
+/// Configuring, checking and running the model-based metrics (BERTScore, SummaC) of a score report.
+module ModelMetrics =
+    open Moe
+
+    /// Off: no model folder, so neither BERTScore nor SummaC is computed (and the output says so).
+    let defaults : ModelMetricsConfig =
+        { BertScoreModel = None; BertScoreLayer = None; BertScoreIdf = false; BertScoreBaseline = None
+          SummaCModel = None; SummaCGranularity = "sentence"; SummaCConv = None }
+
+    /// The loaders' plain `failwith`s (no such folder, another architecture) as a problem naming the folder.
+    let private problemOf (check: unit -> unit) : string option =
+        try check (); None
+        with e when e.GetType() = typeof<Exception> || (e :? ArgumentException) || (e :? IOException) ->
+            Some(match e with :? ArgumentException as a when not (isNull a.ParamName) -> a.Message.Replace(sprintf " (Parameter '%s')" a.ParamName, "") | _ -> e.Message)
+
+    /// Every problem with the settings, read from the folders' config.json files only (nothing is loaded), so a run
+    /// can refuse them before it trains: a folder without a BERT/RoBERTa encoder or sequence classifier, a BERTScore
+    /// layer that cannot be chosen, an NLI model without entailment/contradiction labels, a bad granularity, a
+    /// missing file, and settings given without the model they belong to. `nameOf` names a field for the user
+    /// (`Eval.BertScoreModel` in a config, `--bertscore` on a command line).
+    let problems (nameOf: string -> string) (cfg: ModelMetricsConfig) : string list =
+        [ match cfg.BertScoreModel with
+          | Some dir ->
+              match problemOf (fun () -> Encoders.checkEncoderFolder dir) with
+              | Some p -> sprintf "%s: %s" (nameOf "BertScoreModel") p
+              | None ->
+                  let configFile = Path.Combine(dir, "config.json")
+                  let choose () =
+                      let nameOrPath = (HfConfig.ConfigReader.Open configFile).StringOption "_name_or_path"
+                      BertScorer.chooseLayer dir nameOrPath (Encoders.EncoderConfig.parse configFile).NumLayers cfg.BertScoreLayer |> ignore
+                  match problemOf choose with
+                  | Some p -> sprintf "%s: %s" (nameOf "BertScoreLayer") p
+                  | None -> ()
+          | None ->
+              for field, given in [ "BertScoreLayer", cfg.BertScoreLayer.IsSome; "BertScoreIdf", cfg.BertScoreIdf; "BertScoreBaseline", cfg.BertScoreBaseline.IsSome ] do
+                  if given then sprintf "%s is set but %s is not: give the BERTScore model folder" (nameOf field) (nameOf "BertScoreModel")
+          match cfg.BertScoreBaseline with
+          | Some f when not (File.Exists f) -> sprintf "%s: file not found: %s" (nameOf "BertScoreBaseline") f
+          | _ -> ()
+          match cfg.SummaCModel with
+          | Some dir ->
+              let check () =
+                  Encoders.checkArchitecture dir Encoders.classifierArchitectures "a sequence classifier (e.g. roberta-large-mnli)"
+                  let configFile = Path.Combine(dir, "config.json")
+                  Consistency.labelIds configFile (Encoders.EncoderConfig.parse configFile).Labels |> ignore
+              match problemOf check with
+              | Some p -> sprintf "%s: %s" (nameOf "SummaCModel") p
+              | None -> ()
+          | None ->
+              if cfg.SummaCConv.IsSome then sprintf "%s is set but %s is not: give the NLI model folder" (nameOf "SummaCConv") (nameOf "SummaCModel")
+          match Consistency.Granularity.parse cfg.SummaCGranularity with
+          | Error e -> sprintf "%s: %s" (nameOf "SummaCGranularity") e
+          | Ok _ -> ()
+          match cfg.SummaCConv with
+          | Some f when not (File.Exists f) -> sprintf "%s: file not found: %s" (nameOf "SummaCConv") f
+          | _ -> () ]
+
+    /// `problems` with the fields' own names (`BertScoreModel`), as a config section's `validate`.
+    let validate (cfg: ModelMetricsConfig) : string list = problems id cfg
+
+    /// Raises `ArgumentException` listing every problem (`problems nameOf`).
+    let check (nameOf: string -> string) (cfg: ModelMetricsConfig) : unit =
+        match problems nameOf cfg with
+        | [] -> ()
+        | ps -> invalidArg "cfg" (String.concat "; " ps)
+
+    /// BERTScore of the predictions against the references with `cfg`'s model (`BertScorer.scoreFolder`).
+    let bertScore (cfg: ModelMetricsConfig) (dir: string) (predictions: string[]) (references: string[]) : BertScorer.BertScoreRun =
+        let settings = { BertScorer.defaults with Layer = cfg.BertScoreLayer; UseIdf = cfg.BertScoreIdf; BaselineFile = cfg.BertScoreBaseline }
+        BertScorer.scoreFolder settings dir predictions references
+
+    /// SummaC-ZS (and -Conv with weights) of the predictions against their documents with `cfg`'s NLI model.
+    let summaC (cfg: ModelMetricsConfig) (dir: string) (predictions: string[]) (documents: string[]) : SummaC.SummaCRun =
+        let granularity =
+            match Consistency.Granularity.parse cfg.SummaCGranularity with
+            | Ok(d, s) -> { Consistency.defaults with DocumentGranularity = d; SummaryGranularity = s }
+            | Error e -> invalidArg "SummaCGranularity" e
+        use nli = Moe.Metrics.Nli.load Moe.Metrics.Nli.defaults dir
+        let conv = cfg.SummaCConv |> Option.map (fun f -> SummaCConv.load SummaCConv.defaults f, f)
+        try SummaC.run granularity conv nli documents predictions
+        finally conv |> Option.iter (fun (m, _) -> m.Dispose())
+
+    /// The report with BERTScore and SummaC added where `cfg` names their models (`withBertScore`, `withSummaC`:
+    /// corpus means with bootstrap intervals). SummaC needs the documents. Bad input (a bad folder, an empty
+    /// prediction) raises `ArgumentException`.
+    let apply (cfg: ModelMetricsConfig) (predictions: string[]) (references: string[]) (documents: string[] option) (report: ScoreReport) : ScoreReport =
+        let report =
+            match cfg.BertScoreModel with
+            | Some dir -> withBertScore (bertScore cfg dir predictions references) report
+            | None -> report
+        match cfg.SummaCModel, documents with
+        | None, _ -> report
+        | Some _, None -> invalidArg "documents" "SummaC scores predictions against their documents: give the documents"
+        | Some dir, Some docs -> withSummaC (summaC cfg dir predictions docs) report
+
+    /// .NET's " (Parameter 'name')" suffixes, which nested `invalidArg`s repeat.
+    let private parameterSuffix = Text.RegularExpressions.Regex(@" \(Parameter '[^']*'\)")
+
+    /// `apply` for a run that has already trained or decoded: a metric that fails on this input (e.g. an empty
+    /// prediction, which BERTScore refuses) is left out, and the returned notes say why, so the run's other scores
+    /// are still written. Also notes each metric that was not configured.
+    let applyToRun (cfg: ModelMetricsConfig) (predictions: string[]) (references: string[]) (documents: string[]) (report: ScoreReport) : ScoreReport * string list =
+        let attempt (name: string) (model: string option) (how: string) (add: string -> ScoreReport -> ScoreReport) (report: ScoreReport) =
+            match model with
+            | None -> report, [ sprintf "%s: not computed (no model configured: %s)" name how ]
+            | Some dir ->
+                try add dir report, []
+                with
+                | :? ArgumentException as e -> report, [ sprintf "%s: not computed: %s" name (parameterSuffix.Replace(e.Message, "")) ]
+                | :? InvalidDataException as e -> report, [ sprintf "%s: not computed: %s" name e.Message ]
+        let report, bertNotes =
+            attempt "BERTScore" cfg.BertScoreModel "Eval.BertScoreModel, or --bertscore DIR"
+                (fun dir r -> withBertScore (bertScore cfg dir predictions references) r) report
+        let report, summacNotes =
+            attempt "SummaC" cfg.SummaCModel "Eval.SummaCModel, or --summac DIR"
+                (fun dir r -> withSummaC (summaC cfg dir predictions documents) r) report
+        report, bertNotes @ summacNotes
+
+    /// The model-based metrics' lines of a printed comparison: each computed one's mean with its interval.
+    let describe (report: ScoreReport) : string list =
+        [ match report.BertScore with
+          | Some b ->
+              let e = b.Estimate.F1
+              sprintf "BERTScore F1 %.4f [%.4f, %.4f] (P %.4f, R %.4f; %s, layer %d, idf %s)"
+                  e.Mean e.Low e.High b.Estimate.Precision.Mean b.Estimate.Recall.Mean b.Run.Model b.Run.Layer (if b.Run.UseIdf then "on" else "off")
+          | None -> ()
+          match report.SummaC with
+          | Some s ->
+              sprintf "SummaC-ZS %.4f [%.4f, %.4f]%s (%s, granularity %s)" s.Zs.Mean s.Zs.Low s.Zs.High
+                  (match s.Conv with Some c -> sprintf ", SummaC-Conv %.4f [%.4f, %.4f]" c.Mean c.Low c.High | None -> "")
+                  s.Run.Model s.Run.Granularity
+          | None -> () ]
 
 /// A C#-friendly facade over `scoreCorpus`, `toJson` and `formatTable`.
 type Scorer =

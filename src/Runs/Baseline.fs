@@ -191,7 +191,9 @@ type BaselineConfig =
       Task: string
       /// Porter-stem tokens for ROUGE, as the main job.
       Stem: bool
-      BootstrapSamples: int }
+      BootstrapSamples: int
+      /// BERTScore and SummaC of the predictions (`--bertscore`, `--summac`): off until a model folder is given.
+      Eval: Metrics.ModelMetricsConfig }
 
 module BaselineConfig =
     /// The default run name for a checkpoint folder: baseline-<folder name>.
@@ -213,7 +215,8 @@ module BaselineConfig =
           SourcePrefix = None
           Task = "summarization"
           Stem = Summarizer.SummarizerConfig.defaults.Stem
-          BootstrapSamples = Summarizer.SummarizerConfig.defaults.BootstrapSamples }
+          BootstrapSamples = Summarizer.SummarizerConfig.defaults.BootstrapSamples
+          Eval = Metrics.ModelMetrics.defaults }
 
     /// Every problem with the config, empty when usable.
     let validate (cfg: BaselineConfig) : string list =
@@ -223,7 +226,9 @@ module BaselineConfig =
           match cfg.Limit with Some n when n < 1 -> sprintf "limit must be >= 1, got %d" n | _ -> ()
           if cfg.BatchSize < 1 then sprintf "batch size must be >= 1, got %d" cfg.BatchSize
           if String.IsNullOrWhiteSpace cfg.Name then "the run's name is empty"
-          if cfg.BootstrapSamples < 1 then sprintf "bootstrap samples must be >= 1, got %d" cfg.BootstrapSamples ]
+          if cfg.BootstrapSamples < 1 then sprintf "bootstrap samples must be >= 1, got %d" cfg.BootstrapSamples
+          // checked before the checkpoint is loaded or any document decoded
+          yield! Metrics.ModelMetrics.problems (fun field -> "Eval." + field) cfg.Eval ]
 
 /// The file in the run folder that says what produced it (model folder, model_type, generation settings, timing).
 let recordName = "baseline.json"
@@ -267,14 +272,17 @@ let private recordJson (cfg: BaselineConfig) (p: Pretrained) (result: BaselineRe
     Json.format o
 
 /// Writes a zero-shot run's files into `runDir` and scores them as the main job does: predictions.txt (the
-/// generated texts, trimmed), references.txt, documents.txt, ids.txt and test_scores.json (model and lead-1).
-let writeScored (cfg: BaselineConfig) (runDir: string) (xs: Example[]) (outs: Generated[]) : Summarizer.TestScores =
+/// generated texts, trimmed), references.txt, documents.txt, ids.txt and test_scores.json (model and lead-1, with
+/// the model's BERTScore and SummaC where `cfg.Eval` names their models; `say` gets what was not computed and why).
+let writeScored (say: string -> unit) (cfg: BaselineConfig) (runDir: string) (xs: Example[]) (outs: Generated[]) : Summarizer.TestScores =
     let predictions = outs |> Array.map (fun g -> (defaultArg g.Text "").Trim())
     Summarizer.writeLines (Path.Combine(runDir, "predictions.txt")) predictions
     Summarizer.writeLines (Path.Combine(runDir, "references.txt")) (xs |> Array.map (fun e -> e.Summary))
     Summarizer.writeLines (Path.Combine(runDir, "documents.txt")) (xs |> Array.map (fun e -> e.Document))
     Summarizer.writeLines (Path.Combine(runDir, "ids.txt")) (xs |> Array.map (fun e -> e.Id))
-    let scores = Summarizer.score { Summarizer.SummarizerConfig.defaults with Stem = cfg.Stem; BootstrapSamples = cfg.BootstrapSamples } predictions xs
+    let scores, notes =
+        Summarizer.scoreWithNotes { Summarizer.SummarizerConfig.defaults with Stem = cfg.Stem; BootstrapSamples = cfg.BootstrapSamples; Eval = cfg.Eval } predictions xs
+    for n in notes do say n
     Summarizer.writeText (Path.Combine(runDir, "test_scores.json")) (Summarizer.testScoresJson scores)
     scores
 
@@ -300,7 +308,7 @@ let summarize (say: string -> unit) (cfg: BaselineConfig) : BaselineResult =
         generateWith p.Generation cfg.BatchSize (fun pr -> last <- pr; say (Progress.describe pr)) p
             (Documents(xs |> Array.map (fun e -> e.Document)))
     let seconds = clock.Elapsed.TotalSeconds
-    let scores = writeScored cfg runDir xs outs
+    let scores = writeScored say cfg runDir xs outs
     let result =
         { RunDir = runDir; Scores = scores; Documents = xs.Length; GeneratedTokens = last.GeneratedTokens
           Seconds = seconds; Notes = notes }
@@ -376,8 +384,11 @@ let scriptConfig (sharedRoot: string) (args: string[]) : BaselineConfig =
         | "--set" :: v :: tl -> go { cfg with Settings = cfg.Settings @ [ v ] } smoke tl
         | "--source-prefix" :: v :: tl -> go { cfg with SourcePrefix = Some v } smoke tl
         | "--overwrite" :: tl -> go { cfg with Overwrite = true } smoke tl
+        | "--bertscore" :: v :: tl -> go { cfg with Eval = { cfg.Eval with BertScoreModel = Some v } } smoke tl
+        | "--bertscore-layer" :: v :: tl -> go { cfg with Eval = { cfg.Eval with BertScoreLayer = Some(int "--bertscore-layer" v) } } smoke tl
+        | "--summac" :: v :: tl -> go { cfg with Eval = { cfg.Eval with SummaCModel = Some v } } smoke tl
         | other :: _ ->
-            invalidArg "args" (sprintf "unknown or incomplete argument '%s' (expected --smoke, or --model DIR --data PATH [--split S] [--limit N] [--batch-size B] [--name NAME] [--runs-dir D] [--set Generate.X=V] [--source-prefix P] [--overwrite])" other)
+            invalidArg "args" (sprintf "unknown or incomplete argument '%s' (expected --smoke, or --model DIR --data PATH [--split S] [--limit N] [--batch-size B] [--name NAME] [--runs-dir D] [--set Generate.X=V] [--source-prefix P] [--overwrite] [--bertscore DIR [--bertscore-layer N]] [--summac DIR])" other)
     let cfg, smoke = go { BaselineConfig.defaults "" "" with Name = "" } false (List.ofArray args)
     if not smoke && (cfg.Model = "" || cfg.Data = "") then invalidArg "args" "expected --smoke, or both --model DIR and --data PATH"
     if cfg.Name <> "" then cfg
@@ -393,3 +404,55 @@ let runScript (say: string -> unit) (sharedRoot: string) (args: string[]) : Base
     let table = scoreTable (baselineRows name result.Scores @ fromScratchRows cfg.RunsDir)
     say table
     result, table
+
+// ---------------------------------------------------------------- the model-based metrics script
+
+/// BERTScore and SummaC (`Metrics.ModelMetrics`) of a run folder's predictions (`--run DIR`: predictions.txt,
+/// references.txt, documents.txt) or of aligned files (`-p P -r R [-d D]`), with `--bertscore DIR
+/// [--bertscore-layer N] [--bertscore-idf]` and `--summac DIR [--summac-granularity G] [--summac-conv FILE]`;
+/// `--smoke`: lead-1 of the first 3 shared XSum test documents against their summaries with roberta-tiny (layer 2)
+/// and roberta-tiny-mnli. Prints and returns the score table (`scripts/score_model_based.fsx`).
+let modelMetricsScript (say: string -> unit) (sharedRoot: string) (args: string[]) : Metrics.ScoreReport =
+    let int (flag: string) (v: string) =
+        match Int32.TryParse v with
+        | true, n -> n
+        | _ -> invalidArg flag (sprintf "%s: expected an integer, got '%s'" flag v)
+    let rec go (files: Map<string, string>) (m: Metrics.ModelMetricsConfig) (rest: string list) =
+        match rest with
+        | [] -> files, m
+        | "--smoke" :: tl ->
+            let models = Path.Combine(sharedRoot, "models")
+            go (files.Add("smoke", "")) { m with BertScoreModel = Some(Path.Combine(models, "roberta-tiny")); BertScoreLayer = Some 2
+                                                 SummaCModel = Some(Path.Combine(models, "roberta-tiny-mnli")) } tl
+        | "--run" :: v :: tl -> go (files.Add("run", v)) m tl
+        | ("-p" | "--predictions") :: v :: tl -> go (files.Add("p", v)) m tl
+        | ("-r" | "--references") :: v :: tl -> go (files.Add("r", v)) m tl
+        | ("-d" | "--documents") :: v :: tl -> go (files.Add("d", v)) m tl
+        | "--bertscore" :: v :: tl -> go files { m with BertScoreModel = Some v } tl
+        | "--bertscore-layer" :: v :: tl -> go files { m with BertScoreLayer = Some(int "--bertscore-layer" v) } tl
+        | "--bertscore-idf" :: tl -> go files { m with BertScoreIdf = true } tl
+        | "--summac" :: v :: tl -> go files { m with SummaCModel = Some v } tl
+        | "--summac-granularity" :: v :: tl -> go files { m with SummaCGranularity = v } tl
+        | "--summac-conv" :: v :: tl -> go files { m with SummaCConv = Some v } tl
+        | other :: _ ->
+            invalidArg "args" (sprintf "unknown or incomplete argument '%s' (expected --smoke, or --run DIR | -p P -r R [-d D], with --bertscore DIR [--bertscore-layer N] [--bertscore-idf] and/or --summac DIR [--summac-granularity G] [--summac-conv FILE])" other)
+    let files, metrics = go Map.empty Metrics.ModelMetrics.defaults (List.ofArray args)
+    if metrics.BertScoreModel.IsNone && metrics.SummaCModel.IsNone then
+        invalidArg "args" "expected --bertscore DIR and/or --summac DIR: without a model there is nothing to compute"
+    Metrics.ModelMetrics.check (fun field -> field) metrics
+    let predictions, references, documents =
+        match files.TryFind "smoke", files.TryFind "run", files.TryFind "p", files.TryFind "r" with
+        | Some _, _, _, _ ->
+            let data = Path.Combine(sharedRoot, "data", "xsum-test-docs", "test.llm_decoding.jsonl")
+            let xs, _ = examples { BaselineConfig.defaults "" data with Limit = Some 3 }
+            xs |> Array.map (fun e -> Summarizer.lead1 e.Document), xs |> Array.map (fun e -> e.Summary), Some(xs |> Array.map (fun e -> e.Document))
+        | None, Some dir, _, _ ->
+            let read name = Metrics.Basics.readLines (Path.Combine(dir, name))
+            read "predictions.txt", read "references.txt", Some(read "documents.txt")
+        | None, None, Some p, Some r -> Metrics.Basics.readLines p, Metrics.Basics.readLines r, files.TryFind "d" |> Option.map Metrics.Basics.readLines
+        | _ -> invalidArg "args" "expected --smoke, --run DIR, or -p PREDICTIONS -r REFERENCES [-d DOCUMENTS]"
+    let report =
+        Metrics.Scoring.scoreCorpus { Metrics.Scoring.defaultOptions with Stem = true } predictions references documents
+        |> Metrics.ModelMetrics.apply metrics predictions references documents
+    say (Metrics.Scoring.formatTable report)
+    report

@@ -321,7 +321,7 @@ let summarize (say: string -> unit) (prompt: SummaryPrompt) (cfg: BaselineConfig
         generatePrompts gen cfg.BatchSize (fun pr -> last <- pr; say (Progress.describe pr)) p (prompted |> Array.map fst)
         |> Array.map (fun g -> { g with Text = g.Text |> Option.map (fun t -> t.Trim().Split('\n')[0]) })
     let seconds = clock.Elapsed.TotalSeconds
-    let scores = writeScored cfg runDir xs outs
+    let scores = writeScored say cfg runDir xs outs
     let result =
         { RunDir = runDir; Scores = scores; Documents = xs.Length; GeneratedTokens = last.GeneratedTokens
           Seconds = seconds; Notes = notes }

@@ -66,7 +66,9 @@ type SummarizerConfig =
       /// Porter-stem tokens for ROUGE (rouge-score `use_stemmer`).
       Stem: bool
       /// Bootstrap resamples for the test scores' confidence intervals.
-      BootstrapSamples: int }
+      BootstrapSamples: int
+      /// Model-based metrics of the test predictions (BERTScore, SummaC): off until a model folder is given.
+      Eval: Metrics.ModelMetricsConfig }
 
 module SummarizerConfig =
     /// Small enough to train on 2 CPU cores in minutes, large enough to read a whole synthetic document:
@@ -106,7 +108,8 @@ module SummarizerConfig =
                 CheckpointEvery = 200 }
           Generate = { GenerateConfig.defaults with BeamSize = 1; MaxLength = 40 }
           Stem = true
-          BootstrapSamples = 1000 }
+          BootstrapSamples = 1000
+          Eval = Metrics.ModelMetrics.defaults }
 
     /// The same job with MoE feed-forward sublayers in every layer: token-choice top-k routing (softmax,
     /// then the k largest, renormalised; Switch-style aux loss from `Train.LossWeights`).
@@ -180,7 +183,9 @@ module SummarizerConfig =
               sprintf "Model.MaxLength (%d) must be >= Batching.MaxTargetTokens (%d)" cfg.Model.MaxLength cfg.Batching.MaxTargetTokens
           yield! section "Train" (TrainConfig.validate cfg.Train)
           yield! section "Generate" (GenerateConfig.validate r.Model r.Generate |> List.filter (fun p -> not (p.Contains "Id must be in")))
-          if cfg.BootstrapSamples < 1 then sprintf "BootstrapSamples must be >= 1, got %d" cfg.BootstrapSamples ]
+          if cfg.BootstrapSamples < 1 then sprintf "BootstrapSamples must be >= 1, got %d" cfg.BootstrapSamples
+          // The metric models are checked here, before any training, so a wrong folder costs no run.
+          yield! Metrics.ModelMetrics.problems (fun field -> "Eval." + field) cfg.Eval ]
 
     /// Reads a config file (JSON; fields left out keep `over`'s values) and applies `KEY=VALUE` overrides.
     let load (over: SummarizerConfig) (file: string option) (assignments: string list) : Result<SummarizerConfig, string list> =
@@ -390,11 +395,19 @@ type TestScores =
       Lead1: Metrics.ScoreReport }
 
 /// `{"model": {...}, "lead1": {...}, "model_ci": {...}, "lead1_ci": {...}}`: each score record is the JSON of
-/// `moe score --json`; the `_ci` objects hold ROUGE F1 bootstrap intervals.
+/// `moe score --json`; the `_ci` objects hold the bootstrap intervals of ROUGE F1 and, where computed, BERTScore F1
+/// ("bertscore"), SummaC-ZS and SummaC-Conv.
 let testScoresJson (scores: TestScores) : string =
     let ci (r: Metrics.ScoreReport) =
         let o = JsonObject()
-        for name, e in [ "rouge1", r.Rouge1.F1; "rouge2", r.Rouge2.F1; "rougeL", r.RougeL.F1; "rougeLsum", r.RougeLsum.F1 ] do
+        let modelBased =
+            [ match r.BertScore with Some b -> "bertscore", b.Estimate.F1 | None -> ()
+              match r.SummaC with
+              | Some s ->
+                  "summac_zs", s.Zs
+                  match s.Conv with Some c -> "summac_conv", c | None -> ()
+              | None -> () ]
+        for name, e in [ "rouge1", r.Rouge1.F1; "rouge2", r.Rouge2.F1; "rougeL", r.RougeL.F1; "rougeLsum", r.RougeLsum.F1 ] @ modelBased do
             let x = JsonObject()
             x["low"] <- JsonValue.Create e.Low
             x["mid"] <- JsonValue.Create e.Mid
@@ -416,18 +429,31 @@ let comparisonTable (scores: TestScores) : string =
     for name, r in [ "model", scores.Model; "lead-1", scores.Lead1 ] do
         sb.AppendLine(sprintf "%-8s %-19s %-19s %-19s %6.1f" name (f r.Rouge1.F1) (f r.Rouge2.F1) (f r.RougeL.F1) r.Bleu.Score) |> ignore
     sb.AppendLine(sprintf "(n = %d test examples, %.0f%% bootstrap intervals)" scores.Model.N (100.0 * scores.Model.Options.Bootstrap.Confidence)) |> ignore
+    // The model's BERTScore and SummaC, or that they were not computed (never a blank that reads as a score).
+    for l in Metrics.ModelMetrics.describe scores.Model do sb.AppendLine("model: " + l) |> ignore
+    if scores.Model.BertScore.IsNone then sb.AppendLine "BERTScore: not computed (no model configured: Eval.BertScoreModel or --bertscore DIR; or refused on these predictions, as noted above)" |> ignore
+    if scores.Model.SummaC.IsNone then sb.AppendLine "SummaC: not computed (no NLI model configured: Eval.SummaCModel or --summac DIR; or refused on these predictions, as noted above)" |> ignore
     sb.ToString()
 
-/// Scores predictions and lead-1 against the references, with the documents for the abstractiveness statistics.
-let score (cfg: SummarizerConfig) (predictions: string[]) (examples: Example[]) : TestScores =
+/// Scores predictions and lead-1 against the references, with the documents for the abstractiveness statistics,
+/// and the model's BERTScore and SummaC where `cfg.Eval` names their models; the notes say which model-based
+/// metric was not computed and why (not configured, or refused on this input, e.g. an empty prediction).
+let scoreWithNotes (cfg: SummarizerConfig) (predictions: string[]) (examples: Example[]) : TestScores * string list =
     let opts =
         { Metrics.Scoring.defaultOptions with
             Stem = cfg.Stem
             Bootstrap = { Metrics.Scoring.defaultOptions.Bootstrap with Samples = cfg.BootstrapSamples } }
     let refs = examples |> Array.map (fun e -> e.Summary)
     let docs = examples |> Array.map (fun e -> e.Document)
-    { Model = Metrics.Scoring.scoreCorpus opts predictions refs (Some docs)
-      Lead1 = Metrics.Scoring.scoreCorpus opts (docs |> Array.map lead1) refs (Some docs) }
+    let model, notes =
+        Metrics.Scoring.scoreCorpus opts predictions refs (Some docs)
+        |> Metrics.ModelMetrics.applyToRun cfg.Eval predictions refs docs
+    { Model = model
+      Lead1 = Metrics.Scoring.scoreCorpus opts (docs |> Array.map lead1) refs (Some docs) }, notes
+
+/// `scoreWithNotes` without the notes (the printed table still says which model-based metric is missing).
+let score (cfg: SummarizerConfig) (predictions: string[]) (examples: Example[]) : TestScores =
+    fst (scoreWithNotes cfg predictions examples)
 
 // ---------------------------------------------------------------- expert use by label
 
@@ -572,7 +598,8 @@ let runWithInit (opts: RunOptions) (resume: bool) (init: (EncoderDecoder -> unit
         writeLines (Path.Combine(runDir, "references.txt")) (examples |> Array.map (fun e -> e.Summary))
         writeLines (Path.Combine(runDir, "documents.txt")) (examples |> Array.map (fun e -> e.Document))
         writeLines (Path.Combine(runDir, "ids.txt")) (examples |> Array.map (fun e -> e.Id))
-        let scores = score cfg predictions examples
+        let scores, notes = scoreWithNotes cfg predictions examples
+        for n in notes do say n
         writeText (Path.Combine(runDir, "test_scores.json")) (testScoresJson scores)
         match routingByLabel cfg model prepared.Test device with
         | [] -> ()
@@ -616,6 +643,8 @@ let load (runDir: string) (checkpoint: string option) (device: Native.DeviceChoi
     let meta = Checkpoint.readMeta path
     let node = meta.Config.DeepClone()
     node["Train"] <- Json.toNode meta.Train
+    // Checkpoints written before the `Eval` section existed: their runs computed no model-based metric.
+    if isNull node["Eval"] then node["Eval"] <- Json.toNode Metrics.ModelMetrics.defaults
     let cfg =
         match Json.ofNode<SummarizerConfig> node with
         | Ok c -> c

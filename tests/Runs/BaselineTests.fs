@@ -65,6 +65,45 @@ let tests =
                 Expect.isTrue (File.ReadAllText(html).Contains "bart-tiny") "the report page shows the run"
             finally Directory.Delete(runs, true)
 
+        testWithShared "summarize --bertscore --summac: the summaries' BERTScore and SummaC in test_scores.json, the table and the report" <| fun shared ->
+            let runs = tempRuns ()
+            try
+                let lines = ResizeArray<string>()
+                let plain = Baseline.summarize lines.Add { smallRun shared runs with Name = "plain"; Limit = Some 2 }
+                Expect.isNone plain.Scores.Model.BertScore "off by default"
+                Expect.exists lines (fun l -> l.Contains "BERTScore: not computed") "the output says BERTScore was not computed"
+                Expect.exists lines (fun l -> l.Contains "SummaC: not computed") "the output says SummaC was not computed"
+                let eval =
+                    { Metrics.ModelMetrics.defaults with
+                        BertScoreModel = Some(Path.Combine(models shared, "roberta-tiny")); BertScoreLayer = Some 4
+                        SummaCModel = Some(Path.Combine(models shared, "roberta-tiny-mnli")) }
+                lines.Clear()
+                let r = Baseline.summarize lines.Add { smallRun shared runs with Eval = eval; Settings = [ "Generate.MaxNewTokens=8"; "Generate.MinNewTokens=2" ] }
+                use doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(r.RunDir, "test_scores.json")))
+                let model = doc.RootElement.GetProperty "model"
+                Expect.equal (model.GetProperty("bertscore").GetProperty("layer").GetInt32()) 4 "BERTScore with the given layer"
+                Expect.floatClose Accuracy.high (model.GetProperty("summac_zs").GetDouble()) r.Scores.Model.SummaC.Value.Zs.Mean "SummaC-ZS mean"
+                Expect.exists lines (fun l -> l.Contains "BERTScore F1") (sprintf "the printed table shows BERTScore: %A" lines)
+                let html = File.ReadAllText(Report.write Report.defaults (Path.Combine(runs, "report.html")) [ r.RunDir ])
+                Expect.stringContains html "BERTScore F1" "the report page shows the column"
+                let bad = { smallRun shared runs with Name = "bad"; Eval = { eval with BertScoreModel = Some(Path.Combine(models shared, "bart-tiny")) } }
+                let err = try Baseline.summarize ignore bad |> ignore; "" with :? ArgumentException as e -> e.Message
+                Expect.stringContains err "Eval.BertScoreModel" "a folder of another architecture is refused, named"
+                Expect.isFalse (Directory.Exists(Path.Combine(runs, "bad"))) "before the run folder is made"
+            finally Directory.Delete(runs, true)
+
+        testWithShared "scripts/score_model_based.fsx --smoke: BERTScore and SummaC of lead-1 on 3 shared XSum pairs; no model is an error" <| fun shared ->
+            let script = File.ReadAllText(Path.Combine(repoRoot, "scripts", "score_model_based.fsx"))
+            Expect.stringContains script "Baseline.modelMetricsScript" "the script is the library call"
+            let lines = ResizeArray<string>()
+            let report = Baseline.modelMetricsScript lines.Add (Path.Combine(shared, "..")) [| "--smoke" |]
+            Expect.equal report.N 3 "3 pairs"
+            Expect.equal report.BertScore.Value.Run.Layer 2 "roberta-tiny at layer 2"
+            Expect.equal report.SummaC.Value.Run.Examples.Length 3 "SummaC of each pair"
+            Expect.exists lines (fun l -> l.Contains "bertscore" && l.Contains "summac-zs") "the table shows both"
+            let err = try Baseline.modelMetricsScript ignore (Path.Combine(shared, "..")) [| "-p"; "x"; "-r"; "y" |] |> ignore; "" with :? ArgumentException as e -> e.Message
+            Expect.stringContains err "expected --bertscore DIR and/or --summac DIR" "nothing to compute is an error"
+
         testWithShared "summarize refuses a run folder that holds a run unless Overwrite" <| fun shared ->
             let runs = tempRuns ()
             try

@@ -8,6 +8,7 @@ open Expecto
 open Moe
 open Moe.Config
 open Moe.Models
+open Moe.Data
 open Moe.Corpus
 open Moe.Train
 open Moe.Summarizer
@@ -56,6 +57,69 @@ let tests =
             let problems = SummarizerConfig.validate bad
             for part in [ "Name"; "Source.Files.Train"; "Source.Files.Valid"; "Train: Steps"; "Model.MaxLength (16)" ] do
                 Expect.exists problems (fun p -> p.Contains part) (sprintf "mentions %s in %A" part problems)
+
+        testWithShared "Eval: the job scores BERTScore and SummaC into test_scores.json, the table and the report; refusals are printed" <| fun shared ->
+            withRunsDir (fun dir ->
+                let models = Path.Combine(shared, "..", "models")
+                // `--set` spelling, as `moe train --set Eval.X=...` takes it
+                let cfg =
+                    match SummarizerConfig.load (tiny "eval" dir) None
+                            [ "Eval.BertScoreModel=" + Path.Combine(models, "roberta-tiny"); "Eval.BertScoreLayer=2"
+                              "Eval.SummaCModel=" + Path.Combine(models, "roberta-tiny-mnli") ] with
+                    | Ok c -> c
+                    | Error ps -> failtestf "config: %A" ps
+                let out = new StringWriter()
+                let r = runWith { quiet with Progress = Lines; Output = out } false cfg
+                // A model trained 8 steps decodes empty summaries, which BERTScore and SummaC refuse: the run still
+                // writes its scores and says why these two are missing (never a silent 0).
+                let said = out.ToString()
+                let predictions = lines (Path.Combine(r.RunDir, "predictions.txt"))
+                if predictions |> Array.exists (fun p -> p.Trim() = "") then
+                    Expect.stringContains said "BERTScore: not computed: candidate" "the refusal is printed"
+                    Expect.stringContains said "SummaC: not computed: expected a non-empty summary" "the refusal is printed"
+                Expect.isTrue (File.Exists(Path.Combine(r.RunDir, "test_scores.json"))) "the other scores are written"
+                // The job's scoring (`scoreWithNotes`, what the run above called) on non-empty predictions of the same test set.
+                let examples =
+                    Array.map3 (fun i d s -> { Id = string i; Document = d; Summary = s; Label = None })
+                        [| 0 .. predictions.Length - 1 |] (lines (Path.Combine(r.RunDir, "documents.txt"))) (lines (Path.Combine(r.RunDir, "references.txt")))
+                let guesses = examples |> Array.map (fun e -> lead1 e.Document)
+                let scored, notes = scoreWithNotes cfg guesses examples
+                Expect.isEmpty notes "both computed"
+                let scores = JsonNode.Parse(testScoresJson scored)
+                let bert = scores["model"]["bertscore"]
+                Expect.isNotNull bert "the model's BERTScore is in test_scores.json"
+                Expect.equal (bert["layer"].GetValue<int>()) 2 "the configured layer"
+                Expect.floatClose Accuracy.high (bert["f1"].GetValue<float>()) scored.Model.BertScore.Value.Estimate.F1.Mean "the F1 mean"
+                Expect.isNotNull (scores["model"]["summac_zs"]) "the model's SummaC-ZS is in test_scores.json"
+                for key in [ "bertscore"; "summac_zs" ] do
+                    let ci = scores["model_ci"][key]
+                    Expect.isNotNull ci (sprintf "%s interval" key)
+                    Expect.isTrue (ci["low"].GetValue<float>() <= ci["high"].GetValue<float>()) (sprintf "%s interval ordered" key)
+                let table = comparisonTable scored
+                Expect.stringContains table "BERTScore F1" "the printed table shows BERTScore"
+                Expect.stringContains table "SummaC-ZS" "the printed table shows SummaC"
+                File.WriteAllText(Path.Combine(r.RunDir, "test_scores.json"), testScoresJson scored)
+                let html = File.ReadAllText(Report.write Report.defaults (Path.Combine(dir, "report.html")) [ r.RunDir ])
+                Expect.stringContains html "BERTScore F1" "the report page has the BERTScore column"
+                Expect.stringContains html "SummaC-ZS" "the report page has the SummaC column")
+
+        testWithShared "Eval: a folder without the expected architecture is refused before training, naming it" <| fun shared ->
+            withRunsDir (fun dir ->
+                let models = Path.Combine(shared, "..", "models")
+                let cfg =
+                    { tiny "bad-eval" dir with
+                        Eval = { Metrics.ModelMetrics.defaults with BertScoreModel = Some(Path.Combine(models, "bart-tiny")); SummaCModel = Some(Path.Combine(models, "roberta-tiny")) } }
+                let problems = SummarizerConfig.validate cfg
+                Expect.exists problems (fun p -> p.StartsWith "Eval.BertScoreModel" && p.Contains "bart") (sprintf "names the field and what the folder holds: %A" problems)
+                Expect.exists problems (fun p -> p.StartsWith "Eval.SummaCModel" && p.Contains "sequence classifier") (sprintf "an encoder is no NLI classifier: %A" problems)
+                Expect.exists (SummarizerConfig.validate { cfg with Eval = { Metrics.ModelMetrics.defaults with BertScoreModel = Some(Path.Combine(models, "roberta-tiny")) } })
+                    (fun p -> p.StartsWith "Eval.BertScoreLayer") "roberta-tiny is not in bert_score's table: the layer is asked for"
+                Expect.exists (SummarizerConfig.validate { cfg with Eval = { Metrics.ModelMetrics.defaults with SummaCConv = Some "x.bin" } })
+                    (fun p -> p.Contains "SummaCConv is set but Eval.SummaCModel is not") "a setting without its model is named"
+                Expect.throwsT<ArgumentException> (fun () -> runWith quiet false cfg |> ignore) "refused"
+                let runDir = Path.Combine(dir, "bad-eval")
+                Expect.isFalse (File.Exists(Path.Combine(runDir, "metrics.jsonl"))) "no training step ran"
+                Expect.isFalse (Directory.Exists(Path.Combine(runDir, "checkpoints"))) "no checkpoint written")
 
         testCase "a config file and overrides change only what they name" <| fun () ->
             withRunsDir (fun dir ->
