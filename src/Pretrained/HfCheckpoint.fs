@@ -43,12 +43,18 @@ let private isFloatingType (t: torch.ScalarType) =
     | torch.ScalarType.Float32 | torch.ScalarType.Float16 | torch.ScalarType.BFloat16 | torch.ScalarType.Float64 -> true
     | _ -> false
 
+/// Bytes of the file slices a conversion or a copy to another device goes through (`WeightSource.CopyInto`):
+/// large enough that reads are sequential, small enough that loading never holds a second copy of a large
+/// tensor (Llama-3's 128256 x 2048 embedding is 1 GiB in float32).
+let defaultChunkBytes : int64 = 64L <<< 20
+
 /// A checkpoint's weights, indexed but not read: each tensor's name, shape, dtype and file are known, and
-/// `Load` reads one tensor when asked. `fill` reads a tensor's stored bytes into a contiguous CPU tensor
-/// of its stored dtype and shape. Dispose it to close a `pytorch_model.bin` archive (safetensors files are
-/// opened per tensor and hold nothing between loads).
+/// `Load` reads one tensor when asked. `fill info first target` reads a tensor's stored rows `first ..`
+/// (along dim 0; a 0-dim tensor whole, `first` 0) into a contiguous CPU tensor of its stored dtype shaped
+/// [k; its other dims]. Dispose it to close a `pytorch_model.bin` archive (safetensors files are opened per
+/// read and hold nothing between loads).
 [<Sealed>]
-type WeightSource internal (folder: string, files: string list, tensors: TensorInfo list, fill: TensorInfo -> Tensor -> unit, release: unit -> unit) =
+type WeightSource internal (folder: string, files: string list, tensors: TensorInfo list, fill: TensorInfo -> int64 -> Tensor -> unit, release: unit -> unit) =
     let byName = Collections.Generic.Dictionary<string, TensorInfo>()
     do for t in tensors do byName[t.Name] <- t
 
@@ -67,35 +73,56 @@ type WeightSource internal (folder: string, files: string list, tensors: TensorI
         match byName.TryGetValue name with
         | true, t -> t
         | _ -> invalidArg "name" (sprintf "checkpoint %s has no tensor %s (files: %s)" folder name (files |> List.map Path.GetFileName |> String.concat ", "))
-    /// Reads one tensor, converted to `dtype`: a floating tensor (float16, bfloat16, float32, float64) to any
-    /// floating `dtype`; any other only as itself. The caller owns (and disposes) the result.
+    /// Reads one tensor, converted to `dtype` (`CopyInto` a fresh tensor): a floating tensor (float16,
+    /// bfloat16, float32, float64) to any floating `dtype`; any other only as itself. The caller owns (and
+    /// disposes) the result.
     member this.Load(name: string, dtype: torch.ScalarType) : Tensor =
         let info = this.Info name
-        if info.Dtype <> dtype && not (isFloatingType info.Dtype && isFloatingType dtype) then
-            invalidArg "dtype" (sprintf "%s: tensor %s is %A; it cannot be loaded as %A" info.File name info.Dtype dtype)
-        let t = torch.empty (info.Shape, dtype = info.Dtype)
-        try fill info t
+        let t = torch.empty (info.Shape, dtype = dtype)
+        try
+            this.CopyInto(name, t)
+            t
         with _ ->
             t.Dispose()
             reraise ()
-        if t.dtype = dtype then t
-        else
-            use stored = t
-            stored.to_type dtype
-    /// Reads one tensor into `target` (same shape; converted to its dtype, moved to its device): straight
-    /// into its memory when it is a contiguous CPU tensor of the stored dtype, through one temporary tensor
-    /// otherwise.
-    member this.CopyInto(name: string, target: Tensor) : unit =
+    /// Reads one tensor into `target` (same shape; any layout, e.g. a transposed view of a parameter;
+    /// converted to its dtype, moved to its device): straight into its memory when it is a contiguous CPU
+    /// tensor of the stored dtype; otherwise `chunkBytes` at a time, each slice of rows (along dim 0) read
+    /// in the stored dtype and copied into the target's rows, so no temporary of the whole tensor exists.
+    /// A floating tensor (float16, bfloat16, float32, float64) goes into any floating target; any other
+    /// only into its own dtype.
+    member this.CopyInto(name: string, target: Tensor, chunkBytes: int64) : unit =
         let info = this.Info name
         if info.Shape <> target.shape then
             invalidArg "target" (sprintf "%s: tensor %s has shape %s, the target %s" info.File name (shapeText info.Shape) (describe target))
+        if info.Dtype <> target.dtype && not (isFloatingType info.Dtype && isFloatingType target.dtype) then
+            invalidArg "target" (sprintf "%s: tensor %s is %A; it cannot be loaded as %A" info.File name info.Dtype target.dtype)
+        if chunkBytes <= 0L then invalidArg "chunkBytes" (sprintf "expected chunkBytes > 0, got %d" chunkBytes)
         use _ = torch.no_grad ()
         if info.Dtype = target.dtype && target.device_type = DeviceType.CPU && target.is_contiguous () then
             use alias = target.detach ()
-            fill info alias
+            fill info 0L alias
+        elif info.Shape.Length = 0 then
+            use stored = torch.empty (info.Shape, dtype = info.Dtype)
+            fill info 0L stored
+            target.copy_ stored |> ignore
         else
-            use loaded = this.Load(name, target.dtype)
-            target.copy_ loaded |> ignore
+            let rows = info.Shape[0]
+            let rowShape = info.Shape[1..]
+            let storedSize = (use one = torch.empty ([| 1L |], dtype = info.Dtype) in one.ElementSize)
+            let rowBytes = (Array.fold (*) 1L rowShape) * max storedSize target.ElementSize
+            let perChunk = max 1L (min rows (chunkBytes / max 1L rowBytes))
+            use scratch = torch.empty (Array.append [| perChunk |] rowShape, dtype = info.Dtype) // [k; ..] stored dtype
+            let mutable first = 0L
+            while first < rows do
+                let k = min perChunk (rows - first)
+                use part = scratch.narrow (0L, 0L, k)
+                fill info first part
+                use dst = target.narrow (0L, first, k)
+                dst.copy_ part |> ignore
+                first <- first + k
+    /// `CopyInto` with `defaultChunkBytes`.
+    member this.CopyInto(name: string, target: Tensor) : unit = this.CopyInto(name, target, defaultChunkBytes)
     interface IDisposable with
         member _.Dispose() = release ()
 
@@ -108,7 +135,7 @@ let private safetensorsSource (folder: string) (files: string list) (entries: (S
         [ for h, e in entries ->
             located[e.Name] <- (h, e)
             { Name = e.Name; Shape = e.Shape; Dtype = Safetensors.storedType e.Dtype; File = h.Path } ]
-    new WeightSource(folder, files, infos, (fun info target -> let h, e = located[info.Name] in Safetensors.fillTensor h e target), ignore)
+    new WeightSource(folder, files, infos, (fun info first target -> let h, e = located[info.Name] in Safetensors.fillRows h e first target), ignore)
 
 // ---------------------------------------------------------------- pytorch_model.bin
 
@@ -147,20 +174,28 @@ let private contiguousStrides (shape: int64[]) : int64[] =
     for i in shape.Length - 2 .. -1 .. 0 do s[i] <- s[i + 1] * shape[i + 1]
     s
 
-/// Reads one tensor from an open archive into `target` (contiguous, CPU, its dtype and shape): skips to
-/// its storage offset, then reads its bytes (a strided view reads the storage span it covers and copies it).
-let private fillPickled (archive: ZipArchive) (t: PickledTensor) (target: Tensor) : unit =
+/// Reads rows `first ..` of one tensor (along dim 0; a 0-dim tensor whole, `first` 0) from an open archive
+/// into `target` (contiguous, CPU, its dtype, shaped [k; its other dims]): skips to those rows in its
+/// storage, then reads their bytes (a strided view reads the storage span the rows cover and copies it).
+let private fillPickled (archive: ZipArchive) (t: PickledTensor) (first: int64) (target: Tensor) : unit =
     let info = t.Info
     let bad (msg: string) = invalidArg "path" (sprintf "PyTorch checkpoint %s: tensor %s: %s" info.File info.Name msg)
+    let fits =
+        if info.Shape.Length = 0 then first = 0L && target.shape.Length = 0
+        else target.shape.Length = info.Shape.Length && target.shape[1..] = info.Shape[1..] && first >= 0L && first + target.shape[0] <= info.Shape[0]
+    if target.dtype <> info.Dtype || not fits || target.device_type <> DeviceType.CPU || not (target.is_contiguous ()) then
+        bad (sprintf "it is %A %s; cannot read its rows from %d into %s" info.Dtype (shapeText info.Shape) first (describe target))
     let entry = archive.Entries[t.Entry]
-    let numel = Array.fold (*) 1L info.Shape
+    let shape = target.shape
+    let offset = if shape.Length = 0 then t.Offset else t.Offset + first * t.Stride[0]
+    let numel = Array.fold (*) 1L shape
     let elementSize = target.ElementSize
-    let contiguous = Array.forall2 (fun (n: int64) (a, b) -> n = 1L || a = b) info.Shape (Array.zip t.Stride (contiguousStrides info.Shape))
-    let extent = if numel = 0L then 0L elif contiguous then numel else 1L + Array.fold2 (fun acc n s -> acc + (n - 1L) * s) 0L info.Shape t.Stride
-    if (t.Offset + extent) * elementSize > entry.Length then
-        bad (sprintf "its storage %s holds %d bytes, the tensor needs %d from element %d (truncated file?)" entry.FullName entry.Length (extent * elementSize) t.Offset)
+    let contiguous = Array.forall2 (fun (n: int64) (a, b) -> n = 1L || a = b) shape (Array.zip t.Stride (contiguousStrides shape))
+    let extent = if numel = 0L then 0L elif contiguous then numel else 1L + Array.fold2 (fun acc n s -> acc + (n - 1L) * s) 0L shape t.Stride
+    if (offset + extent) * elementSize > entry.Length then
+        bad (sprintf "its storage %s holds %d bytes, the tensor needs %d from element %d (truncated file?)" entry.FullName entry.Length (extent * elementSize) offset)
     use s = entry.Open()
-    let mutable skip = t.Offset * elementSize
+    let mutable skip = offset * elementSize
     let scratch = Array.zeroCreate (int (min skip (1L <<< 20)))
     while skip > 0L do
         let n = int (min skip (int64 scratch.Length))
@@ -170,7 +205,7 @@ let private fillPickled (archive: ZipArchive) (t: PickledTensor) (target: Tensor
     else
         use storage = torch.empty ([| extent |], dtype = info.Dtype)
         Safetensors.readBytesInto s storage
-        use view = storage.as_strided (info.Shape, t.Stride, 0L)
+        use view = storage.as_strided (shape, t.Stride, 0L)
         target.copy_ view |> ignore
 
 /// The tensors of PyTorch archives, each archive kept open (one file handle per archive) until disposed.
@@ -183,7 +218,7 @@ let private pickledSource (folder: string) (indexFiles: string list) (archives: 
         let all = [ for path in archives do for t in indexPickled path -> path, t ] |> pick
         let byName = Collections.Generic.Dictionary<string, PickledTensor>()
         for _, t in all do byName[t.Info.Name] <- t
-        let fill (info: TensorInfo) (target: Tensor) =
+        let fill (info: TensorInfo) (first: int64) (target: Tensor) =
             let archive =
                 match opened.TryGetValue info.File with
                 | true, a -> a
@@ -191,7 +226,7 @@ let private pickledSource (folder: string) (indexFiles: string list) (archives: 
                     let a = new ZipArchive(new FileStream(info.File, FileMode.Open, FileAccess.Read, FileShare.Read), ZipArchiveMode.Read, false)
                     opened[info.File] <- a
                     a
-            fillPickled archive byName[info.Name] target
+            fillPickled archive byName[info.Name] first target
         new WeightSource(folder, indexFiles @ archives, [ for _, t in all -> t.Info ], fill, release)
     with _ ->
         release ()

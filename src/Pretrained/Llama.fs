@@ -397,10 +397,27 @@ type DecoderLayer(name: string, cfg: DecoderConfig, ffn: FeedForward) as this =
         trace |> Option.iter moveTraceOut
         out.MoveToOuterDisposeScope(), trace
 
+/// A token embedding table, `weight` [V; D] in the default dtype, N(0, 1) as nn.Embedding initialises it.
+/// ids [..] int64 -> [..; D]. Not TorchSharp's `Embedding`: its native constructor makes the table in
+/// float32 and converts it, which under a bfloat16 default dtype holds an extra float32 copy (1 GiB for
+/// Llama-3.2's 128256 x 2048 table) for as long as the module lives.
+type TokenEmbedding(name: string, vocab: int, dim: int) as this =
+    inherit Module<Tensor, Tensor>(name)
+    let table =
+        use _ = torch.no_grad ()
+        new Parameter(torch.empty([| int64 vocab; int64 dim |]).normal_ ()) // [V; D]
+    do this.register_parameter ("weight", table)
+    override _.RegisterComponents() = ()
+    member _.weight : Parameter = table
+    override _.forward(ids: Tensor) : Tensor =
+        use flat = ids.reshape -1L
+        use rows = table.index_select (0L, flat) // [numel ids; D]
+        rows.reshape (Array.append ids.shape [| int64 dim |])
+
 /// `model`: embed_tokens, layers, norm.
 type DecoderStack(name: string, cfg: DecoderConfig, feedForward: int -> FeedForward) as this =
     inherit torch.nn.Module(name)
-    let embed_tokens = Embedding(int64 cfg.VocabSize, int64 cfg.HiddenSize)
+    let embed_tokens = new TokenEmbedding("embed_tokens", cfg.VocabSize, cfg.HiddenSize)
     let layers = new ModuleList<DecoderLayer>([| for i in 0 .. cfg.NumLayers - 1 -> new DecoderLayer(string i, cfg, feedForward i) |])
     let norm = new RmsNorm("norm", cfg.HiddenSize, cfg.RmsNormEps)
     do
@@ -451,7 +468,7 @@ let plainTensor (name: string) (p: Tensor) : HfTensor =
 /// A matrix stored transposed under `name` (the toolkit's [in; out] router and expert weights). p [A; B].
 let transposedTensor (name: string) (p: Tensor) : HfTensor =
     { T5.HfTensor.Name = name; T5.HfTensor.Shape = [| p.shape[1]; p.shape[0] |]; T5.HfTensor.Read = (fun () -> p.detach().t ())
-      T5.HfTensor.Write = (fun t -> p.copy_ (t.t ()) |> ignore); T5.HfTensor.Target = None }
+      T5.HfTensor.Write = (fun t -> p.copy_ (t.t ()) |> ignore); T5.HfTensor.Target = Some (p.t ()) }
 
 /// Whether a cache was given (DecoderCache is an F# class: null only through interop).
 let private hasCache (cache: DecoderCache) = not (isNull (box cache))

@@ -151,16 +151,28 @@ let internal writeBytesOf (stream: Stream) (t: Tensor) : unit =
         stream.Write(Span.op_Implicit part.bytes)
         start <- start + step
 
-/// Reads one entry's bytes from an open stream of its file into `target`, a contiguous CPU tensor of the
-/// entry's stored dtype (`storedType`) and shape.
-let private fillFrom (stream: Stream) (h: Header) (e: Entry) (target: Tensor) : unit =
-    if target.dtype <> storedType e.Dtype || target.shape <> e.Shape || target.device_type <> DeviceType.CPU || not (target.is_contiguous ()) then
-        invalidArg "target" (sprintf "safetensors %s: tensor %s is %s %A; cannot read it into %s" h.Path e.Name e.Dtype e.Shape (describe target))
+/// Reads rows `first ..` of one entry (along dim 0; a 0-dim entry whole, `first` 0) from an open stream of its
+/// file into `target`, a contiguous CPU tensor of the entry's stored dtype (`storedType`) shaped as those
+/// rows: [k; the entry's other dims].
+let private fillRowsFrom (stream: Stream) (h: Header) (e: Entry) (first: int64) (target: Tensor) : unit =
+    let fits =
+        if e.Shape.Length = 0 then first = 0L && target.shape.Length = 0
+        else target.shape.Length = e.Shape.Length && target.shape[1..] = e.Shape[1..] && first >= 0L && first + target.shape[0] <= e.Shape[0]
+    if target.dtype <> storedType e.Dtype || not fits || target.device_type <> DeviceType.CPU || not (target.is_contiguous ()) then
+        invalidArg "target" (sprintf "safetensors %s: tensor %s is %s %A; cannot read its rows from %d into %s" h.Path e.Name e.Dtype e.Shape first (describe target))
+    let rowBytes = if e.Shape.Length = 0 then 0L else (Array.fold (*) 1L e.Shape[1..]) * target.ElementSize
     try
-        stream.Seek(h.DataStart + e.Begin, SeekOrigin.Begin) |> ignore
+        stream.Seek(h.DataStart + e.Begin + first * rowBytes, SeekOrigin.Begin) |> ignore
         readBytesInto stream target
     with :? EndOfStreamException ->
         fail h.Path (sprintf "tensor %s: file ends inside its data [%d, %d] (truncated file?)" e.Name e.Begin e.End)
+
+/// Reads one entry's bytes from an open stream of its file into `target`, a contiguous CPU tensor of the
+/// entry's stored dtype (`storedType`) and shape.
+let private fillFrom (stream: Stream) (h: Header) (e: Entry) (target: Tensor) : unit =
+    if target.shape <> e.Shape then
+        invalidArg "target" (sprintf "safetensors %s: tensor %s is %s %A; cannot read it into %s" h.Path e.Name e.Dtype e.Shape (describe target))
+    fillRowsFrom stream h e 0L target
 
 /// Reads one entry from an open stream of its file, in its stored dtype (`storedType`).
 let private readFrom (stream: Stream) (h: Header) (e: Entry) : Tensor =
@@ -172,11 +184,12 @@ let private readFrom (stream: Stream) (h: Header) (e: Entry) : Tensor =
         t.Dispose()
         reraise ()
 
-/// Reads one tensor of a file whose header was read by `openHeader` straight into `target`'s memory (a
-/// contiguous CPU tensor of the stored dtype and shape): seeks to its bytes and reads only them.
-let fillTensor (h: Header) (e: Entry) (target: Tensor) : unit =
+/// Reads rows `first ..` (along dim 0) of one tensor of a file whose header was read by `openHeader` straight
+/// into `target`'s memory (a contiguous CPU tensor of the stored dtype shaped [k; the tensor's other dims]; a
+/// 0-dim tensor whole, `first` 0): seeks to those rows' bytes and reads only them.
+let fillRows (h: Header) (e: Entry) (first: int64) (target: Tensor) : unit =
     use f = new FileStream(h.Path, FileMode.Open, FileAccess.Read, FileShare.Read)
-    fillFrom f h e target
+    fillRowsFrom f h e first target
 
 /// Reads one tensor of a file whose header was read by `openHeader`, in its stored dtype (F32 float32,
 /// F16 float16, BF16 bfloat16, I64 int64): seeks to its bytes and reads only them.

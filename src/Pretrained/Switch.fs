@@ -264,7 +264,7 @@ type SwitchModel(cfg: SwitchConfig) =
         let plain (name: string) (p: Tensor) =
             { Name = name; Shape = p.shape; Read = (fun () -> p.detach ()); Write = (fun t -> p.copy_ t |> ignore); Target = Some p }
         let transposed (name: string) (p: Tensor) =
-            { Name = name; Shape = [| p.shape[1]; p.shape[0] |]; Read = (fun () -> p.detach().t ()); Write = (fun t -> p.copy_ (t.t ()) |> ignore); Target = None }
+            { Name = name; Shape = [| p.shape[1]; p.shape[0] |]; Read = (fun () -> p.detach().t ()); Write = (fun t -> p.copy_ (t.t ()) |> ignore); Target = Some (p.t ()) }
         [ for struct (name, p) in this.named_parameters () do
               let p = p :> Tensor
               if name.EndsWith ".mlp.router.weight" then

@@ -506,8 +506,10 @@ type HfTensor =
       Read: unit -> Tensor
       /// Copies a checkpoint tensor of `Shape` in (called without gradient recording).
       Write: Tensor -> unit
-      /// The parameter itself when it is stored as is (loaded straight into its memory); None for a view
-      /// in another layout (Switch's stacked experts).
+      /// A view of the parameter in the checkpoint's layout that loading copies into (`WeightSource.CopyInto`):
+      /// the parameter itself when it is stored as is (read straight into its memory), a transposed view for
+      /// Switch's stacked experts (read in bounded slices); None where no view exists (`Write` then gets the
+      /// whole tensor).
       Target: Tensor option }
 
 /// Labels the loss ignores (transformers' CrossEntropyLoss ignore_index).

@@ -156,6 +156,35 @@ let private loadTests =
                 expectIdentical "float16 -> float32" own["h"] (h.to_type f32)
                 expectIdentical "bfloat16 -> float32" own["b"] (b.to_type f32)
                 expectIdentical "bfloat16 kept" (weights.Load("b", torch.ScalarType.BFloat16)) b
+
+        testCase "bfloat16 into bfloat16 parameters is bit-identical; copies through slices of rows smaller than the tensor are exact" <| fun () ->
+            use _ = torch.NewDisposeScope()
+            withFolder <| fun dir ->
+                let g = new torch.Generator(11UL, torch.CPU)
+                let big = (torch.randn ([| 37L; 5L |], generator = g)).to_type torch.bfloat16 // 370 bytes
+                let h = (torch.randn ([| 9L; 4L |], generator = g)).to_type torch.float16
+                let s = torch.tensor(2.5f).to_type torch.bfloat16
+                saveFolder dir (config ()) [ "big", big; "h", h; "s", s ] None
+                use weights = openWeights dir
+                use model = new ParameterTree("m", [ "big", [| 37L; 5L |], torch.bfloat16; "h", [| 9L; 4L |], torch.float16; "s", [||], torch.bfloat16 ])
+                loadInto weights model LoadOptions.Strict |> ignore
+                let own = dict [ for struct (n, p) in model.named_parameters () -> n, (p :> Tensor) ]
+                expectIdentical "bfloat16 -> bfloat16" own["big"] big
+                expectIdentical "float16 -> float16" own["h"] h
+                expectIdentical "0-dim bfloat16" own["s"] s
+                for chunk in [ 1L; 40L; 64L; 1000L ] do
+                    use into32 = torch.empty ([| 37L; 5L |], dtype = f32)
+                    weights.CopyInto("big", into32, chunk)
+                    expectIdentical (sprintf "bfloat16 -> float32 in %d-byte slices" chunk) into32 (big.to_type f32)
+                    use half32 = torch.empty ([| 9L; 4L |], dtype = f32)
+                    weights.CopyInto("h", half32, chunk)
+                    expectIdentical (sprintf "float16 -> float32 in %d-byte slices" chunk) half32 (h.to_type f32)
+                    use stacked = torch.zeros ([| 5L; 37L |], dtype = torch.bfloat16)
+                    use view = stacked.t () // [37; 5], not contiguous: the layout of a transposed parameter
+                    weights.CopyInto("big", view, chunk)
+                    expectIdentical (sprintf "bfloat16 into a transposed view in %d-byte slices" chunk) stacked (big.t ())
+                expectMessage "chunk" [ "chunkBytes > 0" ] (fun () -> weights.CopyInto("big", torch.empty ([| 37L; 5L |], dtype = f32), 0L))
+                expectMessage "shape" [ "big"; "[37; 5]" ] (fun () -> weights.CopyInto("big", torch.empty ([| 5L; 37L |], dtype = f32)))
     ]
 
 let private formatTests =
@@ -240,6 +269,9 @@ let private formatTests =
                     use weights = openWeights dir
                     Expect.sequenceEqual (weights.Info "w").Shape expected.shape (what + ": shape")
                     expectIdentical what (weights.Load("w", f32)) expected
+                    use wide = torch.empty (expected.shape, dtype = torch.float64)
+                    weights.CopyInto("w", wide, 8L)
+                    expectIdentical (what + ", one row at a time into float64") wide (expected.to_type torch.float64)
 
         testCase "sharded pytorch_model.bin.index.json loads every shard's tensors" <| fun () ->
             use _ = torch.NewDisposeScope()

@@ -192,6 +192,22 @@ let tests =
             Expect.equal scaled[0] plain[0] "the highest frequency (wavelength 2 pi < 2048) is kept"
             Expect.floatClose Accuracy.medium (float scaled[31]) (float plain[31] / 32.0) "the lowest frequency (wavelength > 8192) is divided by 32"
         }
+        testSequenced <| test "TokenEmbedding: a table in the default dtype, rows by id, gradients counted per id as nn.Embedding's" {
+            let previous = torch.get_default_dtype ()
+            torch.set_default_dtype torch.ScalarType.BFloat16
+            let e = try new TokenEmbedding("embed_tokens", 7, 3) finally torch.set_default_dtype previous
+            use _ = e
+            Expect.equal [ for struct (n, _) in e.named_parameters () -> n ] [ "weight" ] "one parameter, weight"
+            Expect.equal e.weight.dtype torch.ScalarType.BFloat16 "made in the default dtype (bfloat16), no float32 table"
+            use ids = torch.tensor([| 2L; 0L; 2L; 6L |]).view(2L, 2L)
+            use out = e.forward ids // [2; 2; 3]
+            Expect.sequenceEqual out.shape [| 2L; 2L; 3L |] "[..; D]"
+            Expect.isTrue (out.reshape(4L, 3L).eq(e.weight.index_select(0L, ids.reshape -1L)).all().item<bool> ()) "row i of the table"
+            use total = out.to_type(torch.ScalarType.Float32).sum ()
+            total.backward ()
+            let counts = e.weight.grad.to_type(torch.ScalarType.Float32).select(1L, 0L)
+            Expect.equal (Tensors.toFloats counts) [| 1.0f; 0.0f; 2.0f; 0.0f; 0.0f; 0.0f; 1.0f |] "each row's gradient counts its ids"
+        }
         yield! family "llama-tiny-hf" llama (DecoderConfig.parseLlama >> ignore) "rope_scaling" """{"rope_type": "dynamic", "factor": 2.0}"""
         yield! family "qwen2-tiny" qwen2 (DecoderConfig.parseQwen2 >> ignore) "use_sliding_window" "true"
         scopedShared "HfCausalLM.load: an unknown model_type is refused naming the file and the supported ones" (fun _ ->
