@@ -359,21 +359,23 @@ let private runModel (opts: DropUpcycleOptions) (s: Settings) (name: string) (mo
 
 /// The base model's folder: `--model`, or a small GPT-2 pretrained on the web text once into
 /// RunsDir/gpt2-small-c4-quick (the folder `scripts/peft_gpt2.fsx` uses too, so the studies share it).
-let baseFolder (opts: DropUpcycleOptions) (s: Settings) : string * string =
+/// Returns the folder, its description for the tables, and a short one for the figure's title.
+let baseFolder (opts: DropUpcycleOptions) (s: Settings) : string * string * string =
     match opts.Model with
-    | Some dir -> Path.GetFullPath dir, sprintf "GPT-2 from %s" dir
+    | Some dir -> Path.GetFullPath dir, sprintf "GPT-2 from %s" dir, sprintf "GPT-2 from %s" (Path.GetFileName(Path.TrimEndingDirectorySeparator dir))
     | None ->
         let folder = Path.Combine(opts.RunsDir, match opts.Scale with Smoke -> "gpt2-small-c4-smoke-2-blocks" | _ -> "gpt2-small-c4-quick")
         let dir = SmallGpt2.ensure { RunOptions.Defaults with Progress = progressOf opts } s.Base opts.WebText opts.Bpe (folder + "-run") folder
         let m = s.Base.Model
-        dir, sprintf "small GPT-2 pretrained here on %s (D = %d, %d blocks, %d heads; %d steps; %s)" (Path.GetFileName opts.WebText) m.Embd m.Layers m.Heads s.Base.Train.Steps dir
+        dir, sprintf "small GPT-2 pretrained here on %s (D = %d, %d blocks, %d heads; %d steps; %s)" (Path.GetFileName opts.WebText) m.Embd m.Layers m.Heads s.Base.Train.Steps dir,
+        sprintf "small GPT-2 pretrained here, D = %d, %d blocks" m.Embd m.Layers
 
 /// The whole study: tables, report page of the four runs, and a figure of accuracy per language and the
 /// MoE's expert shares by language and by label per MoE layer.
 let run (opts: DropUpcycleOptions) : ExperimentResult =
     let experiment = "drop_upcycle_gpt2"
     let s = settings opts.Scale
-    let folder, baseName = baseFolder opts s
+    let folder, baseName, baseShort = baseFolder opts s
     let tokenizer = HfTokenizer.fromFolder folder
     let eos =
         match tokenizer.TokenToId "<|endoftext|>" with
@@ -439,17 +441,24 @@ let run (opts: DropUpcycleOptions) : ExperimentResult =
           Chart.Column(languages |> List.map (fun (l, _) -> l, 100.0 * ma[l]), Name = "MoE") ]
         |> Chart.combine
         |> Chart.withYAxisStyle (TitleText = "accuracy (%)")
-    // In the grid each heatmap keeps its axis titles, which name its layer (the chart titles give way to the figure's).
-    let heatmap (by: string) (usage: RunLog.LabelUsage) =
-        Plots.labelUsageHeatmap usage |> Chart.withYAxisStyle (TitleText = sprintf "%s: %s" usage.Layer by)
-    let heatmaps = [ for l in moeOutcome.ByLanguage -> heatmap "language" l ] @ [ for l in moeOutcome.ByLabel -> heatmap "label" l ]
+    // In the grid each heatmap keeps its axis titles, which name its layer (the chart titles give way to the
+    // figure's). Every heatmap is a row share in [0, 1] on one scale, so one colour bar (the first's, beside
+    // the heatmaps, below the legend) serves them all.
+    let heatmap (first: bool) (by: string) (usage: RunLog.LabelUsage) =
+        Plots.labelUsageHeatmap usage
+        |> GenericChart.mapTrace (Trace2DStyle.Heatmap(ZMin = 0.0, ZMax = 1.0, ShowScale = first, ColorBar = ColorBar.init (Title = Title.init "share", Len = 0.6, Y = 0.3)))
+        |> Chart.withYAxisStyle (TitleText = sprintf "%s: %s" usage.Layer by)
+    let heatmaps =
+        [ for l in moeOutcome.ByLanguage -> "language", l ] @ [ for l in moeOutcome.ByLabel -> "label", l ]
+        |> List.mapi (fun i (by, l) -> heatmap (i = 0) by l)
     let rowsInFigure = 1 + heatmaps.Length
     let figure =
         accuracyChart :: heatmaps
         |> Chart.Grid(rowsInFigure, 1)
         |> Chart.withTemplate Plots.template
-        |> Chart.withTitle (sprintf "Drop-upcycled GPT-2 vs dense on XNLI: accuracy, then the MoE's expert share by language and by label per MoE layer (base: %s)" baseName)
-        |> Chart.withSize (900, 320 * rowsInFigure)
+        |> Chart.withTitle (sprintf "Drop-upcycled vs dense GPT-2 on XNLI (base: %s)" baseShort)
+        // 400 px a row, so that the language heatmaps label all 15 languages.
+        |> Chart.withSize (900, 400 * rowsInFigure)
     let experimentOpts =
         { ExperimentOptions.defaults with
             Scale = opts.Scale
