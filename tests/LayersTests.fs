@@ -80,9 +80,9 @@ let private naiveMoe (experts: ExpertFfn) (expertIndex: torch.Tensor) (weights: 
         let h = activate experts.Activation (x.matmul (experts.W1.select (0L, int64 e))) // [T; H]
         let h = if isNull experts.W3 then h else h * x.matmul (experts.W3.select (0L, int64 e))
         let y = h.matmul (experts.W2.select (0L, int64 e)) // [T; D]
-        let mask = expertIndex.eq((int64 e).ToScalar()).logical_and(kept).to_type weights.dtype // [T; K]
+        let mask = (Tensors.withInt64Scalar (int64 e) (fun v -> expertIndex.eq v)).logical_and(kept).to_type weights.dtype // [T; K]
         let coef = (mask * weights).sum(1L, keepdim = true).to_type x.dtype // [T; 1]
-        out <- out + coef * y
+        out <- Tensors.plus out (coef * y)
     out
 
 /// The gradients of `loss` w.r.t. each tensor, as fresh tensors (grads cleared before).
@@ -138,7 +138,7 @@ let oracles =
         let y = (layer.forward x).Output
         let xr = x.detach().clone().requires_grad_ true
         let probs = torch.nn.functional.softmax (xr.matmul layer.Router.Weight, -1L) // [T; E]
-        let all = torch.arange(int64 e, dtype = torch.ScalarType.Int64).expand(int64 t, int64 e).contiguous ()
+        let all = (Tensors.arange 0L (int64 e) torch.ScalarType.Int64 torch.CPU).expand(int64 t, int64 e).contiguous ()
         let yr = naiveMoe layer.Experts all probs (torch.ones_like (all, dtype = torch.ScalarType.Bool)) xr
         expectClose Tol.f32Loose "output" y yr
         let readout = randn 22 y.shape f32
@@ -203,7 +203,7 @@ let dispatchProperties =
             let once = [ for p in experts.parameters () -> p.grad.clone () ]
             (combineExpertsWith path experts r.Experts r.Weights r.Kept x).sum().backward ()
             for p, g in Seq.zip (experts.parameters ()) once do
-                expectClose Tol.f32 (sprintf "%A: two passes = twice one" path) p.grad (g * 2.0)
+                expectClose Tol.f32 (sprintf "%A: two passes = twice one" path) p.grad (Tensors.mulScalar 2.0 g)
 
       testCase "the fused path repeats bit for bit (expert jobs run in parallel, sums in expert order)" <| fun () ->
         use _ = torch.NewDisposeScope()
@@ -231,8 +231,8 @@ let dispatchProperties =
         // every token prefers expert 0: capacity C = ceil(1.0 * 16 * 1 / 4) = 4 of its 16 tokens are kept
         using (torch.no_grad ()) (fun _ ->
             layer.Router.Weight.zero_ () |> ignore
-            layer.Router.Weight[torch.TensorIndex.Colon, torch.TensorIndex.Single 0L].fill_ (1.0) |> ignore)
-        let x = (randn 31 [| int64 t; int64 d |] f32).abs () + 0.1 // positive, so expert 0 wins everywhere
+            Tensors.withScalar 1.0 (fun v -> layer.Router.Weight[torch.TensorIndex.Colon, torch.TensorIndex.Single 0L].fill_ v) |> ignore)
+        let x = (randn 31 [| int64 t; int64 d |] f32).abs () |> Tensors.addScalar 0.1 // positive, so expert 0 wins everywhere
         let result = layer.forward x
         let report = result.Moe.Value
         Expect.floatClose Accuracy.medium (Tensors.scalar report.Stats.DroppedFraction) (12.0 / 16.0) "12 of 16 dropped"
@@ -257,7 +257,7 @@ let gradients =
             let loss () =
                 let r = layer.forward x
                 let aux = r.Moe.Value.Aux
-                (r.Output * readout).sum () + aux.SwitchAux * 0.5 + aux.ZLoss * 0.1
+                Tensors.plus (Tensors.plus ((r.Output * readout).sum ()) (Tensors.mulScalar 0.5 aux.SwitchAux)) (Tensors.mulScalar 0.1 aux.ZLoss)
             let wrt = x :: [ for p in layer.parameters () -> (p :> torch.Tensor) ]
             let analytic = gradsOf (loss ()) wrt
             for t, g in List.zip wrt analytic do
@@ -287,7 +287,7 @@ let modules =
         Expect.equal result.Output.dtype bf16 "output bf16"
         expectClose bf16Tol "bf16 weights" result.Output reference
         Expect.equal result.Moe.Value.Aux.SwitchAux.dtype f32 "aux losses in float32"
-        (result.Output.float().square().mean () + result.Moe.Value.Aux.SwitchAux).backward ()
+        (Tensors.plus ((Tensors.square (result.Output.float ())).mean ()) result.Moe.Value.Aux.SwitchAux).backward ()
         Expect.isTrue (Tensors.scalar (torch.isfinite(xb.grad).all ()) = 1.0) "finite input gradient"
         Expect.equal layer.Experts.W1.grad.dtype bf16 "weight gradient in bf16"
 
@@ -331,7 +331,7 @@ let modules =
             zeroGrads layer []
             let x = randn i [| 3L; 6L; 8L |] f32
             let r = layer.forward x
-            let loss = r.Output.square().mean () + weightedAux LossWeights.defaults r.Moe.Value.Aux
+            let loss = Tensors.plus ((Tensors.square r.Output).mean ()) (weightedAux LossWeights.defaults r.Moe.Value.Aux)
             loss.backward ()
         step 0
         let before = Tensors.liveTensors ()
@@ -395,9 +395,10 @@ let badInputs =
         let x = torch.randn (3L, 8L)
         let idx = (torch.tensor [| 0L; 1L; 2L; 4L; 3L; 0L |]).reshape (3L, 2L)
         let ok = torch.ones ([| 3L; 2L |], dtype = torch.ScalarType.Bool)
+        let capped = Tensors.withInt64Scalar 3L (fun v -> idx.clamp_max v)
         throwsWith [ "expertIndex values in 0..3"; "to 4" ] (fun () -> combineExperts experts idx (torch.ones (3L, 2L)) ok x |> ignore)
-        throwsWith [ "expected weights [T; K] = [3; 2] floating point" ] (fun () -> combineExperts experts (idx.clamp_max 3L) (torch.ones (3L, 1L)) ok x |> ignore)
-        throwsWith [ "expected kept [T; K] = [3; 2] bool" ] (fun () -> combineExperts experts (idx.clamp_max 3L) (torch.ones (3L, 2L)) (torch.ones (3L, 2L)) x |> ignore)
+        throwsWith [ "expected weights [T; K] = [3; 2] floating point" ] (fun () -> combineExperts experts capped (torch.ones (3L, 1L)) ok x |> ignore)
+        throwsWith [ "expected kept [T; K] = [3; 2] bool" ] (fun () -> combineExperts experts capped (torch.ones (3L, 2L)) (torch.ones (3L, 2L)) x |> ignore)
         throwsWith [ "counts >= 0 summing to N = 3" ] (fun () -> experts.forward (x, [| 1L; 1L; 0L; 0L |]) |> ignore) ]
 
 // ---------------------------------------------------------------- C#

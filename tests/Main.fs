@@ -135,21 +135,9 @@ let main argv =
     // GC.KeepAlive (dotnet/TorchSharp#1434, #1496), so a GC triggered by another test's thread can free one
     // mid-call. One test thread closes that window; libtorch still uses both cores inside each op.
     let sequenced = if argv |> Array.contains "--parallel" then [] else [ Sequenced ]
-    // --gc-stress: a background thread collects garbage and runs finalizers continuously, so a TorchSharp
-    // Scalar made on the fly and finalized mid-call fails a test here instead of once in many runs. Such a
-    // Scalar is young and a generation-0 collection finalizes it, so the thread collects generation 0 about
-    // every millisecond (cheap: the suite keeps close to its normal speed) and the whole heap every 100th time.
-    use stopCollecting = new Threading.CancellationTokenSource()
+    // --gc-stress: see Support.GcStress.
     let stress = argv |> Array.contains "--gc-stress"
-    if stress then
-        let collect () =
-            let mutable n = 0
-            while not stopCollecting.IsCancellationRequested do
-                n <- n + 1
-                if n % 100 = 0 then GC.Collect() else GC.Collect(0, GCCollectionMode.Forced, true)
-                GC.WaitForPendingFinalizers()
-                Threading.Thread.Sleep 1
-        Threading.Thread(collect, IsBackground = true, Name = "gc-stress").Start()
+    if stress then Support.GcStress.start ()
     let argv = argv |> Array.filter (fun a -> a <> "--parallel" && a <> "--gc-stress")
     let limit, argv = hangLimit argv
     // --slowest N: after the run, the N slowest test cases with their wall times (on stderr).
@@ -162,7 +150,7 @@ let main argv =
             | _ -> failwithf "--slowest expects a positive count, got %A" (Array.tryItem (i + 1) argv)
     startWatchdog limit
     let code = runTestsWithCLIArgs (Append_Summary_Handler capture :: quiet @ sequenced) argv (tracked "" all)
-    stopCollecting.Cancel()
+    Support.GcStress.finish ()
     if stress then
         eprintfn "gc-stress: %d collections, %d of them of the whole heap, during the run" (GC.CollectionCount 0) (GC.CollectionCount 2)
     if slowest > 0 then

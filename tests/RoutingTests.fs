@@ -27,7 +27,7 @@ let private f64 = torch.ScalarType.Float64
 /// Normal logits [T; E] * scale from a seeded generator (no global random state).
 let private randomLogits (seed: int) (t: int) (e: int) (scale: float) (dtype: torch.ScalarType) : torch.Tensor =
     let g = new torch.Generator(uint64 seed, torch.CPU)
-    torch.randn ([| int64 t; int64 e |], dtype = dtype, generator = g) * scale
+    torch.randn ([| int64 t; int64 e |], dtype = dtype, generator = g) |> Tensors.mulScalar scale
 
 /// Rows of an int64 [T; K] tensor.
 let private rowsOf (t: torch.Tensor) : int64[][] =
@@ -78,7 +78,7 @@ let private genCapacity : Gen<Capacity> =
 let private inputsFor (selection: Selection) (s: Shape) (logits: torch.Tensor) : RouterInputs =
     match selection with
     | NoisyTopK ->
-        let std = torch.nn.functional.softplus (randomLogits (s.Seed + 1) s.T s.E 1.0 f32)
+        let std = Tensors.softplus (randomLogits (s.Seed + 1) s.T s.E 1.0 f32)
         { RouterInputs.OfLogits logits with
             NoiseStd = Some std
             Training = true
@@ -251,7 +251,7 @@ let properties =
         let inputs (permute: torch.Tensor -> torch.Tensor) =
             match selection with
             | NoisyTopK -> // evaluation mode: the noise std still feeds the load estimator
-                let std = torch.nn.functional.softplus (randomLogits (s.Seed + 1) s.T s.E 1.0 f32)
+                let std = Tensors.softplus (randomLogits (s.Seed + 1) s.T s.E 1.0 f32)
                 { RouterInputs.OfLogits(permute logits) with NoiseStd = Some(permute std) }
             | _ -> RouterInputs.OfLogits(permute logits)
         let a = auxLosses (route cfg (inputs id))
@@ -291,7 +291,7 @@ let oracles =
         let c = (capacity cfg s.T).Value
         let perExpert = r.Kept.sum ([| 0L |], ``type`` = torch.ScalarType.Int64)
         Expect.sequenceEqual (Tensors.toInt64s perExpert) (Array.create s.E (int64 c)) "C tokens per expert"
-        Expect.isLessThanOrEqual (maxAbsDiff r.Stats.TokensPerExpert (torch.full ([| int64 s.E |], (1.0 / float s.E).ToScalar()))) Tol.f32 "uniform load")
+        Expect.isLessThanOrEqual (maxAbsDiff r.Stats.TokensPerExpert (Tensors.withScalar (1.0 / float s.E) (fun v -> torch.full ([| int64 s.E |], v)))) Tol.f32 "uniform load")
     ]
 
 let gradients =
@@ -330,7 +330,7 @@ let balancing =
         let logits = randomLogits s.Seed s.T s.E s.Scale f32
         let cfg = configFor (TokenChoiceTopK(NormaliseThenTopK, false)) Softmax Dropless 0 s
         let favoured = 4L
-        let bias = torch.zeros(s.E).index_fill_ (0L, torch.tensor [| favoured |], 10.0)
+        let bias = Tensors.withScalar 10.0 (fun v -> torch.zeros(s.E).index_fill_ (0L, torch.tensor [| favoured |], v))
         let r = route cfg { RouterInputs.OfLogits logits with Bias = Some bias }
         Expect.all (rowsOf r.Experts) (fun row -> row[0] = favoured) "the favoured expert ranks first everywhere"
         let probs = torch.nn.functional.softmax (logits, -1L)
@@ -343,7 +343,7 @@ let balancing =
         Expect.sequenceEqual (Tensors.toFloats (updateBias 0.25 bias load)) [| -0.25f; 0.75f; -0.5f; 0.25f |] "b + u sign(mean - load)"
         let s = { T = 64; E = 4; K = 1; Seed = 11; Scale = 1.0 }
         let skew = torch.tensor [| 2.0f; 0.0f; 0.0f; 0.0f |]
-        let logits = randomLogits s.Seed s.T s.E s.Scale f32 + skew
+        let logits = Tensors.plus (randomLogits s.Seed s.T s.E s.Scale f32) skew
         let cfg = { configFor SwitchTop1 Softmax Dropless 0 s with BiasUpdateRate = Some 0.02 }
         let maxLoad (b: torch.Tensor) = Tensors.toFloats (route cfg { RouterInputs.OfLogits logits with Bias = Some b }).Stats.TokensPerExpert |> Array.max
         let mutable b = torch.zeros s.E
@@ -360,7 +360,7 @@ let balancing =
         let s = { T = 12; E = 5; K = 2; Seed = 5; Scale = 1.0 }
         let cfg = configFor NoisyTopK Softmax Dropless 0 s
         let logits = randomLogits s.Seed s.T s.E s.Scale f32
-        let std = torch.full ([| 12L; 5L |], (3.0).ToScalar())
+        let std = Tensors.withScalar 3.0 (fun v -> torch.full ([| 12L; 5L |], v))
         let run training seed =
             route cfg
                 { RouterInputs.OfLogits logits with
@@ -403,8 +403,8 @@ let balancing =
         let s = { T = 8; E = 4; K = 1; Seed = 1; Scale = 1.0 }
         let cfg = configFor NoisyTopK Softmax Dropless 0 s
         let std = torch.ones (8L, 4L)
-        let balanced = torch.eye(4L).repeat (2L, 1L) * 5.0 // token t prefers expert t mod 4
-        let skewed = torch.zeros(8L, 4L).index_fill_ (1L, torch.tensor [| 0L |], 5.0) // everyone prefers expert 0
+        let balanced = torch.eye(4L).repeat (2L, 1L) |> Tensors.mulScalar 5.0 // token t prefers expert t mod 4
+        let skewed = Tensors.withScalar 5.0 (fun v -> torch.zeros(8L, 4L).index_fill_ (1L, torch.tensor [| 0L |], v)) // everyone prefers expert 0
         let losses logits = auxLosses (route cfg { RouterInputs.OfLogits logits with NoiseStd = Some std })
         let b, k = losses balanced, losses skewed
         Expect.floatClose { absolute = Tol.f32; relative = 0.0 } (Tensors.scalar b.Importance) 0.0 "balanced importance"
@@ -422,7 +422,7 @@ let balancing =
             use _ = torch.NewDisposeScope()
             let r = route cfg { RouterInputs.OfLogits logits with NoiseStd = Some std; Training = true }
             let l = auxLosses r
-            (l.SwitchAux + l.Importance + l.Load + l.ZLoss).backward ()
+            (Tensors.plus (Tensors.plus (Tensors.plus l.SwitchAux l.Importance) l.Load) l.ZLoss).backward ()
         step ()
         let before = Tensors.liveTensors ()
         for _ in 1 .. 20 do step ()
@@ -489,7 +489,7 @@ let badInputs =
         throwsWith [ "expected TokenIds < V = 5" ]
             (fun () -> route balanced { RouterInputs.OfTokenIds ids with HashTable = Some(torch.tensor (balancedHashTable 4 (Array.create 5 1L))) } |> ignore)
         throwsWith [ "values in 0..3" ]
-            (fun () -> route balanced { RouterInputs.OfTokenIds ids with HashTable = Some(torch.full ([| 10L |], (4L).ToScalar(), dtype = torch.int64)) } |> ignore)
+            (fun () -> route balanced { RouterInputs.OfTokenIds ids with HashTable = Some(Tensors.withInt64Scalar 4L (fun v -> torch.full ([| 10L |], v, dtype = torch.int64))) } |> ignore)
       testCase "balanced hash table from bad counts" <| fun () ->
         throwsWith [ "expected counts >= 0" ] (fun () -> balancedHashTable 4 [| 3L; -1L |] |> ignore)
         throwsWith [ "expected experts >= 1" ] (fun () -> balancedHashTable 0 [| 3L |] |> ignore)

@@ -16,6 +16,33 @@ module Tol =
     /// central finite differences in float64 with step 1e-6.
     let finiteDiff = 1e-5
 
+/// `--gc-stress`: a background thread collects garbage and runs finalizers continuously, so a TorchSharp Scalar
+/// made on the fly and finalized mid-call fails a test instead of once in many runs. Such a Scalar is young and a
+/// generation-0 collection finalizes it, so the thread collects generation 0 about every millisecond (cheap: the
+/// suite keeps close to its normal speed) and the whole heap every 100th time.
+module GcStress =
+    let private gate = obj ()
+    let private stop = new Threading.CancellationTokenSource()
+
+    /// Starts the collecting thread.
+    let start () =
+        let collect () =
+            let mutable n = 0
+            while not stop.IsCancellationRequested do
+                n <- n + 1
+                lock gate (fun () ->
+                    if n % 100 = 0 then GC.Collect() else GC.Collect(0, GCCollectionMode.Forced, true)
+                    GC.WaitForPendingFinalizers())
+                Threading.Thread.Sleep 1
+        Threading.Thread(collect, IsBackground = true, Name = "gc-stress").Start()
+
+    /// Stops it.
+    let finish () = stop.Cancel()
+
+    /// Runs `f` with the collecting thread held off: for the one test that calls TorchSharp's own AdamW on
+    /// purpose (its `step` makes Scalars on the fly), which runs sequenced so no other test thread allocates.
+    let withoutCollections (f: unit -> 'a) : 'a = lock gate f
+
 /// FsCheck settings: few, small cases so the whole suite stays fast; replay seed printed on failure.
 let propConfig = { FsCheckConfig.defaultConfig with maxTest = 40 }
 

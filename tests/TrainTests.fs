@@ -51,21 +51,21 @@ type TinyRoutedLm(vocab: int, dim: int, experts: int) as this =
         let probs = functional.softmax(logits, -1L) // [T; E]
         let struct (topP, topE) = probs.max(-1L) // [T], [T]
         let gate = topP.unsqueeze(-1L) // [T; 1]
-        let h = x + drop.forward (gate * (ffn.forward x).Output) // [T; D]
+        let h = Tensors.plus x (drop.forward (gate * (ffn.forward x).Output)) // [T; D]
         let out = head.forward(h).reshape(b, s, int64 vocab) // [B; S; V]
         let f = functional.one_hot(topE, int64 experts).to_type(torch.float32).mean([| 0L |]) // [E]
         let p = probs.mean([| 0L |]) // [E]
         let importance = probs.sum([| 0L |]) // [E]
         let report =
             { Aux =
-                { SwitchAux = (f * p).sum() * float experts
-                  Importance = importance.var() / (importance.mean().square() + 1e-10)
+                { SwitchAux = (f * p).sum() |> Tensors.mulScalar (float experts)
+                  Importance = importance.var() / (Tensors.square (importance.mean()) |> Tensors.addScalar 1e-10)
                   Load = torch.zeros([||])
-                  ZLoss = torch.logsumexp(logits, -1L).square().mean() }
+                  ZLoss = (Tensors.square (torch.logsumexp(logits, -1L))).mean() }
               Stats =
                 { TokensPerExpert = f.detach()
                   DroppedFraction = torch.zeros([||])
-                  RouterEntropy = (-(probs * (probs + 1e-9).log()).sum(-1L).mean()).detach() } }
+                  RouterEntropy = (-(probs * (Tensors.addScalar 1e-9 probs).log()).sum(-1L).mean()).detach() } }
         out, report
 
 /// Deterministic sequences that count upwards modulo the vocabulary, padded at the end.
@@ -576,7 +576,7 @@ let tests =
                             let p = t.Task.Loss phase b
                             if phase = Training then calls.Value <- calls.Value + 1
                             // micro-batch 5 belongs to step 3 (two per step)
-                            if phase = Training && calls.Value = 5 then { p with TaskLoss = p.TaskLoss * nan } else p }
+                            if phase = Training && calls.Value = 5 then { p with TaskLoss = Tensors.mulScalar nan p.TaskLoss } else p }
                 let snapshots = Collections.Generic.List<bool * float32[]>()
                 let opts = { quiet with OnStep = fun r -> snapshots.Add((r.Skipped, parameters t.Model)) }
                 let r = runWith opts { cfg with Steps = 5 } poisoned dir
@@ -591,7 +591,7 @@ let tests =
         testCase "too many bad steps stop the run with a clear message" <| fun () ->
             withRunDir (fun dir ->
                 let t = toyTask 1 1 epochOrder
-                let alwaysNan = { t.Task with Loss = fun phase b -> let p = t.Task.Loss phase b in { p with TaskLoss = p.TaskLoss / 0.0 } }
+                let alwaysNan = { t.Task with Loss = fun phase b -> let p = t.Task.Loss phase b in { p with TaskLoss = Tensors.divScalar 0.0 p.TaskLoss } }
                 let ex = Expect.throwsC (fun () -> runWith quiet { cfg with MaxBadSteps = 2 } alwaysNan dir |> ignore) id
                 match ex with
                 | :? TooManyBadStepsException as e ->

@@ -573,12 +573,12 @@ let profileLayer (cfg: BenchConfig) (device: torch.Device) (shape: LayerShape) :
     let gradOut = torch.randn ([| t; d |], device = device) // [T; D]
     let routing = layer.Router.Route(x.detach (), None)
     let sortSlots () =
-        let key = routing.Experts.reshape(-1L).masked_fill (routing.Kept.reshape(-1L).logical_not (), e.ToScalar()) // [T*K]
+        let key = Tensors.withInt64Scalar e (fun v -> routing.Experts.reshape(-1L).masked_fill (routing.Kept.reshape(-1L).logical_not (), v)) // [T*K]
         let struct (_, order) = key.sort (0L, false, true) // [T*K]
         let counts = toInt64s (torch.bincount (key, minlength = e + 1L)) // [E + 1]
         let perExpert = counts[0 .. int e - 1]
         let slot = order.narrow (0L, 0L, Array.sum perExpert) // [N]
-        slot, slot.div (k.ToScalar(), rounding_mode = torch.RoundingMode.floor), perExpert
+        slot, Tensors.withInt64Scalar k (fun v -> slot.div (v, rounding_mode = torch.RoundingMode.floor)), perExpert
     let slot, token, counts = sortSlots ()
     let n = slot.shape[0]
     let rows = x.detach().index_select(0L, token).requires_grad_ true // [N; D]

@@ -17,6 +17,11 @@ open TorchSharp.Modules
 type SafeAdamW(groups: Modules.AdamW.ParamGroup seq, lr: float, beta1: float, beta2: float, eps: float, weightDecay: float) =
     inherit Modules.AdamW(groups, lr, beta1, beta2, eps, weightDecay, false, false)
 
+    /// One group over `parameters` with `torch.optim.AdamW`'s defaults in TorchSharp 0.107 (betas 0.9 and
+    /// 0.999, eps 1e-8, no weight decay): the scalar-safe stand-in for `torch.optim.AdamW(parameters, lr)`.
+    new(parameters: Modules.Parameter seq, lr: float) =
+        SafeAdamW([ Modules.AdamW.ParamGroup(parameters, lr, 0.9, 0.999, 1e-8, 0.0, false, false) ], lr, 0.9, 0.999, 1e-8, 0.0)
+
     /// One update of every parameter with a gradient:
     /// p <- p (1 - lr wd); m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
     /// p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).

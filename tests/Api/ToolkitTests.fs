@@ -73,7 +73,7 @@ let tests =
             let step () =
                 use scope = torch.NewDisposeScope()
                 use y = layer.Forward(torch.randn (32L, 8L))
-                (Tensors.plus (y.Output.square().mean()) (y.AuxLoss())).backward ()
+                (Tensors.plus ((Tensors.square y.Output).mean()) (y.AuxLoss())).backward ()
             step ()
             let live = Tensors.liveTensors ()
             for _ in 1 .. 5 do step ()

@@ -46,8 +46,8 @@ let referenceAttention (mask: Tensor option) (q: Tensor) (k: Tensor) (v: Tensor)
                let qh = q.select(1L, head)                                     // [B; S; Dh]
                let kh = k.select(1L, head / r)                                 // [B; L; Dh]
                let vh = v.select(1L, head / r)                                 // [B; L; Dh]
-               let scores = qh.bmm(kh.transpose(1L, 2L)) / Math.Sqrt(float dh)  // [B; S; L]
-               let scores = scores.masked_fill(full.select(1L, 0L).logical_not (), Double.NegativeInfinity)
+               let scores = qh.bmm(kh.transpose(1L, 2L)) |> Tensors.divScalar (Math.Sqrt(float dh))  // [B; S; L]
+               let scores = Tensors.withScalar Double.NegativeInfinity (fun v -> scores.masked_fill(full.select(1L, 0L).logical_not (), v))
                let e = (scores - scores.amax([| -1L |], keepdim = true)).exp ()
                (e / e.sum(-1L, keepdim = true)).bmm vh |]                         // [B; S; Dh]
     torch.stack(heads, 1L)                                                     // [B; H; S; Dh]
@@ -106,7 +106,7 @@ let attentionTests =
 
         testCase "repeatKvHeads puts KV head h / r under query head h" <| fun () ->
             use _ = torch.NewDisposeScope()
-            let k = torch.arange(2L, dtype = torch.ScalarType.Float32).view(1L, 2L, 1L, 1L)   // heads 0, 1
+            let k = (Tensors.arange 0L 2L torch.ScalarType.Float32 torch.CPU).view(1L, 2L, 1L, 1L)   // heads 0, 1
             Expect.sequenceEqual (toFloats (repeatKvHeads 3 k)) [| 0f; 0f; 0f; 1f; 1f; 1f |] "head order"
 
         testCase "modules with the same weights agree across implementations (masks included)" <| fun () ->
@@ -138,7 +138,7 @@ let attentionTests =
                 let x = torch.randn([| 2L; 6L; 16L |])
                 let t = 3L
                 let changed = x.clone ()
-                changed.narrow(1L, t, 6L - t).add_(torch.randn([| 2L; 6L - t; 16L |])) |> ignore
+                Tensors.plus_ (changed.narrow(1L, t, 6L - t)) (torch.randn([| 2L; 6L - t; 16L |])) |> ignore
                 let a = att.SelfAttend(x, null, true, null)
                 let b = att.SelfAttend(changed, null, true, null)
                 expectClose Tol.f32 (a.narrow(1L, 0L, t)) (b.narrow(1L, 0L, t)) (sprintf "%A: positions before %d" impl t)
@@ -151,7 +151,7 @@ let attentionTests =
                 use att = new GroupedQueryAttention("a", attentionConfig 2 4 impl)
                 let memory = torch.randn([| 2L; 5L; 16L |])
                 let valid = torch.tensor([| true; true; true; false; false; true; true; true; true; false |]).view(2L, 5L)
-                let noisy = memory + torch.randn([| 2L; 5L; 16L |]) * valid.logical_not().unsqueeze(2L).to_type(torch.ScalarType.Float32)
+                let noisy = Tensors.plus memory (torch.randn([| 2L; 5L; 16L |]) * valid.logical_not().unsqueeze(2L).to_type(torch.ScalarType.Float32))
                 let x = torch.randn([| 2L; 3L; 16L |])
                 expectClose Tol.f32 (att.CrossAttend(x, memory, valid, null)) (att.CrossAttend(x, noisy, valid, null)) (sprintf "%A cross" impl)
                 expectClose Tol.f32 (att.SelfAttend(memory, valid, false, null).mul(valid.unsqueeze(2L)))
@@ -255,17 +255,17 @@ let overfitTests =
             use model = new EncoderDecoder({ tinyConfig with EncoderLayers = 1; DecoderLayers = 1; Ffn = ffn; ModelDim = 32 })
             model.Precision <- precision
             use src = randIds 3L 20L [| 4L; 6L |]
-            let bos = torch.full([| 4L; 1L |], (int64 genConfig.BosId).ToScalar(), dtype = torch.ScalarType.Int64)
-            let eos = torch.full([| 4L; 1L |], (int64 genConfig.EosId).ToScalar(), dtype = torch.ScalarType.Int64)
+            let bos = Tensors.withInt64Scalar (int64 genConfig.BosId) (fun v -> torch.full([| 4L; 1L |], v, dtype = torch.ScalarType.Int64))
+            let eos = Tensors.withInt64Scalar (int64 genConfig.EosId) (fun v -> torch.full([| 4L; 1L |], v, dtype = torch.ScalarType.Int64))
             use tgt = torch.cat([| bos; src.flip(1L); eos |], 1L)                     // BOS, reversed source, EOS
             use input = tgt.narrow(1L, 0L, 7L)
             use target = tgt.narrow(1L, 1L, 7L)
-            use opt = torch.optim.AdamW(model.parameters (), lr = overfitLearningRate)
+            use opt = new Train.SafeAdamW(model.parameters (), overfitLearningRate)
             let step () =
                 use _ = torch.NewDisposeScope()
                 opt.zero_grad ()
                 let out = model.Forward(src, input)
-                let loss = tokenLoss out.Logits target + List.fold (fun (acc: Tensor) r -> acc + weightedAux LossWeights.defaults r.Report.Aux) (torch.tensor 0.0f) out.Moe
+                let loss = Tensors.plus (tokenLoss out.Logits target) (List.fold (fun (acc: Tensor) r -> Tensors.plus acc (weightedAux LossWeights.defaults r.Report.Aux)) (torch.tensor 0.0f) out.Moe)
                 loss.backward ()
                 opt.step () |> ignore
                 scalar loss

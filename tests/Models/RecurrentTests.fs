@@ -104,7 +104,7 @@ let tests =
                 model.zero_grad ()
                 let out = model.forward (ids, lengths)
                 let report = (List.exactlyOne out.Moe).Report
-                (out.Logits.square().mean () + report.Aux.Load + report.Aux.Importance).backward ()
+                (Tensors.plus (Tensors.plus ((Tensors.square out.Logits).mean ()) report.Aux.Load) report.Aux.Importance).backward ()
             step ()
             let before = liveTensors ()
             for _ in 1 .. 20 do step ()

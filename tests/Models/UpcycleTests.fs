@@ -84,12 +84,12 @@ let tests =
             expectClose Tol.f32 moe.Embedding.weight dense.Embedding.weight "embedding copied"
             let before = moe.Embedding.weight.clone()
             use _ = torch.no_grad ()
-            dense.Embedding.weight.add_(torch.ones_like dense.Embedding.weight) |> ignore
+            Tensors.plus_ dense.Embedding.weight (torch.ones_like dense.Embedding.weight) |> ignore
             expectClose Tol.f32 moe.Embedding.weight before "changing the dense embedding leaves the copy"
             let _, layer = moe.MoeLayers()[0]
             let expert1 = layer.Experts.W1[1L].clone()
             let denseW1 = ((dense.EncoderBlocks[0].Ffn :?> DenseFfn).W1.weight).clone()
-            layer.Experts.W1[0L].add_(torch.ones_like layer.Experts.W1[0L]) |> ignore
+            Tensors.plus_ layer.Experts.W1[0L] (torch.ones_like layer.Experts.W1[0L]) |> ignore
             expectClose Tol.f32 layer.Experts.W1[1L] expert1 "expert 1 unchanged when expert 0 changes"
             expectClose Tol.f32 ((dense.EncoderBlocks[0].Ffn :?> DenseFfn).W1.weight) denseW1 "dense FFN unchanged when an expert changes")
 

@@ -126,7 +126,7 @@ let private upcycleTests =
             use ids = torch.randint (int64 Gpt2Config.tiny.VocabSize, [| 2L; 8L |], generator = gen 12)
             let loss, aux = lmLosses m ids
             Expect.isGreaterThan (Tensors.scalar aux) 0.0 "Switch loss of one MoE block"
-            (loss + aux).backward ()
+            (Tensors.plus loss aux).backward ()
             let router = m.Blocks[1].MoeMlp.Router.Weight
             Expect.isGreaterThan (Tensors.scalar (router.grad.abs().sum ())) 0.0 "router gradient"
             let counts = parameterCounts m

@@ -244,7 +244,7 @@ let private formatTests =
             // TorchSharp.PyBridge writes contiguous tensors only; PyTorch also stores views (a tied transposed
             // matrix, a slice of a larger storage). Such files are made here by editing the pickled view of a
             // [3; 4] tensor (offset 0, shape (3, 4), stride (4, 1)): BININT1 opcodes K, TUPLE2 0x86, memo q.
-            let storage = torch.arange(12L, dtype = f32).reshape (3L, 4L)
+            let storage = (Tensors.arange 0L 12L f32 torch.CPU).reshape (3L, 4L)
             let original = [| 'K'B; 0uy; 'K'B; 3uy; 'K'B; 4uy; 0x86uy; 'q'B; 7uy; 'K'B; 4uy; 'K'B; 1uy; 0x86uy |]
             let view (offset: byte) (shape: byte * byte) (stride: byte * byte) =
                 [| 'K'B; offset; 'K'B; fst shape; 'K'B; snd shape; 0x86uy; 'q'B; 7uy; 'K'B; fst stride; 'K'B; snd stride; 0x86uy |]

@@ -143,7 +143,7 @@ let checkRefused (parse: string -> unit) (name: string) (field: string) (value: 
 /// A few AdamW steps on the sample lower transformers' loss.
 let checkTraining (model: DecoderOnlyLM) (ids: torch.Tensor) (labels: torch.Tensor) : float * float =
     model.train ()
-    use opt = torch.optim.AdamW(model.parameters (), lr = 3e-3)
+    use opt = new Train.SafeAdamW(model.parameters (), 3e-3)
     let losses =
         [ for _ in 1 .. 4 do
             use _ = torch.NewDisposeScope()

@@ -122,7 +122,7 @@ let errorOf (f: unit -> unit) : string =
 /// A few AdamW steps on one example; returns the first and last loss.
 let trainSteps (model: torch.nn.Module) (loss: unit -> torch.Tensor) (steps: int) : float * float =
     model.train ()
-    use opt = torch.optim.AdamW(model.parameters (), lr = 3e-3)
+    use opt = new Train.SafeAdamW(model.parameters (), 3e-3)
     let losses =
         [ for _ in 1 .. steps do
               use scope = torch.NewDisposeScope()

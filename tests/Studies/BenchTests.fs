@@ -31,7 +31,7 @@ let private f64 = torch.ScalarType.Float64
 /// Random stacked weights for E experts in float64 (so references agree to round-off).
 let private randomWeights (seed: int) (e: int) (d: int) (h: int) (swiglu: bool) : MoeWeights =
     let g = new torch.Generator(uint64 seed, torch.CPU)
-    let rnd (shape: int list) scale = torch.randn (shape |> List.map int64 |> Array.ofList, dtype = f64, generator = g) * scale
+    let rnd (shape: int list) scale = torch.randn (shape |> List.map int64 |> Array.ofList, dtype = f64, generator = g) |> Tensors.mulScalar scale
     { Router = rnd [ d; e ] 1.0
       W1 = rnd [ e; d; h ] 0.3
       W2 = rnd [ e; h; d ] 0.3
@@ -50,8 +50,8 @@ let private naiveCandidate (cfg: MoeConfig) (weights: MoeWeights) (perturb: bool
     let computed =
         if perturb then
             let bump = torch.zeros_like weights.W1 // [E; D; H]
-            bump[0L].fill_ 1.0 |> ignore
-            { weights with W1 = weights.W1 + bump }
+            Tensors.withScalar 1.0 (fun v -> bump[0L].fill_ v) |> ignore
+            { weights with W1 = Tensors.plus weights.W1 bump }
         else weights
     let r = naiveReference cfg computed
     { Layer = { r.Layer with Variant = Variant.Moe }
@@ -226,7 +226,7 @@ let tests =
                 let r = naiveReference cfg w
                 forwardBackward r.Layer x (torch.ones ([| 6L; 4L |], dtype = f64)) |> ignore
                 let g = naiveGradients r
-                Expect.equal (Tensors.scalar (g.W1[1L].abs().sum () + g.W1[2L].abs().sum ())) 0.0 "experts 1 and 2 unused"
+                Expect.equal (Tensors.scalar (Tensors.plus (g.W1[1L].abs().sum ()) (g.W1[2L].abs().sum ()))) 0.0 "experts 1 and 2 unused"
                 Expect.isGreaterThan (Tensors.scalar (g.W1[0L].abs().sum ())) 0.0 "expert 0 used"
         ]
 

@@ -74,8 +74,8 @@ let private layerTests =
         let ex = layer.Experts
         let s = LoraConfig.scale cfg
         let at (t: torch.Tensor) = t.select (0L, 0L)
-        let w1 = ex.W1 + (at ex.A1).mm (at ex.B1) * s // [D; H]
-        let w2 = ex.W2 + (at ex.A2).mm (at ex.B2) * s // [H; D]
+        let w1 = Tensors.plus ex.W1 ((at ex.A1).mm (at ex.B1) |> Tensors.mulScalar s) // [D; H]
+        let w2 = Tensors.plus ex.W2 ((at ex.A2).mm (at ex.B2) |> Tensors.mulScalar s) // [H; D]
         let expected = (activate GELU (x.mm w1)).mm w2
         expectClose reorderTol "one LoRA expert vs (W + s A B) by hand" (layer.forward x).Output expected
         Expect.isGreaterThan (Tensors.scalar ((expected - baseFfn ex x).abs().max ())) 1e-3 "the adapter changes the output"
@@ -86,7 +86,7 @@ let private layerTests =
         use layer = new LoraMoeLayer("moe", moeConfig 3 2 4 6 SwiGLU, lora 2 true)
         randomiseB 16 layer.Experts
         let x = randn 17 [| 5L; 4L |] f32
-        ((layer.forward x).Output.square().sum ()).backward ()
+        ((Tensors.square (layer.forward x).Output).sum ()).backward ()
         let ex = layer.Experts
         for name, w in [ "w1", ex.W1; "w2", ex.W2; "w3", ex.W3 ] do
             Expect.isFalse w.requires_grad (name + " is frozen")
@@ -109,7 +109,7 @@ let private layerTests =
         let readout = randn 24 [| 3L; 3L |] f64
         let loss () =
             let r = layer.forward x
-            (r.Output * readout).sum () + r.Moe.Value.Aux.SwitchAux * 0.5
+            Tensors.plus ((r.Output * readout).sum ()) (Tensors.mulScalar 0.5 r.Moe.Value.Aux.SwitchAux)
         let wrt = x :: [ for p in layer.parameters () -> (p :> torch.Tensor) ]
         (loss ()).backward ()
         for t in wrt do

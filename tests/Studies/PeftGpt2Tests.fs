@@ -35,7 +35,7 @@ let private snapshot (m: Gpt2Model) = [ for struct (n, p) in m.named_parameters 
 /// A few AdamW steps on the summary loss of fixed data through the trainable parameters only.
 let private train (model: PeftGpt2Model) (steps: int) =
     let trainable = model.parameters () |> Seq.filter (fun p -> p.requires_grad) |> Seq.toArray
-    use opt = torch.optim.AdamW(trainable, 0.05)
+    use opt = new Train.SafeAdamW(trainable, 0.05)
     let batch = [| { Prompt = [| 1; 2; 3; 4 |]; Target = [| 5; 6; 0 |] }; { Prompt = [| 7; 8 |]; Target = [| 9; 0 |] } |]
     for _ in 1 .. steps do
         use _ = torch.NewDisposeScope()
