@@ -147,6 +147,26 @@ module private IlCalls =
                     | null -> ()
                     | c -> yield c ]
 
+    /// The methods `m` calls whose result the next instruction does not store (stloc, stfld, stsfld, after a dup) or return:
+    /// a value passed straight on as an argument.
+    let unboundCallees (m: MethodBase) : MethodBase list =
+        let body = try m.GetMethodBody() with _ -> null
+        if isNull body then []
+        else
+            let il = body.GetILAsByteArray()
+            let typeArgs = if m.DeclaringType.IsGenericType then m.DeclaringType.GetGenericArguments() else null
+            let methodArgs = if m.IsGenericMethod then m.GetGenericArguments() else null
+            let rec stores (j: int) =
+                j >= il.Length
+                || (il[j] = 0x25uy && stores (j + 1)) // dup, then a store
+                || (il[j] >= 0x0Auy && il[j] <= 0x0Duy) || il[j] = 0x13uy || il[j] = 0x7Duy || il[j] = 0x80uy || il[j] = 0x2Auy
+                || (il[j] = 0xFEuy && j + 1 < il.Length && il[j + 1] = 0x0Euy)
+            [ for i in 0 .. il.Length - 5 do
+                if (il[i] = 0x28uy || il[i] = 0x6Fuy) && not (stores (i + 5)) then
+                    match (try m.Module.ResolveMethod(BitConverter.ToInt32(il, i + 1), typeArgs, methodArgs) with _ -> null) with
+                    | null -> ()
+                    | c -> yield c ]
+
     /// Every method and constructor declared in `a`.
     let methodsOf (a: Assembly) : MethodBase list =
         let types = try a.GetTypes() with :? ReflectionTypeLoadException as e -> e.Types |> Array.filter (isNull >> not)
@@ -156,6 +176,9 @@ module private IlCalls =
 
 /// Scalar's implicit conversion from a .NET number: the Scalar made on the fly that a finalizer may free mid-call.
 let private isImplicitScalar (m: Reflection.MethodBase) = m.DeclaringType = typeof<TorchSharp.Scalar> && m.Name = "op_Implicit"
+
+/// `value.ToScalar()`: safe when bound (`use s = v.ToScalar()`), made on the fly when passed straight to a call.
+let private isExplicitScalar (m: Reflection.MethodBase) = m.Name = "ToScalar" && m.DeclaringType.Assembly = typeof<TorchSharp.Scalar>.Assembly
 
 /// TorchSharp methods that make a Scalar on the fly, directly or through one TorchSharp call that does
 /// (`a + b` is `add(b, 1)`; `arange(n)` converts n).
@@ -185,9 +208,11 @@ let private scalarOffenders (a: Reflection.Assembly) : string list =
     let makers = scalarMakers.Value
     [ for m in IlCalls.methodsOf a do
       if not (m.Name = referenceName || m.DeclaringType.Name.StartsWith referenceName) then
+        let unbound = IlCalls.unboundCallees m |> List.filter isExplicitScalar
         let bad =
             IlCalls.callees m
             |> List.filter (fun c -> isImplicitScalar c || makers.Contains c || makesTorchSharpOptimizer m c)
+            |> List.append unbound
             |> List.map (fun c -> sprintf "%s.%s" c.DeclaringType.Name c.Name)
             |> List.distinct
         if not bad.IsEmpty then sprintf "%s.%s calls %s" m.DeclaringType.FullName m.Name (String.concat ", " bad) ]
