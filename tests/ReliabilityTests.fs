@@ -131,25 +131,9 @@ module private IlCalls =
 
     let private flags = BindingFlags.Instance ||| BindingFlags.Static ||| BindingFlags.Public ||| BindingFlags.NonPublic ||| BindingFlags.DeclaredOnly
 
-    /// The methods `m` calls.
-    let callees (m: MethodBase) : MethodBase list =
-        let body = try m.GetMethodBody() with _ -> null
-        if isNull body then []
-        else
-            let il = body.GetILAsByteArray()
-            let typeArgs = if m.DeclaringType.IsGenericType then m.DeclaringType.GetGenericArguments() else null
-            let methodArgs = if m.IsGenericMethod then m.GetGenericArguments() else null
-            // Opcode bytes of call, callvirt and newobj, each followed by a 4-byte method token; a byte that merely
-            // looks like one resolves to nothing or to an unrelated method, which can only add callees.
-            [ for i in 0 .. il.Length - 5 do
-                if il[i] = 0x28uy || il[i] = 0x6Fuy || il[i] = 0x73uy then
-                    match (try m.Module.ResolveMethod(BitConverter.ToInt32(il, i + 1), typeArgs, methodArgs) with _ -> null) with
-                    | null -> ()
-                    | c -> yield c ]
-
-    /// The methods `m` calls whose result the next instruction does not store (stloc, stfld, stsfld, after a dup) or return:
-    /// a value passed straight on as an argument.
-    let unboundCallees (m: MethodBase) : MethodBase list =
+    /// Each call, callvirt or newobj in `m`'s body: the method called and whether the next instruction stores its
+    /// result (stloc, stfld, stsfld, after a dup) or returns it.
+    let private calls (m: MethodBase) : (MethodBase * bool) list =
         let body = try m.GetMethodBody() with _ -> null
         if isNull body then []
         else
@@ -158,14 +142,22 @@ module private IlCalls =
             let methodArgs = if m.IsGenericMethod then m.GetGenericArguments() else null
             let rec stores (j: int) =
                 j >= il.Length
-                || (il[j] = 0x25uy && stores (j + 1)) // dup, then a store
+                || (il[j] = 0x25uy && stores (j + 1))
                 || (il[j] >= 0x0Auy && il[j] <= 0x0Duy) || il[j] = 0x13uy || il[j] = 0x7Duy || il[j] = 0x80uy || il[j] = 0x2Auy
                 || (il[j] = 0xFEuy && j + 1 < il.Length && il[j + 1] = 0x0Euy)
+            // Opcode bytes of call, callvirt and newobj, each followed by a 4-byte method token; a byte that merely
+            // looks like one resolves to nothing or to an unrelated method, which can only add callees.
             [ for i in 0 .. il.Length - 5 do
-                if (il[i] = 0x28uy || il[i] = 0x6Fuy) && not (stores (i + 5)) then
+                if il[i] = 0x28uy || il[i] = 0x6Fuy || il[i] = 0x73uy then
                     match (try m.Module.ResolveMethod(BitConverter.ToInt32(il, i + 1), typeArgs, methodArgs) with _ -> null) with
                     | null -> ()
-                    | c -> yield c ]
+                    | c -> yield c, stores (i + 5) ]
+
+    /// The methods `m` calls.
+    let callees (m: MethodBase) : MethodBase list = calls m |> List.map fst
+
+    /// The methods `m` calls whose result goes straight on as an argument (not stored, not returned).
+    let unboundCallees (m: MethodBase) : MethodBase list = calls m |> List.filter (snd >> not) |> List.map fst
 
     /// Every method and constructor declared in `a`.
     let methodsOf (a: Assembly) : MethodBase list =
