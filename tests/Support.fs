@@ -43,6 +43,15 @@ module GcStress =
     /// purpose (its `step` makes Scalars on the fly), which runs sequenced so no other test thread allocates.
     let withoutCollections (f: unit -> 'a) : 'a = lock gate f
 
+/// A fresh folder under the system temp folder, deleted with everything in it when disposed:
+/// `use dir = new TempDir("moe-x")`, then `dir.Path`.
+type TempDir(prefix: string) =
+    let path = Path.Combine(Path.GetTempPath(), prefix + "-" + Guid.NewGuid().ToString "N")
+    do Directory.CreateDirectory path |> ignore
+    member _.Path = path
+    interface IDisposable with
+        member _.Dispose() = try Directory.Delete(path, true) with _ -> ()
+
 /// FsCheck settings: few, small cases so the whole suite stays fast; replay seed printed on failure.
 let propConfig = { FsCheckConfig.defaultConfig with maxTest = 40 }
 

@@ -578,7 +578,8 @@ let private humanEval =
         testCase "sheets round-trip through CSV and the key; summaries aggregate per system" <| fun () ->
             let cfg = { HumanEval.defaults with Examples = 4; Seed = 1 }
             let items = HumanEval.sample cfg docs refs systems
-            let dir = Path.Combine(Path.GetTempPath(), sprintf "moe-he-%s" (Guid.NewGuid().ToString "N"))
+            use tmp = new TempDir("moe-he")
+            let dir = tmp.Path
             let files = HumanEval.writeSheets cfg dir items
             Expect.stringContains (File.ReadAllText files.Markdown) "## Example" "markdown sheet"
             let csv = File.ReadAllText files.Csv

@@ -16,17 +16,14 @@ let private reloadTolerance = 1e-6
 /// transformers' logits printed with float32's digits; this GPT-2 sums in another order.
 let private referenceTolerance = 1e-4
 
-let private tempDir (what: string) =
-    let dir = Path.Combine(Path.GetTempPath(), what, Guid.NewGuid().ToString("N"))
-    Directory.CreateDirectory dir |> ignore
-    dir
 
 let private floats (e: JsonElement) = [| for x in e.EnumerateArray() -> x.GetDouble() |]
 
 let tests =
     testSequenced <| testList "SmallGpt2" [
         testCase "web text: documents kept, empty and null texts skipped and counted, blank lines ignored" <| fun () ->
-            let dir = tempDir "moe-webtext"
+            use tmp = new TempDir("moe-webtext")
+            let dir = tmp.Path
             let path = Path.Combine(dir, "c4.jsonl")
             File.WriteAllLines(path, [ """{"text": "First document.", "url": "u"}"""; """{"text": "   "}"""; ""; """{"text": null}"""; """{"text": " Second. "}""" ])
             let set = WebText.load WebText.WebTextConfig.defaults path
@@ -36,7 +33,8 @@ let tests =
             Expect.equal capped.Documents [| "First document." |] "MaxDocuments stops early"
 
         testCase "web text: a missing field, a non-string text and bad JSON fail naming the file and line" <| fun () ->
-            let dir = tempDir "moe-webtext"
+            use tmp = new TempDir("moe-webtext")
+            let dir = tmp.Path
             let check (lines: string list) (parts: string list) =
                 let path = Path.Combine(dir, Guid.NewGuid().ToString("N") + ".jsonl")
                 File.WriteAllLines(path, lines)
@@ -50,7 +48,8 @@ let tests =
             throwsWith (fun () -> WebText.load WebText.WebTextConfig.defaults empty |> ignore) [ "no web-text documents"; "1 empty" ] "nothing left"
 
         testCase "config.json: settings the model does not compute are refused by name" <| fun () ->
-            let dir = tempDir "moe-gpt2-config"
+            use tmp = new TempDir("moe-gpt2-config")
+            let dir = tmp.Path
             let path = Path.Combine(dir, "config.json")
             let write (field: string) (value: string) =
                 File.WriteAllText(path, sprintf """{"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_layer": 1, "n_positions": 16, "vocab_size": 23, "%s": %s}""" field value)
@@ -83,7 +82,8 @@ let tests =
                 Expect.floatClose { absolute = referenceTolerance; relative = referenceTolerance } (loss.ToDouble()) (sample.GetProperty("loss").GetDouble()) "loss"
 
         testWithShared "smoke pretraining on C4 writes a Hugging Face folder that reloads to the same logits" <| fun data ->
-            let dir = tempDir "moe-small-gpt2"
+            use tmp = new TempDir("moe-small-gpt2")
+            let dir = tmp.Path
             let folder = Path.Combine(dir, "gpt2-small")
             let result =
                 SmallGpt2.pretrain { Train.RunOptions.Defaults with Progress = Train.Silent } SmallGpt2.PretrainSettings.smoke
