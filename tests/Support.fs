@@ -39,8 +39,8 @@ module GcStress =
     /// Stops it.
     let finish () = stop.Cancel()
 
-    /// Runs `f` with the collecting thread held off: for the one test that calls TorchSharp's own AdamW on
-    /// purpose (its `step` makes Scalars on the fly), which runs sequenced so no other test thread allocates.
+    /// Runs `f` with the collecting thread held off, in a sequenced test (no other test thread allocates): the
+    /// reference step of TorchSharp's own AdamW (it makes Scalars on the fly) and the peak-memory measurement.
     let withoutCollections (f: unit -> 'a) : 'a = lock gate f
 
 /// A fresh folder under the system temp folder, deleted with everything in it when disposed:
