@@ -16,7 +16,6 @@ let private reloadTolerance = 1e-6
 /// transformers' logits printed with float32's digits; this GPT-2 sums in another order.
 let private referenceTolerance = 1e-4
 
-
 let private floats (e: JsonElement) = [| for x in e.EnumerateArray() -> x.GetDouble() |]
 
 let tests =
